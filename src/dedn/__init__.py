@@ -1,0 +1,3 @@
+"""dedn: the Dual Expert Distillation Network (IJCAI 2024) for generalized zero-shot learning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,210 @@
+"""Run configuration: typed dataclasses, read from YAML files and ``dotted.key=value`` overrides.
+
+Configs are data. They are merged with OmegaConf structured configs, so an unknown or mistyped key
+and a value of the wrong type are refused with the key's full name before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for presets)
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+MODES = ("paper", "reference")
+
+
+@dataclass
+class SyntheticConfig:
+    """Shapes and structure of the generated feature benchmark (:mod:`dedn.synthetic`)."""
+
+    preset: str | None = None  # cub | sun | awa2: real shapes and clusters; None: the numbers below
+    n_images: int = 1200
+    n_channels: int = 64
+    height: int = 4
+    width: int = 4
+    n_classes: int = 40
+    n_unseen: int = 10
+    n_val: int = 8
+    n_attributes: int = 48
+    n_clusters: int = 4
+    semantic_dim: int = 32
+    local_fraction: float = 0.6
+    noise: float = 0.5
+    test_seen_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where features and semantics come from."""
+
+    source: str = "synthetic"  # synthetic | store | hdf5 | imagebench
+    path: str | None = None  # feature store folder or DAZLE-layout HDF5 file
+    dataset: str | None = None  # CUB | SUN | AWA2: picks the built-in clusters and checks counts
+    semantic_dir: str | None = None  # xlsa17 folder with att_splits.mat and the word-vector pickle
+    w2v: str | None = None  # explicit word-vector file (pickle or .npy) overriding the store's
+    expect_backbone: str | None = None  # refuse a store made by another backbone
+    expect_image_size: int | None = None  # refuse a store made at another image size
+    split: str = "test"  # test: train on trainval, evaluate on test; validation: the honest val task
+    val_seen_fraction: float = 0.2
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The DEDN model (SPEC section 2)."""
+
+    clusters: str = "auto"  # auto | paper | reference | half | kmeans | none | PATH to a cluster file
+    n_clusters: int | None = None  # Q for kmeans
+    l_rc: float = 0.8  # region/channel mix at inference
+    l_e: float = 0.9  # cExp/fExp mix at inference
+    low_rank: int | None = None  # W1 = H1 H3 of this rank (reference SUN: 256 GZSL, 128 ZSL)
+    channel_attention: bool = True  # False: region branch only (Table 3 "w/o channel attention")
+    experts: str = "both"  # both | cexp | fexp
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and switches (SPEC section 3)."""
+
+    beta: float = 0.001  # align
+    gamma: float = 0.1  # distill
+    margin: float = 1.0  # MAL margin eps
+    mal: bool = True  # False: plain cross-entropy over all K classes
+    align: bool = True
+    distill: bool = True
+    lamb: float = 0.0  # reference self-calibration weight
+    calibration_margin: float = 1.0  # reference: fixed +margin unseen / -margin seen inside the scores
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (SPEC section 4)."""
+
+    epochs: int = 80
+    batch_size: int = 50
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    alpha: float = 0.99  # RMSprop smoothing (torch default)
+    eps: float = 1e-8
+    balanced: bool = True  # reference balanced batches
+    iters_per_epoch: int | None = None  # default n_trainval // batch_size
+    eval_every: int = 1  # epochs between evaluations (0: only at the end)
+    checkpoint_every: int = 1  # epochs between checkpoints
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"
+    progress: bool = True
+    max_iters: int | None = None  # stop after this many iterations (smoke tests, benchmarks)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (SPEC section 4, calibrated stacking)."""
+
+    calibration: str = "auto"  # auto: 'validated' under the validated protocol, else a number as text
+    curve_points: int = 200  # gamma values traced for the seen-unseen curve
+    batch_size: int = 200
+    protocol: str = "validated"  # validated | published
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    mode: str = "paper"  # paper | reference
+    seed: int = 0
+    name: str = "dedn"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check(cfg: RunConfig, origin: str) -> RunConfig:
+    if cfg.mode not in MODES:
+        raise ConfigError(f"{origin}: mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.model.experts not in ("both", "cexp", "fexp"):
+        raise ConfigError(f"{origin}: model.experts must be both, cexp or fexp, got {cfg.model.experts!r}")
+    if cfg.data.source not in ("synthetic", "store", "hdf5", "imagebench"):
+        raise ConfigError(f"{origin}: data.source must be synthetic, store, hdf5 or imagebench, "
+                          f"got {cfg.data.source!r}")
+    if cfg.data.split not in ("test", "validation"):
+        raise ConfigError(f"{origin}: data.split must be test or validation, got {cfg.data.split!r}")
+    if cfg.eval.protocol not in ("validated", "published"):
+        raise ConfigError(f"{origin}: eval.protocol must be validated or published, got {cfg.eval.protocol!r}")
+    for key, value in (("model.l_rc", cfg.model.l_rc), ("model.l_e", cfg.model.l_e)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{origin}: {key} must lie in [0, 1], got {value}")
+    if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.train.lr <= 0:
+        raise ConfigError(f"{origin}: train.batch_size must be >= 1, train.epochs >= 0 and train.lr > 0")
+    if cfg.eval.calibration not in ("auto", "validated"):
+        try:
+            float(cfg.eval.calibration)
+        except ValueError:
+            raise ConfigError(f"{origin}: eval.calibration must be auto, validated or a number, "
+                              f"got {cfg.eval.calibration!r}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (optional) and apply ``dotted.key=value`` overrides.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, a key is unknown, a value has the wrong type.
+    """
+    base = OmegaConf.structured(RunConfig)
+    origin = "defaults"
+    try:
+        if path is not None:
+            origin = str(path)
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"{path}: config file not found")
+            merged = OmegaConf.merge(base, OmegaConf.load(p))
+        else:
+            merged = base
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} must look like dotted.key=value")
+        if overrides:
+            origin = f"{origin} + overrides"
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        # OmegaConf names the offending full key; keep only its first line, which is the useful one.
+        raise ConfigError(f"{origin}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # YAML syntax errors and the like
+        raise ConfigError(f"{origin}: cannot read config: {exc}") from None
+    assert isinstance(cfg, RunConfig)
+    return _check(cfg, origin)
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> RunConfig:
+    """Build a checked :class:`RunConfig` from a plain dict (for example a checkpoint's config.json)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{origin}: {str(exc).splitlines()[0]}") from None
+    assert isinstance(cfg, RunConfig)
+    return _check(cfg, origin)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain, JSON-serialisable dict of a config."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,221 @@
+"""The dataset container every part of dedn works on, its checks, and the honest validation split.
+
+A :class:`ZSLData` holds one benchmark: region feature maps (any array-like with numpy fancy
+indexing: an in-memory ``numpy`` array or a memory-mapped :class:`dedn.store.FeatureStore`), labels,
+the xlsa17 split locations, class attributes and attribute semantic vectors. Readers of real files
+(:mod:`dedn.xlsa17`, :mod:`dedn.store`), the generated benchmarks (:mod:`dedn.synthetic`,
+:mod:`dedn.imagebench`) all produce one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import DataError
+
+
+class FeatureArray(Protocol):
+    """Anything that stores N feature maps (N, C, h, w) and returns a float array for an index array."""
+
+    shape: tuple[int, ...]
+
+    def __getitem__(self, index: Any) -> np.ndarray: ...
+
+    def __len__(self) -> int: ...
+
+
+@dataclass
+class ZSLData:
+    """One GZSL benchmark: features, labels, splits and the semantic side.
+
+    Attributes:
+        name: dataset name (``"CUB"``, ``"SUN"``, ``"AWA2"``, ``"synthetic"``, ...).
+        features: (N, C, h, w) feature maps; ``features[idx]`` returns a numpy array for an index array.
+        labels: (N,) int64 class index of each image, 0-based.
+        att: (K, D) float32 class attributes in dataset attribute order (xlsa17 ``att`` transposed).
+        w2v: (D, G) float32 semantic vector of each attribute.
+        trainval_loc, test_seen_loc, test_unseen_loc: int64 image indices, 0-based, disjoint.
+        class_names, attribute_names: K and D names.
+        val_classes: xlsa17 ``valclasses1`` class indices (a subset of the seen classes) used to build
+            the validation split, or ``None`` when the dataset has none.
+        clusters: the dataset's own attribute clusters (name -> sorted attribute indices), for generated
+            benchmarks; ``None`` for real datasets, whose clusters come from :mod:`dedn.clusters`.
+        source: where the data came from (file path or generator), used in error messages.
+        provenance: free-form description (backbone, image size, generator seed, ...).
+    """
+
+    name: str
+    features: FeatureArray
+    labels: np.ndarray
+    att: np.ndarray
+    w2v: np.ndarray
+    trainval_loc: np.ndarray
+    test_seen_loc: np.ndarray
+    test_unseen_loc: np.ndarray
+    class_names: list[str]
+    attribute_names: list[str]
+    val_classes: np.ndarray | None = None
+    clusters: dict[str, np.ndarray] | None = None
+    source: str = "<memory>"
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def n_images(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.att.shape[0])
+
+    @property
+    def n_attributes(self) -> int:
+        return int(self.att.shape[1])
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one feature map."""
+        return tuple(int(s) for s in self.features.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def seen_classes(self) -> np.ndarray:
+        """Sorted classes that have trainval images."""
+        return np.unique(self.labels[self.trainval_loc])
+
+    @property
+    def unseen_classes(self) -> np.ndarray:
+        """Sorted classes of the test_unseen images."""
+        return np.unique(self.labels[self.test_unseen_loc])
+
+    @property
+    def seen_mask(self) -> np.ndarray:
+        """(K,) bool, True for seen classes."""
+        mask = np.zeros(self.n_classes, dtype=bool)
+        mask[self.seen_classes] = True
+        return mask
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Check every shape and split; raise :class:`DataError` naming ``source`` and the problem."""
+        src = self.source
+        shape = tuple(self.features.shape)
+        if len(shape) != 4:
+            raise DataError(f"{src}: feature maps must have shape (N, C, h, w), got {shape}")
+        n = self.labels.shape[0]
+        if self.labels.ndim != 1:
+            raise DataError(f"{src}: labels must be one-dimensional, got shape {self.labels.shape}")
+        if shape[0] != n:
+            raise DataError(f"{src}: {shape[0]} feature maps but {n} labels")
+        if self.att.ndim != 2:
+            raise DataError(f"{src}: class attributes must be a (K, D) matrix, got shape {self.att.shape}")
+        k, d = self.att.shape
+        if self.w2v.ndim != 2 or self.w2v.shape[0] != d:
+            raise DataError(
+                f"{src}: semantic vectors have shape {self.w2v.shape} but the class attributes have {d} "
+                f"attributes: expected ({d}, G)"
+            )
+        if not np.isfinite(self.att).all():
+            raise DataError(f"{src}: class attributes contain NaN or infinite values")
+        if not np.isfinite(self.w2v).all():
+            raise DataError(f"{src}: semantic vectors contain NaN or infinite values")
+        if len(self.class_names) != k:
+            raise DataError(f"{src}: {len(self.class_names)} class names for {k} classes")
+        if len(self.attribute_names) != d:
+            raise DataError(f"{src}: {len(self.attribute_names)} attribute names for {d} attributes")
+        if n and (self.labels.min() < 0 or self.labels.max() >= k):
+            bad = self.labels[(self.labels < 0) | (self.labels >= k)]
+            raise DataError(
+                f"{src}: labels must lie in 0..{k - 1} (K = {k} classes); found {bad[:5].tolist()}"
+            )
+        splits = {
+            "trainval_loc": self.trainval_loc,
+            "test_seen_loc": self.test_seen_loc,
+            "test_unseen_loc": self.test_unseen_loc,
+        }
+        for key, loc in splits.items():
+            if loc.ndim != 1 or loc.size == 0:
+                raise DataError(f"{src}: split {key} is empty or not one-dimensional")
+            if loc.min() < 0 or loc.max() >= n:
+                raise DataError(f"{src}: split {key} holds indices outside 0..{n - 1}")
+            if np.unique(loc).size != loc.size:
+                raise DataError(f"{src}: split {key} lists some images twice")
+        names = list(splits)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                common = np.intersect1d(splits[a], splits[b])
+                if common.size:
+                    raise DataError(
+                        f"{src}: splits {a} and {b} share {common.size} images (first {common[:3].tolist()})"
+                    )
+        seen = set(np.unique(self.labels[self.trainval_loc]).tolist())
+        test_seen = set(np.unique(self.labels[self.test_seen_loc]).tolist())
+        unseen = set(np.unique(self.labels[self.test_unseen_loc]).tolist())
+        if not test_seen <= seen:
+            raise DataError(f"{src}: test_seen_loc holds classes without trainval images: "
+                            f"{sorted(test_seen - seen)[:5]}")
+        if seen & unseen:
+            raise DataError(f"{src}: classes {sorted(seen & unseen)[:5]} are both seen (trainval) and unseen "
+                            f"(test_unseen)")
+        if self.val_classes is not None and not set(np.asarray(self.val_classes).tolist()) <= seen:
+            raise DataError(f"{src}: validation classes must be seen classes")
+
+    def check_features_finite(self, index: np.ndarray) -> None:
+        """Raise :class:`DataError` when any of the given feature maps holds NaN or inf."""
+        chunk = np.asarray(self.features[np.sort(index)])
+        if not np.isfinite(chunk).all():
+            bad = np.sort(index)[~np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)]
+            raise DataError(f"{self.source}: feature maps of images {bad[:5].tolist()} hold NaN or infinite "
+                            "values")
+
+    # ------------------------------------------------------------------ derived datasets
+    def validation_split(self, seen_fraction: float = 0.2, seed: int = 0) -> ZSLData:
+        """The honest validation task built from trainval images only (SPEC section 4).
+
+        Classes in ``val_classes`` become the unseen classes: all their trainval images are the
+        validation-unseen images. The other trainval classes stay seen; ``seen_fraction`` of each such
+        class's images (at least one when it has two or more) are held out as validation-seen images,
+        the rest are the training images. Test images are never touched.
+        """
+        if self.val_classes is None or len(self.val_classes) == 0:
+            raise DataError(f"{self.source}: no validation classes (xlsa17 valclasses1) are defined, so no "
+                            "validation split can be built")
+        if not 0.0 < seen_fraction < 1.0:
+            raise DataError(f"validation seen_fraction must be in (0, 1), got {seen_fraction}")
+        rng = np.random.default_rng(seed)
+        val_classes = np.asarray(self.val_classes)
+        tv = np.asarray(self.trainval_loc)
+        tv_labels = self.labels[tv]
+        is_val_unseen = np.isin(tv_labels, val_classes)
+        val_unseen = tv[is_val_unseen]
+        train, val_seen = [], []
+        for c in np.unique(tv_labels[~is_val_unseen]):
+            idx = tv[tv_labels == c]
+            idx = idx[rng.permutation(idx.size)]
+            n_hold = int(round(seen_fraction * idx.size))
+            if idx.size >= 2:
+                n_hold = min(max(n_hold, 1), idx.size - 1)
+            else:
+                n_hold = 0
+            val_seen.append(idx[:n_hold])
+            train.append(idx[n_hold:])
+        train_loc = np.sort(np.concatenate(train))
+        val_seen_loc = np.sort(np.concatenate(val_seen))
+        if val_seen_loc.size == 0 or val_unseen.size == 0:
+            raise DataError(f"{self.source}: the validation split is empty (val-seen {val_seen_loc.size}, "
+                            f"val-unseen {val_unseen.size} images)")
+        test = np.concatenate([self.test_seen_loc, self.test_unseen_loc])
+        leak = np.intersect1d(np.concatenate([train_loc, val_seen_loc, val_unseen]), test)
+        if leak.size:  # cannot happen when validate() passed, kept as a guard for hand-made splits
+            raise DataError(f"{self.source}: the validation split would leak {leak.size} test images")
+        return replace(
+            self,
+            trainval_loc=train_loc,
+            test_seen_loc=val_seen_loc,
+            test_unseen_loc=np.sort(val_unseen),
+            val_classes=None,
+            provenance={**self.provenance, "split": "validation", "validation_seed": seed,
+                        "validation_seen_fraction": seen_fraction},
+        )

@@ -1,0 +1,137 @@
+"""Turn a :class:`~dedn.config.RunConfig` into the objects a run needs: the dataset and the model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .clusters import resolve_clusters
+from .config import RunConfig
+from .data import ZSLData
+from .errors import ConfigError, DataError
+from .model import DEDN
+
+
+def dataset_name(cfg: RunConfig, data: ZSLData | None = None) -> str | None:
+    """The benchmark name that selects built-in clusters and reference quirks (CUB, SUN, AWA2 or other)."""
+    from .xlsa17 import canonical_dataset
+
+    name = cfg.data.dataset or (data.name if data is not None else None)
+    return canonical_dataset(name) or name
+
+
+def load_data(cfg: RunConfig) -> ZSLData:
+    """Load (or generate) the dataset a config names, checked, and cut to the validation task if asked.
+
+    Raises:
+        ConfigError: the source needs a path that is not given.
+        DataError: the files are missing or inconsistent.
+    """
+    dc = cfg.data
+    if dc.source == "synthetic":
+        from .synthetic import make_synthetic
+
+        data = make_synthetic(dc.synthetic)
+    elif dc.source in ("store", "hdf5"):
+        if not dc.path:
+            raise ConfigError(f"data.source={dc.source} needs data.path (the feature "
+                              f"{'store folder' if dc.source == 'store' else 'HDF5 file'})")
+        if not Path(dc.path).exists():
+            raise DataError(f"{dc.path}: no such {'feature store' if dc.source == 'store' else 'HDF5 file'}")
+        from .store import check_provenance, load_hdf5_zsldata, load_zsldata
+
+        if dc.source == "store":
+            data = load_zsldata(dc.path, name=dc.dataset)
+        else:
+            data = load_hdf5_zsldata(dc.path, name=dc.dataset)
+        check_provenance(data, dc.expect_backbone, dc.expect_image_size)
+    elif dc.source == "imagebench":
+        from .demo import imagebench_data
+
+        data = imagebench_data(cfg)
+    else:  # pragma: no cover - rejected by config checks
+        raise ConfigError(f"unknown data.source {dc.source!r}")
+    data = _apply_semantics(cfg, data)
+    data.validate()
+    if dc.split == "validation":
+        data = data.validation_split(dc.val_seen_fraction, seed=cfg.seed)
+    return data
+
+
+def _apply_semantics(cfg: RunConfig, data: ZSLData) -> ZSLData:
+    """Fill in or override the semantic side from xlsa17 files or an explicit word-vector file."""
+    dc = cfg.data
+    if dc.semantic_dir:
+        from .xlsa17 import read_semantic_dir
+
+        sem = read_semantic_dir(dc.semantic_dir, dataset=dc.dataset)
+        if sem.n_classes != data.n_classes or sem.n_attributes != data.n_attributes:
+            raise DataError(
+                f"{dc.semantic_dir}: {sem.n_classes} classes x {sem.n_attributes} attributes, but the features "
+                f"at {data.source} come with {data.n_classes} x {data.n_attributes}"
+            )
+        data = replace(
+            data,
+            class_names=list(sem.class_names),
+            attribute_names=list(sem.attribute_names),
+            w2v=sem.w2v.astype(np.float32) if sem.w2v is not None else data.w2v,
+            val_classes=sem.val_classes if data.val_classes is None else data.val_classes,
+        )
+    if dc.w2v:
+        from .semantics import load_word_vectors
+
+        w2v = load_word_vectors(dc.w2v)
+        if w2v.shape[0] != data.n_attributes:
+            raise DataError(f"{dc.w2v}: {w2v.shape[0]} word vectors for {data.n_attributes} attributes")
+        data = replace(data, w2v=w2v.astype(np.float32))
+    return data
+
+
+def resolve_model_clusters(cfg: RunConfig, data: ZSLData) -> dict[str, np.ndarray]:
+    """The attribute clusters of fExp that ``cfg.model.clusters`` asks for, checked against ``data``."""
+    return resolve_clusters(
+        cfg.model.clusters,
+        dataset_name(cfg, data),
+        cfg.mode,
+        data.w2v,
+        data.attribute_names,
+        n_clusters=cfg.model.n_clusters,
+        own=data.clusters,
+    )
+
+
+def build_model(
+    cfg: RunConfig,
+    data: ZSLData,
+    clusters: Mapping[str, np.ndarray] | None = None,
+    seed: int | None = None,
+) -> DEDN:
+    """A freshly initialised DEDN for ``data`` (initialisation seeded by ``seed``, default ``cfg.seed``).
+
+    Reference-mode-only settings are applied only in reference mode: ``model.low_rank`` (SUN's W1 = H1 H3),
+    clipping negative AWA2 attributes and the fixed calibration margin inside the scores.
+    """
+    clusters = resolve_model_clusters(cfg, data) if clusters is None else clusters
+    c, h, w = data.feature_shape
+    reference = cfg.mode == "reference"
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    return DEDN(
+        data.w2v,
+        data.att,
+        list(clusters.values()),
+        data.seen_mask,
+        n_channels=c,
+        n_regions=h * w,
+        mode=cfg.mode,
+        l_rc=cfg.model.l_rc,
+        l_e=cfg.model.l_e,
+        low_rank=cfg.model.low_rank if reference else None,
+        channel_attention=cfg.model.channel_attention,
+        experts=cfg.model.experts,
+        calibration_margin=cfg.loss.calibration_margin if reference else 0.0,
+        clip_negative_att=reference and dataset_name(cfg, data) == "AWA2",
+    )

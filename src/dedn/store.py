@@ -1,0 +1,958 @@
+"""The feature store: N region feature maps on disk, memory-mapped, float16 by default.
+
+A store is a folder::
+
+    store.json          format, N, (C, h, w), dtype, chunk size, provenance, completed chunks
+    features.bin        raw C-order array (N, C, h, w), preallocated at creation, read as np.memmap
+    labels.npy          (N,) int64 class of each image (optional until known)
+    meta.npz            optional semantic side: att, w2v, splits, names, image files
+    complete.rank*.json completion marks written by the ranks of a sharded extraction
+
+Writing is chunk by chunk (``chunk_size`` images). A chunk counts only once it is marked complete,
+and it is marked only after its bytes are synced to disk, so an interrupted writer resumes with the
+missing chunks and never trusts half-written data. ``store.json`` is only ever replaced atomically
+(temp file + ``os.replace``); concurrent ranks each write their own ``complete.rank<r>.json`` and rank 0
+merges them, so no two processes ever write the same file.
+
+This module also reads and writes the DAZLE/DEDN HDF5 layout (``feature_map``, ``labels``,
+``trainval_loc``, ``test_seen_loc``, ``test_unseen_loc``, ``att``, ``original_att``, ``w2v_att``):
+:func:`import_hdf5` (streamed, resumable), :func:`export_hdf5`, and :func:`open_hdf5_lazily` /
+:func:`load_hdf5_zsldata` to use such a file in place without importing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import ZSLData
+from .errors import DataError
+
+FORMAT = "dedn-feature-store"
+VERSION = 1
+STORE_JSON = "store.json"
+FEATURES_BIN = "features.bin"
+LABELS_NPY = "labels.npy"
+META_NPZ = "meta.npz"
+_RANK_PREFIX = "complete.rank"
+DTYPES = ("float16", "float32")
+
+# Keys of the DAZLE/DEDN feature file (SPEC section 1); original_att is optional on import.
+HDF5_REQUIRED = (
+    "feature_map", "labels", "trainval_loc", "test_seen_loc", "test_unseen_loc", "att", "w2v_att",
+)
+_SPLITS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
+
+
+# ---------------------------------------------------------------------------------------------- small helpers
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _fdatasync(fd: int) -> None:
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+def split_hash(labels: np.ndarray, *splits: np.ndarray) -> str:
+    """A short fingerprint of labels and split indices, to tell two datasets apart in provenance."""
+    h = hashlib.sha256()
+    for arr in (labels, *splits):
+        a = np.ascontiguousarray(np.asarray(arr, dtype="<i8"))
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _as_index_array(values: Any, where: str) -> np.ndarray:
+    """A 1-D int64 array from an integer-valued array (HDF5 files sometimes store indices as floats)."""
+    a = np.asarray(values).squeeze()
+    if a.ndim == 0:
+        a = a.reshape(1)
+    if a.ndim != 1:
+        raise DataError(f"{where}: expected a one-dimensional index array, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
+            raise DataError(f"{where}: expected integer indices, got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def _str_list(values: Any) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values).reshape(-1).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- the store
+class FeatureStore:
+    """N feature maps (N, C, h, w) in a folder on disk; see the module docstring for the layout.
+
+    Build one with :meth:`create` (then :meth:`write_chunk`) or open one with :meth:`open`.
+    Reading (``store[idx]``) returns float32 numpy arrays for an int, a slice or an int array (any order,
+    duplicates allowed), so a store can be a :class:`dedn.data.ZSLData`'s ``features``. Reads do not check
+    completeness (a chunk not yet written reads as zeros); :func:`load_zsldata`, :meth:`to_torch` and
+    :func:`export_hdf5` refuse an incomplete store.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], info: dict[str, Any]) -> None:
+        """Use :meth:`create` or :meth:`open`; this only wraps an already validated ``store.json``."""
+        self.path = Path(path)
+        self._info = info
+        self._mm: np.memmap | None = None
+        self._fd: int | None = None
+        self._labels: np.ndarray | None = None
+        self._completed = set(int(i) for i in info["complete_chunks"]) | self._rank_marks()
+
+    # ------------------------------------------------------------------ creation and opening
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        n: int,
+        shape: Iterable[int],
+        dtype: str = "float16",
+        chunk_size: int = 256,
+        provenance: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        labels: np.ndarray | None = None,
+    ) -> FeatureStore:
+        """Make an empty store for ``n`` maps of ``shape`` (C, h, w), preallocating ``features.bin``.
+
+        The whole file is allocated up front (``posix_fallocate``) so a full disk fails here, not half-way
+        through an extraction. ``overwrite=True`` replaces an existing store (only a folder holding nothing
+        but store files is ever cleared); otherwise an existing store is an error.
+        """
+        path = Path(path)
+        shape = tuple(int(s) for s in shape)
+        if int(n) < 1:
+            raise DataError(f"{path}: a feature store needs at least one image, got n={n}")
+        if len(shape) != 3 or min(shape) < 1:
+            raise DataError(f"{path}: feature map shape must be (C, h, w) with positive sizes, got {shape}")
+        if dtype not in DTYPES:
+            raise DataError(f"{path}: store dtype must be one of {DTYPES}, got {dtype!r}")
+        if int(chunk_size) < 1:
+            raise DataError(f"{path}: chunk_size must be positive, got {chunk_size}")
+        n, chunk_size = int(n), int(chunk_size)
+        _prepare_folder(path, overwrite)
+
+        nbytes = n * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        _preallocate(path / FEATURES_BIN, nbytes)
+        if labels is not None:
+            _write_labels(path, labels, n)
+        info = {
+            "format": FORMAT,
+            "version": VERSION,
+            "n": n,
+            "shape": list(shape),
+            "dtype": dtype,
+            "chunk_size": chunk_size,
+            "n_chunks": -(-n // chunk_size),
+            "features_bytes": nbytes,
+            "provenance": dict(provenance or {}),
+            "complete_chunks": [],
+        }
+        # store.json comes last: a folder without it is an interrupted creation, never a store.
+        _atomic_write_json(path / STORE_JSON, info)
+        return cls(path, info)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> FeatureStore:
+        """Open an existing store, checking ``store.json`` and the size of ``features.bin``."""
+        path = Path(path)
+        meta_file = path / STORE_JSON
+        fix = "re-create it (extract or import again with overwrite=True / --overwrite)"
+        if not meta_file.is_file():
+            if path.is_dir() and (path / FEATURES_BIN).exists():
+                raise DataError(f"{meta_file} is missing: the store's creation was interrupted; {fix}")
+            raise DataError(f"{path} is not a feature store: {meta_file} does not exist")
+        try:
+            info = json.loads(meta_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{meta_file} is corrupt ({exc}); the store cannot be trusted: {fix}") from exc
+        _check_info(info, meta_file, fix)
+        bin_file = path / FEATURES_BIN
+        if not bin_file.is_file():
+            raise DataError(f"{bin_file} is missing; {fix}")
+        size = bin_file.stat().st_size
+        if size != info["features_bytes"]:
+            raise DataError(
+                f"{bin_file} has {size} bytes but {info['n']} feature maps of shape {tuple(info['shape'])} "
+                f"({info['dtype']}) need {info['features_bytes']}: the file is truncated or from another "
+                f"store (an interrupted copy or a full disk); copy it again or {fix}"
+            )
+        store = cls(path, info)
+        if (path / LABELS_NPY).exists():
+            store.labels  # noqa: B018 - validate labels.npy now rather than at first use
+        return store
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, C, h, w)."""
+        return (self._info["n"], *self._info["shape"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The on-disk dtype (float16 or float32); reads are always float32."""
+        return np.dtype(self._info["dtype"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self._info["chunk_size"])
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self._info["n_chunks"])
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the feature maps on disk (and on a GPU, see :meth:`to_torch`)."""
+        return int(self._info["features_bytes"])
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What made these features (backbone, weights, image size, transform, dataset, split hash, ...)."""
+        return dict(self._info["provenance"])
+
+    def __len__(self) -> int:
+        return int(self._info["n"])
+
+    def __repr__(self) -> str:
+        return (f"FeatureStore({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, "
+                f"complete={len(self._completed)}/{self.n_chunks} chunks)")
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        """[start, stop) image indices of chunk ``i``."""
+        if not 0 <= i < self.n_chunks:
+            raise IndexError(f"chunk {i} out of range 0..{self.n_chunks - 1}")
+        start = i * self.chunk_size
+        return start, min(start + self.chunk_size, len(self))
+
+    # ------------------------------------------------------------------ labels
+    @property
+    def labels(self) -> np.ndarray | None:
+        """(N,) int64 labels, or ``None`` when the store has none yet."""
+        if self._labels is None and (self.path / LABELS_NPY).exists():
+            f = self.path / LABELS_NPY
+            try:
+                labels = np.load(f, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{f} is corrupt ({exc}); write the labels again") from exc
+            if labels.shape != (len(self),) or not np.issubdtype(labels.dtype, np.integer):
+                raise DataError(f"{f}: expected ({len(self)},) integer labels, got {labels.shape} "
+                                f"{labels.dtype}")
+            self._labels = labels.astype(np.int64)
+        return self._labels
+
+    def set_labels(self, labels: np.ndarray) -> None:
+        """Write ``labels.npy`` ((N,) integer class indices)."""
+        self._labels = _write_labels(self.path, labels, len(self))
+
+    # ------------------------------------------------------------------ reading
+    def _reader(self) -> np.memmap:
+        if self._mm is None:
+            self._mm = np.memmap(self.path / FEATURES_BIN, dtype=self.dtype, mode="r", shape=self.shape)
+        return self._mm
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        """float32 copy of the maps at an int, a slice, or an int / bool array (any order, duplicates)."""
+        mm = self._reader()
+        if isinstance(index, (int, np.integer, slice, tuple)):
+            return np.array(mm[index], dtype=np.float32)
+        idx = np.asarray(index)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise IndexError(f"boolean index of shape {idx.shape} for {len(self)} feature maps")
+            idx = np.flatnonzero(idx)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError(f"feature maps are indexed by integers, got dtype {idx.dtype}")
+        flat = idx.reshape(-1).astype(np.int64)
+        n = len(self)
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            raise IndexError(f"index out of range for {n} feature maps")
+        flat = np.where(flat < 0, flat + n, flat)
+        # Gather in ascending order (sequential disk reads), then put rows back in the asked order.
+        order = np.argsort(flat, kind="stable")
+        out = np.empty((flat.size, *self.shape[1:]), dtype=np.float32)
+        out[order] = mm[flat[order]]
+        return out.reshape(*idx.shape, *self.shape[1:])
+
+    # ------------------------------------------------------------------ writing
+    def write_rows(self, start: int, array: np.ndarray) -> None:
+        """Write maps ``start .. start+len(array)`` without marking anything complete (no fsync)."""
+        arr = np.asarray(array)
+        if arr.ndim != 4 or tuple(arr.shape[1:]) != self.shape[1:]:
+            want = ", ".join(map(str, self.shape[1:]))
+            raise DataError(f"{self.path}: expected maps of shape (B, {want}), got {arr.shape}")
+        if not 0 <= start <= len(self) - arr.shape[0]:
+            raise DataError(f"{self.path}: rows {start}..{start + arr.shape[0]} outside 0..{len(self)}")
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below, with the image indices
+            arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        if not np.isfinite(arr).all():
+            hint = ""
+            if self.dtype == np.float16:
+                hint = " (too large for float16? create the store with dtype='float32')"
+            bad = start + np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1))
+            raise DataError(f"{self.path}: feature maps of images {bad[:5].tolist()} hold NaN or infinite "
+                            f"values{hint}")
+        if self._fd is None:
+            self._fd = os.open(self.path / FEATURES_BIN, os.O_RDWR)
+        view = memoryview(arr.reshape(-1).view(np.uint8))
+        offset = start * int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        while view.nbytes:  # pwrite may write less than asked for very large buffers
+            written = os.pwrite(self._fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def write_chunk(self, i: int, array: np.ndarray, rank: int | None = None) -> None:
+        """Write all of chunk ``i`` and mark it complete (see :meth:`mark_complete` for ``rank``)."""
+        start, stop = self.chunk_range(i)
+        if np.shape(array)[0] != stop - start:
+            raise DataError(f"{self.path}: chunk {i} holds {stop - start} maps, got {np.shape(array)[0]}")
+        self.write_rows(start, array)
+        self.mark_complete(i, rank=rank)
+
+    def sync(self) -> None:
+        """Flush written feature bytes to disk."""
+        if self._fd is not None:
+            _fdatasync(self._fd)
+
+    def mark_complete(self, i: int, rank: int | None = None) -> None:
+        """Record chunk ``i`` as fully written, after syncing its bytes to disk.
+
+        ``rank=None``: rewrite ``store.json`` atomically (one writer). With a rank, append to that rank's
+        own ``complete.rank<r>.json`` instead, so concurrent ranks never write the same file; rank 0 folds
+        them into ``store.json`` with :meth:`merge_rank_marks`.
+        """
+        self.chunk_range(i)  # range check
+        self.sync()
+        self._completed.add(int(i))
+        if rank is None:
+            self._info["complete_chunks"] = sorted(set(self._info["complete_chunks"]) | {int(i)})
+            _atomic_write_json(self.path / STORE_JSON, self._info)
+        else:
+            f = self.path / f"{_RANK_PREFIX}{int(rank)}.json"
+            mine = set(_read_rank_file(f)) if f.exists() else set()
+            _atomic_write_json(f, {"chunks": sorted(mine | {int(i)})})
+
+    def _rank_marks(self) -> set[int]:
+        marks: set[int] = set()
+        for f in sorted(self.path.glob(f"{_RANK_PREFIX}*.json")):
+            marks.update(c for c in _read_rank_file(f) if 0 <= c < self.n_chunks)
+        return marks
+
+    def merge_rank_marks(self) -> None:
+        """Fold every rank's completion file into ``store.json`` and delete them (rank 0, after a barrier)."""
+        files = sorted(self.path.glob(f"{_RANK_PREFIX}*.json"))
+        marks = self._rank_marks()
+        self._info["complete_chunks"] = sorted(set(self._info["complete_chunks"]) | marks)
+        _atomic_write_json(self.path / STORE_JSON, self._info)
+        for f in files:
+            f.unlink(missing_ok=True)
+        self._completed = set(self._info["complete_chunks"])
+
+    def refresh(self) -> None:
+        """Re-read the completion state from disk (other processes may have written chunks)."""
+        try:
+            info = json.loads((self.path / STORE_JSON).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"{self.path / STORE_JSON} is unreadable ({exc})") from exc
+        self._info["complete_chunks"] = info.get("complete_chunks", [])
+        self._info["provenance"] = info.get("provenance", {})
+        self._completed = set(self._info["complete_chunks"]) | self._rank_marks()
+
+    def update_provenance(self, **entries: Any) -> None:
+        """Add or change provenance entries (single writer only: rewrites ``store.json``)."""
+        self._info["provenance"].update(entries)
+        _atomic_write_json(self.path / STORE_JSON, self._info)
+
+    @property
+    def completed_chunks(self) -> list[int]:
+        """Sorted indices of the chunks marked complete (in ``store.json`` or a rank file)."""
+        return sorted(self._completed)
+
+    def missing_chunks(self) -> list[int]:
+        """Sorted indices of the chunks not yet marked complete."""
+        return [i for i in range(self.n_chunks) if i not in self._completed]
+
+    @property
+    def complete(self) -> bool:
+        """True once every chunk is marked complete."""
+        return len(self._completed) == self.n_chunks
+
+    def require_complete(self) -> None:
+        """Raise :class:`DataError` when some chunks were never written."""
+        if not self.complete:
+            missing = self.missing_chunks()
+            raise DataError(f"{self.path}: the feature store is incomplete ({len(missing)} of "
+                            f"{self.n_chunks} chunks missing, first {missing[:5]}); resume the extraction "
+                            "or import that made it")
+
+    # ------------------------------------------------------------------ semantics
+    def save_semantics(
+        self,
+        *,
+        att: np.ndarray | None = None,
+        w2v: np.ndarray | None = None,
+        trainval_loc: np.ndarray | None = None,
+        test_seen_loc: np.ndarray | None = None,
+        test_unseen_loc: np.ndarray | None = None,
+        class_names: list[str] | None = None,
+        attribute_names: list[str] | None = None,
+        original_att: np.ndarray | None = None,
+        val_classes: np.ndarray | None = None,
+        clusters: Mapping[str, np.ndarray] | None = None,
+        image_files: list[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Store the semantic side in ``meta.npz``; given entries replace stored ones, others are kept.
+
+        When labels and all three splits are known, their fingerprint is written to the provenance
+        (``split_hash``).
+        """
+        meta = self.meta()
+        floats = {"att": att, "w2v": w2v, "original_att": original_att}
+        ints = {"trainval_loc": trainval_loc, "test_seen_loc": test_seen_loc,
+                "test_unseen_loc": test_unseen_loc, "val_classes": val_classes}
+        strs = {"class_names": class_names, "attribute_names": attribute_names, "image_files": image_files}
+        meta.update({k: np.asarray(v, dtype=np.float32) for k, v in floats.items() if v is not None})
+        meta.update({k: _as_index_array(v, f"{self.path} {k}") for k, v in ints.items() if v is not None})
+        meta.update({k: np.asarray([str(s) for s in v], dtype=str) for k, v in strs.items() if v is not None})
+        if image_files is not None and len(image_files) != len(self):
+            raise DataError(f"{self.path}: {len(image_files)} image files for {len(self)} feature maps")
+        if name is not None:
+            meta["name"] = np.asarray(name)
+        if clusters is not None:
+            for k in [k for k in meta if k.startswith("cluster_")]:
+                del meta[k]
+            meta["cluster_names"] = np.asarray(list(clusters), dtype=str)
+            for j, idx in enumerate(clusters.values()):
+                meta[f"cluster_{j}"] = np.asarray(idx, dtype=np.int64)
+        buf = io.BytesIO()
+        np.savez(buf, **meta)
+        _atomic_write_bytes(self.path / META_NPZ, buf.getvalue())
+        if self.labels is not None and all(k in meta for k in _SPLITS):
+            self.update_provenance(split_hash=split_hash(self.labels, *(meta[k] for k in _SPLITS)))
+
+    def meta(self) -> dict[str, np.ndarray]:
+        """Everything in ``meta.npz`` (empty when the store has no semantic side)."""
+        f = self.path / META_NPZ
+        if not f.exists():
+            return {}
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{f} is corrupt ({exc}); save the semantics again") from exc
+
+    # ------------------------------------------------------------------ GPU residency
+    def to_torch(self, device: Any = "cuda", reserve_bytes: int | None = None):
+        """The whole store as one tensor (N, C, h, w) in the store dtype on a CUDA device, or ``None``.
+
+        ``None`` when ``device`` is not CUDA or the maps do not fit in the device's free memory minus
+        ``reserve_bytes`` (default: the larger of 1 GiB and 10 % of the device's memory, for the model and
+        its activations); the caller then reads batches from the memory map instead. Copies in blocks of
+        about 256 MiB, so host memory stays bounded.
+        """
+        import torch
+
+        dev = torch.device(device)
+        if dev.type != "cuda" or not torch.cuda.is_available():
+            return None
+        self.require_complete()
+        free, total = torch.cuda.mem_get_info(dev)
+        reserve = max(1 << 30, total // 10) if reserve_bytes is None else int(reserve_bytes)
+        if self.nbytes > free - reserve:
+            return None
+        tdtype = torch.float16 if self.dtype == np.float16 else torch.float32
+        out = torch.empty(self.shape, dtype=tdtype, device=dev)
+        mm = self._reader()
+        rows = max(1, (256 << 20) // max(1, self.nbytes // len(self)))
+        for s in range(0, len(self), rows):
+            out[s:s + rows].copy_(torch.from_numpy(np.array(mm[s:s + rows])))
+        return out
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Release the memory map and the write handle."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._mm = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get a copy: never pickle the memory map (it would copy all the data) or the fd.
+        state = self.__dict__.copy()
+        state["_mm"] = None
+        state["_fd"] = None
+        return state
+
+
+def _check_info(info: Any, meta_file: Path, fix: str) -> None:
+    """Validate a parsed ``store.json``."""
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise DataError(f"{meta_file} is not a dedn feature store description; {fix}")
+    if info.get("version") != VERSION:
+        raise DataError(f"{meta_file}: store format version {info.get('version')} is not supported (this "
+                        f"dedn reads version {VERSION}); {fix}")
+    try:
+        n, shape, dtype = int(info["n"]), [int(s) for s in info["shape"]], info["dtype"]
+        chunk, n_chunks = int(info["chunk_size"]), int(info["n_chunks"])
+        nbytes = int(info["features_bytes"])
+        done = [int(c) for c in info["complete_chunks"]]
+        ok = (n >= 1 and len(shape) == 3 and min(shape) >= 1 and dtype in DTYPES and chunk >= 1
+              and n_chunks == -(-n // chunk) and nbytes == n * int(np.prod(shape)) * np.dtype(dtype).itemsize
+              and all(0 <= c < n_chunks for c in done) and isinstance(info["provenance"], dict))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{meta_file} is corrupt (missing or malformed entry {exc}); {fix}") from exc
+    if not ok:
+        raise DataError(f"{meta_file} is corrupt (inconsistent sizes or chunk list); {fix}")
+    info["shape"] = shape
+
+
+def _read_rank_file(f: Path) -> list[int]:
+    try:
+        return [int(c) for c in json.loads(f.read_text())["chunks"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{f} is corrupt ({exc}); delete it (its chunks will be extracted again)") from exc
+
+
+_STORE_FILES = (STORE_JSON, FEATURES_BIN, LABELS_NPY, META_NPZ)
+
+
+def _is_store_file(name: str) -> bool:
+    return name in _STORE_FILES or name.startswith((_RANK_PREFIX, "."))
+
+
+def _prepare_folder(path: Path, overwrite: bool) -> None:
+    """Make ``path`` an empty folder for a new store, refusing to clobber anything that is not a store."""
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path} exists and is not a folder; choose another feature store path")
+    if path.is_dir():
+        names = [p.name for p in path.iterdir()]
+        foreign = [n for n in names if not _is_store_file(n)]
+        if foreign:
+            raise DataError(f"{path} exists and holds files that are not part of a feature store "
+                            f"({foreign[:3]}); choose an empty or new folder")
+        if STORE_JSON in names and not overwrite:
+            raise DataError(f"a feature store already exists at {path}; pass overwrite=True (--overwrite) to "
+                            "replace it, or resume it")
+        for n in names:  # an old store (overwrite) or the remains of an interrupted creation
+            p = path / n
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _preallocate(f: Path, nbytes: int) -> None:
+    """Create ``f`` with ``nbytes`` really reserved on disk, so a full disk fails now."""
+    fd = os.open(f, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:
+                os.ftruncate(fd, nbytes)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                os.close(fd)
+                fd = -1
+                f.unlink(missing_ok=True)
+                free = shutil.disk_usage(f.parent).free
+                raise DataError(f"not enough disk space for the feature store {f}: it needs "
+                                f"{nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB are free") from exc
+            os.ftruncate(fd, nbytes)  # filesystems without fallocate support: a sparse file
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _write_labels(path: Path, labels: np.ndarray, n: int) -> np.ndarray:
+    lab = _as_index_array(labels, f"{path} labels")
+    if lab.shape != (n,):
+        raise DataError(f"{path}: {lab.shape[0]} labels for {n} feature maps")
+    if lab.size and lab.min() < 0:
+        raise DataError(f"{path}: labels must be 0-based class indices, found {int(lab.min())}")
+    buf = io.BytesIO()
+    np.save(buf, lab)
+    _atomic_write_bytes(path / LABELS_NPY, buf.getvalue())
+    return lab
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def store_from_array(
+    path: str | os.PathLike[str],
+    array: Any,
+    labels: np.ndarray | None = None,
+    dtype: str = "float16",
+    chunk_size: int = 256,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> FeatureStore:
+    """Write an (N, C, h, w) array (or any FeatureArray) into a new store, chunk by chunk (tests, benches)."""
+    shape = tuple(int(s) for s in array.shape)
+    if len(shape) != 4:
+        raise DataError(f"{path}: expected an (N, C, h, w) array, got shape {shape}")
+    store = FeatureStore.create(path, shape[0], shape[1:], dtype=dtype, chunk_size=chunk_size,
+                                provenance=provenance, overwrite=overwrite, labels=labels)
+    for i in range(store.n_chunks):
+        s, e = store.chunk_range(i)
+        store.write_chunk(i, np.asarray(array[s:e]))
+    return store
+
+
+def store_zsldata(
+    path: str | os.PathLike[str],
+    data: ZSLData,
+    dtype: str = "float16",
+    chunk_size: int = 256,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> FeatureStore:
+    """Write a whole :class:`ZSLData` (features, labels and semantic side) into a new store."""
+    store = store_from_array(path, data.features, labels=data.labels, dtype=dtype, chunk_size=chunk_size,
+                             provenance={**data.provenance, "dataset": data.name, **(provenance or {})},
+                             overwrite=overwrite)
+    store.save_semantics(att=data.att, w2v=data.w2v, trainval_loc=data.trainval_loc,
+                         test_seen_loc=data.test_seen_loc, test_unseen_loc=data.test_unseen_loc,
+                         class_names=data.class_names, attribute_names=data.attribute_names,
+                         val_classes=data.val_classes, clusters=data.clusters, name=data.name)
+    return store
+
+
+def load_zsldata(path: str | os.PathLike[str], name: str | None = None) -> ZSLData:
+    """Open a complete store that holds labels and a semantic side as a :class:`ZSLData` (memory-mapped)."""
+    store = FeatureStore.open(path)
+    store.require_complete()
+    if store.labels is None:
+        raise DataError(f"{store.path}: the store has no labels ({LABELS_NPY})")
+    meta = store.meta()
+    need = ("att", "w2v", *_SPLITS)
+    missing = [k for k in need if k not in meta]
+    if missing:
+        raise DataError(f"{store.path}: the store has no semantic side ({', '.join(missing)} missing from "
+                        f"{META_NPZ}); save it with FeatureStore.save_semantics or import a full HDF5 file")
+    k, d = meta["att"].shape
+    clusters = None
+    if "cluster_names" in meta:
+        clusters = {str(c): meta[f"cluster_{j}"] for j, c in enumerate(meta["cluster_names"].tolist())}
+    data = ZSLData(
+        name=name or (str(meta["name"]) if "name" in meta else store.path.name),
+        features=store,
+        labels=store.labels,
+        att=meta["att"],
+        w2v=meta["w2v"],
+        trainval_loc=meta["trainval_loc"],
+        test_seen_loc=meta["test_seen_loc"],
+        test_unseen_loc=meta["test_unseen_loc"],
+        class_names=(_str_list(meta["class_names"]) if "class_names" in meta
+                     else [f"class_{i}" for i in range(k)]),
+        attribute_names=(_str_list(meta["attribute_names"]) if "attribute_names" in meta
+                         else [f"attribute_{i}" for i in range(d)]),
+        val_classes=meta.get("val_classes"),
+        clusters=clusters,
+        source=str(store.path),
+        provenance={**store.provenance, "store": str(store.path)},
+    )
+    data.validate()
+    return data
+
+
+def check_provenance(store: Any, expect_backbone: str | None = None,
+                     expect_image_size: int | None = None) -> None:
+    """Refuse features made with another backbone or image size than the config expects.
+
+    ``store``: a :class:`FeatureStore`, a :class:`ZSLData` or a provenance mapping. A store that does not
+    record a backbone or an image size (e.g. an HDF5 file imported without them) cannot be checked and
+    passes.
+    """
+    prov = store if isinstance(store, Mapping) else getattr(store, "provenance", {})
+    where = getattr(store, "path", None) or getattr(store, "source", None) or "the features"
+    got_bb, got_size = prov.get("backbone"), prov.get("image_size")
+    if expect_backbone is not None and got_bb is not None and str(got_bb) != str(expect_backbone):
+        raise DataError(f"{where}: the features were made with backbone {got_bb!r} but the config expects "
+                        f"{expect_backbone!r}; extract them again with {expect_backbone!r} or change "
+                        "data.expect_backbone")
+    if expect_image_size is not None and got_size is not None and int(got_size) != int(expect_image_size):
+        raise DataError(f"{where}: the features were made at image size {got_size} but the config expects "
+                        f"{expect_image_size}; extract them again at {expect_image_size} px or change "
+                        "data.expect_image_size")
+
+
+# ---------------------------------------------------------------------------------------------- HDF5
+def _hdf5_header(f: Any, path: Path) -> dict[str, Any]:
+    """Read and check everything but the feature maps of a DAZLE/DEDN HDF5 file."""
+    keys = set(f.keys())
+    for key in HDF5_REQUIRED:
+        if key not in keys:
+            raise DataError(f"{path}: key '{key}' is missing; a DAZLE/DEDN feature file holds "
+                            f"{', '.join(HDF5_REQUIRED)} (and original_att); found {sorted(keys)}")
+    fm = f["feature_map"]
+    if len(fm.shape) != 4:
+        raise DataError(f"{path}: key 'feature_map' must have shape (N, C, h, w), got {fm.shape}")
+    n = int(fm.shape[0])
+    labels = _as_index_array(f["labels"][()], f"{path} key 'labels'")
+    if labels.shape[0] != n:
+        raise DataError(f"{path}: key 'feature_map' holds {n} feature maps but key 'labels' holds "
+                        f"{labels.shape[0]} labels")
+    att = np.asarray(f["att"][()], dtype=np.float32)
+    if att.ndim != 2:
+        raise DataError(f"{path}: key 'att' must be a (K, D) matrix, got shape {att.shape}")
+    k, d = att.shape
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+        one_based = labels.min() == 1 and labels.max() == k
+        hint = " (the file looks 1-based; labels must be 0-based)" if one_based else ""
+        raise DataError(f"{path}: key 'labels' must hold 0-based classes in 0..{k - 1}, found "
+                        f"{int(labels.min())}..{int(labels.max())}{hint}")
+    w2v = np.asarray(f["w2v_att"][()], dtype=np.float32)
+    if w2v.ndim != 2 or w2v.shape[0] != d:
+        raise DataError(f"{path}: key 'w2v_att' has shape {w2v.shape} but 'att' has {d} attributes: expected "
+                        f"({d}, G)")
+    out: dict[str, Any] = {"n": n, "feature_shape": tuple(int(s) for s in fm.shape[1:]), "labels": labels,
+                           "att": att, "w2v": w2v}
+    if "original_att" in keys:
+        orig = np.asarray(f["original_att"][()], dtype=np.float32)
+        if orig.shape != att.shape:
+            raise DataError(f"{path}: key 'original_att' has shape {orig.shape}, 'att' has {att.shape}")
+        out["original_att"] = orig
+    for key in _SPLITS:
+        loc = _as_index_array(f[key][()], f"{path} key '{key}'")
+        if loc.size and (loc.min() < 0 or loc.max() >= n):
+            raise DataError(f"{path}: key '{key}' holds image indices outside 0..{n - 1} (must be 0-based)")
+        out[key] = loc
+    out["class_names"] = _str_list(f["class_names"][()]) if "class_names" in keys else None
+    out["attribute_names"] = _str_list(f["attribute_names"][()]) if "attribute_names" in keys else None
+    out["val_classes"] = _as_index_array(f["val_classes"][()], f"{path} key 'val_classes'") \
+        if "val_classes" in keys else None
+    return out
+
+
+def _open_h5(path: Path):
+    import h5py
+
+    if not path.is_file():
+        raise DataError(f"HDF5 feature file {path} does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
+
+
+def import_hdf5(
+    h5_path: str | os.PathLike[str],
+    store_path: str | os.PathLike[str],
+    *,
+    dtype: str = "float16",
+    chunk_size: int = 256,
+    block_size: int = 64,
+    provenance: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FeatureStore:
+    """Import a DAZLE/DEDN HDF5 feature file into a store, streamed in blocks of ``block_size`` images.
+
+    Memory stays bounded by one block. An interrupted import is resumed (``resume=True``) with the chunks
+    it had not finished, after checking that the store was started from the same file and settings.
+    ``provenance`` may say what the file holds, e.g. ``{"backbone": "resnet101", "image_size": 448}``;
+    the DAZLE layout itself does not record it.
+    """
+    h5_path, store_path = Path(h5_path), Path(store_path)
+    with _open_h5(h5_path) as f:
+        head = _hdf5_header(f, h5_path)
+        n, shape = head["n"], head["feature_shape"]
+        prov = {"backbone": None, "image_size": None, "source": "hdf5", "source_file": str(h5_path.resolve()),
+                "source_bytes": h5_path.stat().st_size, "dataset": name,
+                "split_hash": split_hash(head["labels"], *(head[k] for k in _SPLITS)), **(provenance or {})}
+        store = None
+        if resume and not overwrite and (store_path / STORE_JSON).exists():
+            store = FeatureStore.open(store_path)
+            theirs = store.provenance
+            diff = [k for k in ("source_bytes", "split_hash", "backbone", "image_size")
+                    if theirs.get(k) != prov.get(k)]
+            if store.shape != (n, *shape) or store.dtype != np.dtype(dtype) or diff:
+                raise DataError(f"{store_path}: this store was started from another file or with other "
+                                f"settings (differs in {diff or ['shape/dtype']}); pass overwrite=True to "
+                                "start over")
+        if store is None:
+            store = FeatureStore.create(store_path, n, shape, dtype=dtype, chunk_size=chunk_size,
+                                        provenance=prov, overwrite=overwrite, labels=head["labels"])
+            store.save_semantics(att=head["att"], w2v=head["w2v"], original_att=head.get("original_att"),
+                                 **{k: head[k] for k in _SPLITS}, class_names=head["class_names"],
+                                 attribute_names=head["attribute_names"], val_classes=head["val_classes"],
+                                 name=name)
+        todo = store.missing_chunks()
+        ds = f["feature_map"]
+        total = sum(store.chunk_range(i)[1] - store.chunk_range(i)[0] for i in todo)
+        with tqdm(total=total, unit="img", desc=f"import {h5_path.name}", disable=not progress) as bar:
+            for i in todo:
+                start, stop = store.chunk_range(i)
+                for s in range(start, stop, block_size):
+                    e = min(s + block_size, stop)
+                    store.write_rows(s, ds[s:e])
+                    bar.update(e - s)
+                store.mark_complete(i)
+    return store
+
+
+def export_hdf5(store: FeatureStore | str | os.PathLike[str], path: str | os.PathLike[str],
+                block_size: int = 64, progress: bool = True) -> Path:
+    """Write a complete store with its semantic side as a DAZLE/DEDN HDF5 file (float32 ``feature_map``).
+
+    Streamed in blocks of ``block_size`` images into a temporary file that is renamed at the end, so an
+    interrupted export never leaves a partial file under ``path``. Class and attribute names (and
+    ``val_classes`` when known) are added as extra keys, which DAZLE-style readers ignore.
+    """
+    import h5py
+
+    if not isinstance(store, FeatureStore):
+        store = FeatureStore.open(store)
+    data = load_zsldata(store.path)  # checks completeness, labels and semantics
+    meta = store.meta()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("feature_map", shape=store.shape, dtype=np.float32)
+            with tqdm(total=len(store), unit="img", desc=f"export {path.name}", disable=not progress) as bar:
+                for s in range(0, len(store), block_size):
+                    e = min(s + block_size, len(store))
+                    ds[s:e] = store[s:e]
+                    bar.update(e - s)
+            f["labels"] = data.labels
+            for key in _SPLITS:
+                f[key] = getattr(data, key)
+            f["att"] = data.att
+            f["original_att"] = meta.get("original_att", data.att)
+            f["w2v_att"] = data.w2v
+            str_t = h5py.string_dtype("utf-8")
+            f.create_dataset("class_names", data=data.class_names, dtype=str_t)
+            f.create_dataset("attribute_names", data=data.attribute_names, dtype=str_t)
+            if data.val_classes is not None:
+                f["val_classes"] = np.asarray(data.val_classes, dtype=np.int64)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+class HDF5Features:
+    """A read-only FeatureArray over ``feature_map`` of an HDF5 file, read on demand (no import).
+
+    ``features[idx]`` returns float32 for an int, a slice or an int array (any order, duplicates): the
+    indices are sorted and de-duplicated for h5py, then put back in the asked order. Safe to hand to
+    DataLoader workers: each process reopens the file itself.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], key: str = "feature_map") -> None:
+        self.path = Path(path)
+        self.key = key
+        self._file: Any = None
+        ds = self._dataset()
+        if len(ds.shape) != 4:
+            raise DataError(f"{self.path}: key '{key}' must have shape (N, C, h, w), got {ds.shape}")
+        self.shape: tuple[int, ...] = tuple(int(s) for s in ds.shape)
+        self.dtype = np.dtype(ds.dtype)
+
+    def _dataset(self) -> Any:
+        if self._file is None:
+            self._file = _open_h5(self.path)
+            if self.key not in self._file:
+                found = sorted(self._file.keys())
+                raise DataError(f"{self.path}: key '{self.key}' is missing; found {found}")
+        return self._file[self.key]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        ds = self._dataset()
+        if isinstance(index, (int, np.integer)):
+            n = self.shape[0]
+            if not -n <= int(index) < n:
+                raise IndexError(f"index {int(index)} out of range for {n} feature maps")
+            return np.asarray(ds[int(index) % n], dtype=np.float32)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.shape[0])
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            return np.asarray(ds[start:stop], dtype=np.float32)
+        idx = np.asarray(index)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        flat = idx.reshape(-1).astype(np.int64)
+        n = self.shape[0]
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            raise IndexError(f"index out of range for {n} feature maps")
+        flat = np.where(flat < 0, flat + n, flat)
+        uniq, inverse = np.unique(flat, return_inverse=True)  # h5py wants increasing, distinct indices
+        if not uniq.size:
+            return np.empty((*idx.shape, *self.shape[1:]), dtype=np.float32)
+        rows = np.asarray(ds[uniq], dtype=np.float32)
+        return rows[inverse.reshape(-1)].reshape(*idx.shape, *self.shape[1:])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_file"] = None  # h5py handles must not cross processes
+        return state
+
+
+def open_hdf5_lazily(path: str | os.PathLike[str], key: str = "feature_map") -> HDF5Features:
+    """A FeatureArray view of an existing HDF5 file's feature maps, without importing it."""
+    return HDF5Features(path, key)
+
+
+def load_hdf5_zsldata(path: str | os.PathLike[str], name: str | None = None,
+                      provenance: Mapping[str, Any] | None = None) -> ZSLData:
+    """A :class:`ZSLData` over a DAZLE/DEDN HDF5 file as it is: semantics in memory, features read lazily."""
+    path = Path(path)
+    with _open_h5(path) as f:
+        head = _hdf5_header(f, path)
+    k, d = head["att"].shape
+    data = ZSLData(
+        name=name or path.stem,
+        features=open_hdf5_lazily(path),
+        labels=head["labels"],
+        att=head["att"],
+        w2v=head["w2v"],
+        trainval_loc=head["trainval_loc"],
+        test_seen_loc=head["test_seen_loc"],
+        test_unseen_loc=head["test_unseen_loc"],
+        class_names=head["class_names"] or [f"class_{i}" for i in range(k)],
+        attribute_names=head["attribute_names"] or [f"attribute_{i}" for i in range(d)],
+        val_classes=head["val_classes"],
+        source=str(path),
+        provenance={"source": "hdf5", "source_file": str(path.resolve()), **(provenance or {})},
+    )
+    data.validate()
+    return data

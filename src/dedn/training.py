@@ -1,0 +1,438 @@
+"""Training DEDN (SPEC section 4): batches, RMSprop, periodic evaluation, checkpoints and resume.
+
+A run lives in a run directory::
+
+    RUN/config.json          the resolved config
+    RUN/train.log            the log
+    RUN/history.jsonl        one line per evaluation (losses, T / S / U / H, AUSUC)
+    RUN/checkpoints/last.*   the latest complete checkpoint (see :mod:`dedn.checkpoint`)
+    RUN/model.safetensors    the final weights
+    RUN/metrics.json         final T / S / U / H, per-class CSV, seen-unseen curve
+
+Batches are drawn from a generator seeded by (seed, epoch), so a run resumed from the checkpoint of
+epoch e draws exactly the batches an uninterrupted run would: both end with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
+from .config import RunConfig, config_from_dict, config_to_dict
+from .data import ZSLData
+from .errors import CheckpointError, ConfigError, TrainingError
+from .evaluation import GZSLResult, best_calibration, gzsl_metrics, seen_unseen_curve, write_metrics
+from .factory import build_model, dataset_name, load_data
+from .inference import ModelOutputs, collect_outputs
+from .losses import dedn_loss
+from .model import DEDN
+
+log = logging.getLogger("dedn")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+class BatchSampler:
+    """Image indices of each training batch, deterministic in (seed, epoch).
+
+    Balanced (the reference): min(n_seen, B) distinct seen classes, max(B // n_seen, 1) images of each,
+    drawn with replacement. Otherwise B distinct trainval images at random.
+    """
+
+    def __init__(self, labels: np.ndarray, trainval_loc: np.ndarray, batch_size: int, balanced: bool,
+                 seed: int) -> None:
+        self.trainval = np.asarray(trainval_loc, dtype=np.int64)
+        self.labels = np.asarray(labels)
+        self.batch_size = batch_size
+        self.balanced = balanced
+        self.seed = seed
+        tv_labels = self.labels[self.trainval]
+        self.classes = np.unique(tv_labels)
+        self.by_class = [self.trainval[tv_labels == c] for c in self.classes]
+
+    def epoch(self, epoch: int, n_iters: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        return [self._draw(rng) for _ in range(n_iters)]
+
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        if not self.balanced:
+            return rng.choice(self.trainval, size=min(self.batch_size, self.trainval.size), replace=False)
+        n_seen = self.classes.size
+        n_classes = min(n_seen, self.batch_size)
+        per_class = max(self.batch_size // n_seen, 1)
+        picked = rng.choice(n_seen, size=n_classes, replace=False)
+        return np.concatenate([rng.choice(self.by_class[c], size=per_class, replace=True) for c in picked])
+
+
+def load_batch(features: Any, index: np.ndarray) -> np.ndarray:
+    """Feature maps of ``index`` in that order, read in sorted order (fast on memory-mapped stores)."""
+    order = np.argsort(index, kind="stable")
+    chunk = np.asarray(features[index[order]], dtype=np.float32)
+    out = np.empty_like(chunk)
+    out[order] = chunk
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@dataclass
+class Evaluation:
+    """Model outputs on the evaluation split and the metrics at the calibration used."""
+
+    seen: ModelOutputs
+    unseen: ModelOutputs
+    seen_mask: np.ndarray
+    result: GZSLResult
+    gamma: float
+    best_gamma: float
+    best: GZSLResult
+
+    def summary(self) -> dict[str, float]:
+        r = self.result.to_dict(percent=True)
+        return {"T": r["T"], "S": r["S"], "U": r["U"], "H": r["H"], "gamma": self.gamma,
+                "AUSUC": self.best.ausuc * 100 if self.best.ausuc is not None else float("nan"),
+                "H_best_gamma": self.best.H * 100, "best_gamma": self.best_gamma}
+
+
+def evaluate_model(
+    model: DEDN,
+    data: ZSLData,
+    gamma: float | str = 0.0,
+    batch_size: int = 200,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    l_rc: float | None = None,
+    l_e: float | None = None,
+) -> Evaluation:
+    """T, S, U, H of ``model`` on ``data``'s test split (which is the validation split of a validation task).
+
+    ``gamma``: the calibrated-stacking value, or ``"best"`` to choose the H-maximising one on these very
+    scores (only honest when ``data`` is a validation task).
+    """
+    seen = collect_outputs(model, data.features, data.test_seen_loc, data.labels, batch_size, device,
+                           progress, "test seen")
+    unseen = collect_outputs(model, data.features, data.test_unseen_loc, data.labels, batch_size, device,
+                             progress, "test unseen")
+    return evaluate_outputs(seen, unseen, data.seen_mask, gamma, model.l_rc if l_rc is None else l_rc,
+                            model.l_e if l_e is None else l_e)
+
+
+def evaluate_outputs(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.ndarray, gamma: float | str,
+                     l_rc: float, l_e: float) -> Evaluation:
+    """Metrics from saved outputs at any l_rc, l_e and calibration (no model needed)."""
+    s_scores, u_scores = seen.scores(l_rc, l_e), unseen.scores(l_rc, l_e)
+    assert seen.labels is not None and unseen.labels is not None
+    best_gamma, best = best_calibration(s_scores, seen.labels, u_scores, unseen.labels, seen_mask)
+    if gamma == "best":
+        g, result = best_gamma, best
+    else:
+        g = float(gamma)
+        result = gzsl_metrics(s_scores, seen.labels, u_scores, unseen.labels, seen_mask, g)
+        result.ausuc = best.ausuc
+    return Evaluation(seen, unseen, seen_mask, result, g, best_gamma, best)
+
+
+def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra: dict[str, Any],
+                     prefix: str = "") -> dict[str, Any]:
+    """metrics.json, per_class.csv, seen_unseen_curve.csv/.png and the saved outputs, into ``folder``."""
+    from .evaluation import plot_seen_unseen_curve
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_metrics(ev.result, folder / f"{prefix}metrics.json", folder / f"{prefix}per_class.csv", class_names,
+                  extra=extra)
+    l_rc, l_e = extra.get("l_rc", 0.8), extra.get("l_e", 0.9)
+    gammas, s, u = seen_unseen_curve(ev.seen.scores(l_rc, l_e), ev.seen.labels, ev.unseen.scores(l_rc, l_e),
+                                     ev.unseen.labels, ev.seen_mask)
+    np.savetxt(folder / f"{prefix}seen_unseen_curve.csv", np.column_stack([gammas, s * 100, u * 100]),
+               delimiter=",", header="gamma,S,U", comments="", fmt="%.6g")
+    plot_seen_unseen_curve({"DEDN": (s, u)}, folder / f"{prefix}seen_unseen_curve.png")
+    ev.seen.save(folder / f"{prefix}outputs_test_seen.npz")
+    ev.unseen.save(folder / f"{prefix}outputs_test_unseen.npz")
+    return json.loads((folder / f"{prefix}metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path | None
+    model: DEDN
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+    def best(self, key: str = "H") -> dict[str, Any] | None:
+        """The evaluation with the highest ``key`` (the published protocol's best-over-training)."""
+        rows = [h for h in self.history if key in h]
+        return max(rows, key=lambda h: h[key]) if rows else None
+
+
+def calibration_value(cfg: RunConfig, data: ZSLData) -> float | str:
+    """The calibration ``eval.calibration`` asks for: a number, or ``best`` on a validation task."""
+    value = cfg.eval.calibration
+    if value in ("auto", "validated"):
+        if cfg.data.split == "validation":
+            return "best"
+        if value == "validated":
+            raise ConfigError("eval.calibration=validated needs the value chosen on the validation split; "
+                              "use `dedn experiment` (validated protocol) or give a number")
+        return 0.0
+    return float(value)
+
+
+class Trainer:
+    """Train one DEDN model.
+
+    Args:
+        cfg: the run configuration.
+        data: the dataset (loaded from ``cfg`` when None).
+        run_dir: where to write config, log, checkpoints and metrics (nothing is written when None).
+        model: a model to train (built from ``cfg`` and ``data`` when None).
+    """
+
+    def __init__(self, cfg: RunConfig, data: ZSLData | None = None, run_dir: str | Path | None = None,
+                 model: DEDN | None = None) -> None:
+        self.cfg = cfg
+        self.data = data if data is not None else load_data(cfg)
+        self.device = resolve_device(cfg.train.device)
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.train.dtype)
+        if self.dtype is None:
+            raise ConfigError(f"train.dtype must be float32 or float64, got {cfg.train.dtype!r}")
+        self.dataset = dataset_name(cfg, self.data)
+        self.model = (model if model is not None else build_model(cfg, self.data)).to(self.device, self.dtype)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        t = cfg.train
+        self.optimizer = torch.optim.RMSprop(params, lr=t.lr, alpha=t.alpha, eps=t.eps,
+                                             weight_decay=t.weight_decay, momentum=t.momentum)
+        self.sampler = BatchSampler(self.data.labels, self.data.trainval_loc, t.batch_size, t.balanced,
+                                    cfg.seed)
+        self.iters_per_epoch = t.iters_per_epoch or max(self.data.trainval_loc.size // t.batch_size, 1)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.start_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.losses: list[float] = []
+        self.features = self._features_on_device()
+        self.seen_mask_t = torch.as_tensor(self.data.seen_mask, device=self.device)
+        if self.run_dir is not None:
+            self._open_run_dir()
+
+    # -------------------------------------------------------------------------- run directory
+    def _open_run_dir(self) -> None:
+        assert self.run_dir is not None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_file = self.run_dir / "config.json"
+        resolved = config_to_dict(self.cfg)
+        if cfg_file.exists():
+            old = json.loads(cfg_file.read_text())
+            if old != resolved:
+                raise ConfigError(f"{cfg_file}: this run directory was made with another config; use a new "
+                                  "output directory or resume with the same config")
+        else:
+            atomic_write_text(cfg_file, json.dumps(resolved, indent=2))
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        self._log_handler = handler
+
+    def _features_on_device(self) -> Any:
+        """Keep a feature store resident on the GPU when it fits; otherwise read batches from the host."""
+        if self.device.type == "cuda" and hasattr(self.data.features, "to_torch"):
+            resident = self.data.features.to_torch(self.device)
+            if resident is not None:
+                log.info("feature store resident on %s", self.device)
+                return resident
+        return self.data.features
+
+    def _host_batch(self, index: np.ndarray) -> torch.Tensor:
+        """The batch's feature maps: read from the store (in a worker thread) or gathered on the device."""
+        if torch.is_tensor(self.features):
+            return self.features[torch.as_tensor(index, device=self.features.device)]
+        return torch.from_numpy(load_batch(self.features, index))
+
+    def resume(self) -> bool:
+        """Continue from the run directory's last checkpoint; False when there is none."""
+        if self.run_dir is None:
+            return False
+        folder = self.run_dir / "checkpoints"
+        if not (folder / "last.json").exists():
+            return False
+        _, record = load_checkpoint(folder, optimizer_for=self.model, optimizer=self.optimizer,
+                                    device=self.device)
+        self.start_epoch = int(record["epoch"]) + 1
+        self.history = list(record.get("history", []))
+        self.losses = list(record.get("losses", []))
+        log.info("resumed from %s at epoch %d", folder, self.start_epoch)
+        return True
+
+    def _checkpoint(self, epoch: int) -> None:
+        if self.run_dir is None:
+            return
+        state = {"epoch": epoch, "history": self.history, "losses": self.losses, "version": __version__}
+        save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, state)
+
+    # -------------------------------------------------------------------------- loop
+    def train_step(self, index: np.ndarray, batch: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimisation step on the images ``index``; raises TrainingError on a non-finite loss."""
+        self.model.train()
+        x = (self._host_batch(index) if batch is None else batch).to(self.device, self.dtype)
+        y = torch.as_tensor(self.data.labels[index], device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.model(x)
+        terms = dedn_loss(out, y, self.seen_mask_t, self.cfg.loss, self.cfg.mode, self.dataset,
+                          self.model.calibration_bias())
+        if not torch.isfinite(terms.total):
+            raise TrainingError(f"the loss became {float(terms.total)} ({terms.items()}); training stopped "
+                                "before the update")
+        terms.total.backward()
+        self.optimizer.step()
+        return terms.items()
+
+    def evaluate(self, progress: bool = False) -> Evaluation:
+        return evaluate_model(self.model, self.data, calibration_value(self.cfg, self.data),
+                              self.cfg.eval.batch_size, self.device, progress)
+
+    def fit(self) -> TrainResult:
+        """Train for ``train.epochs`` epochs (from the resumed epoch), evaluating and checkpointing."""
+        t = self.cfg.train
+        total_iters = t.epochs * self.iters_per_epoch
+        if t.max_iters is not None:
+            total_iters = min(total_iters, t.max_iters)
+        done = self.start_epoch * self.iters_per_epoch
+        bar = tqdm(total=total_iters, initial=min(done, total_iters), desc="training", unit="it",
+                   disable=not t.progress, dynamic_ncols=True)
+        pool = ThreadPoolExecutor(max_workers=1)  # reads the next batch while this one computes
+        last_eval: Evaluation | None = None
+        try:
+            for epoch in range(self.start_epoch, t.epochs):
+                if done >= total_iters:
+                    break
+                batches = self.sampler.epoch(epoch, self.iters_per_epoch)
+                n = min(len(batches), total_iters - done)
+                epoch_losses: list[float] = []
+                started = time.perf_counter()
+                pending = pool.submit(self._host_batch, batches[0]) if n else None
+                for i in range(n):
+                    assert pending is not None
+                    x = pending.result()
+                    if i + 1 < n:
+                        pending = pool.submit(self._host_batch, batches[i + 1])
+                    try:
+                        items = self.train_step(batches[i], x)
+                    except TrainingError as exc:
+                        saved = self.run_dir is not None and bool(self.history)
+                        where = f"; the last good checkpoint is in {self.run_dir}/checkpoints" if saved else ""
+                        raise TrainingError(f"epoch {epoch} iteration {i}: {exc}{where}") from None
+                    epoch_losses.append(items["loss"])
+                    done += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{items['loss']:.3f}", epoch=epoch)
+                mean_loss = float(np.mean(epoch_losses)) if epoch_losses else math.nan
+                self.losses.append(mean_loss)
+                row: dict[str, Any] = {"epoch": epoch, "loss": mean_loss,
+                                       "seconds": round(time.perf_counter() - started, 3)}
+                final = epoch == t.epochs - 1 or done >= total_iters
+                if (t.eval_every and (epoch + 1) % t.eval_every == 0) or final:
+                    last_eval = self.evaluate()
+                    row.update(last_eval.summary())
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", H=f"{row['H']:.1f}", epoch=epoch)
+                self.history.append(row)
+                log.info(json.dumps(row))
+                if self.run_dir is not None:
+                    with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                if (t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0) or final:
+                    self._checkpoint(epoch)
+        finally:
+            bar.close()
+            pool.shutdown(wait=True)
+        if last_eval is None:
+            last_eval = self.evaluate()
+        metrics = self._finish(last_eval)
+        return TrainResult(self.run_dir, self.model, self.history, metrics, self.losses)
+
+    def _finish(self, ev: Evaluation) -> dict[str, Any]:
+        extra = self.report_extra()
+        if self.run_dir is None:
+            out = ev.result.to_dict(percent=True)
+            out.update(extra)
+            return out
+        save_weights(self.model, self.run_dir / "model.safetensors")
+        metrics = write_evaluation(ev, self.run_dir, self.data.class_names, extra)
+        log.removeHandler(self._log_handler)
+        self._log_handler.close()
+        return metrics
+
+    def report_extra(self) -> dict[str, Any]:
+        best_h = max((h for h in self.history if "H" in h), key=lambda h: h["H"], default=None)
+        best_t = max((h for h in self.history if "T" in h), key=lambda h: h["T"], default=None)
+        return {
+            "mode": self.cfg.mode,
+            "split": self.cfg.data.split,
+            "calibration": self.cfg.eval.calibration,
+            "l_rc": self.model.l_rc,
+            "l_e": self.model.l_e,
+            "dataset": self.dataset,
+            "epochs_trained": len(self.history) + 0,
+            "best_over_training": {
+                "note": "best test-split values over evaluations (published protocol; not a tuned result)",
+                "H": best_h and {k: best_h[k] for k in ("epoch", "T", "S", "U", "H")},
+                "T": best_t and {"epoch": best_t["epoch"], "T": best_t["T"]},
+            },
+            "version": __version__,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- API
+def new_run_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    return path
+
+
+def train(cfg: RunConfig, run_dir: str | Path | None = None, data: ZSLData | None = None,
+          resume: bool = False) -> TrainResult:
+    """Train a model as ``cfg`` says; write to ``run_dir`` (a new folder under ``output_dir`` when None).
+
+    With ``resume`` the run continues from ``run_dir``'s last checkpoint.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    trainer = Trainer(cfg, data=data, run_dir=run_dir)
+    if resume:
+        trainer.resume()
+    return trainer.fit()
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config of a run directory."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: not a dedn run directory (no config.json)")
+    try:
+        return config_from_dict(json.loads(path.read_text()), str(path))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None

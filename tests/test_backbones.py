@@ -20,6 +20,16 @@ from dedn.errors import DataError
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, OpenMP threads spinning on each other make
+    ResNet-101 forward passes ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def lite0() -> EfficientNetLite0Backbone:
     return EfficientNetLite0Backbone()

@@ -22,6 +22,16 @@ from dedn.store import FeatureStore
 SIZE = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, OpenMP threads spinning on each other make
+    ResNet-101 forward passes ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class TinyBackbone(Backbone):
     """A one-layer stand-in with the Backbone interface, fast enough for the sharding tests."""
 
@@ -140,27 +150,26 @@ def test_resume_after_interruption_equals_uninterrupted_run(good_images, tmp_pat
     expected = full[:]
     assert np.isfinite(expected).all() and expected.std() > 0
 
-    original = FeatureStore.mark_complete
-    marks = []
+    # Interrupt the run while it computes the second chunk (the first one is written and marked).
+    real = resnet.features
+    calls = []
 
-    def interrupt_after_first_chunk(self, i, rank=None):
-        if marks:
+    def interrupted(x):
+        calls.append(x.shape[0])
+        if len(calls) == 2:
             raise KeyboardInterrupt
-        marks.append(i)
-        original(self, i, rank)
+        return real(x)
 
-    monkeypatch.setattr(FeatureStore, "mark_complete", interrupt_after_first_chunk)
+    monkeypatch.setattr(resnet, "features", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(paths, labels, tmp_path / "resumed", resnet)
-    monkeypatch.setattr(FeatureStore, "mark_complete", original)
     assert FeatureStore.open(tmp_path / "resumed").completed_chunks == [0]
 
-    seen_batches = []
-    real = resnet.features
-    monkeypatch.setattr(resnet, "features", lambda x: (seen_batches.append(x.shape[0]), real(x))[1])
+    calls.clear()
+    monkeypatch.setattr(resnet, "features", lambda x: (calls.append(x.shape[0]), real(x))[1])
     resumed = _run(paths, labels, tmp_path / "resumed", resnet)
     monkeypatch.undo()
-    assert seen_batches == [4, 3]  # only chunks 1 and 2 were computed
+    assert calls == [4, 3]  # only chunks 1 and 2 were computed
     assert resumed.complete
     np.testing.assert_array_equal(resumed[:], expected)
     np.testing.assert_array_equal(resumed.labels, full.labels)
@@ -216,7 +225,9 @@ def test_torch_distributed_two_ranks(good_images, tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     paths, labels, _ = good_images
-    mp.spawn(_torchrun_worker, args=(2, _free_port(), paths, labels, str(tmp_path / "dist")), nprocs=2)
+    # fork: the children reuse the parent's imports (spawn would re-import torch in each, ~5 s).
+    mp.start_processes(_torchrun_worker, args=(2, _free_port(), paths, labels, str(tmp_path / "dist")),
+                       nprocs=2, start_method="fork")
     store = FeatureStore.open(tmp_path / "dist")
     assert store.complete and not list((tmp_path / "dist").glob("complete.rank*"))  # merged by rank 0
     reference = _run(paths, labels, tmp_path / "one", TinyBackbone(), chunk_size=2)

@@ -122,8 +122,10 @@ def test_local_attributes_concentrate_in_their_part_regions(default_data, defaul
         gain_out = resp[pres][~inside[pres]].mean() - resp[~pres][~inside[~pres]].mean()
         ratio[bool(st.is_local[a])].append(gain_in / gain_out)
     assert len(ratio[True]) == 4 * round(0.6 * 12)  # local_fraction of each of 4 clusters of 12
-    assert min(ratio[True]) > 4.0  # local: measured median about 13
-    assert max(ratio[False]) < 2.0  # global: spread over the object, measured median about 1.3
+    # Measured (seed 0): local median 11.2, min 6.7; global median 1.24 (attributes share latent factors
+    # and channels, so single global ratios scatter more).
+    assert min(ratio[True]) > 3.0 and np.median(ratio[True]) > 6.0
+    assert np.median(ratio[False]) < 2.0
     one = lat[0]
     assert one.part_maps.shape == (st.n_clusters, 4, 4) and one.object_map.min() >= 0.3 - 1e-9
 
@@ -143,8 +145,8 @@ def test_semantic_vectors_reveal_the_clusters(default_data):
 def test_ridge_baseline_is_above_chance_but_far_from_perfect(default_data, default_maps):
     """Closed-form ridge from pooled features to class attributes, then ZSL among the 10 unseen classes.
 
-    Measured at the default config (seed 0): T = 0.566 (chance 0.10); seeds 1 and 2 give 0.485, 0.530.
-    With noise 0 the same baseline reaches 0.85: per-image attribute flips and sibling classes cap it.
+    Measured at the default config (seed 0): T = 0.462 (chance 0.10); seeds 1 and 2 give 0.417, 0.361.
+    With noise 0 the same baseline reaches 0.69: image latents straying towards sibling classes cap it.
     """
     d = default_data
     x = default_maps.mean(axis=(2, 3)).astype(np.float64)
@@ -156,8 +158,8 @@ def test_ridge_baseline_is_above_chance_but_far_from_perfect(default_data, defau
     scores = x @ w @ d.att.T.astype(np.float64)
     r = gzsl_metrics(scores[d.test_seen_loc], d.labels[d.test_seen_loc], scores[d.test_unseen_loc],
                      d.labels[d.test_unseen_loc], d.seen_mask, 0.0)
-    assert 0.35 < r.T < 0.8
-    assert r.T == pytest.approx(0.566, abs=0.01)
+    assert 0.3 < r.T < 0.8
+    assert r.T == pytest.approx(0.462, abs=0.01)
 
 
 def test_bad_configs_are_refused():

@@ -190,6 +190,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _check(cfg, origin)
 
 
+def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...], origin: str = "config") -> RunConfig:
+    """``cfg`` with ``dotted.key=value`` overrides applied and checked."""
+    if not overrides:
+        return cfg
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} must look like dotted.key=value")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
+        out = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{origin} + overrides: {str(exc).splitlines()[0]}") from None
+    assert isinstance(out, RunConfig)
+    return _check(out, f"{origin} + overrides")
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file by path, or a packaged config/preset by relative path or name (``cub-gzsl``).
+
+    ``presets/cub-gzsl.yaml`` works from any folder: paths that do not exist on disk are looked up in
+    the package's ``configs`` folder.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    packaged = Path(__file__).resolve().parent / "configs"
+    candidates = [packaged / p, packaged / "presets" / p.name, packaged / "presets" / f"{p.name}.yaml",
+                  packaged / f"{p.name}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    names = sorted(f.stem for f in (packaged / "presets").glob("*.yaml"))
+    raise ConfigError(f"{path}: config file not found (packaged presets: {', '.join(names)})")
+
+
 def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> RunConfig:
     """Build a checked :class:`RunConfig` from a plain dict (for example a checkpoint's config.json)."""
     try:

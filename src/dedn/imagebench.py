@@ -105,9 +105,10 @@ class ImageBenchConfig:
 
     # class structure: classes are families of close relatives
     family_size: int = 4  # classes per family (share a base attribute combination)
-    family_mutations: int = 4  # groups re-drawn for each class relative to its family's base
+    family_mutations: int = 3  # changes made to the family's base for each class
+    p_color_swap: float = 0.5  # chance that a change swaps two parts' colours (same colours, other parts)
     min_class_distance: int = 2  # dominant values of any two classes differ in at least this many groups
-    p_secondary: float = 0.25  # chance that a class's group has a second value
+    p_secondary: float = 0.3  # chance that a class's group has a second value
     secondary_weight: tuple[float, float] = (0.15, 0.4)  # probability range of that second value
 
     # image jitter
@@ -140,6 +141,8 @@ class ImageBenchConfig:
             raise ConfigError(f"imagebench.n_colors must be in 2..{len(PALETTE)}, got {self.n_colors}")
         if self.family_size < 1 or self.family_mutations < 0:
             raise ConfigError("imagebench.family_size must be >= 1 and family_mutations >= 0")
+        if not 0.0 <= self.p_color_swap <= 1.0:
+            raise ConfigError(f"imagebench.p_color_swap must be in [0, 1], got {self.p_color_swap}")
         if not 0.0 <= self.p_secondary <= 1.0:
             raise ConfigError(f"imagebench.p_secondary must be in [0, 1], got {self.p_secondary}")
         lo, hi = self.secondary_weight
@@ -315,7 +318,8 @@ def make_image_benchmark(cfg: ImageBenchConfig | None = None) -> ImageBenchmark:
 
     # Metadata streams carry a spawn key so they never coincide with the per-image streams [seed, i].
     rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(1,)))
-    dominant, unseen = _make_classes(cfg, sizes, rng)
+    color_groups = np.array([j for j, (g, _, _) in enumerate(groups) if g.endswith("_color")])
+    dominant, unseen = _make_classes(cfg, sizes, color_groups, rng)
     k = cfg.n_classes
 
     # Per-class, per-group value distributions; the class attribute vector is their concatenation.
@@ -382,24 +386,31 @@ def make_image_benchmark(cfg: ImageBenchConfig | None = None) -> ImageBenchmark:
     )
 
 
-def _make_classes(cfg: ImageBenchConfig, sizes: np.ndarray, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _make_classes(cfg: ImageBenchConfig, sizes: np.ndarray, color_groups: np.ndarray,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Dominant value per class and group (K, n_groups), and the sorted unseen classes.
 
-    Classes are built in families (a random base with ``family_mutations`` groups re-drawn per class).
-    Every value of every group is made dominant in at least one seen class, so any unseen class is a
-    new combination of values that were all seen, and any two classes differ in at least
-    ``min_class_distance`` groups.
+    Classes are built in families: a random base, changed ``family_mutations`` times per class, each
+    change either re-drawing one group or (with ``p_color_swap``) swapping the colours of two parts.
+    Swaps make relatives that hold the same colours in other places, which pooled features cannot tell
+    apart but part-wise attention can. Every value of every group is made dominant in at least one seen
+    class, so any unseen class is a new combination of values that were all seen, and any two classes
+    differ in at least ``min_class_distance`` groups.
     """
     k, n_groups = cfg.n_classes, sizes.size
     dominant = np.zeros((k, n_groups), dtype=np.int64)
-    base = None
+    base = rng.integers(0, sizes)
     for c in range(k):
         if c % cfg.family_size == 0:
             base = rng.integers(0, sizes)
         row = base.copy()
-        changed = rng.choice(n_groups, size=min(cfg.family_mutations, n_groups), replace=False)
-        row[changed] = rng.integers(0, sizes[changed])
+        for _ in range(cfg.family_mutations):
+            if color_groups.size >= 2 and rng.random() < cfg.p_color_swap:
+                g1, g2 = rng.choice(color_groups, size=2, replace=False)
+                row[g1], row[g2] = row[g2], row[g1]
+            else:
+                g = rng.integers(n_groups)
+                row[g] = rng.integers(sizes[g])
         dominant[c] = row
     unseen = np.sort(rng.choice(k, size=cfg.n_unseen, replace=False))
     seen = np.setdiff1d(np.arange(k), unseen)

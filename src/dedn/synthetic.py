@@ -7,20 +7,25 @@ cost no memory, and an image is the same array whichever batch asks for it.
 
 The generative model (all of it fixed by the seed):
 
-- Classes come in families of about five that share a binary attribute pattern; each class flips a
-  few attributes of its family's pattern. ``class_probs[k, d]`` is the probability that an image of
-  class k shows attribute d (high for the class's attributes, low otherwise). The class attributes
-  ``att`` are these rows L2-normalised, as xlsa17's are.
+- Classes live in a low-dimensional latent space (L = 8): families of about five classes share a
+  centre, siblings lie close to it. Attribute d is present with probability
+  ``sigmoid(s * (z . loading_d + bias_d))`` for latent z. ``class_probs[k, d]`` takes the class latent;
+  the class attributes ``att`` are these rows L2-normalised, as xlsa17's are. Because all attributes
+  read the same few latent factors, adding attributes does not make the classes arbitrarily easy to
+  tell apart: the difficulty stays comparable from 48 to 312 attributes.
 - Attributes are grouped into clusters (the presets use the SPEC section 2 ranges). Each cluster is
   a *part* with a home location on the h x w grid and a pool of channels. A ``local_fraction`` of each
   cluster's attributes are *local*: their visual prototype lives on a few channels of the part's pool
   and they appear only around the part's location in each image (a Gaussian bump, jittered per
   image). The other attributes are *global*: prototypes spread over many channels, expressed over the
   whole object (a broad profile covering every region).
-- Per image: each attribute is present with its class probability (so images disagree with their
-  class vector) and with a random strength; the object and each part move a little; two clutter
-  blobs add nuisance channel patterns; uniform background noise of standard deviation ``noise`` is
-  added and the map passes a ReLU, like post-ReLU backbone features.
+- Per image: the latent moves away from its class's (so images disagree with their class vector in a
+  class-like way, not just by independent flips), each attribute is present with the image's
+  probability and a random strength; the object and each part move a little. Two clutter blobs at
+  random places show *distractors*, random attribute patterns outside their parts (mean strength
+  ``noise``): pooled over the map they look like attribute evidence, attention on the right region
+  sees through them. Uniform background noise of standard deviation ``noise`` is added and the map
+  passes a ReLU, like post-ReLU backbone features.
 - Attribute semantic vectors ``w2v`` (D x G) are a cluster component plus individual noise, so that
   K-means over them recovers the clusters.
 """
@@ -82,10 +87,12 @@ PRESET_SEMANTIC_DIM = 300
 
 # Generator constants. They shape how hard the benchmark is; the ridge baseline in the tests pins the
 # resulting difficulty at the default config.
+_LATENT_DIM = 8  # class latent factors that all attributes read
 _FAMILY_SIZE = 5  # classes per family
-_FAMILY_FLIP = 0.15  # chance a class differs from its family pattern in one attribute
-_P_ON = (0.55, 0.95)  # presence probability of a class's own attributes
-_P_OFF = (0.0, 0.2)  # ... of the others
+_SIBLING_SPREAD = 0.6  # sd of a class latent around its family centre (centres have sd 1)
+_IMAGE_SPREAD = 0.65  # sd of an image latent around its class latent
+_SHARPNESS = 3.0  # slope of the attribute probability sigmoid
+_BIAS = (-1.5, 0.0)  # attribute biases: base rates of roughly 5 % to 50 %
 _STRENGTH_SD = 0.3  # per-image relative strength variation of a present attribute
 _OBJECT_SHIFT = 0.08  # object displacement sd, fraction of the map size
 _PART_JITTER = 0.05  # extra displacement sd of each part
@@ -94,9 +101,8 @@ _MIN_PART_WIDTH = 0.6
 _OBJECT_WIDTH = 0.35  # sd of the broad object profile of global attributes
 _OBJECT_FLOOR = 0.3  # global attributes reach every region with at least this weight
 _GLOBAL_AMPLITUDE = 0.5  # global prototypes are spread over more channels, each weaker
-_N_NUISANCE = 8  # clutter channel patterns
-_NUISANCE_BLOBS = 2  # clutter blobs per image
-_NUISANCE_ACTIVE = 0.3  # chance a clutter pattern is active in a blob
+_CLUTTER_BLOBS = 2  # clutter blobs per image
+_DISTRACTOR_RATE = 0.1  # chance an attribute pattern shows in a clutter blob
 _W2V_SPREAD = 0.7  # individual part of an attribute's semantic vector, relative to the cluster part
 
 # Seed-sequence tags keep the structure and the per-image streams apart.
@@ -105,26 +111,35 @@ _TAG_IMAGE = 1
 
 
 # ---------------------------------------------------------------------------------------------- structure
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SyntheticStructure:
     """Everything fixed by the seed that the per-image generation draws on.
 
     Attributes:
         n_channels, height, width: feature map shape (C, h, w).
-        class_probs: (K, D) probability that an image of class k shows attribute d.
+        class_latents: (K, L) latent factors of each class.
+        loadings: (L, D) and attribute_bias: (D,): attribute d's presence probability for latent z is
+            ``sigmoid(sharpness * (z @ loadings[:, d] + attribute_bias[d]))``.
+        sharpness: slope of that sigmoid.
+        image_spread: sd of an image's latent around its class latent.
+        class_probs: (K, D) presence probabilities at the class latents (the unnormalised ``att``).
         prototypes: (D, C) non-negative channel pattern of each attribute.
         cluster_of: (D,) cluster (part) index of each attribute.
         cluster_names: the Q cluster names, in cluster order.
         is_local: (D,) True for local attributes (expressed around their part only).
         part_centres: (Q, 2) home (row, col) of each part, in cells.
         part_width: sd of a part's bump, in cells.
-        nuisance: (M, C) clutter channel patterns.
-        noise: sd of the uniform background noise.
+        noise: sd of the uniform background noise and mean strength of the distractors.
     """
 
     n_channels: int
     height: int
     width: int
+    class_latents: np.ndarray
+    loadings: np.ndarray
+    attribute_bias: np.ndarray
+    sharpness: float
+    image_spread: float
     class_probs: np.ndarray
     prototypes: np.ndarray
     cluster_of: np.ndarray
@@ -132,7 +147,6 @@ class SyntheticStructure:
     is_local: np.ndarray
     part_centres: np.ndarray
     part_width: float
-    nuisance: np.ndarray
     noise: float
 
     @property
@@ -140,7 +154,7 @@ class SyntheticStructure:
         return len(self.cluster_names)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImageLatents:
     """The hidden variables of one generated image (for tests, explanations and sanity checks).
 
@@ -264,16 +278,16 @@ class SyntheticFeatures:
             return np.empty((0, c, st.height, st.width), dtype=np.float32)
         lat = self._draw(indices, with_noise=True)
         # Channel vector of each spatial component: part groups and the global group from the attribute
-        # strengths, clutter blobs from the nuisance patterns, and a constant component (profile all
+        # strengths, clutter blobs from their distractor strengths, and a constant component (profile all
         # ones) that centres the uniform noise. Only einsum and elementwise ops are used: threaded BLAS
         # picks kernels by matrix size, so a map would change in its last bits with its batch.
         strengths = lat["strengths"].astype(np.float32)  # (n, D)
-        clutter = lat["clutter_weights"].astype(np.float32)  # (n, blobs, M)
+        clutter = lat["distractors"].astype(np.float32)  # (n, blobs, D)
         scale = np.float32(st.noise * np.sqrt(12.0))  # uniform [0, 1) noise * scale has sd `noise`
         vectors = np.stack(
             [np.einsum("nd,dc->nc", strengths[:, m], u)
              for m, u in zip(self._groups, self._group_prototypes, strict=True)]
-            + [np.einsum("nm,mc->nc", clutter[:, b], st.nuisance) for b in range(_NUISANCE_BLOBS)]
+            + [np.einsum("nd,dc->nc", clutter[:, b], st.prototypes) for b in range(_CLUTTER_BLOBS)]
             + [np.full((n, c), -0.5 * scale, dtype=np.float32)],
             axis=2,
         )  # (n, C, Q+1+blobs+1), contiguous
@@ -298,32 +312,39 @@ class SyntheticFeatures:
     def _draw(self, indices: np.ndarray, with_noise: bool) -> dict[str, np.ndarray]:
         """Per-image random variables, each image from its own stream ``default_rng([seed, 1, index])``."""
         st = self.structure
-        n, d, q = indices.size, st.class_probs.shape[1], st.n_clusters
+        n, d, q = indices.size, st.prototypes.shape[0], st.n_clusters
         c, r = st.n_channels, st.height * st.width
         hw = np.array([st.height, st.width], dtype=np.float64)
         size = float(max(st.height, st.width))
-        strengths = np.empty((n, d))
+        latent_shift = np.empty((n, st.loadings.shape[0]))
+        presence_draw = np.empty((n, d))
+        strength_draw = np.empty((n, d))
         part_centres = np.empty((n, q, 2))
         object_centres = np.empty((n, 2))
-        blob_centres = np.empty((n, _NUISANCE_BLOBS, 2))
-        blob_widths = np.empty((n, _NUISANCE_BLOBS))
-        clutter = np.empty((n, _NUISANCE_BLOBS, st.nuisance.shape[0]))
+        blob_centres = np.empty((n, _CLUTTER_BLOBS, 2))
+        blob_widths = np.empty((n, _CLUTTER_BLOBS))
+        distractors = np.empty((n, _CLUTTER_BLOBS, d))
         noise = np.empty((n, c, r), dtype=np.float32) if with_noise else None
         for j, i in enumerate(indices):
             # The draw order below is part of the benchmark's definition: changing it changes the data.
             rng = np.random.default_rng([self.seed, _TAG_IMAGE, int(i)])
-            probs = st.class_probs[self.labels[i]]
-            present = rng.random(d) < probs
-            strengths[j] = present * np.maximum(1.0 + _STRENGTH_SD * rng.standard_normal(d), 0.2)
+            latent_shift[j] = rng.standard_normal(latent_shift.shape[1])
+            presence_draw[j] = rng.random(d)
+            strength_draw[j] = rng.standard_normal(d)
             shift = rng.normal(0.0, _OBJECT_SHIFT, 2) * hw
             object_centres[j] = (hw - 1) / 2 + shift
             part_centres[j] = st.part_centres + shift + rng.normal(0.0, _PART_JITTER, (q, 2)) * hw
-            blob_centres[j] = rng.random((_NUISANCE_BLOBS, 2)) * (hw - 1)
-            blob_widths[j] = rng.uniform(0.15, 0.3, _NUISANCE_BLOBS) * size
-            active = rng.random(clutter.shape[1:]) < _NUISANCE_ACTIVE
-            clutter[j] = active * rng.exponential(1.0, clutter.shape[1:]) * st.noise
+            blob_centres[j] = rng.random((_CLUTTER_BLOBS, 2)) * (hw - 1)
+            blob_widths[j] = rng.uniform(0.15, 0.3, _CLUTTER_BLOBS) * size
+            active = rng.random((_CLUTTER_BLOBS, d)) < _DISTRACTOR_RATE
+            distractors[j] = active * rng.exponential(st.noise, (_CLUTTER_BLOBS, d))
             if noise is not None:
                 rng.random((c, r), dtype=np.float32, out=noise[j])
+        # einsum (not BLAS) keeps every image's numbers independent of the batch it is drawn in.
+        latents = st.class_latents[self.labels[indices]] + st.image_spread * latent_shift
+        logits = st.sharpness * (np.einsum("nl,ld->nd", latents, st.loadings) + st.attribute_bias)
+        present = presence_draw < 1.0 / (1.0 + np.exp(-logits))
+        strengths = present * np.maximum(1.0 + _STRENGTH_SD * strength_draw, 0.2)
         np.clip(part_centres, 0.0, hw - 1, out=part_centres)
         parts = _bumps(part_centres, st.part_width, self._grid)  # (n, Q, R)
         obj = _OBJECT_FLOOR + (1 - _OBJECT_FLOOR) * _bumps(object_centres[:, None], _OBJECT_WIDTH * size,
@@ -333,7 +354,7 @@ class SyntheticFeatures:
             "strengths": strengths,
             "part_centres": part_centres,
             "profiles": np.concatenate([parts, obj, blobs], axis=1),
-            "clutter_weights": clutter,
+            "distractors": distractors,
             "noise": noise,  # type: ignore[dict-item]
         }
 
@@ -438,23 +459,22 @@ def _allocate(total: int, weights: np.ndarray, lo: np.ndarray, hi: np.ndarray) -
     return alloc
 
 
-def _class_attributes(rng: np.random.Generator, k: int, d: int) -> np.ndarray:
-    """(K, D) presence probabilities: families share a pattern, classes flip a few attributes of it."""
+def _class_latents(rng: np.random.Generator, k: int, d: int) -> dict[str, np.ndarray]:
+    """Class latents (families of siblings), attribute loadings and biases."""
     n_families = max(2, int(round(k / _FAMILY_SIZE)))
-    base_rate = rng.uniform(0.15, 0.45, d)
-    family_pattern = rng.random((n_families, d)) < base_rate
+    centres = rng.standard_normal((n_families, _LATENT_DIM))
     family = rng.permutation(np.arange(k) % n_families)
-    pattern = family_pattern[family] ^ (rng.random((k, d)) < _FAMILY_FLIP)
-    empty = ~pattern.any(axis=1)
-    pattern[empty, rng.integers(0, d, int(empty.sum()))] = True  # every class shows something
-    on = rng.uniform(*_P_ON, (k, d))
-    off = rng.uniform(*_P_OFF, (k, d))
-    return np.where(pattern, on, off)
+    latents = centres[family] + _SIBLING_SPREAD * rng.standard_normal((k, _LATENT_DIM))
+    loadings = rng.standard_normal((_LATENT_DIM, d)) / np.sqrt(_LATENT_DIM)
+    bias = rng.uniform(*_BIAS, d)
+    return {"class_latents": latents, "loadings": loadings, "attribute_bias": bias}
 
 
-def _structure(rng_list: list[np.random.Generator], lay: _Layout, cfg: SyntheticConfig,
-               class_probs: np.ndarray) -> SyntheticStructure:
-    rng_proto, rng_parts = rng_list
+def _structure(rng_list: list[np.random.Generator], lay: _Layout, cfg: SyntheticConfig) -> SyntheticStructure:
+    rng_classes, rng_proto, rng_parts = rng_list
+    semantic = _class_latents(rng_classes, lay.n_classes, lay.n_attributes)
+    logits = _SHARPNESS * (semantic["class_latents"] @ semantic["loadings"] + semantic["attribute_bias"])
+    class_probs = 1.0 / (1.0 + np.exp(-logits))
     d, c = lay.n_attributes, lay.n_channels
     names = tuple(lay.clusters)
     q = len(names)
@@ -471,7 +491,6 @@ def _structure(rng_list: list[np.random.Generator], lay: _Layout, cfg: Synthetic
     pool_size = min(c, max(2, c // 4))
     local_support = min(pool_size, max(2, c // 64))
     global_support = min(c, max(2, c // 32))
-    nuisance_support = min(c, max(2, c // 16))
     pools = [rng_proto.choice(c, pool_size, replace=False) for _ in range(q)]
     prototypes = np.zeros((d, c), dtype=np.float32)
     for a in range(d):
@@ -482,18 +501,18 @@ def _structure(rng_list: list[np.random.Generator], lay: _Layout, cfg: Synthetic
             support = rng_proto.choice(c, global_support, replace=False)
             amplitude = _GLOBAL_AMPLITUDE
         prototypes[a, support] = amplitude * rng_proto.uniform(0.5, 1.5, support.size)
-    nuisance = np.zeros((_N_NUISANCE, c), dtype=np.float32)
-    for m in range(_N_NUISANCE):
-        support = rng_proto.choice(c, nuisance_support, replace=False)
-        nuisance[m, support] = rng_proto.uniform(0.5, 1.5, support.size)
     # Part homes: spread on a ring around the map centre (a single part sits at the centre).
     hw = np.array([lay.height, lay.width], dtype=np.float64)
     angles = 2 * np.pi * (np.arange(q) / q + rng_parts.uniform(0, 1))
     radius = 0.25 if q > 1 else 0.0
     part_centres = (hw - 1) / 2 + radius * np.stack([np.sin(angles), np.cos(angles)], axis=1) * hw
     part_width = max(_MIN_PART_WIDTH, _PART_WIDTH * float(hw.max()))
-    return SyntheticStructure(c, lay.height, lay.width, class_probs, prototypes, cluster_of, names, is_local,
-                              part_centres, part_width, nuisance, float(cfg.noise))
+    return SyntheticStructure(
+        n_channels=c, height=lay.height, width=lay.width, sharpness=_SHARPNESS, image_spread=_IMAGE_SPREAD,
+        class_probs=class_probs, prototypes=prototypes, cluster_of=cluster_of, cluster_names=names,
+        is_local=is_local, part_centres=part_centres, part_width=part_width, noise=float(cfg.noise),
+        **semantic,
+    )
 
 
 def _splits(rng: np.random.Generator, lay: _Layout) -> tuple[np.ndarray, ...]:
@@ -545,8 +564,8 @@ def make_synthetic(cfg: SyntheticConfig | None = None) -> ZSLData:
     lay = _layout(cfg)
     rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([cfg.seed, _TAG_STRUCTURE]).spawn(5)]
     rng_classes, rng_proto, rng_parts, rng_splits, rng_w2v = rngs
-    class_probs = _class_attributes(rng_classes, lay.n_classes, lay.n_attributes)
-    structure = _structure([rng_proto, rng_parts], lay, cfg, class_probs)
+    structure = _structure([rng_classes, rng_proto, rng_parts], lay, cfg)
+    class_probs = structure.class_probs
     unseen, val, labels, trainval, test_seen, test_unseen = _splits(rng_splits, lay)
     w2v = _semantic_vectors(rng_w2v, structure.cluster_of, structure.n_clusters, lay.semantic_dim)
     att = (class_probs / np.linalg.norm(class_probs, axis=1, keepdims=True)).astype(np.float32)

@@ -232,6 +232,7 @@ class Trainer:
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.losses: list[float] = []
+        self._check_features()
         self.features = self._features_on_device()
         self.seen_mask_t = torch.as_tensor(self.data.seen_mask, device=self.device)
         if self.run_dir is not None:
@@ -255,6 +256,20 @@ class Trainer:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         self._log_handler = handler
+
+    def _check_features(self, limit_bytes: float = 4e9) -> None:
+        """Refuse NaN or infinite feature maps before training: a full scan of stored features up to
+        ``limit_bytes``; larger (and generated) features are checked batch by batch as they are read."""
+        from .store import FeatureStore
+
+        feats = self.data.features
+        if not isinstance(feats, (np.ndarray, FeatureStore)):
+            return
+        if int(np.prod(feats.shape)) * 4 > limit_bytes:
+            return
+        used = np.concatenate([self.data.trainval_loc, self.data.test_seen_loc, self.data.test_unseen_loc])
+        for s in range(0, used.size, 512):
+            self.data.check_features_finite(used[s : s + 512])
 
     def _features_on_device(self) -> Any:
         """Keep a feature store resident on the GPU when it fits; otherwise read batches from the host."""
@@ -297,13 +312,15 @@ class Trainer:
         """One optimisation step on the images ``index``; raises TrainingError on a non-finite loss."""
         self.model.train()
         x = (self._host_batch(index) if batch is None else batch).to(self.device, self.dtype)
+        if not torch.isfinite(x).all():
+            self.data.check_features_finite(index)  # names the images
         y = torch.as_tensor(self.data.labels[index], device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.model(x)
         terms = dedn_loss(out, y, self.seen_mask_t, self.cfg.loss, self.cfg.mode, self.dataset,
                           self.model.calibration_bias())
         if not torch.isfinite(terms.total):
-            raise TrainingError(f"the loss became {float(terms.total)} ({terms.items()}); training stopped "
+            raise TrainingError(f"the loss became {float(terms.total.detach())} ({terms.items()}); training stopped "
                                 "before the update")
         terms.total.backward()
         self.optimizer.step()

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny configs that train in seconds on two CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dedn.config import RunConfig, load_config
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsl-semantic"
+
+TINY = [
+    "data.synthetic.n_images=240",
+    "data.synthetic.n_channels=16",
+    "data.synthetic.height=3",
+    "data.synthetic.width=3",
+    "data.synthetic.n_classes=12",
+    "data.synthetic.n_unseen=4",
+    "data.synthetic.n_val=3",
+    "data.synthetic.n_attributes=12",
+    "data.synthetic.n_clusters=3",
+    "data.synthetic.semantic_dim=8",
+    "train.batch_size=16",
+    "train.iters_per_epoch=3",
+    "train.epochs=3",
+    "train.progress=false",
+    "eval.batch_size=64",
+]
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> None:
+    # Tiny tensors: threads only add scheduling noise (and the tests must be deterministic).
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    return [*TINY, f"output_dir={tmp_path / 'runs'}"]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_overrides: list[str]) -> RunConfig:
+    return load_config(None, tiny_overrides)

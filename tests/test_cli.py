@@ -1,0 +1,88 @@
+"""The dedn command: train, eval, resume, version, and clear errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dedn import __version__
+from dedn.cli import main
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["dedn", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _config_file(tmp_path: Path, overrides: list[str]) -> Path:
+    tree: dict = {}
+    for o in overrides:
+        key, value = o.split("=", 1)
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_version(monkeypatch, capsys) -> None:
+    code, out, _ = run_cli(["--version"], monkeypatch, capsys)
+    assert code == 0 and out.strip() == f"dedn {__version__}"
+
+
+def test_train_then_eval(tiny_overrides: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
+    cfg = _config_file(tmp_path, tiny_overrides)
+    run = tmp_path / "run"
+    code, out, err = run_cli(["train", "--config", str(cfg), "--run-dir", str(run), "train.epochs=2"],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    assert "T" in out and "H" in out
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["epochs"] == 2
+    code, out, err = run_cli(["eval", "--checkpoint", str(run), "--calibration", "0.5"], monkeypatch, capsys)
+    assert code == 0, err
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["gamma"] == 0.5 and {"T", "S", "U", "H", "AUSUC"} <= set(metrics)
+    assert (run / "eval" / "per_class.csv").is_file()
+    # resume of a finished run trains nothing more and keeps the config
+    code, out, err = run_cli(["train", "--resume", str(run)], monkeypatch, capsys)
+    assert code == 0, err
+
+
+def test_errors_are_one_clear_line(tiny_overrides: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
+    cfg = _config_file(tmp_path, tiny_overrides)
+    code, _, err = run_cli(["train", "--config", str(cfg), "train.epoch=2"], monkeypatch, capsys)
+    assert code == 2 and "epoch" in err and "Traceback" not in err
+    code, _, err = run_cli(["train", "--config", str(tmp_path / "missing.yaml")], monkeypatch, capsys)
+    assert code == 2 and "missing.yaml" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1, 2\n")
+    code, _, err = run_cli(["train", "--config", str(bad)], monkeypatch, capsys)
+    assert code == 2 and "bad.yaml" in err
+    code, _, err = run_cli(["eval", "--checkpoint", str(tmp_path / "norun")], monkeypatch, capsys)
+    assert code == 2 and "norun" in err
+    code, _, err = run_cli(["train", "--config", str(cfg), "data.source=store"], monkeypatch, capsys)
+    assert code == 2 and "data.path" in err
+
+
+def test_packaged_presets_resolve(monkeypatch, capsys, tmp_path: Path) -> None:
+    from dedn.config import find_config, load_config
+
+    cfg = load_config(find_config("presets/cub-gzsl.yaml"), [f"data.path={tmp_path}"])
+    assert cfg.data.dataset == "CUB" and cfg.model.l_e == pytest.approx(0.9)
+    code, _, err = run_cli(["train", "--config", "presets/cub-gzsl.yaml", f"data.path={tmp_path / 'x'}"],
+                           monkeypatch, capsys)
+    assert code == 2 and "no such feature store" in err

@@ -1,0 +1,125 @@
+"""Every loss term against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dedn.config import LossConfig
+from dedn.losses import (
+    dedn_loss,
+    discrepancy,
+    jensen_shannon,
+    margin_aware_loss,
+    resolve_target_margin,
+    self_calibration_loss,
+)
+from dedn.model import DEDNOutput, ExpertOutput
+
+
+def _softmax(v: list[float]) -> np.ndarray:
+    e = np.exp(np.asarray(v) - max(v))
+    return e / e.sum()
+
+
+def _jsd_by_hand(x: list[float], y: list[float]) -> float:
+    p, q = _softmax(x), _softmax(y)
+    m = (p + q) / 2
+    return 0.5 * (sum(p * np.log(p / m)) + sum(q * np.log(q / m)))
+
+
+def test_jsd_values() -> None:
+    x = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+    y = torch.tensor([[0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    expected = (_jsd_by_hand([1, 0], [0, 1]) + 0.0) / 2  # batch mean; the second row's JSD is 0
+    assert jensen_shannon(x, y).item() == pytest.approx(expected, rel=1e-12)
+    # Closed form for two-class softmax pairs: p = (a, 1-a), q = (1-a, a).
+    a = 1 / (1 + math.exp(-1))
+    closed = a * math.log(2 * a) + (1 - a) * math.log(2 * (1 - a))
+    assert jensen_shannon(x[:1], y[:1]).item() == pytest.approx(closed, rel=1e-12)
+
+
+def test_discrepancy_paper_and_reference() -> None:
+    x = torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([[0.0, 0.0, 0.0]], dtype=torch.float64)
+    js = _jsd_by_hand([1, 2, 0], [0, 0, 0])
+    assert discrepancy(x, y, "paper").item() == pytest.approx(js + (1 + 4 + 0) / 3, rel=1e-12)
+    norm = math.sqrt(1 + 4 + 1e-9)
+    cubic = (1 ** 3 + 2 ** 3) / norm
+    assert discrepancy(x, y, "reference").item() == pytest.approx(js + cubic, rel=1e-12)
+    # identical inputs: zero, and no NaN in the reference term (the 1e-9 guard)
+    z = discrepancy(x, x.clone(), "reference")
+    assert z.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_discrepancy_gradients_flow_into_both() -> None:
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    y = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    discrepancy(x, y, "paper").backward()
+    assert x.grad is not None and y.grad is not None
+    assert x.grad.abs().sum() > 0 and y.grad.abs().sum() > 0
+
+
+def test_margin_aware_loss_by_hand() -> None:
+    scores = torch.tensor([[1.0, 0.5, 0.2, 0.3]], dtype=torch.float64)
+    seen = torch.tensor([True, True, False, False])
+    label = torch.tensor([0])
+    # paper: target P - 2, other seen P + 1, unseen P
+    logits = [1.0 - 2.0, 0.5 + 1.0, 0.2, 0.3]
+    expected = -math.log(_softmax(logits)[0])
+    assert margin_aware_loss(scores, label, seen, 1.0).item() == pytest.approx(expected, rel=1e-12)
+    # reference SUN/AWA2: target P - 1
+    logits = [1.0 - 1.0, 0.5 + 1.0, 0.2, 0.3]
+    expected = -math.log(_softmax(logits)[0])
+    assert margin_aware_loss(scores, label, seen, 1.0, target_margin=1.0).item() == pytest.approx(expected)
+    # disabled: plain cross-entropy
+    expected = -math.log(_softmax([1.0, 0.5, 0.2, 0.3])[0])
+    assert margin_aware_loss(scores, label, seen, enabled=False).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_target_margin_switch() -> None:
+    cfg = LossConfig(margin=1.0)
+    assert resolve_target_margin(cfg, "paper", "SUN") == 2.0
+    assert resolve_target_margin(cfg, "reference", "CUB") == 2.0
+    assert resolve_target_margin(cfg, "reference", "SUN") == 1.0
+    assert resolve_target_margin(cfg, "reference", "AWA2") == 1.0
+
+
+def test_self_calibration_by_hand() -> None:
+    scores = torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    unseen = torch.tensor([False, False, True])
+    mass = (_softmax([0, 1, 2])[2] + 1 / 3) / 2
+    assert self_calibration_loss(scores, unseen).item() == pytest.approx(-math.log(mass), rel=1e-12)
+
+
+def _expert(o_r, o_c, scores) -> ExpertOutput:
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return ExpertOutput(o_r=t(o_r), o_c=t(o_c), o=t(o_r), scores=t(scores))
+
+
+def test_total_loss_combines_terms() -> None:
+    seen = torch.tensor([True, True, False])
+    labels = torch.tensor([1])
+    c = _expert([[0.1, 0.2]], [[0.3, 0.0]], [[0.5, 0.1, 0.9]])
+    f = _expert([[0.0, 0.4]], [[0.2, 0.2]], [[0.2, 0.3, 0.1]])
+    out = DEDNOutput(cexp=c, fexp=f, l_e=0.5)
+    cfg = LossConfig(beta=0.01, gamma=0.5, lamb=0.3)
+    paper = dedn_loss(out, labels, seen, cfg, "paper", "CUB")
+    t = paper.terms
+    expected = (t["mal_c"] + t["mal_f"] + 0.01 * (t["align_c"] + t["align_f"]) + 0.5 * t["distill"]).item()
+    assert paper.total.item() == pytest.approx(expected, rel=1e-12)
+    assert "cal_c" not in t  # self-calibration is a reference-mode term only
+    assert t["distill"].item() == pytest.approx(discrepancy(c.scores, f.scores, "paper").item())
+    bias = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64)
+    ref = dedn_loss(out, labels, seen, cfg, "reference", "CUB", calibration_bias=bias)
+    r = ref.terms
+    assert r["mal_c"].item() == pytest.approx(margin_aware_loss(c.scores - bias, labels, seen).item())
+    assert r["cal_c"].item() == pytest.approx(self_calibration_loss(c.scores, ~seen).item())
+    expected = (r["mal_c"] + r["mal_f"] + 0.01 * (r["align_c"] + r["align_f"]) + 0.5 * r["distill"]
+                + 0.3 * (r["cal_c"] + r["cal_f"])).item()
+    assert ref.total.item() == pytest.approx(expected, rel=1e-12)
+    off = dedn_loss(out, labels, seen, LossConfig(align=False, distill=False), "paper", "CUB")
+    assert set(off.terms) == {"mal_c", "mal_f"}

@@ -1,0 +1,158 @@
+"""Training: determinism, resume, checkpoints, NaN handling and bad input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dedn.checkpoint import load_checkpoint, load_weights
+from dedn.config import RunConfig, apply_overrides
+from dedn.errors import CheckpointError, ConfigError, DataError, TrainingError
+from dedn.factory import build_model, load_data
+from dedn.training import BatchSampler, Trainer, train
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_same_losses(tiny_cfg: RunConfig) -> None:
+    data = load_data(tiny_cfg)
+    a = Trainer(tiny_cfg, data).fit()
+    b = Trainer(tiny_cfg, data).fit()
+    assert a.losses == b.losses
+    c = Trainer(apply_overrides(tiny_cfg, ["seed=5"]), data).fit()
+    assert c.losses != a.losses
+
+
+def test_training_reduces_the_loss(tiny_cfg: RunConfig) -> None:
+    cfg = apply_overrides(tiny_cfg, ["train.epochs=6", "train.lr=0.001", "train.eval_every=0"])
+    result = Trainer(cfg).fit()
+    assert result.losses[-1] < result.losses[0]
+    assert {"T", "S", "U", "H"} <= set(result.metrics)
+
+
+def test_resume_gives_the_same_weights(tiny_cfg: RunConfig, tmp_path: Path, monkeypatch) -> None:
+    data = load_data(tiny_cfg)
+    full = train(tiny_cfg, run_dir=tmp_path / "full", data=data)
+
+    calls = {"n": 0}
+    original = Trainer.train_step
+
+    def interrupted(self, index, batch=None):
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 2:  # in the third epoch, after two complete ones were checkpointed
+            raise KeyboardInterrupt
+        return original(self, index, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg, run_dir=tmp_path / "cut", data=data)
+    _, record = load_checkpoint(tmp_path / "cut" / "checkpoints")
+    assert record["epoch"] == 1
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = train(tiny_cfg, run_dir=tmp_path / "cut", data=data, resume=True)
+    a, b = _weights(full.model), _weights(resumed.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.losses == full.losses
+    reloaded = load_weights(tmp_path / "cut" / "model.safetensors")
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, b[k])
+
+
+def test_run_directory_contents(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_cfg, run_dir=run)
+    for name in ("config.json", "train.log", "history.jsonl", "metrics.json", "per_class.csv",
+                 "model.safetensors", "seen_unseen_curve.png", "outputs_test_seen.npz"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"T", "S", "U", "H", "AUSUC", "gamma"} <= set(metrics)
+    assert len((run / "history.jsonl").read_text().splitlines()) == 3
+    # a run directory made with another config is refused
+    with pytest.raises(ConfigError, match="another config"):
+        Trainer(apply_overrides(tiny_cfg, ["seed=9"]), run_dir=run)
+
+
+def test_corrupt_and_missing_checkpoints(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny_cfg, run_dir=run)
+    folder = run / "checkpoints"
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+    blob = (folder / "last.safetensors").read_bytes()
+    (folder / "last.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(folder)
+    (run / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_weights(run / "model.safetensors")
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_cfg: RunConfig, tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_cfg, run_dir=run)
+    calls = {"n": 0}
+    forward = type(trainer.model).forward
+
+    def poisoned(self, features):
+        calls["n"] += 1
+        out = forward(self, features)
+        if self.training and calls["n"] > 4:  # after the first epoch (3 steps + its evaluation)
+            out.cexp.scores = out.cexp.scores * float("nan")
+        return out
+
+    monkeypatch.setattr(type(trainer.model), "forward", poisoned)
+    with pytest.raises(TrainingError, match="last good checkpoint"):
+        trainer.fit()
+    _, record = load_checkpoint(run / "checkpoints")
+    assert record["epoch"] == 0
+
+
+def test_nan_features_are_refused(tiny_cfg: RunConfig) -> None:
+    data = load_data(tiny_cfg)
+    feats = np.asarray(data.features[np.arange(data.n_images)], dtype=np.float32)
+    feats[data.trainval_loc[3], 0, 0, 0] = np.nan
+    bad = replace(data, features=feats)
+    with pytest.raises(DataError, match="NaN or infinite"):
+        Trainer(tiny_cfg, bad)
+
+
+def test_bad_inputs_are_refused_before_training(tiny_cfg: RunConfig) -> None:
+    data = load_data(tiny_cfg)
+    with pytest.raises(DataError, match="labels must lie"):
+        bad = replace(data, labels=data.labels.copy())
+        bad.labels[0] = 99
+        bad.validate()
+    with pytest.raises(DataError, match="empty"):
+        replace(data, test_unseen_loc=np.zeros(0, dtype=np.int64)).validate()
+    with pytest.raises(DataError, match="semantic vectors"):
+        replace(data, w2v=data.w2v[:-1]).validate()
+    with pytest.raises(DataError, match="share"):
+        replace(data, test_seen_loc=np.concatenate([data.test_seen_loc, data.trainval_loc[:1]])).validate()
+    with pytest.raises(DataError):
+        build_model(apply_overrides(tiny_cfg, ["model.clusters=paper", "data.dataset=CUB"]), data)
+    with pytest.raises(ConfigError, match="epoch"):
+        apply_overrides(tiny_cfg, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match="model.l_rc"):
+        apply_overrides(tiny_cfg, ["model.l_rc=1.5"])
+
+
+def test_balanced_batches() -> None:
+    labels = np.repeat(np.arange(5), 10)
+    sampler = BatchSampler(labels, np.arange(50), batch_size=4, balanced=True, seed=0)
+    batch = sampler.epoch(0, 1)[0]
+    assert batch.size == 4 and np.unique(labels[batch]).size == 4  # min(n_seen, B) distinct classes
+    sampler = BatchSampler(labels, np.arange(50), batch_size=12, balanced=True, seed=0)
+    batch = sampler.epoch(0, 1)[0]
+    assert batch.size == 10 and np.bincount(labels[batch]).tolist() == [2] * 5  # B // n_seen of each
+    plain = BatchSampler(labels, np.arange(50), batch_size=12, balanced=False, seed=0)
+    assert np.unique(plain.epoch(0, 1)[0]).size == 12
+    assert np.array_equal(plain.epoch(3, 2)[1], plain.epoch(3, 2)[1])

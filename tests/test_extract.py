@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import socket
 
@@ -202,6 +203,8 @@ def test_sharded_ranks_write_disjoint_chunks(good_images, tmp_path):
     _run(paths, labels, tmp_path / "two", tiny, chunk_size=2)
     assert not list((tmp_path / "two").glob("complete.rank*"))
     assert json.loads((tmp_path / "two" / "store.json").read_text())["complete_chunks"] == list(range(6))
+    # Resuming a complete store is a no-op; it keeps its own chunk size.
+    assert _run(paths, labels, tmp_path / "two", tiny, chunk_size=5).chunk_size == 2
 
 
 def _free_port() -> int:
@@ -241,3 +244,12 @@ def test_missing_files_and_bad_arguments(good_images, tmp_path):
     with pytest.raises(DataError, match="11 images but labels of shape"):
         _run(paths, labels[:3], tmp_path / "s", TinyBackbone())
     shutil.rmtree(tmp_path / "s", ignore_errors=True)
+
+
+def test_unchecked_bad_image_stops_with_its_path(image_root, good_images, tmp_path):
+    paths, labels, _ = good_images
+    bad = str(image_root / "dog" / "truncated.jpg")
+    with pytest.raises(DataError, match=re.escape(f"{bad}: cannot read the image (OSError: image file is")):
+        _run([*paths, bad], [*labels, 1], tmp_path / "s", TinyBackbone(), check_images=False, chunk_size=6)
+    store = FeatureStore.open(tmp_path / "s")  # the chunks before the bad image are kept for a resume
+    assert store.completed_chunks == [0]

@@ -84,6 +84,7 @@ def test_fancy_indexing_any_order_and_duplicates(tmp_path):
     assert store[np.array([], dtype=int)].shape == (0, C, H, W)
     with pytest.raises(IndexError):
         store[np.array([0, N])]
+    assert store.to_torch("cpu") is None  # GPU residency only; CPU users read the memory map
     # A store handed to DataLoader workers is pickled without its memory map.
     clone = pickle.loads(pickle.dumps(store))
     np.testing.assert_array_equal(clone[idx], x[idx])
@@ -123,6 +124,19 @@ def test_create_refuses_to_clobber(tmp_path):
     with pytest.raises(DataError, match="not part of a feature store"):
         FeatureStore.create(tmp_path / "other", N, (C, H, W), overwrite=True)
     assert (tmp_path / "other" / "notes.txt").exists()
+
+
+def test_full_disk_fails_at_creation(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
+    with pytest.raises(DataError, match=r"not enough disk space for the feature store .*features\.bin"):
+        FeatureStore.create(tmp_path / "s", N, (C, H, W))
+    assert not (tmp_path / "s" / "features.bin").exists() and not (tmp_path / "s" / "store.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------- corruption
@@ -276,3 +290,15 @@ def test_hdf5_lazy_view(tmp_path):
     data = load_hdf5_zsldata(tmp_path / "f.h5")
     assert data.feature_shape == (C, H, W)
     data.check_features_finite(data.trainval_loc)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_to_torch_keeps_the_store_on_the_gpu(tmp_path):
+    import torch
+
+    x = _features()
+    store = store_from_array(tmp_path / "s", x, chunk_size=3)
+    t = store.to_torch("cuda", reserve_bytes=0)
+    assert t.device.type == "cuda" and t.dtype == torch.float16 and t.shape == (N, C, H, W)
+    np.testing.assert_array_equal(t.float().cpu().numpy(), store[:])
+    assert store.to_torch("cuda", reserve_bytes=10**15) is None  # does not fit

@@ -229,7 +229,8 @@ def extract_features(
         progress: show tqdm progress bars (rank 0 only).
         provenance_extra: extra entries for the store's provenance, e.g. ``{"dataset": "CUB"}``.
         dtype: ``"float16"`` (default, half the disk) or ``"float32"``.
-        chunk_size: images per chunk, the unit of resumption and of sharding.
+        chunk_size: images per chunk, the unit of resumption and of sharding (a resumed store keeps the
+            chunk size it was created with).
         overwrite: replace an existing store instead of resuming it.
         check_images: decode every image first and report all bad files at once (recommended; costs one
             extra decoding pass). With ``False`` a bad image stops the run when it is reached (resumable).
@@ -256,13 +257,15 @@ def extract_features(
     if isinstance(device, str) and device == "auto" and world_size > 1 and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % torch.cuda.device_count()))}"
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # NCCL and pinned-memory copies use the current device
     started_group = _maybe_init_process_group(world_size, dev)
     try:
         if isinstance(backbone, str):
             backbone = get_backbone(backbone, device=dev)
         backbone = backbone.to(dev)
+        if dev.type == "cuda":
+            backbone = backbone.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
         size = int(image_size or backbone.default_image_size)
         autocast, precision = _autocast(dev, amp)
         provenance = {**backbone.provenance(size), "image_list_hash": _image_list_hash(paths, labels_arr),
@@ -288,7 +291,8 @@ def extract_features(
 
         # 2. Decode every image of the work left before writing anything.
         if check_images:
-            ranges = [(i * chunk_size, min((i + 1) * chunk_size, n)) for i in mine]
+            cs = existing.chunk_size if existing is not None else chunk_size  # a resumed store keeps its own
+            ranges = [(i * cs, min((i + 1) * cs, n)) for i in mine]
             bad = _gather_lists(find_bad_images([p for s, e in ranges for p in paths[s:e]], num_workers,
                                                 progress and rank == 0))
             if bad:
@@ -296,6 +300,7 @@ def extract_features(
                                 "or remove them and run again:\n  " + "\n  ".join(bad))
 
         # 3. Rank 0 creates the store (or merges leftover rank marks); the others wait, then open it.
+        _barrier()  # every rank has finished looking at the old store before rank 0 may replace it
         if rank == 0:
             if existing is None:
                 store = FeatureStore.create(store_path, n, fshape, dtype=dtype, chunk_size=chunk_size,
@@ -334,7 +339,7 @@ def extract_features(
                     with autocast:
                         feats = backbone(x)
                     start = int(index[0])
-                    store.write_rows(start, feats.to(out_dtype).cpu().numpy())
+                    store.write_rows(start, feats.to(out_dtype).contiguous().cpu().numpy())
                     chunk = chunk_of[start]
                     remaining[chunk] -= len(index)
                     if remaining[chunk] == 0:

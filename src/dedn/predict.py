@@ -288,6 +288,8 @@ def load_class_definitions(path: str | Path, attribute_names: Sequence[str],
         if len(table) < 2:
             raise DataError(f"{path}: expected a header row (class, attribute names...) and one row per class")
         header = [h.strip() for h in table[0][1:]]
+        if not header:
+            raise DataError(f"{path}: no attribute columns (header: class name, then attribute names)")
         dup = sorted({h for h in header if header.count(h) > 1})
         if dup:
             raise DataError(f"{path}: attribute columns given twice: {', '.join(map(repr, dup))}")
@@ -295,8 +297,6 @@ def load_class_definitions(path: str | Path, attribute_names: Sequence[str],
             if len(r) != len(header) + 1:
                 raise DataError(f"{path}: line {n} has {len(r)} cells, the header has {len(header) + 1}")
             rows.append((r[0].strip(), {h: c for h, c in zip(header, r[1:], strict=True) if c.strip() != ""}))
-        if not rows[0][1] and not header:
-            raise DataError(f"{path}: no attribute columns")
         # A column header that names no attribute is an error even if all its cells are empty.
         unknown = [h for h in header if h not in set(attribute_names)]
         if unknown:

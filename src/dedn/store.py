@@ -619,7 +619,7 @@ def store_from_array(
                                 provenance=provenance, overwrite=overwrite, labels=labels)
     for i in range(store.n_chunks):
         s, e = store.chunk_range(i)
-        store.write_chunk(i, np.asarray(array[s:e]))
+        store.write_chunk(i, np.asarray(array[np.arange(s, e)]))  # the FeatureArray contract: index arrays
     return store
 
 

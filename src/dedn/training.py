@@ -395,7 +395,12 @@ class Trainer:
             out = ev.result.to_dict(percent=True)
             out.update(extra)
             return out
+        from .predict import write_class_file, write_feature_provenance
+
         save_weights(self.model, self.run_dir / "model.safetensors")
+        write_class_file(self.run_dir, self.data, calibration=ev.gamma)
+        if "backbone" in self.data.provenance and "image_size" in self.data.provenance:
+            write_feature_provenance(self.run_dir, self.data.provenance)
         metrics = write_evaluation(ev, self.run_dir, self.data.class_names, extra)
         log.removeHandler(self._log_handler)
         self._log_handler.close()

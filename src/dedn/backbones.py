@@ -139,8 +139,8 @@ class Backbone(nn.Module):
     """A frozen feature extractor: (B, 3, H, W) normalised images -> (B, C, H/stride, W/stride) maps.
 
     Subclasses set ``name``, ``out_channels``, ``stride``, ``default_image_size``, ``mean``, ``std``,
-    build ``self.body`` and call :meth:`_freeze`. The module stays in eval mode (``train()`` is a no-op)
-    and its forward pass never records gradients.
+    build their network, call :meth:`_freeze`, and implement :meth:`features`. The module stays in eval
+    mode (``train()`` is a no-op) and its forward pass never records gradients.
     """
 
     name: str = ""

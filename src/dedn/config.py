@@ -15,6 +15,7 @@ from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
+from .imagebench import ImageBenchConfig
 
 MODES = ("paper", "reference")
 
@@ -54,6 +55,10 @@ class DataConfig:
     split: str = "test"  # test: train on trainval, evaluate on test; validation: the honest val task
     val_seen_fraction: float = 0.2
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    imagebench: ImageBenchConfig = field(default_factory=ImageBenchConfig)
+    backbone: str = "efficientnet-lite0"  # imagebench: the backbone that turns its images into features
+    image_size: int | None = None  # imagebench: backbone input size (default: the rendered image size)
+    cache_dir: str = ".cache/dedn"  # imagebench: where rendered features are cached
 
 
 @dataclass

@@ -245,6 +245,20 @@ def _has_key(dotted: str) -> bool:
     return not (isinstance(node, type) and is_dataclass(node))
 
 
+def _set(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
+    """``cfg`` with typed values set by dotted key (the protocol's own settings; no parsing, no OmegaConf)."""
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        nodes = [cfg]
+        for p in parents:
+            nodes.append(getattr(nodes[-1], p))
+        new = replace(nodes[-1], **{last: value})
+        for node, name in zip(reversed(nodes[:-1]), reversed(parents), strict=True):
+            new = replace(node, **{name: new})
+        cfg = new
+    return cfg
+
+
 def _get(cfg: RunConfig, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
@@ -431,8 +445,8 @@ def check_validation_split(full: ZSLData, val: ZSLData) -> None:
 
 
 def _check_validation(cfg: RunConfig, seed: int) -> None:
-    full = _load_data(_with_overrides(cfg, [f"seed={seed}", "data.split=test"], "validation check"))
-    val = _load_data(_with_overrides(cfg, [f"seed={seed}", "data.split=validation"], "validation check"))
+    full = _load_data(_set(cfg, {"seed": seed, "data.split": "test"}))
+    val = _load_data(_set(cfg, {"seed": seed, "data.split": "validation"}))
     check_validation_split(full, val)
 
 
@@ -444,14 +458,14 @@ class _Job:
     row: Row
     protocol: str
     seed: int
-    config: dict[str, Any]  # the row's resolved config at this seed
+    config: RunConfig  # the row's resolved config at this seed
     folder: str
     eval_grid: dict[str, list[float]]
     train_combos: list[tuple[str, ...]]
     sweep: dict[str, list[float]]  # evaluation-time axis -> values (Figure 3), may be empty
 
     def hash(self) -> str:
-        return _hash({"config": _stable(self.config, UNHASHED_KEYS), "protocol": self.protocol,
+        return _hash({"config": _stable(config_to_dict(self.config), UNHASHED_KEYS), "protocol": self.protocol,
                       "eval_grid": self.eval_grid, "train_combos": self.train_combos, "sweep": self.sweep,
                       "row": asdict(self.row)})
 
@@ -548,10 +562,12 @@ def _train_stage(cfg: RunConfig, data: ZSLData, run_dir: Path,
             handler.close()
 
 
-def _stage_config(cfg: RunConfig, job: _Job, stage: str, overrides: Sequence[str]) -> RunConfig:
+def _stage_config(cfg: RunConfig, job: _Job, stage: str, combo: Sequence[str], changes: Mapping[str, Any]) -> RunConfig:
+    """The config of one trainer run: a tuned training-setting combination, then the protocol's settings."""
     # Location-independent name and output_dir: the trainer compares them when a run is resumed.
     rel = f"runs/{job.row.key}/{job.protocol}/seed-{job.seed}/{stage}"
-    return _with_overrides(cfg, [*overrides, f"name={rel}", f"output_dir={rel}"], f"{rel} config")
+    cfg = _with_overrides(cfg, combo, f"{rel} config")
+    return _set(cfg, {**changes, "name": rel, "output_dir": rel})
 
 
 def _sweep_points(sweep: Mapping[str, Sequence[float]], l_rc: float,
@@ -567,8 +583,8 @@ def _sweep_points(sweep: Mapping[str, Sequence[float]], l_rc: float,
 
 def _run_published(job: _Job, cfg: RunConfig, folder: Path) -> RunResult:
     calib = cfg.eval.calibration if cfg.eval.calibration not in ("auto", "validated") else "auto"
-    scfg = _stage_config(cfg, job, "train", ["data.split=test", "train.eval_every=1", "eval.protocol=published",
-                                             f"eval.calibration={calib}"])
+    scfg = _stage_config(cfg, job, "train", (), {"data.split": "test", "train.eval_every": 1,
+                                                 "eval.protocol": "published", "eval.calibration": calib})
     data = _load_data(scfg)
     gamma = 0.0 if calib == "auto" else float(calib)
     l_rc, l_e = cfg.model.l_rc, cfg.model.l_e
@@ -626,10 +642,10 @@ def _run_validated(job: _Job, cfg: RunConfig, folder: Path) -> RunResult:
         atomic_write_text(selection_file, json.dumps(selection, indent=2))
 
     combo = list(selection["overrides"])
-    fcfg = _stage_config(cfg, job, "final", [*combo, "data.split=test", f"train.epochs={selection['epochs']}",
-                                             "train.eval_every=0", "eval.protocol=validated",
-                                             f"eval.calibration={selection['gamma']!r}",
-                                             f"model.l_rc={selection['l_rc']!r}", f"model.l_e={selection['l_e']!r}"])
+    fcfg = _stage_config(cfg, job, "final", combo, {
+        "data.split": "test", "train.epochs": int(selection["epochs"]), "train.eval_every": 0,
+        "eval.protocol": "validated", "eval.calibration": repr(float(selection["gamma"])),
+        "model.l_rc": float(selection["l_rc"]), "model.l_e": float(selection["l_e"])})
     data = _load_data(fcfg)
     run_dir = folder / "final"
     result, trainer = _train_stage(fcfg, data, run_dir)
@@ -665,8 +681,8 @@ def _validate_stage(job: _Job, cfg: RunConfig, folder: Path, tune_points: list[t
     candidates = []
     for i, combo in enumerate(job.train_combos):
         stage = f"validation/combo-{i:02d}"
-        vcfg = _stage_config(cfg, job, stage, [*combo, "data.split=validation", "train.eval_every=1",
-                                               "eval.protocol=validated"])
+        vcfg = _stage_config(cfg, job, stage, combo, {"data.split": "validation", "train.eval_every": 1,
+                                                      "eval.protocol": "validated"})
         data = _load_data(vcfg)
         run_dir = folder / stage
         _train_stage(vcfg, data, run_dir,
@@ -707,14 +723,13 @@ def run_job(job: _Job, device: str | None = None) -> RunResult:
     if marker.exists():
         old = json.loads(marker.read_text())
         if old.get("hash") != h:
-            diff = ", ".join(_diff_keys(old.get("config", {}), _stable(job.config, UNHASHED_KEYS))[:5])
+            diff = ", ".join(_diff_keys(old.get("config", {}), _stable(config_to_dict(job.config), UNHASHED_KEYS))[:5])
             raise ConfigError(f"{folder}: started with another config (differs in {diff or 'rows, grid or sweep'}); "
                               "it is not overwritten: use another results folder")
     else:
-        atomic_write_text(marker, json.dumps({"hash": h, "config": _stable(job.config, UNHASHED_KEYS)}, indent=2))
-    cfg = config_from_dict(job.config, f"{folder}/job.json")
-    if device is not None:
-        cfg = replace(cfg, train=replace(cfg.train, device=device))
+        atomic_write_text(marker, json.dumps({"hash": h, "config": _stable(config_to_dict(job.config), UNHASHED_KEYS)},
+                                             indent=2))
+    cfg = job.config if device is None else _set(job.config, {"train.device": device})
     runner = _run_validated if job.protocol == "validated" else _run_published
     result = runner(job, cfg, folder)
     result.folder = str(folder)
@@ -807,8 +822,7 @@ def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[in
     for row in row_list:
         for proto in protocols:
             for seed in seed_list:
-                rcfg = _with_overrides(row_cfgs[row.key], [f"seed={seed}"], f"row {row.key}")
-                jobs.append(_Job(row, proto, seed, config_to_dict(rcfg),
+                jobs.append(_Job(row, proto, seed, _set(row_cfgs[row.key], {"seed": seed}),
                                  str((out / "runs" / row.key / proto / f"seed-{seed}").resolve()),
                                  eval_grid if proto == "validated" else {},
                                  combos if proto == "validated" else [()], sweep_grid))
@@ -865,11 +879,12 @@ def figure3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
 
 def _figure5_rows(cfg: RunConfig) -> list[Row]:
     """Manual clusters, K-means with the same Q, and the half variant (paper Figure 5 a and b)."""
-    data = _load_data(_with_overrides(cfg, ["data.split=test"], "figure5"))
+    data = _load_data(_set(cfg, {"data.split": "test"}))
     q = len(resolve_model_clusters(cfg, data))
+    q_half = len(resolve_model_clusters(_set(cfg, {"model.clusters": "half"}), data))
     return [Row("manual", f"manual (Q={q})"),
             Row("kmeans", f"K-means (Q={q})", ("model.clusters=kmeans", f"model.n_clusters={q}")),
-            Row("half", "half", ("model.clusters=half",))]
+            Row("half", f"half (Q={q_half})", ("model.clusters=half",))]
 
 
 def figure5(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int] = 1, protocol: str | None = None,

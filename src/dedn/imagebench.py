@@ -123,6 +123,8 @@ class ImageBenchConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for inconsistent settings."""
+        if self.seed < 0:
+            raise ConfigError(f"imagebench.seed must be non-negative, got {self.seed}")
         if self.n_classes < 2:
             raise ConfigError(f"imagebench.n_classes must be at least 2, got {self.n_classes}")
         if not 1 <= self.n_unseen < self.n_classes:
@@ -197,7 +199,6 @@ class ImageBenchmark:
     test_seen_loc: np.ndarray
     test_unseen_loc: np.ndarray
     val_classes: np.ndarray
-    _group_offsets: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     # ------------------------------------------------------------------ facts
     def __len__(self) -> int:
@@ -382,7 +383,6 @@ def make_image_benchmark(cfg: ImageBenchConfig | None = None) -> ImageBenchmark:
         test_seen_loc=np.sort(np.concatenate(test_seen)).astype(np.int64),
         test_unseen_loc=test_unseen_loc.astype(np.int64),
         val_classes=val_classes,
-        _group_offsets=offsets,
     )
 
 

@@ -179,12 +179,12 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]])
 def _choices_text(run: RunResult) -> str:
     c = run.choices
     if run.protocol == "validated":
-        text = f"{c['epochs']} epochs, gamma {c['gamma']:.4g}, l_rc {c['l_rc']:g}, l_e {c['l_e']:g}"
+        text = f"epochs {c['epochs']}, gamma {c['gamma']:.4g}, l_rc {c['l_rc']:g}, l_e {c['l_e']:g}"
         if c.get("overrides"):
             text += ", " + ", ".join(c["overrides"])
         return text + f" (val H {c['validation']['H']:.1f})"
-    return (f"best H after {c['epoch_best_H'] + 1} epochs, best T after {c['epoch_best_T'] + 1}, "
-            f"gamma {c['calibration']:g}")
+    return (f"best H at epoch {c['epoch_best_H'] + 1}, best T at epoch {c['epoch_best_T'] + 1} "
+            f"(of {c['epochs_trained']}), gamma {c['calibration']:g}")
 
 
 # ============================================================================================ common parts
@@ -463,7 +463,8 @@ def report_calibration(exp: ExperimentResult) -> list[Path]:
             ax.plot([x["chosen_U"]], [x["chosen_S"]], "k.", markersize=7)
         if c:
             mean_curve = np.mean([x["S_on_grid"] for x in c], axis=0)
-            ax.plot(grid_u * 100, mean_curve * 100, "k-", linewidth=2,
+            shown = grid_u <= max(float(x["U"].max()) for x in c) + 1e-12  # not the zeros beyond every curve
+            ax.plot(grid_u[shown] * 100, mean_curve[shown] * 100, "k-", linewidth=2,
                     label=f"mean over seeds (AUSUC {ausuc(mean_curve, grid_u) * 100:.1f})")
         ax.set_xlabel("U: unseen accuracy (%)")
         ax.set_ylabel("S: seen accuracy (%)")

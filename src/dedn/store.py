@@ -1,9 +1,9 @@
-"""The feature store: N region feature maps on disk, memory-mapped, float16 by default.
+"""The feature store: N region feature maps on disk, read on demand, float16 by default.
 
 A store is a folder::
 
     store.json          format, N, (C, h, w), dtype, chunk size, provenance, completed chunks
-    features.bin        raw C-order array (N, C, h, w), preallocated at creation, read as np.memmap
+    features.bin        raw C-order array (N, C, h, w), preallocated at creation, read with pread
     labels.npy          (N,) int64 class of each image (optional until known)
     meta.npz            optional semantic side: att, w2v, splits, names, image files
     complete.rank*.json completion marks written by the ranks of a sharded extraction
@@ -13,6 +13,11 @@ and it is marked only after its bytes are synced to disk, so an interrupted writ
 missing chunks and never trusts half-written data. ``store.json`` is only ever replaced atomically
 (temp file + ``os.replace``); concurrent ranks each write their own ``complete.rank<r>.json`` and rank 0
 merges them, so no two processes ever write the same file.
+
+Reads use positioned reads (``os.preadv``) into private buffers rather than a memory map: the pages of a
+memory-mapped file that a process touches count towards its resident memory for as long as the map
+lives, so random batches over a store larger than RAM would grow the trainer's RSS towards the size of
+the file. Read pages stay in the kernel's page cache, which is not the process's and is reclaimed as needed.
 
 This module also reads and writes the DAZLE/DEDN HDF5 layout (``feature_map``, ``labels``,
 ``trainval_loc``, ``test_seen_loc``, ``test_unseen_loc``, ``att``, ``original_att``, ``w2v_att``):
@@ -47,6 +52,8 @@ LABELS_NPY = "labels.npy"
 META_NPZ = "meta.npz"
 _RANK_PREFIX = "complete.rank"
 DTYPES = ("float16", "float32")
+_READ_BLOCK_BYTES = 64 << 20  # largest single read (and read buffer) of a gather
+_MERGE_GAP_BYTES = 256 << 10  # rows closer than this on disk are read in one go, gap included
 
 # Keys of the DAZLE/DEDN feature file (SPEC section 1); original_att is optional on import.
 HDF5_REQUIRED = (
@@ -72,6 +79,22 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 def _fdatasync(fd: int) -> None:
     (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int, where: Path) -> None:
+    """Fill the C-contiguous array ``buf`` with the bytes of ``fd`` from ``offset`` on."""
+    view = memoryview(buf.reshape(-1).view(np.uint8))
+    while view.nbytes:  # reads may return less than asked for
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view], offset)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, view.nbytes, offset)
+            got = len(data)
+            view[:got] = data
+        if got == 0:
+            raise DataError(f"{where} ends before byte {offset}: the file is truncated; copy it again or "
+                            "re-create the store")
+        view, offset = view[got:], offset + got
 
 
 def split_hash(labels: np.ndarray, *splits: np.ndarray) -> str:
@@ -116,8 +139,8 @@ class FeatureStore:
         """Use :meth:`create` or :meth:`open`; this only wraps an already validated ``store.json``."""
         self.path = Path(path)
         self._info = info
-        self._mm: np.memmap | None = None
-        self._fd: int | None = None
+        self._fd: int | None = None  # write handle
+        self._rfd: int | None = None  # read handle
         self._labels: np.ndarray | None = None
         self._completed = set(int(i) for i in info["complete_chunks"]) | self._rank_marks()
 
@@ -267,16 +290,83 @@ class FeatureStore:
         self._labels = _write_labels(self.path, labels, len(self))
 
     # ------------------------------------------------------------------ reading
-    def _reader(self) -> np.memmap:
-        if self._mm is None:
-            self._mm = np.memmap(self.path / FEATURES_BIN, dtype=self.dtype, mode="r", shape=self.shape)
-        return self._mm
+    @property
+    def _row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    def _read_fd(self) -> int:
+        if self._rfd is None:
+            self._rfd = os.open(self.path / FEATURES_BIN, os.O_RDONLY)
+        return self._rfd
+
+    def read_raw(self, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Maps ``start .. stop`` in the store dtype (no float32 conversion), read straight from the file.
+
+        ``out``: a C-contiguous (stop - start, C, h, w) array of the store dtype to fill (default: a new one),
+        e.g. a slice of a preallocated array when loading a whole store into memory block by block.
+        """
+        n = len(self)
+        stop = n if stop is None else int(stop)
+        start = int(start)
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"rows {start}..{stop} outside 0..{n}")
+        shape = (stop - start, *self.shape[1:])
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {self.dtype} array of shape {shape}, got "
+                             f"{out.dtype} {out.shape}")
+        if stop > start:
+            _pread_into(self._read_fd(), out, start * self._row_bytes, self.path / FEATURES_BIN)
+        return out
+
+    def _gather(self, flat: np.ndarray) -> np.ndarray:
+        """float32 maps of the in-range, non-negative indices ``flat`` (any order, duplicates allowed).
+
+        Indices are visited in ascending order; rows that lie close together on disk are read in one go,
+        in blocks of at most ``_READ_BLOCK_BYTES``, so memory beyond the result stays bounded.
+        """
+        out = np.empty((flat.size, *self.shape[1:]), dtype=np.float32)
+        if not flat.size:
+            return out
+        row_bytes = self._row_bytes
+        order = np.argsort(flat, kind="stable")
+        srt = flat[order]
+        breaks = np.flatnonzero(np.diff(srt) > max(1, _MERGE_GAP_BYTES // row_bytes)) + 1
+        starts, stops = np.r_[0, breaks], np.r_[breaks, srt.size]
+        block = max(1, _READ_BLOCK_BYTES // row_bytes)
+        span = int(np.max(srt[stops - 1] - srt[starts])) + 1
+        buf = np.empty((min(block, span), *self.shape[1:]), dtype=self.dtype)
+        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+            for s in range(int(srt[a]), int(srt[b - 1]) + 1, block):
+                e = min(s + block, int(srt[b - 1]) + 1)
+                i0, i1 = (a + np.searchsorted(srt[a:b], [s, e])).tolist()
+                if i0 == i1:  # a block inside a gap between merged rows
+                    continue
+                lo, hi = int(srt[i0]), int(srt[i1 - 1]) + 1  # read only from the first to the last row asked for
+                self.read_raw(lo, hi, out=buf[: hi - lo])
+                out[order[i0:i1]] = buf[srt[i0:i1] - lo]
+        return out
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        """float32 copy of the maps at an int, a slice, or an int / bool array (any order, duplicates)."""
-        mm = self._reader()
-        if isinstance(index, (int, np.integer, slice, tuple)):
-            return np.array(mm[index], dtype=np.float32)
+        """float32 copy of the maps at an int, a slice, or an int / bool array (any order, duplicates).
+
+        A tuple selects maps with its first entry and indexes within them with the rest.
+        """
+        n = len(self)
+        if isinstance(index, tuple):
+            if not index:
+                return self[:]
+            first, rest = index[0], index[1:]
+            maps = self[first]
+            single = isinstance(first, (int, np.integer))
+            return maps[rest] if single else maps[(slice(None), *rest)]
+        if isinstance(index, (int, np.integer)):
+            if not -n <= int(index) < n:
+                raise IndexError(f"index {int(index)} out of range for {n} feature maps")
+            return self._gather(np.array([int(index) % n]))[0]
+        if isinstance(index, slice):
+            return self._gather(np.arange(*index.indices(n), dtype=np.int64))
         idx = np.asarray(index)
         if idx.dtype == bool:
             if idx.shape != (len(self),):
@@ -285,15 +375,10 @@ class FeatureStore:
         if not np.issubdtype(idx.dtype, np.integer):
             raise IndexError(f"feature maps are indexed by integers, got dtype {idx.dtype}")
         flat = idx.reshape(-1).astype(np.int64)
-        n = len(self)
         if flat.size and (flat.min() < -n or flat.max() >= n):
             raise IndexError(f"index out of range for {n} feature maps")
         flat = np.where(flat < 0, flat + n, flat)
-        # Gather in ascending order (sequential disk reads), then put rows back in the asked order.
-        order = np.argsort(flat, kind="stable")
-        out = np.empty((flat.size, *self.shape[1:]), dtype=np.float32)
-        out[order] = mm[flat[order]]
-        return out.reshape(*idx.shape, *self.shape[1:])
+        return self._gather(flat).reshape(*idx.shape, *self.shape[1:])
 
     # ------------------------------------------------------------------ writing
     def write_rows(self, start: int, array: np.ndarray) -> None:
@@ -468,7 +553,7 @@ class FeatureStore:
 
         ``None`` when ``device`` is not CUDA or the maps do not fit in the device's free memory minus
         ``reserve_bytes`` (default: the larger of 1 GiB and 10 % of the device's memory, for the model and
-        its activations); the caller then reads batches from the memory map instead. Copies in blocks of
+        its activations); the caller then reads batches from the file instead. Copies in blocks of
         about 256 MiB, so host memory stays bounded.
         """
         import torch
@@ -483,19 +568,19 @@ class FeatureStore:
             return None
         tdtype = torch.float16 if self.dtype == np.float16 else torch.float32
         out = torch.empty(self.shape, dtype=tdtype, device=dev)
-        mm = self._reader()
-        rows = max(1, (256 << 20) // max(1, self.nbytes // len(self)))
+        rows = max(1, (256 << 20) // self._row_bytes)
         for s in range(0, len(self), rows):
-            out[s:s + rows].copy_(torch.from_numpy(np.array(mm[s:s + rows])))
+            out[s:s + rows].copy_(torch.from_numpy(self.read_raw(s, min(s + rows, len(self)))))
         return out
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Release the memory map and the write handle."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._mm = None
+        """Release the read and write handles (reading again reopens the file)."""
+        for name in ("_fd", "_rfd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -504,10 +589,10 @@ class FeatureStore:
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers get a copy: never pickle the memory map (it would copy all the data) or the fd.
+        # DataLoader workers get a copy: file descriptors do not cross processes; each copy reopens the file.
         state = self.__dict__.copy()
-        state["_mm"] = None
         state["_fd"] = None
+        state["_rfd"] = None
         return state
 
 
@@ -643,7 +728,7 @@ def store_zsldata(
 
 
 def load_zsldata(path: str | os.PathLike[str], name: str | None = None) -> ZSLData:
-    """Open a complete store that holds labels and a semantic side as a :class:`ZSLData` (memory-mapped)."""
+    """Open a complete store that holds labels and a semantic side as a :class:`ZSLData` (maps read on demand)."""
     store = FeatureStore.open(path)
     store.require_complete()
     if store.labels is None:

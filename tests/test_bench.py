@@ -13,10 +13,10 @@ TINY = BenchShape("tiny", n_channels=32, height=3, width=2, n_attributes=12, n_c
                   semantic_dim=5, n_clusters=3)
 
 KEYS = {
-    "preset", "shape", "mode", "dtype", "device", "torch_version", "threads", "cpu_count", "repeats", "warmup",
-    "gemm_size", "gemm_gflops", "flops_per_step", "step_seconds", "step_seconds_all", "achieved_gflops",
-    "efficiency", "naive_step_seconds", "naive_step_seconds_all", "speedup", "peak_rss_gb_fast", "peak_rss_gb",
-    "peak_device_memory_gb", "loadavg_before", "loadavg_after",
+    "preset", "shape", "mode", "implementation", "dtype", "device", "torch_version", "threads", "cpu_count",
+    "repeats", "warmup", "gemm_size", "gemm_gflops", "flops_per_step", "step_seconds", "step_seconds_all",
+    "achieved_gflops", "efficiency", "naive_step_seconds", "naive_step_seconds_all", "speedup", "peak_rss_gb_fast",
+    "peak_rss_gb", "peak_device_memory_gb", "loadavg_before", "loadavg_after",
 }
 
 
@@ -38,7 +38,7 @@ def test_run_bench_tiny_report() -> None:
                                               / res["step_seconds"])
     assert res["speedup"] == pytest.approx(res["naive_step_seconds"] / res["step_seconds"])
     assert res["dtype"] == "float32" and res["torch_version"] == torch.__version__
-    assert "tiny" in format_bench(res)
+    assert "tiny" in format_bench(res) and res["implementation"] == "dedn.model.DEDN"
 
 
 def test_bench_command_json_and_table(capsys: pytest.CaptureFixture[str]) -> None:

@@ -162,6 +162,10 @@ def test_bad_sweeps_and_settings_are_refused_before_any_work(cfg, fits, tmp_path
         E.table1(cfg, out_dir=out, tune={"train.epochs": [1, 2]})
     with pytest.raises(ConfigError, match="model.l_e"):
         E.table1(cfg, out_dir=out, tune={"model.l_e": [1.5]})
+    with pytest.raises(ConfigError, match="validated protocol"):
+        E.table1(cfg, protocol="published", out_dir=out, tune={"model.l_e": [0.5]})
+    with pytest.raises(ConfigError, match="train.epochs"):
+        E.table1(cfg, out_dir=out, overrides=["train.epochs=0"])
     with pytest.raises(ConfigError, match="table2"):
         E.run_experiment("table2", cfg, out_dir=out)
     with pytest.raises(ConfigError, match="protocol"):

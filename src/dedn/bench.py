@@ -150,6 +150,8 @@ def run_bench(
     gemm_size: int = 2048,
     mode: str = "paper",
     seed: int = 0,
+    threads: int | None = None,
+    model_class: type[DEDN] = DEDN,
 ) -> dict[str, Any]:
     """Time one training step of the fast and (optionally) the naive DEDN; see the module docstring.
 
@@ -163,6 +165,8 @@ def run_bench(
         gemm_size: side of the square product that measures the machine's matrix rate.
         mode: ``paper`` or ``reference`` (the loss and score differences of SPEC sections 2-3).
         seed: seeds parameters, features and labels.
+        threads: torch CPU threads for this run (restored afterwards); default: leave as set.
+        model_class: the fast implementation to time (a DEDN subclass), for comparing candidate versions.
 
     Returns:
         A JSON-serialisable dict: ``step_seconds`` (median), ``step_seconds_all``, ``naive_step_seconds``,
@@ -171,8 +175,18 @@ def run_bench(
         (whole run) and ``peak_rss_gb_fast`` (before the naive step ran), ``peak_device_memory_gb`` (CUDA),
         the shapes, ``torch_version``, ``threads``, ``loadavg_before`` / ``loadavg_after``.
     """
-    shape = BENCH_PRESETS[preset.lower()] if isinstance(preset, str) else preset
-    device = torch.device(device)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(BENCH_PRESETS[preset.lower()] if isinstance(preset, str) else preset, batch_size, repeats, naive,
+                    dtype, torch.device(device), warmup, gemm_size, mode, seed, model_class)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: torch.dtype, device: torch.device,
+         warmup: int, gemm_size: int, mode: str, seed: int, model_class: type[DEDN]) -> dict[str, Any]:
     load_before = os.getloadavg()
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -180,17 +194,18 @@ def run_bench(
 
     seen = np.ones(k, dtype=bool)
     seen[rng.permutation(k)[: shape.n_unseen]] = False
-    torch.manual_seed(seed)  # the model's N(0, 1) initialisation
-    model = DEDN(
-        rng.standard_normal((d, g)).astype(np.float32),
-        rng.random((k, d)).astype(np.float32),
-        shape.clusters(),
-        seen,
-        n_channels=c,
-        n_regions=r,
-        mode=mode,
-        calibration_margin=1.0 if mode == "reference" else 0.0,
-    ).to(device, dtype)
+    with torch.random.fork_rng(devices=[]):  # seed the model's N(0, 1) init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = model_class(
+            rng.standard_normal((d, g)).astype(np.float32),
+            rng.random((k, d)).astype(np.float32),
+            shape.clusters(),
+            seen,
+            n_channels=c,
+            n_regions=r,
+            mode=mode,
+            calibration_margin=1.0 if mode == "reference" else 0.0,
+        ).to(device, dtype)
     model.train()
     features = torch.rand(batch_size, c, shape.height, shape.width, generator=gen).to(device, dtype)
     labels = torch.as_tensor(rng.choice(np.flatnonzero(seen), size=batch_size), device=device)
@@ -224,6 +239,7 @@ def run_bench(
         "shape": {**asdict(shape), "n_regions": r, "batch_size": batch_size,
                   "cluster_sizes": [int(x.size) for x in shape.clusters()]},
         "mode": mode,
+        "implementation": f"{model_class.__module__}.{model_class.__qualname__}",
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
         "torch_version": torch.__version__,

@@ -191,6 +191,89 @@ def store_info(store: Annotated[Path, typer.Argument(help="feature store folder"
                            "provenance": s.provenance}, indent=2, default=str))
 
 
+# ---------------------------------------------------------------------------------------------- demo / experiments
+@app.command()
+def demo(
+    overrides: Overrides = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="demo config (default: the packaged one)")] = None,  # noqa: UP045,E501
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
+) -> None:
+    """The built-in benchmark end to end: features, DEDN and ablations, baseline, curve, heatmaps."""
+    from .demo import format_demo, run_demo
+
+    typer.echo(format_demo(run_demo(config, overrides or [], out)))
+
+
+@app.command()
+def experiment(
+    name: Annotated[str, typer.Argument(help="table1, table3, figure3, figure5 or calibration")],
+    overrides: Overrides = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="config file or preset")] = None,  # noqa: UP045
+    seeds: Annotated[int, typer.Option(help="seeds (base seed + i)")] = 1,
+    protocol: Annotated[Optional[str], typer.Option(help="validated, published or both")] = None,  # noqa: UP045
+    out: Annotated[Optional[Path], typer.Option(help="results folder (resumable)")] = None,  # noqa: UP045
+    devices: Annotated[Optional[str], typer.Option(help="run independent jobs on these devices, e.g. cuda:0,cuda:1")] = None,  # noqa: UP045,E501
+    tune: Annotated[Optional[list[str]], typer.Option(help="validated protocol: key=v1,v2 to choose on validation")] = None,  # noqa: UP045,E501
+) -> None:
+    """Reproduce a paper table or figure; writes Markdown, CSV, JSON and PNG reports."""
+    from .config import find_config
+    from .experiments import parse_grid, run_experiment
+
+    exp = run_experiment(name, find_config(config) if config else None, seeds, protocol, out, overrides or [],
+                         devices=devices, tune=parse_grid(tune) if tune else None)
+    md = [f for f in exp.files if str(f).endswith(".md")]
+    if md:
+        typer.echo(Path(md[0]).read_text())
+    typer.echo(f"reports in {exp.out_dir}")
+
+
+# ---------------------------------------------------------------------------------------------- predict / explain
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Option("--run", help="run directory of a trained model")],
+    inputs: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    top_k: Annotated[int, typer.Option(help="classes to list per image")] = 5,
+    classes: Annotated[Optional[Path], typer.Option(help="CSV or JSON of classes given by attribute vectors")] = None,  # noqa: UP045,E501
+    only_new: Annotated[bool, typer.Option(help="with --classes: drop the trained classes")] = False,
+    fill: Annotated[Optional[float], typer.Option(help="with --classes: value of attributes a class omits")] = None,  # noqa: UP045,E501
+    backbone: Annotated[Optional[str], typer.Option(help="backbone for runs trained on precomputed features")] = None,  # noqa: UP045,E501
+    l_e: Annotated[Optional[float], typer.Option(help="cExp/fExp mix (default: the run's)")] = None,  # noqa: UP045
+    gamma: Annotated[Optional[float], typer.Option(help="calibration (default: the run's)")] = None,  # noqa: UP045
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    recursive: Annotated[bool, typer.Option(help="search folders recursively")] = False,
+) -> None:
+    """Top-k classes for images, each with the attributes that contributed most."""
+    from .predict import Predictor, format_table, load_class_definitions, predictions_to_json
+
+    predictor = Predictor.from_run(run, backbone=backbone)
+    if classes is not None:
+        names, att = load_class_definitions(classes, predictor.attribute_names, fill=fill)
+        predictor = predictor.with_classes(names, att, include_trained=not only_new)
+    preds = predictor.predict_images([str(p) for p in inputs], top_k=top_k, l_e=l_e, gamma=gamma,
+                                     recursive=recursive)
+    typer.echo(predictions_to_json(preds) if as_json else format_table(preds))
+
+
+@app.command()
+def explain(
+    run: Annotated[Path, typer.Option("--run", help="run directory of a trained model")],
+    image: Annotated[Path, typer.Argument(help="an image file")],
+    attribute: Annotated[Optional[list[str]], typer.Option("--attribute", "-a", help="attribute names (repeatable)")] = None,  # noqa: UP045,E501
+    top: Annotated[int, typer.Option(help="without --attribute: the top attributes of the predicted class")] = 4,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
+    class_name: Annotated[Optional[str], typer.Option("--class", help="explain this class instead of the prediction")] = None,  # noqa: UP045,E501
+    backbone: Annotated[Optional[str], typer.Option(help="backbone for runs trained on precomputed features")] = None,  # noqa: UP045,E501
+) -> None:
+    """Per-attribute region attention of both experts over an image (PNG), channel attention summarised."""
+    from .explain import explain_image
+    from .predict import Predictor
+
+    predictor = Predictor.from_run(run, backbone=backbone)
+    paths = explain_image(predictor, image, attributes=attribute, top=top, out_dir=out, class_name=class_name)
+    for p in paths:
+        typer.echo(str(p))
+
+
 def main() -> None:
     """Console entry point: library errors become one clear line and exit status 2."""
     try:

@@ -117,6 +117,7 @@ class EvalConfig:
     curve_points: int = 200  # gamma values traced for the seen-unseen curve
     batch_size: int = 200
     protocol: str = "validated"  # validated | published
+    plots: bool = True  # write the seen-unseen curve PNG of each run
 
 
 @dataclass

@@ -55,9 +55,9 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, reports
 from .checkpoint import atomic_write_text
-from .config import RunConfig, config_from_dict, config_to_dict, load_config
+from .config import RunConfig, apply_overrides, config_to_dict, load_config
 from .data import ZSLData
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluation import ausuc, seen_unseen_curve
@@ -74,6 +74,7 @@ __all__ = [
     "PROTOCOLS",
     "TABLE3_ROWS",
     "ExperimentResult",
+    "Job",
     "Row",
     "RunResult",
     "calibration",
@@ -82,7 +83,10 @@ __all__ = [
     "figure5",
     "parse_devices",
     "parse_grid",
+    "read_grid",
     "run_experiment",
+    "run_job",
+    "run_jobs",
     "table1",
     "table3",
 ]
@@ -211,25 +215,11 @@ class ExperimentResult:
 # ============================================================================================ configs
 def _with_overrides(cfg: RunConfig, overrides: Sequence[str], origin: str) -> RunConfig:
     """``cfg`` with ``dotted.key=value`` overrides applied and checked (ConfigError names the key)."""
-    if not overrides:
-        return cfg
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"{origin}: override {bad[0]!r} must look like dotted.key=value")
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if not _has_key(key):
+        if "=" in item and not _has_key(key):
             raise ConfigError(f"{origin}: {key!r} is not a setting of RunConfig")
-    try:
-        merged = OmegaConf.merge(OmegaConf.create(config_to_dict(cfg)), OmegaConf.from_dotlist(list(overrides)))
-        data = OmegaConf.to_container(merged)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{origin}: {str(exc).splitlines()[0]}") from None
-    assert isinstance(data, dict)
-    return config_from_dict(data, origin)
+    return apply_overrides(cfg, overrides, origin)
 
 
 def _has_key(dotted: str) -> bool:
@@ -452,19 +442,29 @@ def _check_validation(cfg: RunConfig, seed: int) -> None:
 
 # ============================================================================================ one job
 @dataclass
-class _Job:
-    """One (row, protocol, seed) run, in plain picklable fields (sent to worker processes)."""
+class Job:
+    """One (row, protocol, seed) job of an experiment, picklable (sent to worker processes as it is).
+
+    Attributes:
+        row, protocol, seed: what to run.
+        config: the row's resolved config at this seed.
+        folder: the job folder (``OUT/runs/<row>/<protocol>/seed-<s>``).
+        eval_grid: validated protocol: evaluation-time settings to choose from saved outputs.
+        train_combos: validated protocol: training-setting override combinations, one validation run each.
+        sweep: evaluation-time axis -> values to score from the reported model's outputs (Figure 3).
+    """
 
     row: Row
     protocol: str
     seed: int
-    config: RunConfig  # the row's resolved config at this seed
+    config: RunConfig
     folder: str
     eval_grid: dict[str, list[float]]
     train_combos: list[tuple[str, ...]]
-    sweep: dict[str, list[float]]  # evaluation-time axis -> values (Figure 3), may be empty
+    sweep: dict[str, list[float]]
 
     def hash(self) -> str:
+        """The job's identity: its config (without device, progress, name, output_dir), protocol and grids."""
         return _hash({"config": _stable(config_to_dict(self.config), UNHASHED_KEYS), "protocol": self.protocol,
                       "eval_grid": self.eval_grid, "train_combos": self.train_combos, "sweep": self.sweep,
                       "row": asdict(self.row)})
@@ -562,7 +562,7 @@ def _train_stage(cfg: RunConfig, data: ZSLData, run_dir: Path,
             handler.close()
 
 
-def _stage_config(cfg: RunConfig, job: _Job, stage: str, combo: Sequence[str], changes: Mapping[str, Any]) -> RunConfig:
+def _stage_config(cfg: RunConfig, job: Job, stage: str, combo: Sequence[str], changes: Mapping[str, Any]) -> RunConfig:
     """The config of one trainer run: a tuned training-setting combination, then the protocol's settings."""
     # Location-independent name and output_dir: the trainer compares them when a run is resumed.
     rel = f"runs/{job.row.key}/{job.protocol}/seed-{job.seed}/{stage}"
@@ -581,7 +581,7 @@ def _sweep_points(sweep: Mapping[str, Sequence[float]], l_rc: float,
     return out
 
 
-def _run_published(job: _Job, cfg: RunConfig, folder: Path) -> RunResult:
+def _run_published(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
     calib = cfg.eval.calibration if cfg.eval.calibration not in ("auto", "validated") else "auto"
     scfg = _stage_config(cfg, job, "train", (), {"data.split": "test", "train.eval_every": 1,
                                                  "eval.protocol": "published", "eval.calibration": calib})
@@ -628,7 +628,7 @@ def _check_selected(run_dir: Path, epoch: int) -> None:
                               f"{run_dir} to retrain that stage")
 
 
-def _run_validated(job: _Job, cfg: RunConfig, folder: Path) -> RunResult:
+def _run_validated(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
     fixed = cfg.eval.calibration not in ("auto", "validated")
     calibration: float | str = float(cfg.eval.calibration) if fixed else "best"
     lrcs = job.eval_grid.get("model.l_rc", [cfg.model.l_rc])
@@ -675,7 +675,7 @@ def _run_validated(job: _Job, cfg: RunConfig, folder: Path) -> RunResult:
                      str(folder), outputs, points_out, trainer.model.n_clusters)
 
 
-def _validate_stage(job: _Job, cfg: RunConfig, folder: Path, tune_points: list[tuple[float, float]],
+def _validate_stage(job: Job, cfg: RunConfig, folder: Path, tune_points: list[tuple[float, float]],
                     calibration: float | str) -> dict[str, Any]:
     """Run 1 of the validated protocol: one validation run per training combination; choose the best."""
     candidates = []
@@ -701,7 +701,7 @@ def _validate_stage(job: _Job, cfg: RunConfig, folder: Path, tune_points: list[t
                             "l_e": c[0]["l_e"], "H": c[0]["H"]} for c in candidates]}
 
 
-def run_job(job: _Job, device: str | None = None) -> RunResult:
+def run_job(job: Job, device: str | None = None) -> RunResult:
     """Run one (row, protocol, seed) job, or return its finished result.
 
     Raises:
@@ -751,11 +751,11 @@ def _init_worker(queue: Any) -> None:
     _WORKER_DEVICE = queue.get()
 
 
-def _worker_run(job: _Job) -> RunResult:
+def _worker_run(job: Job) -> RunResult:
     return run_job(job, _WORKER_DEVICE)
 
 
-def run_jobs(jobs: Sequence[_Job], devices: Sequence[str] | None = None) -> list[RunResult]:
+def run_jobs(jobs: Sequence[Job], devices: Sequence[str] | None = None) -> list[RunResult]:
     """Run independent jobs: in this process one after another (``devices`` None), or one worker process
     per device (spawn context) taking jobs as it frees up. Results come back in job order.
 
@@ -801,9 +801,15 @@ def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[in
          sweep: Mapping[str, Sequence[Any]] | None = None) -> ExperimentResult:
     """Resolve, check everything, claim the results folder, then run every (row, protocol, seed) job."""
     base = _resolve_config(cfg, overrides)
+    if base.train.epochs < 1:
+        raise ConfigError(f"{name}: train.epochs must be at least 1 (the protocols choose among epochs), "
+                          f"got {base.train.epochs}")
     protocols = _protocols(protocol, base)
     seed_list = _seed_list(seeds, base.seed)
     eval_grid, combos, tune_norm = _check_grid(base, tune)
+    if tune and "validated" not in protocols:
+        raise ConfigError(f"{name}: a tune grid is chosen on the validation split, so it needs the validated "
+                          "protocol; the published protocol uses the configured settings")
     sweep_grid = _check_grid(base, sweep, eval_only=True)[0] if sweep else {}
     device_list = parse_devices(devices)
     row_list = list(rows(base) if callable(rows) else rows)
@@ -822,7 +828,7 @@ def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[in
     for row in row_list:
         for proto in protocols:
             for seed in seed_list:
-                jobs.append(_Job(row, proto, seed, _set(row_cfgs[row.key], {"seed": seed}),
+                jobs.append(Job(row, proto, seed, _set(row_cfgs[row.key], {"seed": seed}),
                                  str((out / "runs" / row.key / proto / f"seed-{seed}").resolve()),
                                  eval_grid if proto == "validated" else {},
                                  combos if proto == "validated" else [()], sweep_grid))
@@ -839,8 +845,6 @@ def table1(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int]
     """Paper Table 1 row: T, U, S, H (and AUSUC) of DEDN on the config's dataset, under both protocols by
     default, mean +- std over ``seeds``; reports ``table1.*`` in ``out_dir``."""
     exp = _run("table1", cfg, seeds, protocol, out_dir, overrides, [Row("dedn", "DEDN")], devices, tune)
-    from . import reports
-
     exp.files = reports.report_table1(exp)
     return exp
 
@@ -851,8 +855,6 @@ def table3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int]
            rows: Sequence[Row] = TABLE3_ROWS) -> ExperimentResult:
     """Paper Table 3: the seven ablation rows (:data:`TABLE3_ROWS`), T, U, S, H each; reports ``table3.*``."""
     exp = _run("table3", cfg, seeds, protocol, out_dir, overrides, rows, devices, tune)
-    from . import reports
-
     exp.files = reports.report_table3(exp)
     return exp
 
@@ -871,8 +873,6 @@ def figure3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
     grid = grid if grid is not None else {"model.l_e": FIGURE3_VALUES, "model.l_rc": FIGURE3_VALUES}
     exp = _run("figure3", cfg, seeds, protocol, out_dir, overrides, [Row("dedn", "DEDN")], devices, tune,
                sweep=grid)
-    from . import reports
-
     exp.files = reports.report_figure3(exp)
     return exp
 
@@ -895,8 +895,6 @@ def figure5(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
     and against the half variant, neighbours merged (b); H and T (and S, U) reported, bar charts drawn."""
     exp = _run("figure5", cfg, seeds, protocol, out_dir, overrides, _figure5_rows, devices, tune)
     exp.extra["n_clusters"] = {r.row: r.n_clusters for r in exp.runs}
-    from . import reports
-
     exp.files = reports.report_figure5(exp)
     return exp
 
@@ -924,8 +922,6 @@ def calibration(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence
                 "S_on_grid": _s_on_u_grid(s, u, grid_u)})
     exp.extra["curves"] = curves
     exp.extra["u_grid"] = grid_u
-    from . import reports
-
     exp.files = reports.report_calibration(exp)
     return exp
 

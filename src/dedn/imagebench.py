@@ -105,8 +105,8 @@ class ImageBenchConfig:
 
     # class structure: classes are families of close relatives
     family_size: int = 4  # classes per family (share a base attribute combination)
-    family_mutations: int = 3  # changes made to the family's base for each class
-    p_color_swap: float = 0.5  # chance that a change swaps two parts' colours (same colours, other parts)
+    family_mutations: int = 2  # changes made to the family's base for each class
+    p_color_swap: float = 0.6  # chance that a change swaps two parts' colours (same colours, other parts)
     min_class_distance: int = 2  # dominant values of any two classes differ in at least this many groups
     p_secondary: float = 0.3  # chance that a class's group has a second value
     secondary_weight: tuple[float, float] = (0.15, 0.4)  # probability range of that second value
@@ -117,7 +117,7 @@ class ImageBenchConfig:
     position_jitter: float = 0.8  # 0: centred; 1: anywhere the creature fits in the frame
     color_jitter: float = 18.0  # std of per-part RGB jitter (0..255 units)
     lighting_jitter: float = 0.15  # global brightness factor drawn from 1 +- this
-    clutter: float = 1.5  # mean number of distractor blobs (palette colours) in the background
+    clutter: float = 2.0  # mean number of distractor blobs (palette colours) in the background
     occlusion_prob: float = 0.15  # chance of a foreground occluder overlapping the creature
     noise: float = 6.0  # std of Gaussian pixel noise (0..255 units)
 
@@ -646,7 +646,7 @@ def _render_creature(v: dict[str, str], cfg: ImageBenchConfig, rng: np.random.Ge
 
     # Pose: local units -> pixels by rotation, optional mirror (facing left), scale and translation.
     layers = _creature_layers(v, cfg, rng)
-    scale = {"small": 0.55, "medium": 0.7, "large": 0.85}[v["size"]] * size
+    scale = {"small": 0.68, "medium": 0.84, "large": 1.0}[v["size"]] * size
     scale *= np.exp(rng.normal(0, cfg.scale_jitter))
     angle = rng.normal(0, np.deg2rad(cfg.pose_jitter_deg))
     flip = -1.0 if rng.random() < 0.5 else 1.0

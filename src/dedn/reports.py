@@ -380,14 +380,17 @@ def report_figure3(exp: ExperimentResult) -> list[Path]:
           "retrained. Validated: each point's gamma is chosen on the validation outputs of the selected epoch, "
           "then the test outputs are scored once. Published: best value over training epochs at the fixed "
           "calibration.", ""]
-    for axis in exp.extra.get("sweep", {}):
-        md += [f"### {axis}", ""]
-        md.append(_md_table([axis, *(f"{m} ({p})" for p in exp.protocols for m in ("H", "T"))],
-                            [[f"{v:g}", *(_fmt(r[m]["mean"], r[m]["std"]) for p in exp.protocols
-                                          for r in sweep if r["protocol"] == p and r["axis"] == axis
-                                          and r["value"] == v for m in ("H", "T"))]
-                             for v in dict.fromkeys(r["value"] for r in sweep if r["axis"] == axis)]))
-        md.append("")
+    at = {(r["protocol"], r["axis"], r["value"]): r for r in sweep}
+    for axis, values in exp.extra.get("sweep", {}).items():
+        rows = []
+        for v in values:
+            cells = [f"{v:g}"]
+            for proto in exp.protocols:
+                r = at[(proto, axis, float(v))]
+                cells += [_fmt(r["H"]["mean"], r["H"]["std"]), _fmt(r["T"]["mean"], r["T"]["std"])]
+            rows.append(cells)
+        md += [f"### {axis}", "", _md_table([axis, *(f"{m} ({p})" for p in exp.protocols for m in ("H", "T"))], rows),
+               ""]
     files, _ = _metric_report(exp, f"Figure 3: sensitivity to l_e and l_rc on {exp.dataset}", None, "",
                               extra_md=md, extra_json={"sweep": sweep})
     files.append(_write_csv(exp.out_dir / "figure3_sweep.csv",

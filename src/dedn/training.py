@@ -153,7 +153,7 @@ def evaluate_outputs(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.nda
 
 
 def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra: dict[str, Any],
-                     prefix: str = "") -> dict[str, Any]:
+                     prefix: str = "", plots: bool = True) -> dict[str, Any]:
     """metrics.json, per_class.csv, seen_unseen_curve.csv/.png and the saved outputs, into ``folder``."""
     from .evaluation import plot_seen_unseen_curve
 
@@ -165,13 +165,22 @@ def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra
                                      ev.unseen.labels, ev.seen_mask)
     np.savetxt(folder / f"{prefix}seen_unseen_curve.csv", np.column_stack([gammas, s * 100, u * 100]),
                delimiter=",", header="gamma,S,U", comments="", fmt="%.6g")
-    plot_seen_unseen_curve({"DEDN": (s, u)}, folder / f"{prefix}seen_unseen_curve.png")
+    if plots:
+        plot_seen_unseen_curve({"DEDN": (s, u)}, folder / f"{prefix}seen_unseen_curve.png")
     ev.seen.save(folder / f"{prefix}outputs_test_seen.npz")
     ev.unseen.save(folder / f"{prefix}outputs_test_unseen.npz")
     return json.loads((folder / f"{prefix}metrics.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config without the settings a run may change when it is resumed (device, progress bar)."""
+    out = json.loads(json.dumps(cfg))
+    for key in ("device", "progress"):
+        out.get("train", {}).pop(key, None)
+    return out
+
+
 @dataclass
 class TrainResult:
     """What a finished run produced."""
@@ -246,7 +255,7 @@ class Trainer:
         resolved = config_to_dict(self.cfg)
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
-            if old != resolved:
+            if _comparable(old) != _comparable(resolved):
                 raise ConfigError(f"{cfg_file}: this run directory was made with another config; use a new "
                                   "output directory or resume with the same config")
         else:
@@ -326,6 +335,9 @@ class Trainer:
         self.optimizer.step()
         return terms.items()
 
+    def on_evaluate(self, epoch: int, evaluation: Evaluation) -> None:
+        """Called after each evaluation during :meth:`fit` (a hook for protocols and callbacks)."""
+
     def evaluate(self, progress: bool = False) -> Evaluation:
         return evaluate_model(self.model, self.data, calibration_value(self.cfg, self.data),
                               self.cfg.eval.batch_size, self.device, progress)
@@ -373,6 +385,7 @@ class Trainer:
                 if (t.eval_every and (epoch + 1) % t.eval_every == 0) or final:
                     last_eval = self.evaluate()
                     row.update(last_eval.summary())
+                    self.on_evaluate(epoch, last_eval)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", H=f"{row['H']:.1f}", epoch=epoch)
                 self.history.append(row)
                 log.info(json.dumps(row))
@@ -381,13 +394,21 @@ class Trainer:
                         fh.write(json.dumps(row) + "\n")
                 if (t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0) or final:
                     self._checkpoint(epoch)
+            if last_eval is None:
+                last_eval = self.evaluate()
+            metrics = self._finish(last_eval)
         finally:
             bar.close()
             pool.shutdown(wait=True)
-        if last_eval is None:
-            last_eval = self.evaluate()
-        metrics = self._finish(last_eval)
+            self._close_log()
         return TrainResult(self.run_dir, self.model, self.history, metrics, self.losses)
+
+    def _close_log(self) -> None:
+        handler = getattr(self, "_log_handler", None)
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+            self._log_handler = None
 
     def _finish(self, ev: Evaluation) -> dict[str, Any]:
         extra = self.report_extra()
@@ -401,10 +422,7 @@ class Trainer:
         write_class_file(self.run_dir, self.data, calibration=ev.gamma)
         if "backbone" in self.data.provenance and "image_size" in self.data.provenance:
             write_feature_provenance(self.run_dir, self.data.provenance)
-        metrics = write_evaluation(ev, self.run_dir, self.data.class_names, extra)
-        log.removeHandler(self._log_handler)
-        self._log_handler.close()
-        return metrics
+        return write_evaluation(ev, self.run_dir, self.data.class_names, extra, plots=self.cfg.eval.plots)
 
     def report_extra(self) -> dict[str, Any]:
         best_h = max((h for h in self.history if "H" in h), key=lambda h: h["H"], default=None)

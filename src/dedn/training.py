@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,9 +45,11 @@ log = logging.getLogger("dedn")
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU."""
+    """``auto`` picks CUDA when available (under torchrun the process's ``LOCAL_RANK`` GPU), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available")
     return torch.device(name)
@@ -210,8 +213,27 @@ def calibration_value(cfg: RunConfig, data: ZSLData) -> float | str:
     return float(value)
 
 
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): joins the torch.distributed group that ``torchrun`` describes in the environment.
+
+    Outside torchrun (no ``WORLD_SIZE`` > 1) training runs in this one process: (0, 1).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 class Trainer:
     """Train one DEDN model.
+
+    Under ``torchrun --nproc_per_node N`` each process takes 1/N of every batch and the gradients are
+    averaged by DistributedDataParallel, which for the paper-mode losses (all batch means) is the same
+    update as one process on the whole batch; rank 0 evaluates and writes the run directory.
 
     Args:
         cfg: the run configuration.
@@ -230,6 +252,13 @@ class Trainer:
             raise ConfigError(f"train.dtype must be float32 or float64, got {cfg.train.dtype!r}")
         self.dataset = dataset_name(cfg, self.data)
         self.model = (model if model is not None else build_model(cfg, self.data)).to(self.device, self.dtype)
+        self.rank, self.world = init_distributed(self.device)
+        self.forward = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         params = [p for p in self.model.parameters() if p.requires_grad]
         t = cfg.train
         self.optimizer = torch.optim.RMSprop(params, lr=t.lr, alpha=t.alpha, eps=t.eps,
@@ -238,13 +267,14 @@ class Trainer:
                                     cfg.seed)
         self.iters_per_epoch = t.iters_per_epoch or max(self.data.trainval_loc.size // t.batch_size, 1)
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.writer = self.rank == 0  # only rank 0 writes the run directory
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.losses: list[float] = []
         self._check_features()
         self.features = self._features_on_device()
         self.seen_mask_t = torch.as_tensor(self.data.seen_mask, device=self.device)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writer:
             self._open_run_dir()
 
     # -------------------------------------------------------------------------- run directory
@@ -311,7 +341,7 @@ class Trainer:
         return True
 
     def _checkpoint(self, epoch: int) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.writer:
             return
         state = {"epoch": epoch, "history": self.history, "losses": self.losses, "version": __version__}
         save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, state)
@@ -325,15 +355,27 @@ class Trainer:
             self.data.check_features_finite(index)  # names the images
         y = torch.as_tensor(self.data.labels[index], device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(x)
+        out = self.forward(x)
         terms = dedn_loss(out, y, self.seen_mask_t, self.cfg.loss, self.cfg.mode, self.dataset,
                           self.model.calibration_bias())
-        if not torch.isfinite(terms.total):
+        finite = torch.isfinite(terms.total.detach()).to(torch.float32)
+        if self.world > 1:  # every rank must stop together, or the others hang in the gradient all-reduce
+            import torch.distributed as dist
+
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
             raise TrainingError(f"the loss became {float(terms.total.detach())} ({terms.items()}); training stopped "
                                 "before the update")
         terms.total.backward()
         self.optimizer.step()
-        return terms.items()
+        items = terms.items()
+        if self.world > 1:  # log the loss of the whole batch, as one process would
+            import torch.distributed as dist
+
+            loss = torch.tensor([items["loss"]], dtype=torch.float64)
+            dist.all_reduce(loss)
+            items["loss"] = float(loss) / self.world
+        return items
 
     def on_evaluate(self, epoch: int, evaluation: Evaluation) -> None:
         """Called after each evaluation during :meth:`fit` (a hook for protocols and callbacks)."""
@@ -350,7 +392,7 @@ class Trainer:
             total_iters = min(total_iters, t.max_iters)
         done = self.start_epoch * self.iters_per_epoch
         bar = tqdm(total=total_iters, initial=min(done, total_iters), desc="training", unit="it",
-                   disable=not t.progress, dynamic_ncols=True)
+                   disable=not (t.progress and self.writer), dynamic_ncols=True)
         pool = ThreadPoolExecutor(max_workers=1)  # reads the next batch while this one computes
         last_eval: Evaluation | None = None
         try:
@@ -361,6 +403,7 @@ class Trainer:
                 n = min(len(batches), total_iters - done)
                 epoch_losses: list[float] = []
                 started = time.perf_counter()
+                batches = [b[self.rank :: self.world] for b in batches]  # this process's share of each batch
                 pending = pool.submit(self._host_batch, batches[0]) if n else None
                 for i in range(n):
                     assert pending is not None
@@ -382,21 +425,23 @@ class Trainer:
                 row: dict[str, Any] = {"epoch": epoch, "loss": mean_loss,
                                        "seconds": round(time.perf_counter() - started, 3)}
                 final = epoch == t.epochs - 1 or done >= total_iters
-                if (t.eval_every and (epoch + 1) % t.eval_every == 0) or final:
+                if self.writer and ((t.eval_every and (epoch + 1) % t.eval_every == 0) or final):
                     last_eval = self.evaluate()
                     row.update(last_eval.summary())
                     self.on_evaluate(epoch, last_eval)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", H=f"{row['H']:.1f}", epoch=epoch)
                 self.history.append(row)
                 log.info(json.dumps(row))
-                if self.run_dir is not None:
+                if self.run_dir is not None and self.writer:
                     with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as fh:
                         fh.write(json.dumps(row) + "\n")
                 if (t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0) or final:
                     self._checkpoint(epoch)
-            if last_eval is None:
-                last_eval = self.evaluate()
-            metrics = self._finish(last_eval)
+            metrics: dict[str, Any] = {}
+            if self.writer:
+                if last_eval is None:
+                    last_eval = self.evaluate()
+                metrics = self._finish(last_eval)
         finally:
             bar.close()
             pool.shutdown(wait=True)
@@ -411,6 +456,7 @@ class Trainer:
             self._log_handler = None
 
     def _finish(self, ev: Evaluation) -> dict[str, Any]:
+        """Final weights, class file, metrics and outputs (rank 0)."""
         extra = self.report_extra()
         if self.run_dir is None:
             out = ev.result.to_dict(percent=True)

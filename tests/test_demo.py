@@ -1,0 +1,41 @@
+"""The out-of-the-box demo, at a tiny size: every stage runs and writes its files; the cache is reused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dedn.demo import format_demo, run_demo
+
+TINY_DEMO = [
+    "data.imagebench.n_classes=10",
+    "data.imagebench.n_unseen=3",
+    "data.imagebench.n_val=2",
+    "data.imagebench.images_per_class=8",
+    "data.imagebench.image_size=64",
+    "train.epochs=2",
+    "train.iters_per_epoch=2",
+    "train.batch_size=16",
+    "train.progress=false",
+]
+
+
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    overrides = [*TINY_DEMO, f"data.cache_dir={tmp_path / 'cache'}"]
+    result = run_demo(None, overrides, tmp_path / "demo", progress=False)
+    rows = result["rows"]
+    assert set(rows) == {"DEDN", "cExp only", "fExp only", "w/o channel attention", "w/o MAL",
+                         "ESZSL (pooled features)"}
+    for m in rows.values():
+        assert set(m) == {"T", "U", "S", "H"} and all(0 <= v <= 100 for v in m.values())
+    saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert saved["rows"] == rows and saved["units"] == "percent"
+    assert (tmp_path / "demo" / "seen_unseen_curve.png").is_file()
+    assert all(Path(p).is_file() for p in result["files"]["heatmaps"])
+    for expert in ("cexp", "fexp"):
+        loc = result["localisation"][expert]
+        assert 0 <= loc["overall"] <= 100 and 0 < loc["chance"] < 100
+    assert "DEDN" in format_demo(result)
+    # A second run reuses the cached features and the finished runs: the same numbers.
+    again = run_demo(None, overrides, tmp_path / "demo", progress=False)
+    assert again["rows"] == rows

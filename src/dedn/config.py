@@ -104,6 +104,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations (0: only at the end)
     checkpoint_every: int = 1  # epochs between checkpoints
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # CPU threads for this process (None: torch's default); 1 suits small models
     dtype: str = "float32"
     progress: bool = True
     max_iters: int | None = None  # stop after this many iterations (smoke tests, benchmarks)

@@ -98,7 +98,7 @@ EVAL_TIME_KEYS = ("model.l_rc", "model.l_e")
 PROTOCOL_KEYS = ("seed", "data.split", "train.epochs", "train.eval_every", "eval.protocol", "eval.calibration",
                  "name", "output_dir", "train.device", "train.progress")
 #: Settings that do not change a run's result; ignored when comparing configs of a resumed run.
-VOLATILE_KEYS = ("train.device", "train.progress")
+VOLATILE_KEYS = ("train.device", "train.progress", "train.threads")
 #: Keys left out of config hashes: they change neither a result nor where it is stored.
 UNHASHED_KEYS = (*VOLATILE_KEYS, "name", "output_dir")
 #: Figure 3's grid: 0, 0.1, ..., 1.

@@ -179,7 +179,7 @@ def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """A resolved config without the settings a run may change when it is resumed (device, progress bar)."""
     out = json.loads(json.dumps(cfg))
-    for key in ("device", "progress"):
+    for key in ("device", "progress", "threads"):
         out.get("train", {}).pop(key, None)
     return out
 
@@ -245,6 +245,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, data: ZSLData | None = None, run_dir: str | Path | None = None,
                  model: DEDN | None = None) -> None:
         self.cfg = cfg
+        if cfg.train.threads:
+            # Process-wide: small models lose more to thread synchronisation than they gain.
+            torch.set_num_threads(cfg.train.threads)
         self.data = data if data is not None else load_data(cfg)
         self.device = resolve_device(cfg.train.device)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.train.dtype)

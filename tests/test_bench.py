@@ -14,9 +14,9 @@ TINY = BenchShape("tiny", n_channels=32, height=3, width=2, n_attributes=12, n_c
 
 KEYS = {
     "preset", "shape", "mode", "implementation", "dtype", "device", "torch_version", "threads", "cpu_count",
-    "repeats", "warmup", "gemm_size", "gemm_gflops", "flops_per_step", "step_seconds", "step_seconds_all",
-    "achieved_gflops", "efficiency", "naive_step_seconds", "naive_step_seconds_all", "speedup", "peak_rss_gb_fast",
-    "peak_rss_gb", "peak_device_memory_gb", "loadavg_before", "loadavg_after",
+    "repeats", "warmup", "gemm_size", "gemm_gflops", "gemm_gflops_before_after", "flops_per_step", "step_seconds",
+    "step_seconds_all", "achieved_gflops", "efficiency", "naive_step_seconds", "naive_step_seconds_all", "speedup",
+    "peak_rss_gb_fast", "peak_rss_gb", "peak_device_memory_gb", "loadavg_before", "loadavg_after", "other_cpu",
 }
 
 
@@ -32,6 +32,9 @@ def test_run_bench_tiny_report() -> None:
     assert res["shape"]["cluster_sizes"] == [4, 4, 4] and res["shape"]["n_regions"] == 6
     assert res["shape"]["batch_size"] == 4 and res["repeats"] == 2 and len(res["step_seconds_all"]) == 2
     assert len(res["naive_step_seconds_all"]) == 2
+    assert res["gemm_gflops"] == max(res["gemm_gflops_before_after"])
+    assert set(res["other_cpu"]) == {"gemm", "fast", "naive"} and len(res["other_cpu"]["fast"]) == 2
+    assert all(x is None or 0 <= x for x in res["other_cpu"]["fast"])
     for key in ("step_seconds", "naive_step_seconds", "gemm_gflops", "speedup", "efficiency", "peak_rss_gb"):
         assert res[key] > 0, key
     assert res["efficiency"] == pytest.approx(res["flops_per_step"] / (res["gemm_gflops"] * 1e9)

@@ -3,7 +3,8 @@
 :func:`run_bench` builds a DEDN at a preset's real shapes (CUB, SUN, AWA2: C = 2048, the real attribute
 clusters, G = 300, batch 50) with random non-negative features, and times, in one process:
 
-- the machine's float32 matrix-product rate (``gemm_gflops``: best of several large square products);
+- the machine's float32 matrix-product rate (``gemm_gflops``: best of several large square products, measured
+  before and after the steps);
 - a full training step of :class:`~dedn.model.DEDN` (forward, :func:`~dedn.losses.dedn_loss`, backward,
   RMSprop step), median over ``repeats`` after warm-up;
 - the same step with :func:`~dedn.naive.naive_forward` (same parameters), the one-pass-per-sub-network
@@ -119,17 +120,58 @@ def gemm_gflops(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.f
     return 2.0 * size**3 / best / 1e9
 
 
-def _time(step: Callable[[], None], repeats: int, warmup: int, device: torch.device) -> list[float]:
+class _OtherLoad:
+    """Share of the machine's CPU capacity that *other* processes used over an interval (Linux: /proc).
+
+    On a shared machine this says whether a timing can be trusted: a step timed while others kept a core
+    busy can take several times longer (an OpenMP thread that loses its core stalls the other at every
+    barrier). None where /proc is not available.
+    """
+
+    def __init__(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> int | None:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:9]]
+            return v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
+        except (OSError, ValueError, IndexError):
+            return None
+
+    @staticmethod
+    def _own() -> int | None:
+        try:
+            with open("/proc/self/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])  # utime + stime of all our threads
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def share(self) -> float | None:
+        busy, own, wall = self._busy(), self._own(), time.perf_counter() - self.t0
+        if None in (busy, own, self.busy0, self.own0) or wall <= 0:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK") * wall * (os.cpu_count() or 1)
+        return max(0.0, ((busy - self.busy0) - (own - self.own0)) / ticks)  # type: ignore[operator]
+
+
+def _time(step: Callable[[], None], repeats: int, warmup: int,
+          device: torch.device) -> tuple[list[float], list[float | None]]:
+    """Wall seconds of each timed step and the other processes' CPU share during it."""
     for _ in range(warmup):
         step()
-    times = []
+    times, others = [], []
     for _ in range(repeats):
         _sync(device)
+        load = _OtherLoad()
         t0 = time.perf_counter()
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return times
+        others.append(load.share())
+    return times, others
 
 
 def _peak_rss_gb() -> float:
@@ -173,7 +215,9 @@ def run_bench(
         ``naive_step_seconds_all``, ``speedup`` (naive / fast), ``gemm_gflops``, ``flops_per_step``,
         ``achieved_gflops``, ``efficiency`` (flops_per_step / gemm rate / step time), ``peak_rss_gb``
         (whole run) and ``peak_rss_gb_fast`` (before the naive step ran), ``peak_device_memory_gb`` (CUDA),
-        the shapes, ``torch_version``, ``threads``, ``loadavg_before`` / ``loadavg_after``.
+        the shapes, ``torch_version``, ``threads``, ``loadavg_before`` / ``loadavg_after`` and ``other_cpu``:
+        the share of the machine's CPU that other processes used during the gemm measurement and each timed
+        step (Linux; above a few percent the timings are not trustworthy).
     """
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -225,12 +269,17 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
 
         return step
 
+    load = _OtherLoad()
     gflops = gemm_gflops(gemm_size, dtype=dtype, device=device)
+    other_gemm = load.share()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    fast = _time(make_step(lambda m, x: m(x)), repeats, warmup, device)
+    fast, other_fast = _time(make_step(lambda m, x: m(x)), repeats, warmup, device)
     rss_fast = _peak_rss_gb()
-    naive_times = _time(make_step(naive_forward), repeats, warmup, device) if naive else []
+    naive_times, other_naive = _time(make_step(naive_forward), repeats, warmup, device) if naive else ([], [])
+    # The rate drifts (clock, neighbours): measure again afterwards and take the better one.
+    gflops_after = gemm_gflops(gemm_size, dtype=dtype, device=device)
+    gflops_before, gflops = gflops, max(gflops, gflops_after)
 
     step_s = statistics.median(fast)
     flops = step_flops(d, c, r, g, batch_size)
@@ -249,6 +298,7 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
         "warmup": warmup,
         "gemm_size": gemm_size,
         "gemm_gflops": gflops,
+        "gemm_gflops_before_after": [gflops_before, gflops_after],
         "flops_per_step": flops,
         "step_seconds": step_s,
         "step_seconds_all": fast,
@@ -261,6 +311,7 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
         "peak_rss_gb": _peak_rss_gb(),
         "peak_device_memory_gb": (torch.cuda.max_memory_allocated(device) / 1024**3
                                   if device.type == "cuda" else None),
+        "other_cpu": {"gemm": other_gemm, "fast": other_fast, "naive": other_naive},
         "loadavg_before": list(load_before),
         "loadavg_after": list(os.getloadavg()),
     }
@@ -283,13 +334,20 @@ def format_bench(result: dict[str, Any]) -> str:
         ("fast step", f"{num(result['step_seconds'], '.3f')} s (median of {result['repeats']})"),
         ("naive step", f"{num(result['naive_step_seconds'], '.3f')} s"),
         ("speedup", f"{num(result['speedup'], '.2f')}x"),
-        ("matrix rate", f"{result['gemm_gflops']:.1f} GFLOP/s ({result['gemm_size']}^2 product, best of 5)"),
+        ("matrix rate", f"{result['gemm_gflops']:.1f} GFLOP/s ({result['gemm_size']}^2 product, best of 5 "
+                        "before and 5 after)"),
         ("work per step", f"{result['flops_per_step'] / 1e9:.1f} GFLOP -> {result['achieved_gflops']:.1f} GFLOP/s"),
         ("efficiency", f"{result['efficiency']:.2f}"),
         ("peak RSS", f"{result['peak_rss_gb']:.2f} GB (fast only: {result['peak_rss_gb_fast']:.2f} GB)"),
         ("load average", " / ".join(f"{x:.2f}" for x in result["loadavg_before"]) + " before, "
                          + " / ".join(f"{x:.2f}" for x in result["loadavg_after"]) + " after"),
     ]
+    shares = [x for x in [result["other_cpu"]["gemm"], *result["other_cpu"]["fast"], *result["other_cpu"]["naive"]]
+              if x is not None]
+    if shares:
+        worst = max(shares)
+        note = "  (timings disturbed: rerun on an idle machine)" if worst > 0.05 else ""
+        rows.append(("other processes", f"up to {worst:.0%} of the CPUs during the timings{note}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

@@ -68,13 +68,13 @@ def normalize_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 class _ChannelAttention(torch.autograd.Function):
-    """Channel-branch scores of all attribute rows at once, without keeping (B, D, C) tensors.
+    """Channel-branch scores of all attribute rows at once: O_b = sum_C S * softmax_C(L) per image.
 
-    For each image b with regions F_b (C x R): Z = [M3; M4] F_b^T, S = Z[:D], A = softmax_C(Z[D:]),
-    O_b = sum_C S * A. The forward keeps only O; the backward recomputes S and A one chunk of images at
-    a time (two more matrix products) so that the (B, D, C) score and attention tensors, which are the
-    largest in the model (CUB: 50 x 624 x 2048 floats each), never exist whole. Features are frozen:
-    no gradient flows to them.
+    For each image b with regions F_b (C x R): [S; L] = [M3; M4] F_b^T. The products run one chunk of
+    images at a time, so the (2D, C) score tensors of a chunk stay in cache while their softmax and
+    weighted sum are taken; the chunk's S and softmax(L) are kept for the backward pass, which then
+    needs only the two weight-gradient products (dM3 = sum_b dS_b F_b, dM4 = sum_b dL_b F_b) and no
+    recomputation. Features are frozen: no gradient flows to them.
     """
 
     @staticmethod
@@ -82,30 +82,33 @@ class _ChannelAttention(torch.autograd.Function):
         d = m3.shape[0]
         m34 = torch.cat([m3, m4])
         out = feats.new_empty(feats.shape[0], d)
+        keep = m3.requires_grad or m4.requires_grad
+        saved: list[tuple[Tensor, Tensor]] = []
         for s in range(0, feats.shape[0], chunk):
             z = torch.matmul(m34, feats[s : s + chunk].transpose(1, 2))  # (n, 2D, C)
-            out[s : s + chunk] = (z[:, :d] * torch.softmax(z[:, d:], dim=-1)).sum(-1)
-        ctx.save_for_backward(m3, m4, feats, out)
+            a = torch.softmax(z[:, d:], dim=-1)
+            out[s : s + chunk] = (z[:, :d] * a).sum(-1)
+            if keep:
+                saved.append((z[:, :d], a))
+        ctx.save_for_backward(feats, out)
+        ctx.saved_chunks = saved
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        m3, m4, feats, out = ctx.saved_tensors
-        d = m3.shape[0]
-        m34 = torch.cat([m3, m4])
-        grad = torch.zeros_like(m34)
-        for s in range(0, feats.shape[0], ctx.chunk):
+        feats, out = ctx.saved_tensors
+        grad3 = grad4 = None
+        for i, (score, a) in enumerate(ctx.saved_chunks):
+            s = i * ctx.chunk
             f = feats[s : s + ctx.chunk]
-            z = torch.matmul(m34, f.transpose(1, 2))
-            a = torch.softmax(z[:, d:], dim=-1)
-            g = grad_out[s : s + ctx.chunk, :, None]
-            ds = a * g  # dO/dS = A
-            dl = ds * (z[:, :d] - out[s : s + ctx.chunk, :, None])  # softmax backward
-            # sum over the chunk's images of [dS; dL]_b F_b, as one product over the stacked C axis
-            x = torch.cat([ds, dl], dim=1).transpose(0, 1).reshape(2 * d, -1)
-            grad.addmm_(x, f.reshape(-1, f.shape[-1]))
-        return grad[:d], grad[d:], None, None
+            ds = a * grad_out[s : s + ctx.chunk, :, None]  # dO/dS = softmax(L)
+            dl = ds * (score - out[s : s + ctx.chunk, :, None])  # softmax backward
+            g3, g4 = torch.bmm(ds, f).sum(0), torch.bmm(dl, f).sum(0)
+            grad3 = g3 if grad3 is None else grad3 + g3
+            grad4 = g4 if grad4 is None else grad4 + g4
+        ctx.saved_chunks = []
+        return grad3, grad4, None, None
 
 
 class DEDN(nn.Module):

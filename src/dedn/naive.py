@@ -1,10 +1,16 @@
 """DEDN written straight from the paper's formulas, one pass per sub-network.
 
-This is deliberately the slow, obvious implementation: for each sub-network (cExp, then each of fExp's
-Q clusters) it forms S_r = V W1 F, A_r = softmax_R(V W2 F), S_c = V W3 F^T, A_c = softmax_C(V W4 F^T)
-as whole tensors and sums. It reads the parameters of a :class:`dedn.model.DEDN`, so the two can be
-compared output for output and gradient for gradient (tests), and timed against each other
-(:mod:`dedn.bench`).
+This is deliberately the slow, obvious implementation: each sub-network (cExp, then each of fExp's Q
+clusters) is its own pass over the features. Each pass projects the features into the sub-network's
+semantic space: W1 F and W2 F are G x R per image, W3 F^T and W4 F^T are G x C. It then compares them
+with its attribute vectors V, giving S_r = V (W1 F), A_r = softmax_R(V (W2 F)),
+S_c = V (W3 F^T) and A_c = softmax_C(V (W4 F^T)), all formed as whole tensors. The 1 + Q passes
+each cost G x C x R per image and weight kind, whatever the size of their cluster. :mod:`dedn.model`
+instead forms the small V W products first and stacks them over all sub-networks, so the work over
+the features is that of the D attribute rows alone.
+
+It reads the parameters of a :class:`dedn.model.DEDN`, so the two can be compared output for output and
+gradient for gradient (tests), and timed against each other (:mod:`dedn.bench`).
 """
 
 from __future__ import annotations
@@ -19,15 +25,15 @@ def _dan(
     v: Tensor, w1: Tensor, w2: Tensor, w3: Tensor | None, w4: Tensor | None, feats: Tensor
 ) -> tuple[Tensor, Tensor | None]:
     """One Dual Attention Network: (O_r, O_c), each (B, D_s)."""
-    s_r = torch.einsum("dg,gc,bcr->bdr", v, w1, feats)  # S_r = V W1 F
-    a_r = torch.softmax(torch.einsum("dg,gc,bcr->bdr", v, w2, feats), dim=-1)  # softmax over R
-    o_r = (s_r * a_r).sum(-1)
+    s_r = torch.einsum("dg,bgr->bdr", v, torch.einsum("gc,bcr->bgr", w1, feats))  # S_r = V (W1 F)
+    a_r = torch.softmax(torch.einsum("dg,bgr->bdr", v, torch.einsum("gc,bcr->bgr", w2, feats)), dim=-1)
+    o_r = (s_r * a_r).sum(-1)  # attention over the R regions
     if w3 is None or w4 is None:
         return o_r, None
     feats_t = feats.transpose(1, 2)  # F^T: (B, R, C)
-    s_c = torch.einsum("dg,gr,brc->bdc", v, w3, feats_t)  # S_c = V W3 F^T
-    a_c = torch.softmax(torch.einsum("dg,gr,brc->bdc", v, w4, feats_t), dim=-1)  # softmax over C
-    o_c = (s_c * a_c).sum(-1)
+    s_c = torch.einsum("dg,bgc->bdc", v, torch.einsum("gr,brc->bgc", w3, feats_t))  # S_c = V (W3 F^T)
+    a_c = torch.softmax(torch.einsum("dg,bgc->bdc", v, torch.einsum("gr,brc->bgc", w4, feats_t)), dim=-1)
+    o_c = (s_c * a_c).sum(-1)  # attention over the C channels
     return o_r, o_c
 
 

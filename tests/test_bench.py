@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ KEYS = {
     "repeats", "warmup", "gemm_size", "gemm_gflops", "gemm_gflops_before_after", "flops_per_step", "step_seconds",
     "step_seconds_all", "achieved_gflops", "efficiency", "naive_step_seconds", "naive_step_seconds_all", "speedup",
     "peak_rss_gb_fast", "peak_rss_gb", "peak_device_memory_gb", "loadavg_before", "loadavg_after", "other_cpu",
+    "efficiency_paired", "gemm_gflops_paired",
 }
 
 
@@ -39,6 +41,9 @@ def test_run_bench_tiny_report() -> None:
         assert res[key] > 0, key
     assert res["efficiency"] == pytest.approx(res["flops_per_step"] / (res["gemm_gflops"] * 1e9)
                                               / res["step_seconds"])
+    paired = [res["flops_per_step"] / (g * 1e9) / t
+              for g, t in zip(res["gemm_gflops_paired"], res["step_seconds_all"], strict=True)]
+    assert len(paired) == 2 and res["efficiency_paired"] == pytest.approx(statistics.median(paired))
     assert res["speedup"] == pytest.approx(res["naive_step_seconds"] / res["step_seconds"])
     assert res["dtype"] == "float32" and res["torch_version"] == torch.__version__
     assert "tiny" in format_bench(res) and res["implementation"] == "dedn.model.DEDN"

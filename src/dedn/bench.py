@@ -157,13 +157,16 @@ class _OtherLoad:
         return max(0.0, ((busy - self.busy0) - (own - self.own0)) / ticks)  # type: ignore[operator]
 
 
-def _time(step: Callable[[], None], repeats: int, warmup: int,
-          device: torch.device) -> tuple[list[float], list[float | None]]:
-    """Wall seconds of each timed step and the other processes' CPU share during it."""
+def _time(step: Callable[[], None], repeats: int, warmup: int, device: torch.device,
+          probe: Callable[[], float] | None = None) -> tuple[list[float], list[float | None], list[float]]:
+    """Wall seconds of each timed step, the other processes' CPU share during it and, with ``probe``, the
+    probe's value measured just before it (the matrix rate, to pair each step with the machine's speed)."""
     for _ in range(warmup):
         step()
-    times, others = [], []
+    times, others, probes = [], [], []
     for _ in range(repeats):
+        if probe is not None:
+            probes.append(probe())
         _sync(device)
         load = _OtherLoad()
         t0 = time.perf_counter()
@@ -171,7 +174,7 @@ def _time(step: Callable[[], None], repeats: int, warmup: int,
         _sync(device)
         times.append(time.perf_counter() - t0)
         others.append(load.share())
-    return times, others
+    return times, others, probes
 
 
 def _peak_rss_gb() -> float:
@@ -213,7 +216,9 @@ def run_bench(
     Returns:
         A JSON-serialisable dict: ``step_seconds`` (median), ``step_seconds_all``, ``naive_step_seconds``,
         ``naive_step_seconds_all``, ``speedup`` (naive / fast), ``gemm_gflops``, ``flops_per_step``,
-        ``achieved_gflops``, ``efficiency`` (flops_per_step / gemm rate / step time), ``peak_rss_gb``
+        ``achieved_gflops``, ``efficiency`` (flops_per_step / gemm rate / step time), ``efficiency_paired``
+        (median over the timed steps of flops_per_step / the rate probed just before the step / its time, with
+        the probes in ``gemm_gflops_paired``: steadier where the machine's speed drifts), ``peak_rss_gb``
         (whole run) and ``peak_rss_gb_fast`` (before the naive step ran), ``peak_device_memory_gb`` (CUDA),
         the shapes, ``torch_version``, ``threads``, ``loadavg_before`` / ``loadavg_after`` and ``other_cpu``:
         the share of the machine's CPU that other processes used during the gemm measurement and each timed
@@ -274,9 +279,12 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
     other_gemm = load.share()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    fast, other_fast = _time(make_step(lambda m, x: m(x)), repeats, warmup, device)
+    # A short matrix-rate probe before each fast step: on a machine whose speed drifts (shared cores, clock
+    # changes) each step is compared with the rate of its own moment (``efficiency_paired``).
+    fast, other_fast, rates = _time(make_step(lambda m, x: m(x)), repeats, warmup, device,
+                                    probe=lambda: gemm_gflops(gemm_size, repeats=2, dtype=dtype, device=device))
     rss_fast = _peak_rss_gb()
-    naive_times, other_naive = _time(make_step(naive_forward), repeats, warmup, device) if naive else ([], [])
+    naive_times, other_naive, _ = _time(make_step(naive_forward), repeats, warmup, device) if naive else ([], [], [])
     # The rate drifts (clock, neighbours): measure again afterwards and take the better one.
     gflops_after = gemm_gflops(gemm_size, dtype=dtype, device=device)
     gflops_before, gflops = gflops, max(gflops, gflops_after)
@@ -304,6 +312,8 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
         "step_seconds_all": fast,
         "achieved_gflops": flops / step_s / 1e9,
         "efficiency": flops / (gflops * 1e9) / step_s,
+        "efficiency_paired": statistics.median([flops / (rate * 1e9) / t for rate, t in zip(rates, fast, strict=True)]),
+        "gemm_gflops_paired": rates,
         "naive_step_seconds": statistics.median(naive_times) if naive_times else None,
         "naive_step_seconds_all": naive_times,
         "speedup": statistics.median(naive_times) / step_s if naive_times else None,
@@ -337,7 +347,8 @@ def format_bench(result: dict[str, Any]) -> str:
         ("matrix rate", f"{result['gemm_gflops']:.1f} GFLOP/s ({result['gemm_size']}^2 product, best of 5 "
                         "before and 5 after)"),
         ("work per step", f"{result['flops_per_step'] / 1e9:.1f} GFLOP -> {result['achieved_gflops']:.1f} GFLOP/s"),
-        ("efficiency", f"{result['efficiency']:.2f}"),
+        ("efficiency", f"{result['efficiency']:.2f} (paired with the rate probed before each step: "
+                       f"{result['efficiency_paired']:.2f})"),
         ("peak RSS", f"{result['peak_rss_gb']:.2f} GB (fast only: {result['peak_rss_gb_fast']:.2f} GB)"),
         ("load average", " / ".join(f"{x:.2f}" for x in result["loadavg_before"]) + " before, "
                          + " / ".join(f"{x:.2f}" for x in result["loadavg_after"]) + " after"),

@@ -68,47 +68,45 @@ def normalize_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 class _ChannelAttention(torch.autograd.Function):
-    """Channel-branch scores of all attribute rows at once: O_b = sum_C S * softmax_C(L) per image.
+    """Channel-branch scores of all attribute rows at once, as attention over the C channel vectors.
 
-    For each image b with regions F_b (C x R): [S; L] = [M3; M4] F_b^T. The products run one chunk of
-    images at a time, so the (2D, C) score tensors of a chunk stay in cache while their softmax and
-    weighted sum are taken; the chunk's S and softmax(L) are kept for the backward pass, which then
-    needs only the two weight-gradient products (dM3 = sum_b dS_b F_b, dM4 = sum_b dL_b F_b) and no
-    recomputation. Features are frozen: no gradient flows to them.
+    O[b, d] = M3[d] . (softmax_C(M4[d] F_b^T) F_b): the queries are the rows of M4, the keys and values
+    the C channel vectors of image b (each of length R). Per image that is two matrix products forward
+    (logits, then the attention-weighted sum U) and two backward (S = M3 F_b^T recomputed, then
+    dM4 += dL F_b); dM3 = sum_b g_b U_b needs no large product. Only the attention A (B, D, C) is kept,
+    and the softmax and its backward run in place. Features are frozen: no gradient flows to them.
     """
 
     @staticmethod
-    def forward(ctx, m3: Tensor, m4: Tensor, feats: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, m3: Tensor, m4: Tensor, feats: Tensor) -> Tensor:  # type: ignore[override]
+        b, c, r = feats.shape
         d = m3.shape[0]
-        m34 = torch.cat([m3, m4])
-        out = feats.new_empty(feats.shape[0], d)
-        keep = m3.requires_grad or m4.requires_grad
-        saved: list[tuple[Tensor, Tensor]] = []
-        for s in range(0, feats.shape[0], chunk):
-            z = torch.matmul(m34, feats[s : s + chunk].transpose(1, 2))  # (n, 2D, C)
-            a = torch.softmax(z[:, d:], dim=-1)
-            out[s : s + chunk] = (z[:, :d] * a).sum(-1)
-            if keep:
-                saved.append((z[:, :d], a))
-        ctx.save_for_backward(feats, out)
-        ctx.saved_chunks = saved
-        ctx.chunk = chunk
+        keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        att = feats.new_empty(b, d, c) if keep else feats.new_empty(1, d, c)
+        u = feats.new_empty(b, d, r)
+        for i in range(b):
+            f, a = feats[i], att[i if keep else 0]
+            torch.mm(m4, f.t(), out=a)
+            a.sub_(a.amax(-1, keepdim=True)).exp_()
+            a.div_(a.sum(-1, keepdim=True))
+            torch.mm(a, f, out=u[i])
+        out = torch.einsum("dr,bdr->bd", m3, u)
+        if keep:
+            ctx.save_for_backward(m3, feats, att, u, out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        feats, out = ctx.saved_tensors
-        grad3 = grad4 = None
-        for i, (score, a) in enumerate(ctx.saved_chunks):
-            s = i * ctx.chunk
-            f = feats[s : s + ctx.chunk]
-            ds = a * grad_out[s : s + ctx.chunk, :, None]  # dO/dS = softmax(L)
-            dl = ds * (score - out[s : s + ctx.chunk, :, None])  # softmax backward
-            g3, g4 = torch.bmm(ds, f).sum(0), torch.bmm(dl, f).sum(0)
-            grad3 = g3 if grad3 is None else grad3 + g3
-            grad4 = g4 if grad4 is None else grad4 + g4
-        ctx.saved_chunks = []
-        return grad3, grad4, None, None
+        m3, feats, att, u, out = ctx.saved_tensors
+        grad3 = torch.einsum("bd,bdr->dr", grad_out, u)
+        grad4 = torch.zeros_like(m3)
+        s = feats.new_empty(m3.shape[0], feats.shape[1])
+        for i in range(feats.shape[0]):
+            f = feats[i]
+            torch.mm(m3, f.t(), out=s)  # S recomputed: cheaper than keeping a second (B, D, C) tensor
+            s.sub_(out[i, :, None]).mul_(att[i]).mul_(grad_out[i, :, None])  # dL = A (S - O) g
+            grad4.addmm_(s, f)
+        return grad3, grad4, None
 
 
 class DEDN(nn.Module):
@@ -130,7 +128,6 @@ class DEDN(nn.Module):
         experts: ``"both"``, ``"cexp"`` or ``"fexp"``.
         calibration_margin: reference mode: +margin on unseen, -margin on seen class scores.
         clip_negative_att: clip class attributes at 0 before normalising (reference AWA2).
-        channel_chunk: images per chunk in the fused channel-attention product.
     """
 
     def __init__(
@@ -150,7 +147,6 @@ class DEDN(nn.Module):
         experts: str = "both",
         calibration_margin: float = 1.0,
         clip_negative_att: bool = False,
-        channel_chunk: int = 4,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -171,7 +167,6 @@ class DEDN(nn.Module):
         self.experts = experts
         self.calibration_margin = float(calibration_margin)
         self.clip_negative_att = bool(clip_negative_att)
-        self.channel_chunk = int(channel_chunk)
         self.n_channels = int(n_channels)
         self.n_regions = int(n_regions)
         self.semantic_dim = int(g)
@@ -296,15 +291,17 @@ class DEDN(nn.Module):
         proj = {e: self.expert_projections(e) for e in experts}
         sizes = [proj[e]["m1"].shape[0] for e in experts]
         d_all = sum(sizes)
-        # Region branch: one product over F for M1 and M2 of every sub-network of both experts.
+        # Region branch: one product over F for M1 and M2 of every sub-network of both experts, with the
+        # images side by side (C, B R) so that it is a single large matrix product.
+        b, c, r = feats.shape
         m12 = torch.cat([proj[e]["m1"] for e in experts] + [proj[e]["m2"] for e in experts])
-        y = torch.matmul(m12, feats)  # (B, 2 D_all, R)
-        o_r_all = (y[:, :d_all] * torch.softmax(y[:, d_all:], dim=-1)).sum(-1)
+        y = torch.mm(m12, feats.permute(1, 0, 2).reshape(c, b * r)).view(2 * d_all, b, r)
+        o_r_all = (y[:d_all] * torch.softmax(y[d_all:], dim=-1)).sum(-1).t()
         o_c_all = None
         if self.channel_attention:
             m3 = torch.cat([proj[e]["m3"] for e in experts])
             m4 = torch.cat([proj[e]["m4"] for e in experts])
-            o_c_all = _ChannelAttention.apply(m3, m4, feats, self.channel_chunk)
+            o_c_all = _ChannelAttention.apply(m3, m4, feats)
         bias = self.calibration_bias()
         outputs: dict[str, ExpertOutput] = {}
         for e, o_r, o_c in zip(

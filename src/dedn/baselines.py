@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import ZSLData
+from .data import ZSLData, read_features
 from .evaluation import GZSLResult, best_calibration, gzsl_metrics
 
 
@@ -22,13 +22,8 @@ def pooled_features(features: Any, index: np.ndarray, batch: int = 512) -> np.nd
     out = []
     index = np.asarray(index)
     for s in range(0, index.size, batch):
-        idx = index[s : s + batch]
-        order = np.argsort(idx, kind="stable")
-        chunk = np.asarray(features[idx[order]], dtype=np.float32)
-        pooled = chunk.reshape(chunk.shape[0], chunk.shape[1], -1).mean(-1)
-        restored = np.empty_like(pooled)
-        restored[order] = pooled
-        out.append(restored)
+        chunk = read_features(features, index[s : s + batch])
+        out.append(chunk.reshape(chunk.shape[0], chunk.shape[1], -1).mean(-1))
     x = np.concatenate(out)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import read_features
 from .model import DEDN
 
 BRANCHES = ("cexp_o_r", "cexp_o_c", "fexp_o_r", "fexp_o_c")
@@ -89,12 +90,7 @@ class ModelOutputs:
 
 def _batches(features: Any, index: np.ndarray, batch_size: int):
     for s in range(0, index.size, batch_size):
-        idx = index[s : s + batch_size]
-        order = np.argsort(idx, kind="stable")  # sorted reads are faster on memory-mapped stores
-        chunk = np.asarray(features[idx[order]], dtype=np.float32)
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(order.size)
-        yield chunk[inverse]
+        yield read_features(features, index[s : s + batch_size])
 
 
 @torch.no_grad()

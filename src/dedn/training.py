@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
 from .config import RunConfig, config_from_dict, config_to_dict
-from .data import ZSLData
+from .data import ZSLData, read_features
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluation import GZSLResult, best_calibration, gzsl_metrics, seen_unseen_curve, write_metrics
 from .factory import build_model, dataset_name, load_data
@@ -86,15 +86,6 @@ class BatchSampler:
         per_class = max(self.batch_size // n_seen, 1)
         picked = rng.choice(n_seen, size=n_classes, replace=False)
         return np.concatenate([rng.choice(self.by_class[c], size=per_class, replace=True) for c in picked])
-
-
-def load_batch(features: Any, index: np.ndarray) -> np.ndarray:
-    """Feature maps of ``index`` in that order, read in sorted order (fast on memory-mapped stores)."""
-    order = np.argsort(index, kind="stable")
-    chunk = np.asarray(features[index[order]], dtype=np.float32)
-    out = np.empty_like(chunk)
-    out[order] = chunk
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -326,7 +317,7 @@ class Trainer:
         """The batch's feature maps: read from the store (in a worker thread) or gathered on the device."""
         if torch.is_tensor(self.features):
             return self.features[torch.as_tensor(index, device=self.features.device)]
-        return torch.from_numpy(load_batch(self.features, index))
+        return torch.from_numpy(read_features(self.features, index))
 
     def resume(self) -> bool:
         """Continue from the run directory's last checkpoint; False when there is none."""

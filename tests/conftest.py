@@ -11,6 +11,14 @@ from dedn.config import RunConfig, load_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsl-semantic"
 
+
+def shared_dir(ds: str) -> Path:
+    """The real semantic files of one benchmark, or a skip with the reason when they are absent."""
+    folder = SHARED / ds
+    if not folder.is_dir():
+        pytest.skip(f"real xlsa17 semantic files not found at {folder} (shared data folder absent)")
+    return folder
+
 TINY = [
     "data.synthetic.n_images=240",
     "data.synthetic.n_channels=16",

@@ -18,14 +18,11 @@ from dedn.store import FeatureStore
 from dedn.training import Trainer
 from dedn.xlsa17 import read_semantic_dir
 
-from .conftest import SHARED
+from .conftest import shared_dir
 
 
 def _real_store(tmp_path: Path, ds: str) -> Path:
-    folder = SHARED / ds
-    if not folder.is_dir():
-        pytest.skip(f"real xlsa17 semantic files not found at {folder} (shared data folder absent)")
-    sem = read_semantic_dir(folder, dataset=ds)
+    sem = read_semantic_dir(shared_dir(ds), dataset=ds)
     n = sem.n_images
     rng = np.random.default_rng(0)
     path = tmp_path / f"{ds}-store"

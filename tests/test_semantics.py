@@ -20,15 +20,7 @@ from dedn.semantics import (
     read_word_vectors,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/zsl-semantic"
-
-
-def shared_dir(ds: str) -> Path:
-    folder = SHARED / ds
-    if not folder.is_dir():
-        pytest.skip(f"real xlsa17 semantic files not found at {folder} (shared data folder absent)")
-    return folder
-
+from .conftest import shared_dir
 
 # A protocol-0 pickle that would call os.system("echo pwned") if loaded by pickle.load.
 # Written by hand so that the test never builds a callable object itself.

@@ -21,14 +21,7 @@ from dedn.xlsa17 import (
     to_zsldata,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/zsl-semantic"
-
-
-def shared_dir(ds: str) -> Path:
-    folder = SHARED / ds
-    if not folder.is_dir():
-        pytest.skip(f"real xlsa17 semantic files not found at {folder} (shared data folder absent)")
-    return folder
+from .conftest import shared_dir
 
 
 class LazyFeatures:

@@ -49,17 +49,34 @@ def test_train_then_eval(tiny_overrides: list[str], tmp_path: Path, monkeypatch,
     code, out, err = run_cli(["train", "--config", str(cfg), "--run-dir", str(run), "train.epochs=2"],
                              monkeypatch, capsys)
     assert code == 0, err
-    assert "T" in out and "H" in out
-    saved = json.loads((run / "config.json").read_text())
-    assert saved["train"]["epochs"] == 2
+    assert "validated protocol" in out and "(validated)" in out and "AUSUC" in out
+    assert f"model: {run / 'final'}" in out
+    saved = json.loads((run / "final" / "config.json").read_text())
+    assert 1 <= saved["train"]["epochs"] <= 2
+    chosen = json.loads((run / "selection.json").read_text())["gamma"]
     code, out, err = run_cli(["eval", "--checkpoint", str(run), "--calibration", "0.5"], monkeypatch, capsys)
     assert code == 0, err
-    metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert metrics["gamma"] == 0.5 and {"T", "S", "U", "H", "AUSUC"} <= set(metrics)
-    assert (run / "eval" / "per_class.csv").is_file()
+    metrics = json.loads((run / "final" / "eval" / "metrics.json").read_text())
+    assert metrics["gamma"] == 0.5 and metrics["gamma_source"] == "config"
+    assert {"T", "S", "U", "H", "AUSUC"} <= set(metrics)
+    assert (run / "final" / "eval" / "per_class.csv").is_file()
+    # auto: the run's own gamma, the one chosen on validation
+    code, out, err = run_cli(["eval", "--checkpoint", str(run), "--calibration", "auto", "--out",
+                              str(tmp_path / "ev")], monkeypatch, capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["gamma"] == chosen and metrics["gamma_source"] == "validated"
+    assert f"({metrics['gamma']:.4g}" not in out and "(validated)" in out
+    # eval never writes into the run folder itself
+    code, _, err = run_cli(["eval", "--checkpoint", str(run), "--out", str(run / "final")], monkeypatch, capsys)
+    assert code == 2 and "run folder itself" in err
     # resume of a finished run trains nothing more and keeps the config
     code, out, err = run_cli(["train", "--resume", str(run)], monkeypatch, capsys)
     assert code == 0, err
+    # the same command again without --resume is refused: nothing is overwritten
+    code, out, err = run_cli(["train", "--config", str(cfg), "--run-dir", str(run), "train.epochs=2"],
+                             monkeypatch, capsys)
+    assert code == 2 and "--resume" in err
 
 
 def test_errors_are_one_clear_line(tiny_overrides: list[str], tmp_path: Path, monkeypatch, capsys) -> None:

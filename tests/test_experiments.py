@@ -60,12 +60,12 @@ def test_table1_both_protocols_resume_after_interruption(cfg, fits, tmp_path, mo
     step, counting = Trainer.train_step, Trainer.fit
     steps = {"n": 0}
 
-    def dies_in_second_epoch(self, index, batch=None):  # seed 1's validation run, after epoch 0's checkpoint
+    def dies_in_second_epoch(self, index, batch=None, share=None):  # seed 1's validation run, after epoch 0's checkpoint
         if self.cfg.seed == 1 and self.cfg.data.split == "validation":
             steps["n"] += 1
             if steps["n"] == 3 + 1:
                 raise KeyboardInterrupt
-        return step(self, index, batch)
+        return step(self, index, batch, share)
 
     monkeypatch.setattr(Trainer, "train_step", dies_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
@@ -109,7 +109,7 @@ def test_table1_both_protocols_resume_after_interruption(cfg, fits, tmp_path, mo
 
     for run in exp.runs_for("dedn", "validated"):
         c = run.choices
-        assert 1 <= c["epochs"] <= 2 and c["gamma_source"] == "validation"
+        assert 1 <= c["epochs"] <= 2 and c["gamma_source"] == "validated"
         final = json.loads((Path(run.folder) / "final/config.json").read_text())
         assert final["train"]["epochs"] == c["epochs"] and final["data"]["split"] == "test"
         assert float(final["eval"]["calibration"]) == c["gamma"]

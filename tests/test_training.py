@@ -44,11 +44,11 @@ def test_resume_gives_the_same_weights(tiny_cfg: RunConfig, tmp_path: Path, monk
     calls = {"n": 0}
     original = Trainer.train_step
 
-    def interrupted(self, index, batch=None):
+    def interrupted(self, index, batch=None, share=None):
         calls["n"] += 1
         if calls["n"] == 2 * 3 + 2:  # in the third epoch, after two complete ones were checkpointed
             raise KeyboardInterrupt
-        return original(self, index, batch)
+        return original(self, index, batch, share)
 
     monkeypatch.setattr(Trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):

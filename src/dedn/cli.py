@@ -40,10 +40,16 @@ def _main(
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
-    keys = [k for k in ("T", "S", "U", "H", "AUSUC") if k in metrics]
+    """T U S H and AUSUC in percent, with the calibration gamma and where it came from."""
+    keys = [k for k in ("T", "U", "S", "H", "AUSUC") if metrics.get(k) is not None]
     typer.echo(title)
     typer.echo("  " + "  ".join(f"{k:>6}" for k in keys))
-    typer.echo("  " + "  ".join(f"{metrics[k]:6.2f}" for k in keys) + f"   (%, gamma = {metrics.get('gamma', 0):.3g})")
+    gamma = metrics.get("gamma")
+    where = f"gamma = {gamma:.4g} ({metrics.get('gamma_source', 'source unknown')})" if gamma is not None else ""
+    typer.echo("  " + "  ".join(f"{metrics[k]:6.2f}" for k in keys) + f"   (%, {where})")
+    if metrics.get("oracle_H") is not None:
+        typer.echo(f"  diagnosis only: H = {metrics['oracle_H']:.2f} at the oracle gamma = {metrics['oracle_gamma']:.4g}"
+                   " chosen on these test scores (not a result)")
 
 
 # ---------------------------------------------------------------------------------------------- train / eval
@@ -54,51 +60,85 @@ def train(
     run_dir: Annotated[Optional[Path], typer.Option(help="run directory (default: OUTPUT_DIR/NAME-TIME)")] = None,  # noqa: UP045
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory")] = None,  # noqa: UP045
 ) -> None:
-    """Train DEDN; writes a run directory with config, log, checkpoints and metrics."""
+    """Train DEDN under eval.protocol (validated, published or fixed); writes a run directory."""
     from .config import find_config, load_config
-    from .training import load_run_config
-    from .training import train as train_run
+    from .protocols import load_protocol_config
+    from .protocols import train as train_run
 
     if resume is not None:
         if config is not None or overrides:
             raise DednError(f"{resume}: a resumed run keeps its own config; drop --config and the overrides")
-        cfg = load_run_config(resume)
+        cfg = load_protocol_config(resume)
         result = train_run(cfg, run_dir=resume, resume=True)
     else:
         cfg = load_config(find_config(config) if config else None, overrides or [])
         result = train_run(cfg, run_dir=run_dir)
-    _print_metrics(result.metrics, f"DEDN ({cfg.mode} mode), test split, run {result.run_dir}")
+    c = result.choices
+    how = {"validated": f"epochs ({c.get('epochs')}) and gamma chosen on the validation task, retrained on "
+                        "trainval, tested once",
+           "published": "best test-split H over training at a fixed gamma (optimistic; for comparison with "
+                        "published numbers)",
+           "fixed": f"trained {c.get('epochs')} epochs, evaluated once at a fixed gamma"}[result.protocol]
+    split = "test split" if cfg.data.split == "test" else "validation task"
+    _print_metrics(result.metrics, f"DEDN ({cfg.mode} mode), {result.protocol} protocol, {split}: {how}")
+    typer.echo(f"model: {result.model_dir}")
+
+
+def _run_calibration(model_dir: Path, cfg, data):
+    """The calibration a run itself used: its recorded gamma and source, else the config's request."""
+    from .calibration import GAMMA_SOURCES, Calibration
+    from .training import calibration_value
+
+    path = model_dir / "metrics.json"
+    if path.is_file():
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            rec = {}
+        if isinstance(rec.get("gamma"), (int, float)) and rec.get("gamma_source") in GAMMA_SOURCES:
+            return Calibration(float(rec["gamma"]), rec["gamma_source"])
+    return calibration_value(cfg, data)
 
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="run directory of a trained model")],
-    calibration: Annotated[Optional[str], typer.Option(help="calibrated-stacking value (number)")] = None,  # noqa: UP045
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "--run", help="run directory of a trained model")],
+    calibration: Annotated[str, typer.Option(help="gamma: 'auto' (the run's own: validated where it has one, "
+                                                   "else the mode default) or a number")] = "auto",
     l_rc: Annotated[Optional[float], typer.Option(help="region/channel mix (default: the run's)")] = None,  # noqa: UP045
     l_e: Annotated[Optional[float], typer.Option(help="cExp/fExp mix (default: the run's)")] = None,  # noqa: UP045
     out: Annotated[Optional[Path], typer.Option(help="output folder (default: RUN/eval)")] = None,  # noqa: UP045
     overrides: Overrides = None,
 ) -> None:
-    """Evaluate a trained run on its test split: T, S, U, H, AUSUC, per-class accuracy, seen-unseen curve."""
+    """Evaluate a trained run on its test split: T, U, S, H, AUSUC, per-class accuracy, seen-unseen curve."""
+    from .calibration import CONFIG, Calibration, parse_calibration
     from .checkpoint import load_weights
     from .config import apply_overrides
     from .factory import load_data
-    from .training import calibration_value, evaluate_model, load_run_config, resolve_device, write_evaluation
+    from .protocols import model_dir
+    from .training import evaluate_model, load_run_config, resolve_device, write_evaluation
 
-    cfg = apply_overrides(load_run_config(checkpoint), overrides or [], f"{checkpoint}/config.json")
-    weights = Path(checkpoint) / "model.safetensors"
-    if not weights.exists() and (Path(checkpoint) / "checkpoints" / "last.safetensors").exists():
-        weights = Path(checkpoint) / "checkpoints" / "last.safetensors"
+    folder_in = model_dir(checkpoint)
+    fixed = None if calibration == "auto" else Calibration(parse_calibration(calibration, "--calibration"), CONFIG)
+    cfg = apply_overrides(load_run_config(folder_in), overrides or [], f"{folder_in}/config.json")
+    folder = out or folder_in / "eval"
+    if folder.resolve() == folder_in.resolve():
+        raise DednError(f"--out {out}: that is the run folder itself, whose metrics.json would be overwritten; "
+                        "choose another folder")
+    weights = folder_in / "model.safetensors"
+    if not weights.exists() and (folder_in / "checkpoints" / "last.safetensors").exists():
+        weights = folder_in / "checkpoints" / "last.safetensors"
     device = resolve_device(cfg.train.device)
     model = load_weights(weights, device=device)
     data = load_data(cfg)
-    gamma = float(calibration) if calibration is not None else calibration_value(cfg, data)
+    gamma = fixed if fixed is not None else _run_calibration(folder_in, cfg, data)
     ev = evaluate_model(model, data, gamma, cfg.eval.batch_size, device, progress=True, l_rc=l_rc, l_e=l_e)
-    folder = out or Path(checkpoint) / "eval"
     metrics = write_evaluation(ev, folder, data.class_names, {
         "mode": cfg.mode, "split": cfg.data.split, "l_rc": l_rc if l_rc is not None else model.l_rc,
-        "l_e": l_e if l_e is not None else model.l_e, "checkpoint": str(weights), "version": __version__})
-    _print_metrics(metrics, f"DEDN ({cfg.mode} mode), {cfg.data.split} split; written to {folder}")
+        "l_e": l_e if l_e is not None else model.l_e, "gamma_source": ev.gamma_source,
+        "checkpoint": str(weights), "version": __version__})
+    metrics.update({k: v for k, v in ev.summary().items() if k.startswith("oracle_")})
+    _print_metrics(metrics, f"DEDN ({cfg.mode} mode), {cfg.data.split} split, run {folder_in}; written to {folder}")
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -141,6 +181,16 @@ def extract(
     overwrite: Annotated[bool, typer.Option(help="replace an existing store")] = False,
 ) -> None:
     """Extract frozen-backbone region feature maps into a feature store (resumable; torchrun to shard)."""
+    from .checks import COUNT, DEVICE, IMAGE_SIZE, NON_NEGATIVE_COUNT, check_option, choice
+    from .store import DTYPES
+
+    # Before the backbone is built (and its weights downloaded).
+    check_option("--image-size", image_size, IMAGE_SIZE)
+    check_option("--batch-size", batch_size, COUNT)
+    check_option("--workers", workers, NON_NEGATIVE_COUNT)
+    check_option("--device", device, DEVICE)
+    check_option("--dtype", dtype, choice(*DTYPES))
+
     from .backbones import get_backbone
     from .extract import extract_features, extract_folder
 
@@ -171,11 +221,12 @@ def store_import(
     out: Annotated[Path, typer.Argument(help="feature store folder to write (resumed if it exists)")],
     dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
     name: Annotated[Optional[str], typer.Option(help="dataset name (CUB, SUN, AWA2)")] = None,  # noqa: UP045
+    overwrite: Annotated[bool, typer.Option(help="replace an existing store imported from another file")] = False,
 ) -> None:
-    """Import an HDF5 feature file into a float16 memory-mapped store, in bounded memory."""
+    """Import an HDF5 feature file into a float16 store, in bounded memory (resumes from the same file only)."""
     from .store import import_hdf5
 
-    store = import_hdf5(h5, out, dtype=dtype, name=name)
+    store = import_hdf5(h5, out, dtype=dtype, name=name, overwrite=overwrite, report=typer.echo)
     typer.echo(f"feature store {out}: {len(store)} images, shape {tuple(store.shape[1:])}")
 
 
@@ -183,21 +234,36 @@ def store_import(
 def store_export(
     store: Annotated[Path, typer.Argument(help="feature store folder")],
     h5: Annotated[Path, typer.Argument(help="HDF5 file to write")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing HDF5 file (never the store's source)")] = False,
 ) -> None:
     """Export a store back to the DAZLE/DEDN HDF5 layout."""
     from .store import export_hdf5
 
-    typer.echo(f"wrote {export_hdf5(store, h5)}")
+    typer.echo(f"wrote {export_hdf5(store, h5, overwrite=overwrite)}")
 
 
 @store_app.command("info")
 def store_info(store: Annotated[Path, typer.Argument(help="feature store folder")]) -> None:
-    """Print a store's shape, completeness and provenance."""
+    """Print a store's shape, completeness, source identity and provenance."""
     from .store import FeatureStore
 
     s = FeatureStore.open(store)
-    typer.echo(json.dumps({"path": str(s.path), "shape": list(s.shape), "complete": s.complete,
-                           "provenance": s.provenance}, indent=2, default=str))
+    prov = s.provenance
+    source = {k.removeprefix("source_"): prov[k] for k in ("source_file", "source_bytes", "source_mtime_ns",
+                                                          "source_dtype", "source_fingerprint") if k in prov}
+    header = "checked" if s.has_header_hash else "none recorded (store written by an older dedn)"
+    typer.echo(json.dumps({"path": str(s.path), "shape": list(s.shape), "dtype": str(s.dtype),
+                           "complete": s.complete, "chunks": s.n_chunks, "chunks_complete": len(s.completed_chunks),
+                           "header_hash": header, "source": source or None, "provenance": prov},
+                          indent=2, default=str))
+
+
+@store_app.command("verify")
+def store_verify(store: Annotated[Path, typer.Argument(help="feature store folder")]) -> None:
+    """Re-read every chunk and compare it with the checksum recorded when it was written."""
+    from .store import FeatureStore
+
+    typer.echo(FeatureStore.open(store).verify().summary())
 
 
 # ---------------------------------------------------------------------------------------------- demo / experiments
@@ -252,6 +318,14 @@ def predict(
     recursive: Annotated[bool, typer.Option(help="search folders recursively")] = False,
 ) -> None:
     """Top-k classes for images, each with the attributes that contributed most."""
+    from .checks import ATTRIBUTE_VALUE, COUNT, FINITE, FRACTION, check_option
+
+    # Before the run is loaded; --l-e is model.l_e and --gamma eval.calibration, with the config's rules.
+    check_option("--top-k", top_k, COUNT)
+    check_option("--l-e", l_e, FRACTION)
+    check_option("--gamma", gamma, FINITE)
+    check_option("--fill", fill, ATTRIBUTE_VALUE)
+
     from .predict import Predictor, format_table, load_class_definitions, predictions_to_json
 
     predictor = Predictor.from_run(run, backbone=backbone)
@@ -274,6 +348,11 @@ def explain(
     backbone: Annotated[Optional[str], typer.Option(help="backbone for runs trained on precomputed features")] = None,  # noqa: UP045,E501
 ) -> None:
     """Per-attribute region attention of both experts over an image (PNG), channel attention summarised."""
+    from .checks import COUNT, check_option, check_output_folder
+
+    check_option("--top", top, COUNT)
+    check_output_folder("--out", out)
+
     from .explain import explain_image
     from .predict import Predictor
 
@@ -283,15 +362,38 @@ def explain(
         typer.echo(str(p))
 
 
+INTERRUPTED = "interrupted; a training run can be continued with `dedn train --resume RUN_DIR`"
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while handling a KeyboardInterrupt (that is, because of Ctrl-C)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def main() -> None:
-    """Console entry point: library errors become one clear line and exit status 2."""
+    """Console entry point: library errors become one clear line and exit status 2; Ctrl-C says how to resume.
+
+    Click (inside typer) turns Ctrl-C into a silent exit: ``Exit(130)`` in click >= 8.2, an "Aborted!" exit 1
+    before. Both are raised while handling the KeyboardInterrupt, so the SystemExit's exception chain tells
+    Ctrl-C apart from other exits; click keeps printing usage errors (2), --help and --version (0) itself.
+    """
     try:
         app()
     except DednError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; a training run can be continued with `dedn train --resume RUN_DIR`", err=True)
+    except SystemExit as exc:
+        if _interrupted(exc):
+            typer.echo(INTERRUPTED, err=True)
+            sys.exit(130)
+        raise
+    except KeyboardInterrupt:  # outside click's own handling
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
 
 

@@ -14,6 +14,23 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for presets)
 from omegaconf.errors import OmegaConfBaseException
 
+from .checks import (
+    CALIBRATION,
+    COUNT,
+    DEVICE,
+    FRACTION,
+    IMAGE_SIZE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_COUNT,
+    OPEN_FRACTION,
+    POSITIVE,
+    Rule,
+    check,
+    choice,
+    integer,
+    number,
+    optional,
+)
 from .errors import ConfigError
 from .imagebench import ImageBenchConfig
 
@@ -114,10 +131,10 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation (SPEC section 4, calibrated stacking)."""
 
-    calibration: str = "auto"  # auto: 'validated' under the validated protocol, else a number as text
+    calibration: str = "auto"  # auto: chosen on validation (validated protocol), else the mode default; or a number
     curve_points: int = 200  # gamma values traced for the seen-unseen curve
     batch_size: int = 200
-    protocol: str = "validated"  # validated | published
+    protocol: str = "validated"  # validated | published | fixed (see dedn.protocols)
     plots: bool = True  # write the seen-unseen curve PNG of each run
 
 
@@ -136,29 +153,80 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# What every config value must be: one row per key, checked in order by _check (before any work starts).
+# Relations between values (n_unseen < n_classes, clusters covering the attributes) are checked where the
+# data they describe is built.
+RULES: tuple[tuple[str, Rule], ...] = (
+    ("mode", choice(*MODES)),
+    ("seed", NON_NEGATIVE_COUNT),
+    ("data.source", choice("synthetic", "store", "hdf5", "imagebench")),
+    ("data.split", choice("test", "validation")),
+    ("data.expect_image_size", optional(integer(32))),
+    ("data.val_seen_fraction", OPEN_FRACTION),
+    ("data.image_size", optional(IMAGE_SIZE)),
+    ("data.synthetic.n_images", COUNT),
+    ("data.synthetic.n_channels", COUNT),
+    ("data.synthetic.height", COUNT),
+    ("data.synthetic.width", COUNT),
+    ("data.synthetic.n_classes", integer(2)),
+    ("data.synthetic.n_unseen", COUNT),
+    ("data.synthetic.n_val", NON_NEGATIVE_COUNT),
+    ("data.synthetic.n_attributes", COUNT),
+    ("data.synthetic.n_clusters", COUNT),
+    ("data.synthetic.semantic_dim", COUNT),
+    ("data.synthetic.local_fraction", FRACTION),
+    ("data.synthetic.noise", NON_NEGATIVE),
+    ("data.synthetic.test_seen_fraction", OPEN_FRACTION),
+    ("data.synthetic.seed", NON_NEGATIVE_COUNT),
+    # ImageBenchConfig.validate (called by _check) checks the ranges; its `< 0` tests let NaN through.
+    *((f"data.imagebench.{k}", NON_NEGATIVE) for k in (
+        "pose_jitter_deg", "scale_jitter", "color_jitter", "lighting_jitter", "clutter", "noise")),
+    ("model.experts", choice("both", "cexp", "fexp")),
+    ("model.n_clusters", optional(COUNT)),
+    ("model.l_rc", FRACTION),
+    ("model.l_e", FRACTION),
+    ("model.low_rank", optional(COUNT)),
+    ("loss.beta", NON_NEGATIVE),
+    ("loss.gamma", NON_NEGATIVE),
+    ("loss.margin", NON_NEGATIVE),
+    ("loss.lamb", NON_NEGATIVE),
+    ("loss.calibration_margin", NON_NEGATIVE),
+    ("train.epochs", NON_NEGATIVE_COUNT),
+    ("train.batch_size", COUNT),
+    ("train.lr", POSITIVE),
+    ("train.momentum", number(0.0, 1.0, high_open=True)),
+    ("train.weight_decay", NON_NEGATIVE),
+    ("train.alpha", OPEN_FRACTION),
+    ("train.eps", POSITIVE),
+    ("train.iters_per_epoch", optional(COUNT)),
+    ("train.eval_every", NON_NEGATIVE_COUNT),
+    ("train.checkpoint_every", NON_NEGATIVE_COUNT),
+    ("train.device", DEVICE),
+    ("train.threads", optional(COUNT)),
+    ("train.dtype", choice("float32", "float64")),
+    ("train.max_iters", optional(COUNT)),
+    ("eval.calibration", CALIBRATION),
+    ("eval.curve_points", integer(2)),
+    ("eval.batch_size", COUNT),
+    ("eval.protocol", choice("validated", "published", "fixed")),
+)
+
+
+def _value(cfg: RunConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def _check(cfg: RunConfig, origin: str) -> RunConfig:
-    if cfg.mode not in MODES:
-        raise ConfigError(f"{origin}: mode must be one of {MODES}, got {cfg.mode!r}")
-    if cfg.model.experts not in ("both", "cexp", "fexp"):
-        raise ConfigError(f"{origin}: model.experts must be both, cexp or fexp, got {cfg.model.experts!r}")
-    if cfg.data.source not in ("synthetic", "store", "hdf5", "imagebench"):
-        raise ConfigError(f"{origin}: data.source must be synthetic, store, hdf5 or imagebench, "
-                          f"got {cfg.data.source!r}")
-    if cfg.data.split not in ("test", "validation"):
-        raise ConfigError(f"{origin}: data.split must be test or validation, got {cfg.data.split!r}")
-    if cfg.eval.protocol not in ("validated", "published"):
-        raise ConfigError(f"{origin}: eval.protocol must be validated or published, got {cfg.eval.protocol!r}")
-    for key, value in (("model.l_rc", cfg.model.l_rc), ("model.l_e", cfg.model.l_e)):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{origin}: {key} must lie in [0, 1], got {value}")
-    if cfg.train.batch_size < 1 or cfg.train.epochs < 0 or cfg.train.lr <= 0:
-        raise ConfigError(f"{origin}: train.batch_size must be >= 1, train.epochs >= 0 and train.lr > 0")
-    if cfg.eval.calibration not in ("auto", "validated"):
-        try:
-            float(cfg.eval.calibration)
-        except ValueError:
-            raise ConfigError(f"{origin}: eval.calibration must be auto, validated or a number, "
-                              f"got {cfg.eval.calibration!r}") from None
+    """``cfg`` if every value passes :data:`RULES` (and the image benchmark's own checks), else ConfigError."""
+    for key, rule in RULES:
+        check(key, _value(cfg, key), rule, origin)
+    try:
+        cfg.data.imagebench.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: data.{exc}") from None
     return cfg
 
 

@@ -55,6 +55,8 @@ class ZSLData:
             benchmarks; ``None`` for real datasets, whose clusters come from :mod:`dedn.clusters`.
         source: where the data came from (file path or generator), used in error messages.
         provenance: free-form description (backbone, image size, generator seed, ...).
+        class_ids: the dataset class index of each class when this is a task over a subset of the
+            dataset's classes (the validation task); ``None`` when the classes are the dataset's own.
     """
 
     name: str
@@ -71,6 +73,7 @@ class ZSLData:
     clusters: dict[str, np.ndarray] | None = None
     source: str = "<memory>"
     provenance: dict[str, Any] = field(default_factory=dict)
+    class_ids: np.ndarray | None = None
 
     # ------------------------------------------------------------------ derived facts
     @property
@@ -182,12 +185,19 @@ class ZSLData:
 
     # ------------------------------------------------------------------ derived datasets
     def validation_split(self, seen_fraction: float = 0.2, seed: int = 0) -> ZSLData:
-        """The honest validation task built from trainval images only (SPEC section 4).
+        """The honest validation task, built from trainval images and trainval classes only.
 
-        Classes in ``val_classes`` become the unseen classes: all their trainval images are the
-        validation-unseen images. The other trainval classes stay seen; ``seen_fraction`` of each such
-        class's images (at least one when it has two or more) are held out as validation-seen images,
-        the rest are the training images. Test images are never touched.
+        The task's classes are the trainval classes and nothing else: the test-unseen classes are not
+        candidates, and their attributes never reach a model trained or selected on this task. Seen: the
+        trainval classes outside ``val_classes``; ``seen_fraction`` of each one's images (at least one when
+        it has two or more) are held out as validation-seen images, the rest are the training images.
+        Unseen: the ``val_classes``, with all their trainval images as validation-unseen images. Test
+        images are never touched.
+
+        The returned dataset has K' = (number of trainval classes) classes, renumbered 0..K'-1 in dataset
+        order; ``class_ids`` maps them back to dataset class indices. Images outside the task keep the
+        label -1. ``provenance["validation_task"]`` lists the task's seen and unseen classes and the
+        dataset's test-unseen classes as dataset class indices, so their disjointness can be checked.
         """
         if self.val_classes is None or len(self.val_classes) == 0:
             raise DataError(f"{self.source}: no validation classes (xlsa17 valclasses1) are defined, so no "
@@ -195,7 +205,7 @@ class ZSLData:
         if not 0.0 < seen_fraction < 1.0:
             raise DataError(f"validation seen_fraction must be in (0, 1), got {seen_fraction}")
         rng = np.random.default_rng(seed)
-        val_classes = np.asarray(self.val_classes)
+        val_classes = np.unique(np.asarray(self.val_classes))
         tv = np.asarray(self.trainval_loc)
         tv_labels = self.labels[tv]
         is_val_unseen = np.isin(tv_labels, val_classes)
@@ -220,12 +230,28 @@ class ZSLData:
         leak = np.intersect1d(np.concatenate([train_loc, val_seen_loc, val_unseen]), test)
         if leak.size:  # cannot happen when validate() passed, kept as a guard for hand-made splits
             raise DataError(f"{self.source}: the validation split would leak {leak.size} test images")
+        # Restrict the class space to the trainval classes, renumbered in dataset order.
+        task_classes = np.unique(tv_labels)
+        new_label = np.full(self.n_classes, -1, dtype=np.int64)
+        new_label[task_classes] = np.arange(task_classes.size)
+        labels = np.full_like(np.asarray(self.labels, dtype=np.int64), -1)
+        labels[tv] = new_label[tv_labels]
+        own_ids = self.class_ids if self.class_ids is not None else np.arange(self.n_classes)
+        task = {
+            "seen_classes": own_ids[np.setdiff1d(task_classes, val_classes)].tolist(),
+            "unseen_classes": own_ids[val_classes].tolist(),
+            "test_unseen_classes": own_ids[self.unseen_classes].tolist(),
+        }
         return replace(
             self,
+            labels=labels,
+            att=self.att[task_classes],
+            class_names=[self.class_names[c] for c in task_classes],
             trainval_loc=train_loc,
             test_seen_loc=val_seen_loc,
             test_unseen_loc=np.sort(val_unseen),
             val_classes=None,
+            class_ids=own_ids[task_classes],
             provenance={**self.provenance, "split": "validation", "validation_seed": seed,
-                        "validation_seen_fraction": seen_fraction},
+                        "validation_seen_fraction": seen_fraction, "validation_task": task},
         )

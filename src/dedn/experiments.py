@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__, reports
+from .calibration import CONFIG, VALIDATED, Calibration, config_calibration, parse_calibration
 from .checkpoint import atomic_write_text
 from .config import RunConfig, apply_overrides, config_to_dict, load_config
 from .data import ZSLData
@@ -432,6 +433,11 @@ def check_validation_split(full: ZSLData, val: ZSLData) -> None:
     overlap = np.intersect1d(val.labels[val.test_unseen_loc], val.labels[val.trainval_loc])
     if overlap.size:
         raise DataError(f"{src}: validation-unseen classes {overlap[:5].tolist()} also have training images")
+    task_classes = val.class_ids if val.class_ids is not None else np.arange(val.n_classes)
+    test_unseen = np.intersect1d(task_classes, full.unseen_classes)
+    if test_unseen.size:
+        raise DataError(f"{src}: the validation task has test-unseen classes {test_unseen[:5].tolist()} among its "
+                        "candidates; it must hold the trainval classes only")
 
 
 def _check_validation(cfg: RunConfig, seed: int) -> None:
@@ -479,9 +485,9 @@ class _SelectingTrainer(Trainer):
     """
 
     def __init__(self, cfg: RunConfig, data: ZSLData, run_dir: Path, points: list[tuple[float, float]],
-                 select: list[tuple[float, float]], calibration: float | str) -> None:
-        super().__init__(cfg, data=data, run_dir=run_dir)
-        self.points, self.select, self.calibration = points, select, calibration
+                 select: list[tuple[float, float]], calibration: Calibration) -> None:
+        super().__init__(cfg, data=data, run_dir=run_dir, calibration=calibration)
+        self.points, self.select = points, select
         self.grid_file = run_dir / "grid.jsonl"
         self.selected_dir = run_dir / "selected"
 
@@ -508,11 +514,11 @@ class _SelectingTrainer(Trainer):
             atomic_write_text(self.selected_dir / "epoch.json", json.dumps({"epoch": epoch}))
 
 
-def _point(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.ndarray, calibration: float | str,
-           l_rc: float, l_e: float) -> dict[str, float]:
-    """T, S, U, H, gamma, AUSUC (percent) of saved outputs at one (l_rc, l_e) and calibration."""
+def _point(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.ndarray, calibration: Calibration,
+           l_rc: float, l_e: float) -> dict[str, Any]:
+    """T, S, U, H, gamma, AUSUC (percent) and the gamma's source, of saved outputs at one (l_rc, l_e)."""
     s = evaluate_outputs(seen, unseen, seen_mask, calibration, l_rc, l_e).summary()
-    return {k: float(s[k]) for k in ("T", "S", "U", "H", "gamma", "AUSUC")}
+    return {**{k: float(s[k]) for k in ("T", "S", "U", "H", "gamma", "AUSUC")}, "gamma_source": s["gamma_source"]}
 
 
 def read_grid(path: Path) -> list[dict[str, Any]]:
@@ -586,13 +592,16 @@ def _run_published(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
     scfg = _stage_config(cfg, job, "train", (), {"data.split": "test", "train.eval_every": 1,
                                                  "eval.protocol": "published", "eval.calibration": calib})
     data = _load_data(scfg)
-    gamma = 0.0 if calib == "auto" else float(calib)
+    # A fixed calibration, as the released code: the configured number, else the mode's default (2 eps in
+    # paper mode, the margin of eq. 14; 0 in reference mode, whose margin is inside the scores).
+    fixed = config_calibration(calib, cfg.mode, cfg.loss.margin, on_validation_task=False)
+    gamma = float(fixed.value)
     l_rc, l_e = cfg.model.l_rc, cfg.model.l_e
     sweep = _sweep_points(job.sweep, l_rc, l_e)
     points = list(dict.fromkeys([(l_rc, l_e)] + [(p[2], p[3]) for p in sweep]))
     run_dir = folder / "train"
     result, trainer = _train_stage(scfg, data, run_dir,
-                                   lambda c, d, r: _SelectingTrainer(c, d, r, points, [(l_rc, l_e)], gamma))
+                                   lambda c, d, r: _SelectingTrainer(c, d, r, points, [(l_rc, l_e)], fixed))
     grid = read_grid(run_dir / "grid.jsonl")
 
     def best(lrc: float, le: float, key: str) -> dict[str, Any]:
@@ -603,13 +612,14 @@ def _run_published(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
     _check_selected(run_dir, at_h["epoch"])
     metrics = {"T": at_t["T"], "S": at_h["S"], "U": at_h["U"], "H": at_h["H"], "AUSUC": at_h["AUSUC"]}
     choices = {"how": "best test-split H over training (and best T separately), fixed calibration",
-               "calibration": gamma, "l_rc": l_rc, "l_e": l_e, "epoch_best_H": at_h["epoch"],
+               "calibration": gamma, "gamma": gamma, "gamma_source": fixed.source, "l_rc": l_rc, "l_e": l_e, "epoch_best_H": at_h["epoch"],
                "epoch_best_T": at_t["epoch"], "T_at_best_H": at_h["T"], "epochs_trained": len(result.history)}
     points_out = []
     for axis, value, prc, pe in sweep:
         h, t = best(prc, pe, "H"), best(prc, pe, "T")
         points_out.append({"axis": axis, "value": value, "l_rc": prc, "l_e": pe, "H": h["H"], "S": h["S"],
-                           "U": h["U"], "T": t["T"], "gamma": gamma, "epoch_H": h["epoch"], "epoch_T": t["epoch"]})
+                           "U": h["U"], "T": t["T"], "gamma": gamma, "gamma_source": fixed.source,
+                           "epoch_H": h["epoch"], "epoch_T": t["epoch"]})
     return RunResult(job.row.key, job.row.label, job.protocol, job.seed, metrics, choices, trainer.dataset,
                      str(folder), _selected_outputs("train"), points_out, trainer.model.n_clusters)
 
@@ -630,7 +640,8 @@ def _check_selected(run_dir: Path, epoch: int) -> None:
 
 def _run_validated(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
     fixed = cfg.eval.calibration not in ("auto", "validated")
-    calibration: float | str = float(cfg.eval.calibration) if fixed else "best"
+    calibration = (Calibration(parse_calibration(cfg.eval.calibration), CONFIG) if fixed
+                   else Calibration("best", VALIDATED))
     lrcs = job.eval_grid.get("model.l_rc", [cfg.model.l_rc])
     les = job.eval_grid.get("model.l_e", [cfg.model.l_e])
     tune_points = [(float(a), float(b)) for a, b in itertools.product(lrcs, les)]
@@ -648,7 +659,9 @@ def _run_validated(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
         "model.l_rc": float(selection["l_rc"]), "model.l_e": float(selection["l_e"])})
     data = _load_data(fcfg)
     run_dir = folder / "final"
-    result, trainer = _train_stage(fcfg, data, run_dir)
+    chosen = Calibration(float(selection["gamma"]), CONFIG if fixed else VALIDATED)
+    result, trainer = _train_stage(fcfg, data, run_dir, lambda c, d, r: Trainer(c, data=d, run_dir=r,
+                                                                                calibration=chosen))
     np.save(run_dir / "seen_mask.npy", data.seen_mask)
     metrics = {k: float(result.metrics[k]) for k in METRICS}
     outputs = {"seen": "final/outputs_test_seen.npz", "unseen": "final/outputs_test_unseen.npz",
@@ -662,21 +675,21 @@ def _run_validated(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
         vmask = np.load(vdir / "seen_mask.npy")
         for axis, value, prc, pe in _sweep_points(job.sweep, selection["l_rc"], selection["l_e"]):
             val = _point(vseen, vunseen, vmask, calibration, prc, pe)  # gamma chosen on validation
-            test = _point(seen, unseen, data.seen_mask, val["gamma"], prc, pe)
+            test = _point(seen, unseen, data.seen_mask, Calibration(val["gamma"], chosen.source), prc, pe)
             points_out.append({"axis": axis, "value": value, "l_rc": prc, "l_e": pe, "H": test["H"],
                                "S": test["S"], "U": test["U"], "T": test["T"], "gamma": val["gamma"],
                                "val_H": val["H"]})
     choices = {"how": ("epoch, calibration and tuned settings chosen on the validation split; retrained on "
                        "trainval for that many epochs and tested once"),
                **{k: selection[k] for k in ("epochs", "gamma", "l_rc", "l_e", "overrides")},
-               "gamma_source": "config (eval.calibration)" if fixed else "validation",
-               "validation": selection["validation"]}
+               "gamma_source": chosen.source, "validation": selection["validation"],
+               "validation_task": selection.get("validation_task")}
     return RunResult(job.row.key, job.row.label, job.protocol, job.seed, metrics, choices, trainer.dataset,
                      str(folder), outputs, points_out, trainer.model.n_clusters)
 
 
 def _validate_stage(job: Job, cfg: RunConfig, folder: Path, tune_points: list[tuple[float, float]],
-                    calibration: float | str) -> dict[str, Any]:
+                    calibration: Calibration) -> dict[str, Any]:
     """Run 1 of the validated protocol: one validation run per training combination; choose the best."""
     candidates = []
     for i, combo in enumerate(job.train_combos):
@@ -694,7 +707,8 @@ def _validate_stage(job: Job, cfg: RunConfig, folder: Path, tune_points: list[tu
         _check_selected(run_dir, top["epoch"])
         candidates.append((top, i, combo, stage))
     top, i, combo, stage = max(candidates, key=lambda c: (c[0]["H"], -c[1]))
-    return {"hash": job.hash(), "combo": i, "overrides": list(combo), "stage": stage,
+    return {"hash": job.hash(), "validation_task": data.provenance.get("validation_task"),
+            "combo": i, "overrides": list(combo), "stage": stage,
             "epoch": top["epoch"], "epochs": top["epoch"] + 1, "gamma": top["gamma"], "l_rc": top["l_rc"],
             "l_e": top["l_e"], "validation": {k: top[k] for k in METRICS},
             "candidates": [{"overrides": list(c[2]), "epoch": c[0]["epoch"], "l_rc": c[0]["l_rc"],
@@ -835,6 +849,28 @@ def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[in
     runs = run_jobs(jobs, device_list)
     return ExperimentResult(name, out, protocols, seed_list, config_to_dict(base), row_list, runs, tune_norm,
                             {"devices": device_list, "sweep": sweep_grid})
+
+
+def protocol_job(cfg: RunConfig, folder: str | Path, protocol: str | None = None) -> Job:
+    """The job of one model under ``protocol`` (default ``eval.protocol``) at ``cfg.seed``, in ``folder``:
+    the very job ``table1`` runs for that config and seed, so both give the same numbers.
+
+    Raises:
+        ConfigError: the protocol is unknown or the config cannot run under it.
+        DataError: the validated protocol's validation task is unsound (checked before any training).
+    """
+    protocol = cfg.eval.protocol if protocol is None else protocol
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if cfg.train.epochs < 1:
+        raise ConfigError(f"train.epochs must be at least 1 (the {protocol} protocol chooses among epochs), "
+                          f"got {cfg.train.epochs}")
+    if cfg.data.split != "test":
+        raise ConfigError(f"eval.protocol={protocol} builds its own validation task from trainval; set "
+                          "data.split=test (or eval.protocol=fixed to train once on the validation task)")
+    if protocol == "validated":
+        _check_validation(cfg, cfg.seed)
+    return Job(Row("dedn", "DEDN"), protocol, cfg.seed, cfg, str(Path(folder).resolve()), {}, [()], {})
 
 
 # ============================================================================================ commands

@@ -37,6 +37,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from .backbones import to_rgb
+from .checks import check_output_folder
 from .errors import DataError
 from .model import DEDN
 from .predict import Predictor, load_image
@@ -174,7 +175,7 @@ def explain_image(
         attributes: attribute names to show (dataset names); default: the ``top`` attributes contributing
             most to the explained class.
         top: how many attributes when ``attributes`` is None.
-        out_dir: folder for the files (created).
+        out_dir: folder for the files (created; an existing file there is a ConfigError).
         class_name: explain this candidate class instead of the predicted one.
         background: an image (path, PIL image or HxWx3 uint8 array) to draw under the heat maps when
             ``image`` is a feature map; without one the maps are drawn alone.
@@ -189,6 +190,7 @@ def explain_image(
         DataError: unknown attribute or class name (close matches suggested), unreadable image, features of
             the wrong shape. CheckpointError: a run directory without a trained model.
     """
+    check_output_folder("out_dir", out_dir)  # before any work: mkdir fails on a file, after all the drawing
     predictor = _as_predictor(source, attribute_names, class_names, device)
     model = predictor.model
     out = Path(out_dir)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -20,11 +21,28 @@ from .model import DEDNOutput
 
 
 def jensen_shannon(x: Tensor, y: Tensor) -> Tensor:
-    """JSD(softmax(x) || softmax(y)) over the last dim, natural log, mean over the batch."""
+    """JSD(softmax(x) || softmax(y)) over the last dim, natural log, mean over the batch.
+
+    Computed in log space: log m = logsumexp(log p, log q) - log 2 stays finite where both softmaxes
+    underflow to 0 for a class, which would otherwise give 0 * inf = NaN.
+    """
+    log_p = torch.log_softmax(x, dim=-1)
+    log_q = torch.log_softmax(y, dim=-1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_q = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return 0.5 * (kl_p + kl_q).mean()
+
+
+def released_jensen_shannon(x: Tensor, y: Tensor) -> Tensor:
+    """JSD as the released code computes it: log of the averaged probabilities (reference mode).
+
+    NaN where both softmaxes underflow for one class; kept so that reference mode matches the released
+    arithmetic bit for bit.
+    """
     p = torch.softmax(x, dim=-1)
     q = torch.softmax(y, dim=-1)
     log_m = torch.log((p + q) / 2)
-    # KL(p || m) summed over classes: sum p (log p - log m); log_softmax keeps log p finite.
     kl_p = (p * (torch.log_softmax(x, dim=-1) - log_m)).sum(-1)
     kl_q = (q * (torch.log_softmax(y, dim=-1) - log_m)).sum(-1)
     return 0.5 * (kl_p + kl_q).mean()
@@ -36,11 +54,11 @@ def discrepancy(x: Tensor, y: Tensor, mode: str = "paper") -> Tensor:
     paper: JSD + mean squared error. reference: JSD + (1/B) sum_b sum_j |x - y|^3 / sqrt(sum_j (x - y)^2
     + 1e-9), as the released code computes it.
     """
-    js = jensen_shannon(x, y)
     diff = x - y
     if mode == "paper":
-        return js + diff.pow(2).mean()
+        return jensen_shannon(x, y) + diff.pow(2).mean()
     if mode == "reference":
+        js = released_jensen_shannon(x, y)
         sq = diff.pow(2)
         norm = torch.sqrt(sq.sum(-1, keepdim=True) + 1e-9)
         return js + (sq / norm * diff.abs()).sum() / x.shape[0]

@@ -46,6 +46,7 @@ from PIL import Image
 
 from .backbones import Backbone, get_backbone
 from .checkpoint import atomic_write_text, load_weights
+from .checks import ATTRIBUTE_VALUE, COUNT, check
 from .errors import CheckpointError, ConfigError, DataError
 from .extract import IMAGE_EXTENSIONS, read_image
 from .model import DEDN
@@ -177,15 +178,19 @@ def write_class_file(run_dir: str | Path, data: Any, *, seen_mask: Any = None,
 def write_feature_provenance(run_dir: str | Path, provenance: Mapping[str, Any]) -> Path:
     """Write ``RUN/features.json`` from a feature store's (or :meth:`Backbone.provenance`'s) record.
 
-    Needed keys: ``backbone`` (a :func:`dedn.backbones.get_backbone` name) and ``image_size``; ``weights``
+    Keys: ``backbone`` (a :func:`dedn.backbones.get_backbone` name, or None for precomputed features, which
+    is recorded as such) and ``image_size``; ``weights``
     (``"imagenet"``, a local file, ``None`` for random init, or the backbone's own ``weights_source``
     text) and ``weights_sha256`` are used when present; other entries are kept for reference.
     """
-    for key in ("backbone", "image_size"):
-        if provenance.get(key) is None:
-            raise DataError(f"write_feature_provenance: the provenance has no {key!r}; {_NO_BACKBONE}")
+    record = dict(provenance)
+    if record.get("backbone") is None:
+        # Precomputed features (an imported HDF5 file): no backbone is known. Recorded as such, so that the
+        # run works on feature maps and asks for --backbone only when it is given images.
+        record.update(backbone=None, image_size=record.get("image_size"),
+                      note="precomputed features: no backbone recorded; pass --backbone to use images")
     path = Path(run_dir) / FEATURES_FILE
-    atomic_write_text(path, json.dumps(dict(provenance), indent=1, default=str) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")
     return path
 
 
@@ -225,6 +230,7 @@ def _to_float(value: Any, where: str) -> float:
         raise DataError(f"{where}: {value!r} is not a number") from None
     if not math.isfinite(out):
         raise DataError(f"{where}: {value!r} is not a finite number")
+    check(where, out, ATTRIBUTE_VALUE, error=DataError)  # 1e300 is finite but overflows float32 (NaN scores)
     return out
 
 
@@ -270,9 +276,12 @@ def load_class_definitions(path: str | Path, attribute_names: Sequence[str],
 
     Raises:
         DataError: unreadable file, unknown attribute names (close matches suggested), missing attributes
-            without ``fill``, a vector of the wrong length, a non-number, no or duplicate classes.
+            without ``fill``, a vector of the wrong length, a non-number or a value beyond |value| <= 1e6, no
+            or duplicate classes. ConfigError: a ``fill`` that is no such number.
     """
     path = Path(path)
+    if fill is not None:
+        check("fill", fill, ATTRIBUTE_VALUE)
     if not path.is_file():
         raise DataError(f"{path}: class definition file not found")
     d = len(attribute_names)
@@ -475,9 +484,12 @@ class Predictor:
         Raises:
             CheckpointError: no such folder, no ``model.safetensors`` in it, or unreadable run files.
         """
+        from .protocols import model_dir
+
         run = Path(run_dir)
         if not run.is_dir():
             raise CheckpointError(f"{run}: no such run directory")
+        run = model_dir(run)  # a protocol's run folder holds its reported model in final/ or train/
         weights = run / MODEL_FILE
         if not weights.is_file():
             raise CheckpointError(f"{run}: no trained model in this run directory (expected {MODEL_FILE}; an "
@@ -630,7 +642,7 @@ class Predictor:
         """Rank the candidate classes for feature maps (B, C, h, w) (tensor or array; one (C, h, w) is fine).
 
         Args:
-            top_k: classes per prediction (at most K).
+            top_k: classes per prediction (at most K; at least 1, else ConfigError).
             l_e: cExp/fExp mix (default: the model's).
             gamma: calibrated stacking, subtracted from seen-class scores (default: the run's calibration).
             n_attributes: attributes listed for the top class.
@@ -645,7 +657,8 @@ class Predictor:
         gamma = self.calibration if gamma is None else float(gamma)
         l_e_used = self.model.l_e if l_e is None else float(l_e)
         abar = self.normalized_class_att()
-        k = min(max(int(top_k), 1), self.n_classes)
+        check("top_k", top_k, COUNT)
+        k = min(int(top_k), self.n_classes)
         preds: list[Prediction] = []
         for s in range(0, n, batch_size):
             res = self.attribute_scores(x[s : s + batch_size], l_e_used)
@@ -735,6 +748,7 @@ class Predictor:
         Other arguments as :meth:`predict_features`. Raises :class:`DataError` naming the path for a missing
         path, an empty folder, or a file that is not a readable image.
         """
+        check("top_k", top_k, COUNT)  # before reading any image
         paths = expand_image_paths(inputs, recursive=recursive)
         preds: list[Prediction] = []
         for s in range(0, len(paths), 256):  # bound memory on big folders: features per 256 images

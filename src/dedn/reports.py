@@ -76,11 +76,12 @@ PUBLISHED_FIGURE5_HALF_DROP: dict[str, dict[str, float]] = {
 }
 
 PROTOCOL_NOTES = {
-    "validated": ("epoch, calibration gamma (and any tuned settings) chosen on a validation split made from "
-                  "trainval images only; then retrained on all of trainval for the chosen number of epochs and "
+    "validated": ("epoch, calibration gamma (and any tuned settings) chosen on a validation task made from "
+                  "trainval images and trainval classes only; then retrained on all of trainval for the chosen number of epochs and "
                   "evaluated on the test split once"),
     "published": ("as the released code reports: trained on trainval, evaluated on the test split after every "
-                  "epoch at a fixed calibration, best H (and separately best T) over training; optimistic, "
+                  "epoch at a fixed calibration (eval.calibration, else the mode default: 2 eps in paper mode, "
+                  "0 in reference mode), best H (and separately best T) over training; optimistic, "
                   "only for comparison with published numbers"),
 }
 
@@ -179,12 +180,13 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]])
 def _choices_text(run: RunResult) -> str:
     c = run.choices
     if run.protocol == "validated":
-        text = f"epochs {c['epochs']}, gamma {c['gamma']:.4g}, l_rc {c['l_rc']:g}, l_e {c['l_e']:g}"
+        source = c.get("gamma_source", "validated")
+        text = f"epochs {c['epochs']}, gamma {c['gamma']:.4g} ({source}), l_rc {c['l_rc']:g}, l_e {c['l_e']:g}"
         if c.get("overrides"):
             text += ", " + ", ".join(c["overrides"])
         return text + f" (val H {c['validation']['H']:.1f})"
     return (f"best H at epoch {c['epoch_best_H'] + 1}, best T at epoch {c['epoch_best_T'] + 1} "
-            f"(of {c['epochs_trained']}), gamma {c['calibration']:g}")
+            f"(of {c['epochs_trained']}), gamma {c['calibration']:g} ({c.get('gamma_source', 'config')})")
 
 
 # ============================================================================================ common parts

@@ -2,7 +2,8 @@
 
 A store is a folder::
 
-    store.json          format, N, (C, h, w), dtype, chunk size, provenance, completed chunks
+    store.json          format, N, (C, h, w), dtype, chunk size, header hash, provenance, completed chunks
+                        and the checksum of each completed chunk
     features.bin        raw C-order array (N, C, h, w), preallocated at creation, read with pread
     labels.npy          (N,) int64 class of each image (optional until known)
     meta.npz            optional semantic side: att, w2v, splits, names, image files
@@ -11,8 +12,13 @@ A store is a folder::
 Writing is chunk by chunk (``chunk_size`` images). A chunk counts only once it is marked complete,
 and it is marked only after its bytes are synced to disk, so an interrupted writer resumes with the
 missing chunks and never trusts half-written data. ``store.json`` is only ever replaced atomically
-(temp file + ``os.replace``); concurrent ranks each write their own ``complete.rank<r>.json`` and rank 0
-merges them, so no two processes ever write the same file.
+(temp file with a unique name + ``os.replace``); concurrent ranks each write their own ``complete.rank<r>.json``
+and rank 0 merges them, so no two processes ever write the same file.
+
+Nothing is trusted silently: ``store.json`` carries a hash of the fields that define the layout (an edited
+shape or dtype with the same byte count would otherwise read as garbage), every completion mark carries a
+blake2b checksum of the chunk's bytes read back from disk (:meth:`FeatureStore.verify` re-reads and compares
+them), and an imported store records the identity of its source file (see :func:`import_hdf5`).
 
 Reads use positioned reads (``os.preadv``) into private buffers rather than a memory map: the pages of a
 memory-mapped file that a process touches count towards its resident memory for as long as the map
@@ -33,8 +39,12 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
-from collections.abc import Iterable, Mapping
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +64,13 @@ _RANK_PREFIX = "complete.rank"
 DTYPES = ("float16", "float32")
 _READ_BLOCK_BYTES = 64 << 20  # largest single read (and read buffer) of a gather
 _MERGE_GAP_BYTES = 256 << 10  # rows closer than this on disk are read in one go, gap included
+# The store.json fields that define how features.bin is laid out; their hash is stored as HEADER_HASH.
+_HEADER_FIELDS = ("format", "version", "n", "shape", "dtype", "chunk_size", "n_chunks", "features_bytes")
+HEADER_HASH = "header_sha256"
+_CHUNK_HASH = "blake2b"  # chunk checksums are "blake2b:<32 hex digits>" (128-bit digest)
+_FINGERPRINT_ROWS = 16  # feature maps of an HDF5 source sampled into its fingerprint
+# What reading a damaged .npy / .npz can raise (zip CRC and structure errors, truncation, bad headers).
+_NPY_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile, zlib.error)
 
 # Keys of the DAZLE/DEDN feature file (SPEC section 1); original_att is optional on import.
 HDF5_REQUIRED = (
@@ -63,14 +80,30 @@ _SPLITS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
+def _tmp_name(path: Path) -> Path:
+    """A hidden temporary name next to ``path``, unique per process and call (two writers never share one)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a mix.
+
+    The temporary file is removed on any failure, and a write error (a full disk) becomes a
+    :class:`DataError` naming ``path``: the old file, if any, is left as it was.
+    """
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"could not write {path} ({exc.strerror or exc}); free disk space (or fix permissions) "
+                        "and run the command again: work already finished is kept") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -95,6 +128,12 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int, where: Path) -> None:
             raise DataError(f"{where} ends before byte {offset}: the file is truncated; copy it again or "
                             "re-create the store")
         view, offset = view[got:], offset + got
+
+
+def header_hash(info: Mapping[str, Any]) -> str:
+    """sha256 of the layout fields of a ``store.json`` (``_HEADER_FIELDS``), to detect hand edits."""
+    ident = {k: info.get(k) for k in _HEADER_FIELDS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def split_hash(labels: np.ndarray, *splits: np.ndarray) -> str:
@@ -125,6 +164,27 @@ def _str_list(values: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- the store
+@dataclass
+class VerifyReport:
+    """What :meth:`FeatureStore.verify` checked (it raises instead of returning when something is bad)."""
+
+    path: Path
+    n_chunks: int
+    verified: int
+    unchecked: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    semantics: str = ""
+
+    def summary(self) -> str:
+        """One line for the command line."""
+        parts = [f"{self.verified}/{self.n_chunks} chunks match their checksums"]
+        if self.unchecked:
+            parts.append(f"{len(self.unchecked)} written before checksums were recorded (not checked)")
+        if self.missing:
+            parts.append(f"{len(self.missing)} not written yet")
+        return f"OK: {self.path}: {', '.join(parts)}; {self.semantics}"
+
+
 class FeatureStore:
     """N feature maps (N, C, h, w) in a folder on disk; see the module docstring for the layout.
 
@@ -142,7 +202,9 @@ class FeatureStore:
         self._fd: int | None = None  # write handle
         self._rfd: int | None = None  # read handle
         self._labels: np.ndarray | None = None
-        self._completed = set(int(i) for i in info["complete_chunks"]) | self._rank_marks()
+        marks, sums = self._rank_marks()
+        self._completed = set(int(i) for i in info["complete_chunks"]) | marks
+        self._checksums: dict[int, str] = {int(k): v for k, v in info.get("chunk_checksums", {}).items()} | sums
 
     # ------------------------------------------------------------------ creation and opening
     @classmethod
@@ -191,7 +253,9 @@ class FeatureStore:
             "features_bytes": nbytes,
             "provenance": dict(provenance or {}),
             "complete_chunks": [],
+            "chunk_checksums": {},
         }
+        info[HEADER_HASH] = header_hash(info)
         # store.json comes last: a folder without it is an interrupted creation, never a store.
         _atomic_write_json(path / STORE_JSON, info)
         return cls(path, info)
@@ -251,6 +315,11 @@ class FeatureStore:
         return int(self._info["features_bytes"])
 
     @property
+    def has_header_hash(self) -> bool:
+        """Whether ``store.json`` records a header hash (checked at :meth:`open`); older stores have none."""
+        return HEADER_HASH in self._info
+
+    @property
     def provenance(self) -> dict[str, Any]:
         """What made these features (backbone, weights, image size, transform, dataset, split hash, ...)."""
         return dict(self._info["provenance"])
@@ -277,8 +346,8 @@ class FeatureStore:
             f = self.path / LABELS_NPY
             try:
                 labels = np.load(f, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{f} is corrupt ({exc}); write the labels again") from exc
+            except _NPY_READ_ERRORS as exc:
+                raise DataError(f"{f} is corrupt ({type(exc).__name__}: {exc}); {self._rebuild_hint(f)}") from exc
             if labels.shape != (len(self),) or not np.issubdtype(labels.dtype, np.integer):
                 raise DataError(f"{f}: expected ({len(self)},) integer labels, got {labels.shape} "
                                 f"{labels.dtype}")
@@ -402,9 +471,13 @@ class FeatureStore:
             self._fd = os.open(self.path / FEATURES_BIN, os.O_RDWR)
         view = memoryview(arr.reshape(-1).view(np.uint8))
         offset = start * int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        while view.nbytes:  # pwrite may write less than asked for very large buffers
-            written = os.pwrite(self._fd, view, offset)
-            view, offset = view[written:], offset + written
+        try:
+            while view.nbytes:  # pwrite may write less than asked for very large buffers
+                written = os.pwrite(self._fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as exc:  # a sparse features.bin (no fallocate) on a full disk
+            raise DataError(f"could not write {self.path / FEATURES_BIN} ({exc.strerror or exc}); free disk "
+                            "space and run the command again: chunks already finished are kept") from exc
 
     def write_chunk(self, i: int, array: np.ndarray, rank: int | None = None) -> None:
         """Write all of chunk ``i`` and mark it complete (see :meth:`mark_complete` for ``rank``)."""
@@ -419,39 +492,64 @@ class FeatureStore:
         if self._fd is not None:
             _fdatasync(self._fd)
 
-    def mark_complete(self, i: int, rank: int | None = None) -> None:
-        """Record chunk ``i`` as fully written, after syncing its bytes to disk.
+    def chunk_checksum(self, i: int) -> str:
+        """``blake2b:<hex>`` of chunk ``i``'s bytes as they are in ``features.bin`` now (read in bounded blocks)."""
+        start, stop = self.chunk_range(i)
+        h = hashlib.blake2b(digest_size=16)
+        block = max(1, _READ_BLOCK_BYTES // self._row_bytes)
+        buf = np.empty((min(block, stop - start), *self.shape[1:]), dtype=self.dtype)
+        for s in range(start, stop, block):
+            e = min(s + block, stop)
+            h.update(self.read_raw(s, e, out=buf[: e - s]).view(np.uint8))
+        return f"{_CHUNK_HASH}:{h.hexdigest()}"
 
-        ``rank=None``: rewrite ``store.json`` atomically (one writer). With a rank, append to that rank's
-        own ``complete.rank<r>.json`` instead, so concurrent ranks never write the same file; rank 0 folds
-        them into ``store.json`` with :meth:`merge_rank_marks`.
+    def mark_complete(self, i: int, rank: int | None = None) -> None:
+        """Record chunk ``i`` as fully written with its checksum, after syncing its bytes to disk.
+
+        The checksum is taken from the bytes read back from the file, so it covers what is really stored
+        (whichever calls wrote the chunk's rows). ``rank=None``: rewrite ``store.json`` atomically (one
+        writer). With a rank, add to that rank's own ``complete.rank<r>.json`` instead, so concurrent ranks
+        never write the same file; rank 0 folds them into ``store.json`` with :meth:`merge_rank_marks`.
         """
         self.chunk_range(i)  # range check
         self.sync()
-        self._completed.add(int(i))
+        i = int(i)
+        digest = self.chunk_checksum(i)
+        self._completed.add(i)
+        self._checksums[i] = digest
         if rank is None:
-            self._info["complete_chunks"] = sorted(set(self._info["complete_chunks"]) | {int(i)})
+            self._info["complete_chunks"] = sorted(set(self._info["complete_chunks"]) | {i})
+            self._info["chunk_checksums"] = _checksum_json({**self._info.get("chunk_checksums", {}), str(i): digest})
             _atomic_write_json(self.path / STORE_JSON, self._info)
         else:
             f = self.path / f"{_RANK_PREFIX}{int(rank)}.json"
-            mine = set(_read_rank_file(f)) if f.exists() else set()
-            _atomic_write_json(f, {"chunks": sorted(mine | {int(i)})})
+            mine, sums = _read_rank_file(f) if f.exists() else ([], {})
+            _atomic_write_json(f, {"chunks": sorted(set(mine) | {i}),
+                                   "checksums": _checksum_json({**{str(k): v for k, v in sums.items()},
+                                                                str(i): digest})})
 
-    def _rank_marks(self) -> set[int]:
+    def _rank_marks(self) -> tuple[set[int], dict[int, str]]:
+        """Chunks (and their checksums) recorded in the ranks' own completion files."""
         marks: set[int] = set()
+        sums: dict[int, str] = {}
         for f in sorted(self.path.glob(f"{_RANK_PREFIX}*.json")):
-            marks.update(c for c in _read_rank_file(f) if 0 <= c < self.n_chunks)
-        return marks
+            chunks, digests = _read_rank_file(f)
+            marks.update(c for c in chunks if 0 <= c < self.n_chunks)
+            sums.update((c, d) for c, d in digests.items() if 0 <= c < self.n_chunks)
+        return marks, sums
 
     def merge_rank_marks(self) -> None:
         """Fold every rank's completion file into ``store.json`` and delete them (rank 0, after a barrier)."""
         files = sorted(self.path.glob(f"{_RANK_PREFIX}*.json"))
-        marks = self._rank_marks()
+        marks, sums = self._rank_marks()
         self._info["complete_chunks"] = sorted(set(self._info["complete_chunks"]) | marks)
+        self._info["chunk_checksums"] = _checksum_json(
+            {**self._info.get("chunk_checksums", {}), **{str(k): v for k, v in sums.items()}})
         _atomic_write_json(self.path / STORE_JSON, self._info)
         for f in files:
             f.unlink(missing_ok=True)
         self._completed = set(self._info["complete_chunks"])
+        self._checksums = {int(k): v for k, v in self._info["chunk_checksums"].items()}
 
     def refresh(self) -> None:
         """Re-read the completion state from disk (other processes may have written chunks)."""
@@ -460,8 +558,11 @@ class FeatureStore:
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"{self.path / STORE_JSON} is unreadable ({exc})") from exc
         self._info["complete_chunks"] = info.get("complete_chunks", [])
+        self._info["chunk_checksums"] = info.get("chunk_checksums", {})
         self._info["provenance"] = info.get("provenance", {})
-        self._completed = set(self._info["complete_chunks"]) | self._rank_marks()
+        marks, sums = self._rank_marks()
+        self._completed = set(self._info["complete_chunks"]) | marks
+        self._checksums = {int(k): v for k, v in self._info["chunk_checksums"].items()} | sums
 
     def update_provenance(self, **entries: Any) -> None:
         """Add or change provenance entries (single writer only: rewrites ``store.json``)."""
@@ -490,10 +591,62 @@ class FeatureStore:
                             f"{self.n_chunks} chunks missing, first {missing[:5]}); resume the extraction "
                             "or import that made it")
 
+    def verify(self, require_complete: bool = True) -> VerifyReport:
+        """Re-read every completed chunk and compare it with the checksum recorded when it was written.
+
+        Also reads ``labels.npy`` and ``meta.npz`` whole (a damaged one raises), and requires the semantic
+        side of an imported store. Raises :class:`DataError` naming the first bad chunks (image ranges),
+        or an incomplete store when ``require_complete``. Chunks of a store written before checksums existed
+        (no header hash) are reported as unchecked rather than bad.
+        """
+        strict = self.has_header_hash  # made by a dedn that records a checksum for every chunk
+        bad: list[str] = []
+        unchecked: list[int] = []
+        verified = 0
+        for i in self.completed_chunks:
+            want = self._checksums.get(i)
+            s, e = self.chunk_range(i)
+            if want is None:
+                if strict:
+                    bad.append(f"chunk {i} (images {s} to {e - 1}) is marked complete without a checksum")
+                else:
+                    unchecked.append(i)
+            elif self.chunk_checksum(i) != want:
+                bad.append(f"chunk {i} (images {s} to {e - 1})")
+            else:
+                verified += 1
+        if bad:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise DataError(f"{self.path / FEATURES_BIN}: {len(bad)} of {len(self.completed_chunks)} completed chunks "
+                            f"do not match the checksums recorded when they were written: {', '.join(bad[:5])}"
+                            f"{more}; the file was damaged or changed afterwards: {self._rebuild_hint(None)}")
+        labels = self.labels  # raises when labels.npy is damaged
+        meta = self.meta()  # raises when meta.npz is damaged
+        missing = [k for k in ("att", "w2v", *_SPLITS) if k not in meta]
+        if self.provenance.get("source") == "hdf5" and (labels is None or missing):
+            what = ", ".join(([LABELS_NPY] if labels is None else []) + missing)
+            raise DataError(f"{self.path}: the store's semantic side is missing ({what}); "
+                            f"{self._rebuild_hint(self.path / META_NPZ)}")
+        if require_complete:
+            self.require_complete()
+        semantics = "labels and semantic side readable" if labels is not None and not missing else (
+            "labels readable, no semantic side" if labels is not None else "no labels")
+        return VerifyReport(self.path, self.n_chunks, verified, unchecked, self.missing_chunks(), semantics)
+
+    def _rebuild_hint(self, damaged: Path | None) -> str:
+        """What to run to rebuild a damaged store: re-import from the recorded source, else re-extract."""
+        src = self.provenance.get("source_file") if self.provenance.get("source") == "hdf5" else None
+        if src and damaged is not None and damaged.name in (META_NPZ, LABELS_NPY):
+            return f"re-import the store (`dedn store import {src} {self.path}` writes {damaged.name} again)"
+        if src:
+            return f"re-import the store (`dedn store import {src} {self.path} --overwrite`)"
+        return "re-extract or re-import the store (with --overwrite)"
+
     # ------------------------------------------------------------------ semantics
     def save_semantics(
         self,
         *,
+        replace: bool = False,
         att: np.ndarray | None = None,
         w2v: np.ndarray | None = None,
         trainval_loc: np.ndarray | None = None,
@@ -509,10 +662,11 @@ class FeatureStore:
     ) -> None:
         """Store the semantic side in ``meta.npz``; given entries replace stored ones, others are kept.
 
-        When labels and all three splits are known, their fingerprint is written to the provenance
-        (``split_hash``).
+        ``replace=True`` starts from nothing instead of the stored entries (and so never reads a damaged
+        ``meta.npz``). When labels and all three splits are known, their fingerprint is written to the
+        provenance (``split_hash``).
         """
-        meta = self.meta()
+        meta = {} if replace else self.meta()
         floats = {"att": att, "w2v": w2v, "original_att": original_att}
         ints = {"trainval_loc": trainval_loc, "test_seen_loc": test_seen_loc,
                 "test_unseen_loc": test_unseen_loc, "val_classes": val_classes}
@@ -544,8 +698,8 @@ class FeatureStore:
         try:
             with np.load(f, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError) as exc:
-            raise DataError(f"{f} is corrupt ({exc}); save the semantics again") from exc
+        except _NPY_READ_ERRORS as exc:
+            raise DataError(f"{f} is corrupt ({type(exc).__name__}: {exc}); {self._rebuild_hint(f)}") from exc
 
     # ------------------------------------------------------------------ GPU residency
     def to_torch(self, device: Any = "cuda", reserve_bytes: int | None = None):
@@ -603,6 +757,10 @@ def _check_info(info: Any, meta_file: Path, fix: str) -> None:
     if info.get("version") != VERSION:
         raise DataError(f"{meta_file}: store format version {info.get('version')} is not supported (this "
                         f"dedn reads version {VERSION}); {fix}")
+    want = info.get(HEADER_HASH)  # absent in stores written before the hash existed: accepted as they are
+    if want is not None and want != header_hash(info):
+        raise DataError(f"{meta_file} was edited: its header hash does not match (shape, dtype, size or chunk "
+                        "fields changed since the store was written); re-import or re-extract the store")
     try:
         n, shape, dtype = int(info["n"]), [int(s) for s in info["shape"]], info["dtype"]
         chunk, n_chunks = int(info["chunk_size"]), int(info["n_chunks"])
@@ -611,6 +769,9 @@ def _check_info(info: Any, meta_file: Path, fix: str) -> None:
         ok = (n >= 1 and len(shape) == 3 and min(shape) >= 1 and dtype in DTYPES and chunk >= 1
               and n_chunks == -(-n // chunk) and nbytes == n * int(np.prod(shape)) * np.dtype(dtype).itemsize
               and all(0 <= c < n_chunks for c in done) and isinstance(info["provenance"], dict))
+        sums = info.get("chunk_checksums", {})
+        ok = ok and isinstance(sums, dict) and all(
+            0 <= int(c) < n_chunks and isinstance(d, str) and d.startswith(f"{_CHUNK_HASH}:") for c, d in sums.items())
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{meta_file} is corrupt (missing or malformed entry {exc}); {fix}") from exc
     if not ok:
@@ -618,11 +779,20 @@ def _check_info(info: Any, meta_file: Path, fix: str) -> None:
     info["shape"] = shape
 
 
-def _read_rank_file(f: Path) -> list[int]:
+def _read_rank_file(f: Path) -> tuple[list[int], dict[int, str]]:
+    """The chunks a rank marked complete and their checksums (files from before checksums have none)."""
     try:
-        return [int(c) for c in json.loads(f.read_text())["chunks"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        obj = json.loads(f.read_text())
+        chunks = [int(c) for c in obj["chunks"]]
+        sums = {int(c): str(d) for c, d in obj.get("checksums", {}).items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DataError(f"{f} is corrupt ({exc}); delete it (its chunks will be extracted again)") from exc
+    return chunks, sums
+
+
+def _checksum_json(sums: Mapping[str, str]) -> dict[str, str]:
+    """Chunk checksums keyed by chunk index as JSON wants them (string keys), in chunk order."""
+    return {k: sums[k] for k in sorted(sums, key=int)}
 
 
 _STORE_FILES = (STORE_JSON, FEATURES_BIN, LABELS_NPY, META_NPZ)
@@ -845,6 +1015,94 @@ def _open_h5(path: Path):
         raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
 
 
+def _source_identity(path: Path, f: Any, head: Mapping[str, Any]) -> dict[str, Any]:
+    """Provenance entries that identify an HDF5 feature file: resolved path, size, mtime and a fingerprint.
+
+    A full-file hash would cost one extra pass over files of up to ~20 GB before an import could even
+    resume, so the fingerprint is a blake2b hash of the file size, ``feature_map``'s dtype and shape, every
+    array other than the feature maps (labels, the three splits, att, w2v, original_att) and 16 feature maps
+    spread evenly over the file, first and last included. ``source_mtime_ns`` (compared too) catches an
+    in-place edit of feature maps the sample misses; a copy that does not keep the mtime counts as another
+    file (refused, never mixed).
+    """
+    st = path.stat()
+    ds = f["feature_map"]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"dedn-hdf5-fingerprint-v1 {st.st_size} {ds.dtype.str} {tuple(ds.shape)}".encode())
+    for key in ("labels", *_SPLITS, "att", "w2v", "original_att"):
+        if head.get(key) is not None:
+            arr = np.ascontiguousarray(head[key])
+            h.update(f"{key} {arr.dtype.str} {arr.shape}".encode())
+            h.update(arr.tobytes())
+    n = int(ds.shape[0])
+    for i in np.unique(np.linspace(0, n - 1, min(n, _FINGERPRINT_ROWS)).round().astype(np.int64)).tolist():
+        h.update(np.ascontiguousarray(ds[int(i)]).tobytes())
+    return {"source_file": str(path.resolve()), "source_bytes": int(st.st_size), "source_mtime_ns": int(st.st_mtime_ns),
+            "source_dtype": str(ds.dtype), "source_fingerprint": h.hexdigest()}
+
+
+def _check_same_import(store: FeatureStore, prov: Mapping[str, Any], h5_path: Path, shape: tuple[int, ...],
+                       dtype: str) -> None:
+    """Refuse to resume (or to call complete) a store that was imported from another file or with other settings.
+
+    Stores imported before source fingerprints existed are compared by resolved path, size and splits.
+    """
+    theirs = store.provenance
+    if "source_fingerprint" in theirs:
+        keys = ["source_fingerprint", "source_bytes", "source_mtime_ns"]
+    else:
+        keys = ["source_file", "source_bytes", "split_hash"]
+
+    def show(key: str, v: Any) -> str:  # fingerprints shortened: the first digits tell them apart
+        return repr(v[:12] + "...") if key == "source_fingerprint" and isinstance(v, str) else repr(v)
+
+    diff = [f"{k}: store has {show(k, theirs.get(k))}, {h5_path.name} has {show(k, prov.get(k))}"
+            for k in (*keys, "backbone", "image_size") if theirs.get(k) != prov.get(k)]
+    if store.shape != shape or store.dtype != np.dtype(dtype):
+        diff.append(f"layout: store holds {store.shape} {store.dtype}, this import {shape} {dtype}")
+    if not diff:
+        return
+    old = theirs.get("source_file") or "another source"
+    details = "; ".join(diff)
+    if store.complete:
+        raise DataError(f"{store.path} is already a complete import of {old}, and {h5_path} is another file or "
+                        f"other settings ({details}); nothing was changed; pass --overwrite (overwrite=True) to "
+                        f"replace the store with an import of {h5_path}")
+    raise DataError(f"{store.path}: this store was started from another file or with other settings ({details}); "
+                    f"resuming would mix the feature maps of two files; resume it from {old} with the same "
+                    f"settings, or pass --overwrite (overwrite=True) to import {h5_path} from scratch")
+
+
+def _repair_semantics(store: FeatureStore, head: Mapping[str, Any], name: str | None) -> bool:
+    """Write labels and the semantic side from the (verified same) source when missing or damaged.
+
+    A readable ``meta.npz`` keeps its other entries (clusters, image files); a damaged one is replaced.
+    Returns whether anything was written.
+    """
+    try:
+        labels_ok = store.labels is not None
+    except DataError:
+        labels_ok = False
+    try:
+        meta: dict[str, np.ndarray] | None = store.meta()
+    except DataError:
+        meta = None
+    meta_ok = meta is not None and all(k in meta for k in ("att", "w2v", *_SPLITS))
+    if labels_ok and meta_ok:
+        return False
+    if not labels_ok:
+        store.set_labels(head["labels"])
+    if not meta_ok:
+        _save_head_semantics(store, head, name, replace=meta is None)
+    return True
+
+
+def _save_head_semantics(store: FeatureStore, head: Mapping[str, Any], name: str | None, replace: bool) -> None:
+    store.save_semantics(replace=replace, att=head["att"], w2v=head["w2v"], original_att=head.get("original_att"),
+                         **{k: head[k] for k in _SPLITS}, class_names=head["class_names"],
+                         attribute_names=head["attribute_names"], val_classes=head["val_classes"], name=name)
+
+
 def import_hdf5(
     h5_path: str | os.PathLike[str],
     store_path: str | os.PathLike[str],
@@ -857,39 +1115,45 @@ def import_hdf5(
     resume: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    report: Callable[[str], None] | None = None,
 ) -> FeatureStore:
     """Import a DAZLE/DEDN HDF5 feature file into a store, streamed in blocks of ``block_size`` images.
 
-    Memory stays bounded by one block. An interrupted import is resumed (``resume=True``) with the chunks
-    it had not finished, after checking that the store was started from the same file and settings.
+    Memory stays bounded by one block. The store records its source's identity (``source_file``,
+    ``source_bytes``, ``source_mtime_ns``, ``source_fingerprint``; see :func:`_source_identity` for what the
+    fingerprint covers and why it is not a full-file hash). An existing store (``resume=True``) is continued
+    only from the same file with the same settings: an interrupted import resumes with the chunks it had not
+    finished, a complete one is left as it is (a no-op); another file is refused, unless ``overwrite=True``
+    replaces the store. The semantic side (labels, ``meta.npz``) is written before any chunk, and a resumed
+    import writes it again when it is missing or damaged, so a store is never complete without it.
     ``provenance`` may say what the file holds, e.g. ``{"backbone": "resnet101", "image_size": 448}``;
-    the DAZLE layout itself does not record it.
+    the DAZLE layout itself does not record it. ``report`` receives one-line status messages.
     """
     h5_path, store_path = Path(h5_path), Path(store_path)
+    say = report or (lambda _msg: None)
     with _open_h5(h5_path) as f:
         head = _hdf5_header(f, h5_path)
         n, shape = head["n"], head["feature_shape"]
-        prov = {"backbone": None, "image_size": None, "source": "hdf5", "source_file": str(h5_path.resolve()),
-                "source_bytes": h5_path.stat().st_size, "dataset": name,
-                "split_hash": split_hash(head["labels"], *(head[k] for k in _SPLITS)), **(provenance or {})}
+        prov = {"backbone": None, "image_size": None, "source": "hdf5", "dataset": name,
+                "split_hash": split_hash(head["labels"], *(head[k] for k in _SPLITS)), **(provenance or {}),
+                **_source_identity(h5_path, f, head)}
         store = None
         if resume and not overwrite and (store_path / STORE_JSON).exists():
             store = FeatureStore.open(store_path)
-            theirs = store.provenance
-            diff = [k for k in ("source_bytes", "split_hash", "backbone", "image_size")
-                    if theirs.get(k) != prov.get(k)]
-            if store.shape != (n, *shape) or store.dtype != np.dtype(dtype) or diff:
-                raise DataError(f"{store_path}: this store was started from another file or with other "
-                                f"settings (differs in {diff or ['shape/dtype']}); pass overwrite=True to "
-                                "start over")
+            _check_same_import(store, prov, h5_path, (n, *shape), dtype)
+            if _repair_semantics(store, head, name):
+                say(f"{store_path}: wrote the missing or damaged semantic side ({LABELS_NPY}, {META_NPZ}) "
+                    f"from {h5_path}")
         if store is None:
             store = FeatureStore.create(store_path, n, shape, dtype=dtype, chunk_size=chunk_size,
                                         provenance=prov, overwrite=overwrite, labels=head["labels"])
-            store.save_semantics(att=head["att"], w2v=head["w2v"], original_att=head.get("original_att"),
-                                 **{k: head[k] for k in _SPLITS}, class_names=head["class_names"],
-                                 attribute_names=head["attribute_names"], val_classes=head["val_classes"],
-                                 name=name)
+            _save_head_semantics(store, head, name, replace=True)  # before any chunk: complete implies semantics
         todo = store.missing_chunks()
+        if not todo:
+            say(f"{store_path}: already imported from {h5_path}; nothing to do")
+            return store
+        if len(todo) < store.n_chunks:
+            say(f"{store_path}: resuming the import from {h5_path}: {len(todo)} of {store.n_chunks} chunks left")
         ds = f["feature_map"]
         total = sum(store.chunk_range(i)[1] - store.chunk_range(i)[0] for i in todo)
         with tqdm(total=total, unit="img", desc=f"import {h5_path.name}", disable=not progress) as bar:
@@ -903,23 +1167,45 @@ def import_hdf5(
     return store
 
 
+def _check_export_target(store: FeatureStore, path: Path, overwrite: bool) -> None:
+    """Refuse to export onto the store's own source, into the store, or onto an existing file without overwrite."""
+    src = store.provenance.get("source_file")
+    target = path.resolve()
+    same = src is not None and (target == Path(src).resolve() or (
+        path.exists() and Path(src).exists() and os.path.samefile(path, src)))
+    if same:
+        raise DataError(f"{path} is the file this store was imported from: exporting onto it would replace its "
+                        f"original {store.provenance.get('source_dtype', 'float32')} feature maps with the store's "
+                        f"{store.dtype} values; choose another output file")
+    if target.parent == store.path.resolve() or target == store.path.resolve():
+        raise DataError(f"{path} is inside the feature store {store.path}; choose an output file outside it")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give the HDF5 file to write")
+    if path.exists() and not overwrite:
+        raise DataError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it, or choose "
+                        "another output file")
+
+
 def export_hdf5(store: FeatureStore | str | os.PathLike[str], path: str | os.PathLike[str],
-                block_size: int = 64, progress: bool = True) -> Path:
+                block_size: int = 64, progress: bool = True, overwrite: bool = False) -> Path:
     """Write a complete store with its semantic side as a DAZLE/DEDN HDF5 file (float32 ``feature_map``).
 
     Streamed in blocks of ``block_size`` images into a temporary file that is renamed at the end, so an
-    interrupted export never leaves a partial file under ``path``. Class and attribute names (and
-    ``val_classes`` when known) are added as extra keys, which DAZLE-style readers ignore.
+    interrupted export never leaves a partial file under ``path``. An existing ``path`` is replaced only with
+    ``overwrite=True``, and never when it is the store's own source file (its float32 originals would become
+    the store's float16 values). Class and attribute names (and ``val_classes`` when known) are added as
+    extra keys, which DAZLE-style readers ignore.
     """
     import h5py
 
     if not isinstance(store, FeatureStore):
         store = FeatureStore.open(store)
+    path = Path(path)
+    _check_export_target(store, path, overwrite)
     data = load_zsldata(store.path)  # checks completeness, labels and semantics
     meta = store.meta()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_name(path)
     try:
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("feature_map", shape=store.shape, dtype=np.float32)
@@ -940,6 +1226,9 @@ def export_hdf5(store: FeatureStore | str | os.PathLike[str], path: str | os.Pat
             if data.val_classes is not None:
                 f["val_classes"] = np.asarray(data.val_classes, dtype=np.int64)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"could not write {path} ({exc}); free disk space (or fix permissions) and export "
+                        "again") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

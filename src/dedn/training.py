@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .calibration import MODE_DEFAULT, ORACLE, VALIDATED, CONFIG, Calibration, config_calibration
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
 from .config import RunConfig, config_from_dict, config_to_dict
 from .data import ZSLData, read_features
@@ -91,7 +92,11 @@ class BatchSampler:
 # ---------------------------------------------------------------------------------------------- evaluation
 @dataclass
 class Evaluation:
-    """Model outputs on the evaluation split and the metrics at the calibration used."""
+    """Model outputs on the evaluation split, the metrics at the calibration used, and where it came from.
+
+    ``best`` / ``best_gamma`` are the H-maximising calibration on these very scores: the validated choice
+    on a validation task, an oracle (labelled so) on the test split.
+    """
 
     seen: ModelOutputs
     unseen: ModelOutputs
@@ -100,18 +105,22 @@ class Evaluation:
     gamma: float
     best_gamma: float
     best: GZSLResult
+    gamma_source: str = MODE_DEFAULT
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
         r = self.result.to_dict(percent=True)
-        return {"T": r["T"], "S": r["S"], "U": r["U"], "H": r["H"], "gamma": self.gamma,
-                "AUSUC": self.best.ausuc * 100 if self.best.ausuc is not None else float("nan"),
-                "H_best_gamma": self.best.H * 100, "best_gamma": self.best_gamma}
+        out: dict[str, Any] = {"T": r["T"], "S": r["S"], "U": r["U"], "H": r["H"], "gamma": self.gamma,
+                               "gamma_source": self.gamma_source,
+                               "AUSUC": self.best.ausuc * 100 if self.best.ausuc is not None else float("nan")}
+        if self.gamma_source != VALIDATED:  # the best gamma on these scores is an oracle, never a result
+            out.update({"oracle_H": self.best.H * 100, "oracle_gamma": self.best_gamma})
+        return out
 
 
 def evaluate_model(
     model: DEDN,
     data: ZSLData,
-    gamma: float | str = 0.0,
+    gamma: float | str | Calibration = 0.0,
     batch_size: int = 200,
     device: torch.device | str = "cpu",
     progress: bool = False,
@@ -120,9 +129,13 @@ def evaluate_model(
 ) -> Evaluation:
     """T, S, U, H of ``model`` on ``data``'s test split (which is the validation split of a validation task).
 
-    ``gamma``: the calibrated-stacking value, or ``"best"`` to choose the H-maximising one on these very
-    scores (only honest when ``data`` is a validation task).
+    ``gamma``: a :class:`~dedn.calibration.Calibration`, a number (source ``config``), or ``"best"`` for the
+    H-maximising value on these very scores (source ``validated`` on a validation task, else
+    ``oracle-on-test``).
     """
+    if not isinstance(gamma, Calibration):
+        on_val = data.provenance.get("split") == "validation"
+        gamma = Calibration(gamma, (VALIDATED if on_val else ORACLE) if gamma == "best" else CONFIG)
     seen = collect_outputs(model, data.features, data.test_seen_loc, data.labels, batch_size, device,
                            progress, "test seen")
     unseen = collect_outputs(model, data.features, data.test_unseen_loc, data.labels, batch_size, device,
@@ -131,19 +144,25 @@ def evaluate_model(
                             model.l_e if l_e is None else l_e)
 
 
-def evaluate_outputs(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.ndarray, gamma: float | str,
-                     l_rc: float, l_e: float) -> Evaluation:
-    """Metrics from saved outputs at any l_rc, l_e and calibration (no model needed)."""
+def evaluate_outputs(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.ndarray,
+                     gamma: float | str | Calibration, l_rc: float, l_e: float) -> Evaluation:
+    """Metrics from saved outputs at any l_rc, l_e and calibration (no model needed).
+
+    A bare number counts as source ``config``, a bare ``"best"`` as ``oracle-on-test``: pass a
+    :class:`~dedn.calibration.Calibration` to say otherwise.
+    """
+    if not isinstance(gamma, Calibration):
+        gamma = Calibration(gamma, ORACLE if gamma == "best" else CONFIG)
     s_scores, u_scores = seen.scores(l_rc, l_e), unseen.scores(l_rc, l_e)
     assert seen.labels is not None and unseen.labels is not None
     best_gamma, best = best_calibration(s_scores, seen.labels, u_scores, unseen.labels, seen_mask)
-    if gamma == "best":
+    if gamma.value == "best":
         g, result = best_gamma, best
     else:
-        g = float(gamma)
+        g = float(gamma.value)
         result = gzsl_metrics(s_scores, seen.labels, u_scores, unseen.labels, seen_mask, g)
         result.ausuc = best.ausuc
-    return Evaluation(seen, unseen, seen_mask, result, g, best_gamma, best)
+    return Evaluation(seen, unseen, seen_mask, result, g, best_gamma, best, gamma.source)
 
 
 def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra: dict[str, Any],
@@ -191,17 +210,10 @@ class TrainResult:
         return max(rows, key=lambda h: h[key]) if rows else None
 
 
-def calibration_value(cfg: RunConfig, data: ZSLData) -> float | str:
-    """The calibration ``eval.calibration`` asks for: a number, or ``best`` on a validation task."""
-    value = cfg.eval.calibration
-    if value in ("auto", "validated"):
-        if cfg.data.split == "validation":
-            return "best"
-        if value == "validated":
-            raise ConfigError("eval.calibration=validated needs the value chosen on the validation split; "
-                              "use `dedn experiment` (validated protocol) or give a number")
-        return 0.0
-    return float(value)
+def calibration_value(cfg: RunConfig, data: ZSLData) -> Calibration:
+    """The calibration ``eval.calibration`` asks for on ``data`` (see :func:`dedn.calibration.config_calibration`)."""
+    return config_calibration(cfg.eval.calibration, cfg.mode, cfg.loss.margin,
+                              data.provenance.get("split") == "validation")
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -222,24 +234,29 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 class Trainer:
     """Train one DEDN model.
 
-    Under ``torchrun --nproc_per_node N`` each process takes 1/N of every batch and the gradients are
-    averaged by DistributedDataParallel, which for the paper-mode losses (all batch means) is the same
-    update as one process on the whole batch; rank 0 evaluates and writes the run directory.
+    Under ``torchrun --nproc_per_node N`` each process takes every N-th image of each batch. Its loss is
+    weighted by its share of the batch, and DistributedDataParallel averages the gradients, so for losses
+    that are means over the batch (all paper-mode terms, and reference mode's except the self-calibration
+    term, a log of a batch mean) the update is the one of a single process on the whole batch, also for
+    uneven shards. Rank 0 evaluates and writes the run directory.
 
     Args:
         cfg: the run configuration.
         data: the dataset (loaded from ``cfg`` when None).
         run_dir: where to write config, log, checkpoints and metrics (nothing is written when None).
         model: a model to train (built from ``cfg`` and ``data`` when None).
+        calibration: the calibration of its evaluations (default: what ``eval.calibration`` asks for; the
+            validated protocol passes the value it chose on the validation task).
     """
 
     def __init__(self, cfg: RunConfig, data: ZSLData | None = None, run_dir: str | Path | None = None,
-                 model: DEDN | None = None) -> None:
+                 model: DEDN | None = None, calibration: Calibration | None = None) -> None:
         self.cfg = cfg
         if cfg.train.threads:
             # Process-wide: small models lose more to thread synchronisation than they gain.
             torch.set_num_threads(cfg.train.threads)
         self.data = data if data is not None else load_data(cfg)
+        self.calibration = calibration if calibration is not None else calibration_value(cfg, self.data)
         self.device = resolve_device(cfg.train.device)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.train.dtype)
         if self.dtype is None:
@@ -341,8 +358,15 @@ class Trainer:
         save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, state)
 
     # -------------------------------------------------------------------------- loop
-    def train_step(self, index: np.ndarray, batch: torch.Tensor | None = None) -> dict[str, float]:
-        """One optimisation step on the images ``index``; raises TrainingError on a non-finite loss."""
+    def train_step(self, index: np.ndarray, batch: torch.Tensor | None = None,
+                   share: float | None = None) -> dict[str, float]:
+        """One optimisation step on the images ``index``; raises TrainingError on a non-finite loss.
+
+        Under torch.distributed ``index`` is this rank's shard of the batch and ``share`` its fraction of
+        the whole batch (default ``1 / world``). The loss is weighted by ``world * share`` so that
+        DistributedDataParallel's gradient average is the gradient of the whole batch's mean loss, also
+        when the shards are uneven (a batch of 50 on 4 ranks: 13/13/12/12).
+        """
         self.model.train()
         x = (self._host_batch(index) if batch is None else batch).to(self.device, self.dtype)
         if not torch.isfinite(x).all():
@@ -360,23 +384,24 @@ class Trainer:
         if not bool(finite):
             raise TrainingError(f"the loss became {float(terms.total.detach())} ({terms.items()}); training stopped "
                                 "before the update")
-        terms.total.backward()
+        weight = 1.0 if self.world == 1 else self.world * (1.0 / self.world if share is None else share)
+        (terms.total * weight if weight != 1.0 else terms.total).backward()
         self.optimizer.step()
         items = terms.items()
         if self.world > 1:  # log the loss of the whole batch, as one process would
             import torch.distributed as dist
 
-            loss = torch.tensor([items["loss"]], dtype=torch.float64)
+            loss = torch.tensor([items["loss"] * weight / self.world], dtype=torch.float64)
             dist.all_reduce(loss)
-            items["loss"] = float(loss) / self.world
+            items["loss"] = float(loss)
         return items
 
     def on_evaluate(self, epoch: int, evaluation: Evaluation) -> None:
         """Called after each evaluation during :meth:`fit` (a hook for protocols and callbacks)."""
 
     def evaluate(self, progress: bool = False) -> Evaluation:
-        return evaluate_model(self.model, self.data, calibration_value(self.cfg, self.data),
-                              self.cfg.eval.batch_size, self.device, progress)
+        return evaluate_model(self.model, self.data, self.calibration, self.cfg.eval.batch_size, self.device,
+                              progress)
 
     def fit(self) -> TrainResult:
         """Train for ``train.epochs`` epochs (from the resumed epoch), evaluating and checkpointing."""
@@ -397,6 +422,7 @@ class Trainer:
                 n = min(len(batches), total_iters - done)
                 epoch_losses: list[float] = []
                 started = time.perf_counter()
+                sizes = [len(b) for b in batches]
                 batches = [b[self.rank :: self.world] for b in batches]  # this process's share of each batch
                 pending = pool.submit(self._host_batch, batches[0]) if n else None
                 for i in range(n):
@@ -405,7 +431,7 @@ class Trainer:
                     if i + 1 < n:
                         pending = pool.submit(self._host_batch, batches[i + 1])
                     try:
-                        items = self.train_step(batches[i], x)
+                        items = self.train_step(batches[i], x, share=len(batches[i]) / sizes[i])
                     except TrainingError as exc:
                         saved = self.run_dir is not None and bool(self.history)
                         where = f"; the last good checkpoint is in {self.run_dir}/checkpoints" if saved else ""
@@ -451,7 +477,10 @@ class Trainer:
 
     def _finish(self, ev: Evaluation) -> dict[str, Any]:
         """Final weights, class file, metrics and outputs (rank 0)."""
-        extra = self.report_extra()
+        extra = self.report_extra(ev.gamma)
+        if ev.gamma_source != VALIDATED:
+            extra["oracle_on_test"] = {"note": "diagnosis only, not a result: gamma chosen on these test scores",
+                                       "H": ev.best.H * 100, "gamma": ev.best_gamma}
         if self.run_dir is None:
             out = ev.result.to_dict(percent=True)
             out.update(extra)
@@ -460,17 +489,17 @@ class Trainer:
 
         save_weights(self.model, self.run_dir / "model.safetensors")
         write_class_file(self.run_dir, self.data, calibration=ev.gamma)
-        if "backbone" in self.data.provenance and "image_size" in self.data.provenance:
-            write_feature_provenance(self.run_dir, self.data.provenance)
+        write_feature_provenance(self.run_dir, self.data.provenance)
         return write_evaluation(ev, self.run_dir, self.data.class_names, extra, plots=self.cfg.eval.plots)
 
-    def report_extra(self) -> dict[str, Any]:
+    def report_extra(self, last_gamma: float | None = None) -> dict[str, Any]:
         best_h = max((h for h in self.history if "H" in h), key=lambda h: h["H"], default=None)
         best_t = max((h for h in self.history if "T" in h), key=lambda h: h["T"], default=None)
         return {
             "mode": self.cfg.mode,
             "split": self.cfg.data.split,
-            "calibration": self.cfg.eval.calibration,
+            "gamma": last_gamma,
+            "gamma_source": self.calibration.source,
             "l_rc": self.model.l_rc,
             "l_e": self.model.l_e,
             "dataset": self.dataset,

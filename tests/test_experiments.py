@@ -60,7 +60,8 @@ def test_table1_both_protocols_resume_after_interruption(cfg, fits, tmp_path, mo
     step, counting = Trainer.train_step, Trainer.fit
     steps = {"n": 0}
 
-    def dies_in_second_epoch(self, index, batch=None, share=None):  # seed 1's validation run, after epoch 0's checkpoint
+    # seed 1's validation run, after epoch 0's checkpoint
+    def dies_in_second_epoch(self, index, batch=None, share=None):
         if self.cfg.seed == 1 and self.cfg.data.split == "validation":
             steps["n"] += 1
             if steps["n"] == 3 + 1:

@@ -48,8 +48,8 @@ def _print_metrics(metrics: dict, title: str) -> None:
     where = f"gamma = {gamma:.4g} ({metrics.get('gamma_source', 'source unknown')})" if gamma is not None else ""
     typer.echo("  " + "  ".join(f"{metrics[k]:6.2f}" for k in keys) + f"   (%, {where})")
     if metrics.get("oracle_H") is not None:
-        typer.echo(f"  diagnosis only: H = {metrics['oracle_H']:.2f} at the oracle gamma = {metrics['oracle_gamma']:.4g}"
-                   " chosen on these test scores (not a result)")
+        typer.echo(f"  diagnosis only: H = {metrics['oracle_H']:.2f} at the oracle gamma = "
+                   f"{metrics['oracle_gamma']:.4g} chosen on these test scores (not a result)")
 
 
 # ---------------------------------------------------------------------------------------------- train / eval
@@ -113,11 +113,14 @@ def evaluate(
     """Evaluate a trained run on its test split: T, U, S, H, AUSUC, per-class accuracy, seen-unseen curve."""
     from .calibration import CONFIG, Calibration, parse_calibration
     from .checkpoint import load_weights
+    from .checks import FRACTION, check_option
     from .config import apply_overrides
     from .factory import load_data
     from .protocols import model_dir
     from .training import evaluate_model, load_run_config, resolve_device, write_evaluation
 
+    check_option("--l-rc", l_rc, FRACTION)
+    check_option("--l-e", l_e, FRACTION)
     folder_in = model_dir(checkpoint)
     fixed = None if calibration == "auto" else Calibration(parse_calibration(calibration, "--calibration"), CONFIG)
     cfg = apply_overrides(load_run_config(folder_in), overrides or [], f"{folder_in}/config.json")

@@ -200,8 +200,9 @@ class ZSLData:
         dataset's test-unseen classes as dataset class indices, so their disjointness can be checked.
         """
         if self.val_classes is None or len(self.val_classes) == 0:
-            raise DataError(f"{self.source}: no validation classes (xlsa17 valclasses1) are defined, so no "
-                            "validation split can be built")
+            raise DataError(f"{self.source}: no validation classes (xlsa17 valclasses1) are defined, so the "
+                            "validated protocol has no validation task: pass data.semantic_dir=XLSA17_FOLDER (its "
+                            "att_splits.mat lists them) or choose eval.protocol=published or fixed")
         if not 0.0 < seen_fraction < 1.0:
             raise DataError(f"validation seen_fraction must be in (0, 1), got {seen_fraction}")
         rng = np.random.default_rng(seed)

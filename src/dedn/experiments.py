@@ -612,7 +612,8 @@ def _run_published(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
     _check_selected(run_dir, at_h["epoch"])
     metrics = {"T": at_t["T"], "S": at_h["S"], "U": at_h["U"], "H": at_h["H"], "AUSUC": at_h["AUSUC"]}
     choices = {"how": "best test-split H over training (and best T separately), fixed calibration",
-               "calibration": gamma, "gamma": gamma, "gamma_source": fixed.source, "l_rc": l_rc, "l_e": l_e, "epoch_best_H": at_h["epoch"],
+               "calibration": gamma, "gamma": gamma, "gamma_source": fixed.source, "l_rc": l_rc, "l_e": l_e,
+               "epoch_best_H": at_h["epoch"],
                "epoch_best_T": at_t["epoch"], "T_at_best_H": at_h["T"], "epochs_trained": len(result.history)}
     points_out = []
     for axis, value, prc, pe in sweep:

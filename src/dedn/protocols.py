@@ -103,7 +103,7 @@ def model_dir(run_dir: str | Path) -> Path:
         CheckpointError: neither the folder nor a protocol's model folder inside it is a finished run.
     """
     run_dir = Path(run_dir)
-    if (run_dir / "config.json").is_file():
+    if (run_dir / "config.json").is_file() or (run_dir / "model.safetensors").is_file():
         return run_dir
     for sub in ("final", "train"):
         if (run_dir / sub / "config.json").is_file():

@@ -77,8 +77,8 @@ PUBLISHED_FIGURE5_HALF_DROP: dict[str, dict[str, float]] = {
 
 PROTOCOL_NOTES = {
     "validated": ("epoch, calibration gamma (and any tuned settings) chosen on a validation task made from "
-                  "trainval images and trainval classes only; then retrained on all of trainval for the chosen number of epochs and "
-                  "evaluated on the test split once"),
+                  "trainval images and trainval classes only; then retrained on all of trainval for the chosen "
+                  "number of epochs and evaluated on the test split once"),
     "published": ("as the released code reports: trained on trainval, evaluated on the test split after every "
                   "epoch at a fixed calibration (eval.calibration, else the mode default: 2 eps in paper mode, "
                   "0 in reference mode), best H (and separately best T) over training; optimistic, "

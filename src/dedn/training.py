@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .calibration import MODE_DEFAULT, ORACLE, VALIDATED, CONFIG, Calibration, config_calibration
+from .calibration import CONFIG, MODE_DEFAULT, ORACLE, VALIDATED, Calibration, config_calibration
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
 from .config import RunConfig, config_from_dict, config_to_dict
 from .data import ZSLData, read_features

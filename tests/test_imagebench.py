@@ -213,7 +213,7 @@ def test_to_zsldata(bench):
     np.testing.assert_array_equal(data.val_classes, bench.val_classes)
     assert data.w2v.shape == (bench.n_attributes, 64)
     val = data.validation_split()
-    assert set(val.unseen_classes.tolist()) == set(bench.val_classes.tolist())
+    assert set(val.class_ids[val.unseen_classes].tolist()) == set(bench.val_classes.tolist())
     with pytest.raises(DataError):
         to_zsldata(bench, features[:-1])
 

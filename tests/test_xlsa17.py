@@ -137,7 +137,7 @@ def test_real_to_zsldata_and_validation_split():
     data = to_zsldata(sem, LazyFeatures(sem.n_images), "lazy-cub")
     assert data.n_classes == 200 and data.n_attributes == 312 and data.w2v.dtype == np.float32
     val = data.validation_split()
-    assert np.intersect1d(val.unseen_classes, sem.val_classes).size == sem.val_classes.size
+    assert np.intersect1d(val.class_ids[val.unseen_classes], sem.val_classes).size == sem.val_classes.size
     assert np.isin(val.trainval_loc, sem.trainval_loc).all()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write, atomic_write_text
 from .errors import CheckpointError
 from .model import DEDN
 
@@ -33,20 +33,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def model_hparams(model: DEDN) -> dict[str, Any]:
@@ -95,10 +84,34 @@ def model_from_hparams(hp: dict[str, Any]) -> DEDN:
     )
 
 
-def save_weights(model: DEDN, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
-    """Model weights and buffers as safetensors, with the architecture in the file's metadata."""
+def save_weights(model: DEDN, path: str | Path, extra_metadata: dict[str, str] | None = None,
+                 record_hash: bool = False) -> None:
+    """Model weights and buffers as safetensors, with the architecture in the file's metadata.
+
+    ``record_hash`` also writes ``PATH.sha256`` (``sha256sum`` format), which :func:`load_weights` checks.
+    """
+    path = Path(path)
     meta = {"format": FORMAT, "hparams": json.dumps(model_hparams(model)), **(extra_metadata or {})}
-    _atomic_save_tensors(dict(model.state_dict()), Path(path), meta)
+    _atomic_save_tensors(dict(model.state_dict()), path, meta)
+    if record_hash:
+        atomic_write_text(hash_file(path), f"{_sha256(path)}  {path.name}\n")
+
+
+def hash_file(path: Path) -> Path:
+    """Where the SHA-256 of a weights file is recorded."""
+    return path.with_name(path.name + ".sha256")
+
+
+def verify_weights(path: Path) -> None:
+    """Check a weights file against its recorded SHA-256, when one was recorded (runs before this check have
+    none). Raises :class:`CheckpointError` on a mismatch."""
+    record = hash_file(path)
+    if not record.is_file():
+        return
+    want = record.read_text().split()[0] if record.read_text().strip() else ""
+    if _sha256(path) != want:
+        raise CheckpointError(f"{path}: the weights do not match the SHA-256 recorded in {record.name} when they "
+                              "were written; the file is corrupt or was changed: retrain, or restore it")
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DEDN:
@@ -110,6 +123,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DEDN:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: model weights not found")
+    verify_weights(path)
     try:
         from safetensors import safe_open
 
@@ -121,13 +135,17 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DEDN:
                               "truncated, use an earlier checkpoint or retrain") from None
     if meta.get("format") != FORMAT or "hparams" not in meta:
         raise CheckpointError(f"{path}: not a dedn model file (no '{FORMAT}' metadata)")
-    model = model_from_hparams(json.loads(meta["hparams"]))
-    # Buffers that depend on the class set may have another K than the placeholder: resize first.
-    model.class_att = torch.empty_like(state["class_att"])
-    model.seen_mask = torch.empty_like(state["seen_mask"])
     try:
+        model = model_from_hparams(json.loads(meta["hparams"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the recorded architecture is unusable ({type(exc).__name__}: {exc}); "
+                              "the file is corrupt or was edited") from None
+    # Buffers that depend on the class set may have another K than the placeholder: resize first.
+    try:
+        model.class_att = torch.empty_like(state["class_att"])
+        model.seen_mask = torch.empty_like(state["seen_mask"])
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: weights do not match the recorded architecture: "
                               f"{str(exc).splitlines()[0]}") from None
     return model.to(device)
@@ -206,7 +224,12 @@ def load_checkpoint(
     loaded = load_weights(folder / f"{name}.safetensors", device=device)
     model = loaded
     if optimizer_for is not None:
-        optimizer_for.load_state_dict(loaded.state_dict())
+        try:
+            optimizer_for.load_state_dict(loaded.state_dict())
+        except RuntimeError as exc:
+            raise CheckpointError(f"{folder / (name + '.safetensors')}: the checkpoint's architecture differs from "
+                                  f"the model the config builds ({str(exc).splitlines()[0]}); was the run's "
+                                  "config.json edited? Restore it, or start a new run") from None
         model = optimizer_for
     if optimizer is not None:
         try:

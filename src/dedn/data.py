@@ -37,6 +37,26 @@ def read_features(features: FeatureArray, index: np.ndarray) -> np.ndarray:
     return out
 
 
+def data_fingerprint(data: ZSLData) -> str:
+    """A hash of what a run trains and evaluates on: labels, splits, class attributes, semantic vectors,
+    feature shape and, where the feature source has one (a feature store), the identity of its contents.
+
+    Recorded with every checkpoint; resuming on data with another fingerprint is refused.
+    """
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for arr in (data.labels, data.trainval_loc, data.test_seen_loc, data.test_unseen_loc, data.att, data.w2v):
+        a = np.ascontiguousarray(arr)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    h.update(json.dumps([list(data.features.shape), str(getattr(data.features, "identity", None)),
+                         data.provenance.get("generator"), data.provenance.get("config")],
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
 @dataclass
 class ZSLData:
     """One GZSL benchmark: features, labels, splits and the semantic side.
@@ -138,8 +158,10 @@ class ZSLData:
             raise DataError(f"{src}: {len(self.class_names)} class names for {k} classes")
         if len(self.attribute_names) != d:
             raise DataError(f"{src}: {len(self.attribute_names)} attribute names for {d} attributes")
-        if n and (self.labels.min() < 0 or self.labels.max() >= k):
-            bad = self.labels[(self.labels < 0) | (self.labels >= k)]
+        # A task over a subset of the classes (class_ids set) marks images outside it with -1.
+        low = -1 if self.class_ids is not None else 0
+        if n and (self.labels.min() < low or self.labels.max() >= k):
+            bad = self.labels[(self.labels < low) | (self.labels >= k)]
             raise DataError(
                 f"{src}: labels must lie in 0..{k - 1} (K = {k} classes); found {bad[:5].tolist()}"
             )
@@ -155,6 +177,10 @@ class ZSLData:
                 raise DataError(f"{src}: split {key} holds indices outside 0..{n - 1}")
             if np.unique(loc).size != loc.size:
                 raise DataError(f"{src}: split {key} lists some images twice")
+        if low < 0:
+            used = np.concatenate(list(splits.values()))
+            if (self.labels[used] < 0).any():
+                raise DataError(f"{src}: images of the task's splits carry no task label (-1)")
         names = list(splits)
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
@@ -170,8 +196,11 @@ class ZSLData:
             raise DataError(f"{src}: test_seen_loc holds classes without trainval images: "
                             f"{sorted(test_seen - seen)[:5]}")
         if seen & unseen:
+            all_locs = np.concatenate(list(splits.values()))
+            hint = ("; no split uses image index 0: the *_loc indices look 1-based, and this layout is 0-based "
+                    "(subtract 1)" if all_locs.min() >= 1 else "")
             raise DataError(f"{src}: classes {sorted(seen & unseen)[:5]} are both seen (trainval) and unseen "
-                            f"(test_unseen)")
+                            f"(test_unseen){hint}")
         if self.val_classes is not None and not set(np.asarray(self.val_classes).tolist()) <= seen:
             raise DataError(f"{src}: validation classes must be seen classes")
 

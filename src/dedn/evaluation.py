@@ -20,6 +20,7 @@ compatibility layer and a notebook user alike. Conventions (SPEC section 4):
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write_text
 from .errors import DataError
 
 __all__ = [
@@ -302,9 +304,12 @@ def write_metrics(
         summary.update(extra)
     path_json = Path(path_json)
     path_json.parent.mkdir(parents=True, exist_ok=True)
-    path_json.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-    if path_csv_per_class is None:
-        return
+    if path_csv_per_class is not None:  # the CSV first: metrics.json, written last, marks a complete record
+        _write_per_class(result, Path(path_csv_per_class), class_names)
+    atomic_write_text(path_json, json.dumps(summary, indent=2, default=_json_default) + "\n")
+
+
+def _write_per_class(result: GZSLResult, path_csv: Path, class_names: Sequence[str] | None) -> None:
     n_known = int(max(result.seen_classes.max(initial=-1), result.unseen_classes.max(initial=-1))) + 1
     if class_names is not None and len(class_names) < n_known:
         raise DataError(f"write_metrics: {len(class_names)} class names but class index {n_known - 1} "
@@ -316,15 +321,15 @@ def write_metrics(
                           strict=True):
         rows.append((int(k), "unseen", int(n), float(a), float(z)))
     rows.sort(key=lambda r: r[0])
-    path_csv = Path(path_csv_per_class)
     path_csv.parent.mkdir(parents=True, exist_ok=True)
-    with path_csv.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["class_index", "class_name", "split", "n_images", "accuracy", "zsl_accuracy"])
-        for k, split, n, acc, zsl in rows:
-            name = class_names[k] if class_names is not None else str(k)
-            zsl_text = "" if zsl is None else f"{zsl * 100:.4f}"
-            writer.writerow([k, name, split, n, f"{acc * 100:.4f}", zsl_text])
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(["class_index", "class_name", "split", "n_images", "accuracy", "zsl_accuracy"])
+    for k, split, n, acc, zsl in rows:
+        name = class_names[k] if class_names is not None else str(k)
+        zsl_text = "" if zsl is None else f"{zsl * 100:.4f}"
+        writer.writerow([k, name, split, n, f"{acc * 100:.4f}", zsl_text])
+    atomic_write_text(path_csv, buf.getvalue())
 
 
 def plot_seen_unseen_curve(

@@ -64,6 +64,7 @@ from .errors import CheckpointError, ConfigError, DataError
 from .evaluation import ausuc, seen_unseen_curve
 from .factory import load_data, resolve_model_clusters
 from .inference import ModelOutputs
+from .rundir import lock_run_dir
 from .training import Evaluation, Trainer, TrainResult, evaluate_outputs
 
 log = logging.getLogger("dedn")
@@ -561,11 +562,7 @@ def _train_stage(cfg: RunConfig, data: ZSLData, run_dir: Path,
         trainer.resume()
         return trainer.fit(), trainer
     finally:
-        # Trainer removes its log handler only after a successful fit; do not leak it into later runs.
-        handler = getattr(trainer, "_log_handler", None)
-        if handler is not None and handler in log.handlers:
-            log.removeHandler(handler)
-            handler.close()
+        trainer.close()  # its log file and the stage folder's lock, also when training failed
 
 
 def _stage_config(cfg: RunConfig, job: Job, stage: str, combo: Sequence[str], changes: Mapping[str, Any]) -> RunConfig:
@@ -746,7 +743,8 @@ def run_job(job: Job, device: str | None = None) -> RunResult:
                                              indent=2))
     cfg = job.config if device is None else _set(job.config, {"train.device": device})
     runner = _run_validated if job.protocol == "validated" else _run_published
-    result = runner(job, cfg, folder)
+    with lock_run_dir(folder):  # one writer per job folder
+        result = runner(job, cfg, folder)
     result.folder = str(folder)
     atomic_write_text(done, json.dumps({"hash": h, "finished": _now(), "result": result.to_dict()}, indent=2))
     return result

@@ -115,7 +115,8 @@ def find_bad_images(paths: Sequence[str], num_workers: int = 2, progress: bool =
 def _image_list_hash(paths: Sequence[str], labels: np.ndarray) -> str:
     h = hashlib.sha256()
     for p in paths:
-        h.update(os.path.normpath(p).encode("utf-8", "surrogateescape") + b"\0")
+        # Absolute: the same images named from another folder (relative vs absolute --images) hash the same.
+        h.update(os.path.abspath(p).encode("utf-8", "surrogateescape") + b"\0")
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
     return h.hexdigest()[:16]
 

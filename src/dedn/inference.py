@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import read_features
+from .errors import DataError
 from .model import DEDN
 
 BRANCHES = ("cexp_o_r", "cexp_o_c", "fexp_o_r", "fexp_o_c")
@@ -111,7 +112,13 @@ def collect_outputs(
     parts: dict[str, list[np.ndarray]] = {}
     bar = tqdm(total=index.size, desc=desc, unit="img", disable=not progress, leave=False)
     try:
-        for chunk in _batches(features, index, batch_size):
+        for start, chunk in zip(range(0, index.size, batch_size), _batches(features, index, batch_size),
+                                strict=True):
+            if not np.isfinite(chunk).all():  # name the images, not a downstream "scores contain NaN"
+                rows = ~np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
+                bad = index[start : start + chunk.shape[0]][rows]
+                raise DataError(f"feature maps of images {bad[:5].tolist()} (dataset indices) hold NaN or infinite "
+                                "values; fix or re-extract those features")
             out = model(torch.from_numpy(chunk).to(device))
             for name, exp in (("cexp", out.cexp), ("fexp", out.fexp)):
                 if exp is None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from .config import RunConfig, config_from_dict
 from .errors import CheckpointError, ConfigError
+from .rundir import check_new_run_dir, lock_run_dir
 from .training import load_run_config, new_run_dir
 from .training import train as train_fixed
 
@@ -62,25 +63,34 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         ConfigError: ``run_dir`` already holds something and ``resume`` is not set, or a bad setting.
     """
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir}: the run folder already exists and is not empty; continue it with "
-                          f"`dedn train --resume {run_dir}` or choose another --run-dir")
+    if not resume:
+        check_new_run_dir(run_dir)
+    elif not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such run folder to resume")
     protocol = cfg.eval.protocol
-    if protocol == "fixed":
-        result = train_fixed(cfg, run_dir=run_dir, resume=resume)
-        metrics = {k: result.metrics.get(k) for k in ("T", "S", "U", "H", "AUSUC", "gamma", "gamma_source")}
-        oracle = result.metrics.get("oracle_on_test")
-        if oracle:
-            metrics.update(oracle_H=oracle["H"], oracle_gamma=oracle["gamma"])
-        choices = {"epochs": cfg.train.epochs, "split": cfg.data.split}
-        return ProtocolResult(protocol, run_dir, run_dir, metrics, choices)
+    job = None
+    if protocol != "fixed":  # checked (validation task included) before anything is written into the folder
+        from .experiments import protocol_job
 
-    from .experiments import protocol_job, run_job
+        job = protocol_job(cfg, run_dir)
+    with lock_run_dir(run_dir):  # one writer per run folder, for the whole protocol
+        if job is None:
+            return _train_fixed(cfg, run_dir, resume)
+        from .experiments import run_job
 
-    job = protocol_job(cfg, run_dir)
-    run = run_job(job)
+        run = run_job(job)
     metrics = {**run.metrics, "gamma": run.choices.get("gamma"), "gamma_source": run.choices.get("gamma_source")}
     return ProtocolResult(protocol, run_dir, run_dir / MODEL_FOLDERS[protocol], metrics, run.choices)
+
+
+def _train_fixed(cfg: RunConfig, run_dir: Path, resume: bool) -> ProtocolResult:
+    result = train_fixed(cfg, run_dir=run_dir, resume=resume)
+    metrics = {k: result.metrics.get(k) for k in ("T", "S", "U", "H", "AUSUC", "gamma", "gamma_source")}
+    oracle = result.metrics.get("oracle_on_test")
+    if oracle:
+        metrics.update(oracle_H=oracle["H"], oracle_gamma=oracle["gamma"])
+    choices = {"epochs": cfg.train.epochs, "split": cfg.data.split}
+    return ProtocolResult("fixed", run_dir, run_dir, metrics, choices)
 
 
 def load_protocol_config(run_dir: str | Path) -> RunConfig:
@@ -111,4 +121,5 @@ def model_dir(run_dir: str | Path) -> Path:
     if (run_dir / JOB_RECORD).is_file():
         raise CheckpointError(f"{run_dir}: this run has not finished training its reported model yet; continue it "
                               f"with `dedn train --resume {run_dir}`")
-    raise CheckpointError(f"{run_dir}: not a dedn run folder (no config.json, final/ or train/)")
+    raise CheckpointError(f"{run_dir}: not a dedn run folder (no model.safetensors or config.json here, and no "
+                          "final/ or train/ run inside)")

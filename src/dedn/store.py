@@ -320,6 +320,17 @@ class FeatureStore:
         return HEADER_HASH in self._info
 
     @property
+    def identity(self) -> str:
+        """A short text that changes when the stored features change: header hash, shape and chunk checksums
+        (a run records it and refuses to resume on other features)."""
+        fields = {"header": self._info.get(HEADER_HASH), "shape": list(self.shape), "dtype": str(self.dtype),
+                  "chunks": sorted(self._checksums.items()), "features_mtime_ns": None}
+        if not fields["chunks"]:  # a legacy store without checksums: fall back on the file's size and mtime
+            st = (self.path / FEATURES_BIN).stat()
+            fields["features_mtime_ns"] = [st.st_size, st.st_mtime_ns]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+    @property
     def provenance(self) -> dict[str, Any]:
         """What made these features (backbone, weights, image size, transform, dataset, split hash, ...)."""
         return dict(self._info["provenance"])

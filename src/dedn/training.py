@@ -15,6 +15,7 @@ epoch e draws exactly the batches an uninterrupted run would: both end with the 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -34,13 +35,14 @@ from . import __version__
 from .calibration import CONFIG, MODE_DEFAULT, ORACLE, VALIDATED, Calibration, config_calibration
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
 from .config import RunConfig, config_from_dict, config_to_dict
-from .data import ZSLData, read_features
+from .data import ZSLData, data_fingerprint, read_features
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluation import GZSLResult, best_calibration, gzsl_metrics, seen_unseen_curve, write_metrics
 from .factory import build_model, dataset_name, load_data
 from .inference import ModelOutputs, collect_outputs
 from .losses import dedn_loss
 from .model import DEDN
+from .rundir import RunLock, check_new_run_dir
 
 log = logging.getLogger("dedn")
 
@@ -171,21 +173,31 @@ def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra
     from .evaluation import plot_seen_unseen_curve
 
     folder.mkdir(parents=True, exist_ok=True)
-    write_metrics(ev.result, folder / f"{prefix}metrics.json", folder / f"{prefix}per_class.csv", class_names,
-                  extra=extra)
     l_rc, l_e = extra.get("l_rc", 0.8), extra.get("l_e", 0.9)
     gammas, s, u = seen_unseen_curve(ev.seen.scores(l_rc, l_e), ev.seen.labels, ev.unseen.scores(l_rc, l_e),
                                      ev.unseen.labels, ev.seen_mask)
-    np.savetxt(folder / f"{prefix}seen_unseen_curve.csv", np.column_stack([gammas, s * 100, u * 100]),
-               delimiter=",", header="gamma,S,U", comments="", fmt="%.6g")
+    buf = io.StringIO()
+    np.savetxt(buf, np.column_stack([gammas, s * 100, u * 100]), delimiter=",", header="gamma,S,U", comments="",
+               fmt="%.6g")
+    atomic_write_text(folder / f"{prefix}seen_unseen_curve.csv", buf.getvalue())
     if plots:
         plot_seen_unseen_curve({"DEDN": (s, u)}, folder / f"{prefix}seen_unseen_curve.png")
     ev.seen.save(folder / f"{prefix}outputs_test_seen.npz")
     ev.unseen.save(folder / f"{prefix}outputs_test_unseen.npz")
+    # metrics.json last: its presence marks a complete evaluation record.
+    write_metrics(ev.result, folder / f"{prefix}metrics.json", folder / f"{prefix}per_class.csv", class_names,
+                  extra=extra)
     return json.loads((folder / f"{prefix}metrics.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+def _config_hash(cfg: RunConfig) -> str:
+    """Hash of the resolved config without the settings a resumed run may change."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(_comparable(config_to_dict(cfg)), sort_keys=True).encode()).hexdigest()[:32]
+
+
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """A resolved config without the settings a run may change when it is resumed (device, progress bar)."""
     out = json.loads(json.dumps(cfg))
@@ -291,7 +303,17 @@ class Trainer:
     # -------------------------------------------------------------------------- run directory
     def _open_run_dir(self) -> None:
         assert self.run_dir is not None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"{self.run_dir}: the run folder is an existing file; choose a folder")
+        self._lock = RunLock(self.run_dir).acquire()  # held until close(): one writer per run folder
+        try:
+            self._write_run_files()
+        except BaseException:
+            self.close()
+            raise
+
+    def _write_run_files(self) -> None:
+        assert self.run_dir is not None
         cfg_file = self.run_dir / "config.json"
         resolved = config_to_dict(self.cfg)
         if cfg_file.exists():
@@ -337,24 +359,45 @@ class Trainer:
         return torch.from_numpy(read_features(self.features, index))
 
     def resume(self) -> bool:
-        """Continue from the run directory's last checkpoint; False when there is none."""
+        """Continue from the run directory's last checkpoint; False when the run has not trained yet.
+
+        Raises:
+            CheckpointError: the run trained (history or checkpoint files exist) but its checkpoint record is
+                missing, or the data or the resolved config changed since the checkpoint was written.
+        """
         if self.run_dir is None:
             return False
         folder = self.run_dir / "checkpoints"
+        history_file = self.run_dir / "history.jsonl"
         if not (folder / "last.json").exists():
+            trained = (history_file.exists() and history_file.stat().st_size > 0) or (
+                folder.is_dir() and any(p.name.startswith("last") for p in folder.iterdir()))
+            if trained:
+                raise CheckpointError(f"{folder / 'last.json'}: the checkpoint record is missing, so this run cannot "
+                                      "be resumed exactly; restore it, or start a new run in another folder")
             return False
         _, record = load_checkpoint(folder, optimizer_for=self.model, optimizer=self.optimizer,
                                     device=self.device)
+        for key, now, what in (("data_fingerprint", data_fingerprint(self.data), "the data (features, labels, "
+                                "splits or semantic side)"),
+                               ("config_hash", _config_hash(self.cfg), "the resolved config")):
+            if key in record and record[key] != now:
+                raise CheckpointError(f"{folder / 'last.json'}: {what} changed since this checkpoint was written; "
+                                      "resuming would mix two runs: restore them, or start a new run in another "
+                                      "folder")
         self.start_epoch = int(record["epoch"]) + 1
         self.history = list(record.get("history", []))
         self.losses = list(record.get("losses", []))
+        if self.writer:  # epochs after the checkpoint are trained again: drop their history lines
+            atomic_write_text(history_file, "".join(json.dumps(r) + "\n" for r in self.history))
         log.info("resumed from %s at epoch %d", folder, self.start_epoch)
         return True
 
     def _checkpoint(self, epoch: int) -> None:
         if self.run_dir is None or not self.writer:
             return
-        state = {"epoch": epoch, "history": self.history, "losses": self.losses, "version": __version__}
+        state = {"epoch": epoch, "history": self.history, "losses": self.losses, "version": __version__,
+                 "data_fingerprint": data_fingerprint(self.data), "config_hash": _config_hash(self.cfg)}
         save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, state)
 
     # -------------------------------------------------------------------------- loop
@@ -465,15 +508,20 @@ class Trainer:
         finally:
             bar.close()
             pool.shutdown(wait=True)
-            self._close_log()
+            self.close()
         return TrainResult(self.run_dir, self.model, self.history, metrics, self.losses)
 
-    def _close_log(self) -> None:
+    def close(self) -> None:
+        """Detach the run's log file and release the run folder's lock (idempotent)."""
         handler = getattr(self, "_log_handler", None)
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
             self._log_handler = None
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+            self._lock = None
 
     def _finish(self, ev: Evaluation) -> dict[str, Any]:
         """Final weights, class file, metrics and outputs (rank 0)."""
@@ -487,7 +535,7 @@ class Trainer:
             return out
         from .predict import write_class_file, write_feature_provenance
 
-        save_weights(self.model, self.run_dir / "model.safetensors")
+        save_weights(self.model, self.run_dir / "model.safetensors", record_hash=True)
         write_class_file(self.run_dir, self.data, calibration=ev.gamma)
         write_feature_provenance(self.run_dir, self.data.provenance)
         return write_evaluation(ev, self.run_dir, self.data.class_names, extra, plots=self.cfg.eval.plots)
@@ -530,10 +578,15 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, data: ZSLData | Non
     With ``resume`` the run continues from ``run_dir``'s last checkpoint.
     """
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    if not resume:
+        check_new_run_dir(run_dir)
     trainer = Trainer(cfg, data=data, run_dir=run_dir)
-    if resume:
-        trainer.resume()
-    return trainer.fit()
+    try:
+        if resume:
+            trainer.resume()
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

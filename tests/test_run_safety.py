@@ -166,3 +166,32 @@ def test_nan_features_name_the_image(tmp_path: Path) -> None:
     model = build_model(cfg, data)
     with pytest.raises(DataError, match=rf"images \[{bad}\]"):
         evaluate_model(model, replace(data, features=feats))
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    _refused(["train", *FIXED, f"output_dir={blocker / 'runs'}"], tmp_path, monkeypatch, capsys,
+             "cannot create the run folder")
+
+
+def test_resume_on_changed_store_contents_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    from dedn.config import load_config
+    from dedn.factory import load_data
+    from dedn.store import store_zsldata
+
+    data = load_data(load_config(None, TINY))
+    feats = np.asarray(data.features[np.arange(data.n_images)], dtype=np.float32)
+    from dataclasses import replace
+
+    store_zsldata(tmp_path / "store", replace(data, features=feats))
+    small = [o for o in FIXED if not o.startswith("data.synthetic")] + ["model.clusters=kmeans", "model.n_clusters=3"]
+    args = ["train", "data.source=store", f"data.path={tmp_path / 'store'}", *small]
+    code, _, err = run_cli([*args, "--run-dir", str(tmp_path / "run")], monkeypatch, capsys)
+    assert code == 0, err
+    import shutil
+
+    shutil.rmtree(tmp_path / "store")
+    store_zsldata(tmp_path / "store", replace(data, features=feats * 2))  # same shape, other contents
+    _refused(["train", "--resume", str(tmp_path / "run")], tmp_path / "run", monkeypatch, capsys,
+             "the data (features")

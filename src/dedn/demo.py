@@ -145,7 +145,7 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     from .baselines import eszsl_validated
     from .checkpoint import load_weights
     from .config import find_config, load_config
-    from .evaluation import plot_seen_unseen_curve, seen_unseen_curve
+    from .evaluation import ausuc, plot_seen_unseen_curve, seen_unseen_curve
     from .experiments import table3
     from .explain import explain_image
 
@@ -170,9 +170,11 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     rows: dict[str, dict[str, float]] = {}
     for row in exp.rows:
         run = exp.runs_for(row.key, "validated")[0]
-        rows[row.label] = {k: float(run.metrics[k]) for k in ("T", "U", "S", "H")}
+        rows[row.label] = {**{k: float(run.metrics[k]) for k in ("T", "U", "S", "H", "AUSUC")},
+                           "gamma": float(run.choices["gamma"]), "gamma_source": run.choices["gamma_source"]}
     base, choice = eszsl_validated(data, seed=cfg.seed)
-    rows["ESZSL (pooled features)"] = {k: v for k, v in base.to_dict().items() if k in ("T", "U", "S", "H")}
+    rows["ESZSL (pooled features)"] = {**{k: v for k, v in base.to_dict().items() if k in ("T", "U", "S", "H")},
+                                       "gamma": float(choice["calibration"]), "gamma_source": "validated"}
 
     # The full model: seen-unseen curve against the baseline, heatmaps and localisation.
     full = exp.runs_for("full", "validated")[0]
@@ -190,6 +192,7 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
         esz.scores(pooled_features(data.features, data.test_seen_loc), data.att), data.labels[data.test_seen_loc],
         esz.scores(pooled_features(data.features, data.test_unseen_loc), data.att),
         data.labels[data.test_unseen_loc], data.seen_mask)
+    rows["ESZSL (pooled features)"]["AUSUC"] = ausuc(bs, bu) * 100
     plot_seen_unseen_curve({"DEDN": (s, u), "ESZSL": (bs, bu)}, out / "seen_unseen_curve.png",
                            title="built-in benchmark, test split")
 
@@ -202,8 +205,9 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
 
     result = {
         "benchmark": "imagebench (built-in, rendered)",
-        "protocol": "validated: epoch, calibration, l_rc and l_e chosen on a validation split of trainval images;"
-                    " retrained on trainval; test split evaluated once",
+        "protocol": "validated: epoch, calibration gamma and l_e chosen on a validation task of trainval images "
+                    "and trainval classes; retrained on trainval; test split evaluated once",
+        "model": str(final_dir),
         "units": "percent",
         "rows": rows,
         "eszsl_choice": choice,
@@ -222,9 +226,12 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
 
 def format_demo(result: dict[str, Any]) -> str:
     """The demo's table of T, U, S, H per row, and the localisation figures, as text."""
-    lines = [f"{'':28}{'T':>7}{'U':>7}{'S':>7}{'H':>7}   (%, built-in benchmark, validated protocol)"]
+    lines = [f"{'':28}{'T':>7}{'U':>7}{'S':>7}{'H':>7}{'AUSUC':>7}   gamma (source)   "
+             "(%, built-in benchmark, validated protocol)"]
     for name, m in result["rows"].items():
-        lines.append(f"{name:28}" + "".join(f"{m[k]:7.1f}" for k in ("T", "U", "S", "H")))
+        gamma = f"   {m['gamma']:.3g} ({m['gamma_source']})" if "gamma" in m else ""
+        lines.append(f"{name:28}" + "".join(f"{m[k]:7.1f}" if k in m else f"{'':7}"
+                                            for k in ("T", "U", "S", "H", "AUSUC")) + gamma)
     loc = result.get("localisation", {})
     if loc:
         lines.append("")
@@ -232,5 +239,7 @@ def format_demo(result: dict[str, Any]) -> str:
         for expert, v in loc.items():
             lines.append(f"  {expert}: {v['overall']:.1f}%   (chance {v['chance']:.1f}%)")
     lines.append("")
+    if result.get("model"):
+        lines.append(f"model (DEDN): {result['model']}")
     lines.append(f"written to {Path(result['files']['curve']).parent}  ({result['seconds']['total']:.0f} s)")
     return "\n".join(lines)

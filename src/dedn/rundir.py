@@ -29,7 +29,11 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{self.run_dir}: cannot create the run folder ({exc.strerror or exc}); choose a "
+                              "writable output_dir or --run-dir") from None
         self._lock = FileLock(str(self.run_dir.resolve() / LOCK_FILE), timeout=0, is_singleton=True,
                               thread_local=False)
 
@@ -41,6 +45,9 @@ class RunLock:
         except Timeout:
             raise ConfigError(f"{self.run_dir}: this run folder is being written by another process "
                               f"({_owner(self.run_dir)}); wait for it to finish, or use another run folder") from None
+        except OSError as exc:
+            raise ConfigError(f"{self.run_dir}: cannot lock the run folder ({exc.strerror or exc}); choose a "
+                              "writable output_dir or --run-dir") from None
         if first:
             record = {"pid": os.getpid(), "host": socket.gethostname(),
                       "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from dedn.cli import main
 from dedn.config import RunConfig, load_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsl-semantic"
@@ -52,3 +54,15 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
 @pytest.fixture
 def tiny_cfg(tiny_overrides: list[str]) -> RunConfig:
     return load_config(None, tiny_overrides)
+
+
+def run_cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run the ``dedn`` command in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["dedn", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err

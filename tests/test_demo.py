@@ -27,7 +27,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert set(rows) == {"DEDN", "cExp only", "fExp only", "w/o channel attention", "w/o MAL",
                          "ESZSL (pooled features)"}
     for m in rows.values():
-        assert set(m) == {"T", "U", "S", "H"} and all(0 <= v <= 100 for v in m.values())
+        assert set(m) == {"T", "U", "S", "H", "AUSUC", "gamma", "gamma_source"}
+        assert all(0 <= m[k] <= 100 for k in ("T", "U", "S", "H", "AUSUC"))
+        assert m["gamma_source"] == "validated"  # every H of the demo names its calibration
     saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert saved["rows"] == rows and saved["units"] == "percent"
     assert (tmp_path / "demo" / "seen_unseen_curve.png").is_file()
@@ -35,7 +37,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     for expert in ("cexp", "fexp"):
         loc = result["localisation"][expert]
         assert 0 <= loc["overall"] <= 100 and 0 < loc["chance"] < 100
-    assert "DEDN" in format_demo(result)
+    text = format_demo(result)
+    assert "DEDN" in text and "(validated)" in text and result["model"] in text
     # A second run reuses the cached features and the finished runs: the same numbers.
     again = run_demo(None, overrides, tmp_path / "demo", progress=False)
     assert again["rows"] == rows

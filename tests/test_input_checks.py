@@ -14,25 +14,18 @@ import pytest
 
 from dedn import checks
 from dedn.checkpoint import save_weights
-from dedn.cli import INTERRUPTED, main
+from dedn.cli import INTERRUPTED
 from dedn.config import config_from_dict, config_to_dict, load_config
 from dedn.errors import ConfigError, DataError
 from dedn.model import DEDN
 from dedn.predict import load_class_definitions, write_class_file
 
+from .conftest import run_cli
+
 ATTRS = ["wing_color::blue", "bill_shape::hooked", "leg_color::grey"]
 CLASSES = ["albatross", "bunting", "cardinal"]
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["dedn", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_one_error_line(code: int, err: str, *names: str) -> str:

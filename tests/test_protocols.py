@@ -30,8 +30,7 @@ from dedn.protocols import train
 from dedn.synthetic import make_synthetic
 from dedn.xlsa17 import read_semantic_dir
 
-from .conftest import TINY, shared_dir
-from .test_cli import run_cli
+from .conftest import TINY, run_cli, shared_dir
 
 
 # ---------------------------------------------------------------------------------------------- validation task

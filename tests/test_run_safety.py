@@ -19,8 +19,7 @@ import pytest
 
 from dedn.training import Trainer
 
-from .conftest import TINY
-from .test_cli import run_cli
+from .conftest import TINY, run_cli
 
 FIXED = [*TINY, "eval.protocol=fixed"]
 

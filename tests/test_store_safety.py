@@ -16,8 +16,10 @@ import h5py
 import numpy as np
 import pytest
 
-from dedn.cli import main
-from dedn.store import FeatureStore, _tmp_name, import_hdf5, load_zsldata
+from dedn.atomic import temporary_name
+from dedn.store import FeatureStore, import_hdf5, load_zsldata
+
+from .conftest import run_cli
 
 N, C, H, W = 240, 4, 2, 2
 K, D, G = 5, 4, 3
@@ -57,15 +59,6 @@ def _snapshot(*roots: Path) -> dict[str, str]:
     return out
 
 
-def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["dedn", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _refused(args: list[str], monkeypatch, capsys, *needles: str) -> str:
@@ -277,7 +270,7 @@ def test_complete_store_without_meta_is_not_reported_imported(imported, monkeypa
 
 
 def test_temporary_names_are_unique(tmp_path) -> None:
-    names = {_tmp_name(tmp_path / "store.json").name for _ in range(50)}
+    names = {temporary_name(tmp_path / "store.json").name for _ in range(50)}
     assert len(names) == 50 and all(n.startswith(f".store.json.tmp-{os.getpid()}-") for n in names)
 
 

@@ -33,13 +33,11 @@ This module also reads and writes the DAZLE/DEDN HDF5 layout (``feature_map``, `
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
 import json
 import os
-import secrets
 import shutil
 import zipfile
 import zlib
@@ -51,6 +49,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write, atomic_write_bytes
 from .data import ZSLData
 from .errors import DataError
 
@@ -80,30 +79,14 @@ _SPLITS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
-def _tmp_name(path: Path) -> Path:
-    """A hidden temporary name next to ``path``, unique per process and call (two writers never share one)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never a mix.
-
-    The temporary file is removed on any failure, and a write error (a full disk) becomes a
-    :class:`DataError` naming ``path``: the old file, if any, is left as it was.
-    """
-    tmp = _tmp_name(path)
+    """Write ``data`` to ``path`` atomically (:mod:`dedn.atomic`); a write error (a full disk) becomes a
+    :class:`DataError` naming ``path``, and the old file, if any, is left as it was."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError as exc:
         raise DataError(f"could not write {path} ({exc.strerror or exc}); free disk space (or fix permissions) "
                         "and run the command again: work already finished is kept") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -1216,8 +1199,7 @@ def export_hdf5(store: FeatureStore | str | os.PathLike[str], path: str | os.Pat
     data = load_zsldata(store.path)  # checks completeness, labels and semantics
     meta = store.meta()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("feature_map", shape=store.shape, dtype=np.float32)
             with tqdm(total=len(store), unit="img", desc=f"export {path.name}", disable=not progress) as bar:
@@ -1236,13 +1218,12 @@ def export_hdf5(store: FeatureStore | str | os.PathLike[str], path: str | os.Pat
             f.create_dataset("attribute_names", data=data.attribute_names, dtype=str_t)
             if data.val_classes is not None:
                 f["val_classes"] = np.asarray(data.val_classes, dtype=np.int64)
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
     except OSError as exc:
         raise DataError(f"could not write {path} ({exc}); free disk space (or fix permissions) and export "
                         "again") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return path
 
 

@@ -194,3 +194,20 @@ def test_resume_on_changed_store_contents_is_refused(tmp_path: Path, monkeypatch
     store_zsldata(tmp_path / "store", replace(data, features=feats * 2))  # same shape, other contents
     _refused(["train", "--resume", str(tmp_path / "run")], tmp_path / "run", monkeypatch, capsys,
              "the data (features")
+
+
+def test_one_based_locs_get_a_hint() -> None:
+    from dataclasses import replace
+
+    from dedn.config import load_config
+    from dedn.errors import DataError
+    from dedn.factory import load_data
+
+    data = load_data(load_config(None, TINY))
+    shifted = {k: getattr(data, k) + 1 for k in ("trainval_loc", "test_seen_loc", "test_unseen_loc")}
+    with pytest.raises(DataError, match="1-based"):
+        replace(data, **shifted).validate()
+    # 1-based indices whose maximum stays below N (one image never listed) end in the class check
+    lower = {k: v[v < data.n_images] for k, v in shifted.items()}
+    with pytest.raises(DataError, match="1-based"):
+        replace(data, **lower).validate()

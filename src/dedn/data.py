@@ -174,7 +174,9 @@ class ZSLData:
             if loc.ndim != 1 or loc.size == 0:
                 raise DataError(f"{src}: split {key} is empty or not one-dimensional")
             if loc.min() < 0 or loc.max() >= n:
-                raise DataError(f"{src}: split {key} holds indices outside 0..{n - 1}")
+                hint = (" (its largest index is N: were the indices written 1-based? This layout is 0-based, "
+                        "subtract 1)" if loc.max() == n and loc.min() >= 1 else "")
+                raise DataError(f"{src}: split {key} holds indices outside 0..{n - 1}{hint}")
             if np.unique(loc).size != loc.size:
                 raise DataError(f"{src}: split {key} lists some images twice")
         if low < 0:

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dedn.backbones import (
+from dedn.errors import DataError
+from dedn.features.backbones import (
     EfficientNetLite0Backbone,
     ResNet101Backbone,
     efficientnet_lite0_weights_path,
     get_backbone,
 )
-from dedn.errors import DataError
 
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 

@@ -1,4 +1,4 @@
-"""dedn.bench on a tiny shape: the report's keys and the flop count (no timing asserts)."""
+"""dedn.apps.bench on a tiny shape: the report's keys and the flop count (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from dedn.bench import BENCH_PRESETS, BenchShape, bench_command, format_bench, run_bench, step_flops
+from dedn.apps.bench import BENCH_PRESETS, BenchShape, bench_command, format_bench, run_bench, step_flops
 
 TINY = BenchShape("tiny", n_channels=32, height=3, width=2, n_attributes=12, n_classes=7, n_unseen=2,
                   semantic_dim=5, n_clusters=3)
@@ -46,7 +46,7 @@ def test_run_bench_tiny_report() -> None:
     assert len(paired) == 2 and res["efficiency_paired"] == pytest.approx(statistics.median(paired))
     assert res["speedup"] == pytest.approx(res["naive_step_seconds"] / res["step_seconds"])
     assert res["dtype"] == "float32" and res["torch_version"] == torch.__version__
-    assert "tiny" in format_bench(res) and res["implementation"] == "dedn.model.DEDN"
+    assert "tiny" in format_bench(res) and res["implementation"] == "dedn.models.dedn.DEDN"
 
 
 def test_bench_command_json_and_table(capsys: pytest.CaptureFixture[str]) -> None:

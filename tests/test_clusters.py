@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dedn.clusters import (
+from dedn.data.clusters import (
     builtin_clusters,
     cluster_permutation,
     half_clusters,
@@ -18,8 +18,8 @@ from dedn.clusters import (
     resolve_clusters,
     validate_clusters,
 )
+from dedn.data.xlsa17 import load_attribute_names
 from dedn.errors import ConfigError, DataError
-from dedn.xlsa17 import load_attribute_names
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/zsl-semantic"
 N_ATT = {"CUB": 312, "SUN": 102, "AWA2": 85}

@@ -1,4 +1,4 @@
-"""dedn.compat against an independent re-implementation of the released code's forward and loss.
+"""dedn.models.compat against an independent re-implementation of the released code's forward and loss.
 
 The re-implementation below follows the released ``core/DEDN_{Cub,Sun,Awa2}.py`` and ``Cub_train.py`` formula
 by formula (one SubNet at a time, einsum, released parameter names), at the real attribute layouts but with
@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dedn.clusters import builtin_clusters
-from dedn.compat import (
+from dedn.data.clusters import builtin_clusters
+from dedn.errors import CheckpointError
+from dedn.models.compat import (
     ReferenceSettings,
     from_reference_state_dict,
     load_reference_checkpoint,
     reference_loss,
     reference_scores,
 )
-from dedn.errors import CheckpointError
 
 G, C, HW, R, RANK, K, B = 8, 16, 2, 4, 3, 20, 5
 DT = torch.float64

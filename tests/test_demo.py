@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dedn.demo import format_demo, run_demo
+from dedn.apps.demo import format_demo, run_demo
 
 TINY_DEMO = [
     "data.imagebench.n_classes=10",

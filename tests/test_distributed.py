@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from dedn.checkpoint import load_weights
 from dedn.config import load_config
-from dedn.training import Trainer
+from dedn.train.checkpoint import load_weights
+from dedn.train.trainer import Trainer
 
 from .conftest import TINY
 

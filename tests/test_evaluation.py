@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dedn.errors import DataError
-from dedn.evaluation import (
+from dedn.eval.metrics import (
     ausuc,
     best_calibration,
     calibrated_predictions,

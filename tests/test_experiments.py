@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dedn import experiments as E
+from dedn.apps import experiments as E
 from dedn.config import RunConfig, load_config
 from dedn.errors import ConfigError, DataError
+from dedn.eval.evaluate import evaluate_outputs
+from dedn.eval.inference import ModelOutputs
 from dedn.factory import load_data
-from dedn.inference import ModelOutputs
-from dedn.training import Trainer, evaluate_outputs
+from dedn.train.trainer import Trainer
 
 REPORT_SUFFIXES = (".md", ".csv", "_seeds.csv", ".json")
 
@@ -283,7 +284,7 @@ def test_runs_on_device_workers(cfg, tmp_path):
 
 
 def test_paper_numbers_beside_ours_for_real_datasets(tmp_path):
-    from dedn import reports
+    from dedn.apps import reports
     from dedn.config import config_to_dict
 
     real = config_to_dict(load_config(None, ["data.source=hdf5", "data.dataset=CUB", "data.path=cub.h5"]))

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dedn.backbones import Backbone
-from dedn.checkpoint import save_weights
+from dedn.apps.explain import channel_attention, channel_summary, explain_image, region_attention
+from dedn.apps.predict import Predictor
 from dedn.errors import CheckpointError, DataError
-from dedn.explain import channel_attention, channel_summary, explain_image, region_attention
-from dedn.imagebench import attention_in_mask_share
-from dedn.model import DEDN
-from dedn.predict import Predictor, write_class_file
+from dedn.eval.localisation import attention_in_mask_share
+from dedn.features.backbones import Backbone
+from dedn.models.dedn import DEDN
+from dedn.train.checkpoint import save_weights
+from dedn.train.rundir import write_class_file
 
 C, H, W = 8, 2, 2
 ATTRS = ["bill_shape::hooked", "wing_color::blue", "upperparts_color::brown", "breast_pattern::solid",

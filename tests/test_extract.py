@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dedn.backbones import Backbone, ResNet101Backbone
+from dedn.data.store import FeatureStore
 from dedn.errors import DataError
-from dedn.extract import extract_features, extract_folder, list_image_folder, read_image
-from dedn.store import FeatureStore
+from dedn.features.backbones import Backbone, ResNet101Backbone
+from dedn.features.extract import extract_features, extract_folder, list_image_folder, read_image
 
 SIZE = 64
 

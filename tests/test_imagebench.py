@@ -1,4 +1,4 @@
-"""Tests of the rendered image benchmark (dedn.imagebench)."""
+"""Tests of the rendered image benchmark (dedn.data.imagebench)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dedn.data.imagebench import PALETTE, PART_NAMES, ImageBenchConfig, make_image_benchmark, save_images, to_zsldata
 from dedn.errors import ConfigError, DataError
-from dedn.imagebench import (
-    PALETTE,
-    PART_NAMES,
-    ImageBenchConfig,
-    area_downsample,
-    attention_in_mask_share,
-    make_image_benchmark,
-    save_images,
-    to_zsldata,
-)
+from dedn.eval.localisation import area_downsample, attention_in_mask_share
 
 SMALL = ImageBenchConfig(seed=3, n_classes=8, n_unseen=2, n_val=2, images_per_class=6, image_size=96)
 # No jitter of colours, lighting or pixels, and no occluders: rendered colours are exactly the palette's.

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from dedn import checks
-from dedn.checkpoint import save_weights
+from dedn.apps.class_files import load_class_definitions
 from dedn.cli import INTERRUPTED
 from dedn.config import config_from_dict, config_to_dict, load_config
 from dedn.errors import ConfigError, DataError
-from dedn.model import DEDN
-from dedn.predict import load_class_definitions, write_class_file
+from dedn.models.dedn import DEDN
+from dedn.train.checkpoint import save_weights
+from dedn.train.rundir import write_class_file
 
 from .conftest import run_cli
 
@@ -191,7 +192,7 @@ def test_explain_out_must_be_a_folder(tmp_path: Path, monkeypatch, capsys) -> No
 
 
 def test_explain_image_checks_out_dir_first(tmp_path: Path) -> None:
-    from dedn.explain import explain_image
+    from dedn.apps.explain import explain_image
 
     existing = tmp_path / "f.txt"
     existing.write_text("x")
@@ -240,7 +241,7 @@ def test_predict_class_file_error_names_file_class_and_attribute(tmp_path: Path,
 def test_predictor_top_k(tmp_path: Path) -> None:
     import torch
 
-    from dedn.predict import Predictor
+    from dedn.apps.predict import Predictor
 
     pred = Predictor.from_run(make_run(tmp_path / "run"))
     feats = torch.rand(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))

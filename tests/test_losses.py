@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dedn.config import LossConfig
-from dedn.losses import (
+from dedn.models.dedn import DEDNOutput, ExpertOutput
+from dedn.models.losses import (
     dedn_loss,
     discrepancy,
     jensen_shannon,
@@ -17,7 +18,6 @@ from dedn.losses import (
     resolve_target_margin,
     self_calibration_loss,
 )
-from dedn.model import DEDNOutput, ExpertOutput
 
 
 def _softmax(v: list[float]) -> np.ndarray:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dedn.clusters import builtin_clusters
 from dedn.config import LossConfig
-from dedn.losses import dedn_loss
-from dedn.model import DEDN
-from dedn.naive import naive_forward
+from dedn.data.clusters import builtin_clusters
+from dedn.models.dedn import DEDN
+from dedn.models.losses import dedn_loss
+from dedn.models.naive import naive_forward
 
 N_ATTRIBUTES = {"CUB": 312, "SUN": 102, "AWA2": 85}
 

@@ -12,19 +12,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dedn import backbones
-from dedn.backbones import Backbone
-from dedn.checkpoint import save_weights
+from dedn.apps.class_files import load_class_definitions
+from dedn.apps.predict import Predictor, format_table, predictions_to_json
 from dedn.errors import CheckpointError, DataError
-from dedn.model import DEDN
-from dedn.predict import (
-    Predictor,
-    format_table,
-    load_class_definitions,
-    predictions_to_json,
-    write_class_file,
-    write_feature_provenance,
-)
+from dedn.features import backbones
+from dedn.features.backbones import Backbone
+from dedn.models.dedn import DEDN
+from dedn.train.checkpoint import save_weights
+from dedn.train.rundir import write_class_file, write_feature_provenance
 
 C, H, W = 8, 2, 2
 ATTRS = ["bill_shape::hooked", "wing_color::blue", "upperparts_color::brown", "breast_pattern::solid",

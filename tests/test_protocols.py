@@ -20,15 +20,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dedn import experiments as E
-from dedn.calibration import mode_default_gamma
+from dedn.apps import experiments as E
+from dedn.apps.protocols import train
 from dedn.config import load_config
-from dedn.data import ZSLData
+from dedn.data.dataset import ZSLData
+from dedn.data.synthetic import make_synthetic
+from dedn.data.xlsa17 import read_semantic_dir
 from dedn.errors import ConfigError
-from dedn.losses import discrepancy, jensen_shannon, released_jensen_shannon
-from dedn.protocols import train
-from dedn.synthetic import make_synthetic
-from dedn.xlsa17 import read_semantic_dir
+from dedn.eval.calibration import mode_default_gamma
+from dedn.models.losses import discrepancy, jensen_shannon, released_jensen_shannon
 
 from .conftest import TINY, run_cli, shared_dir
 
@@ -104,7 +104,7 @@ def test_fixed_run_reports_mode_default_and_labels_the_oracle(tmp_path: Path) ->
 
 
 def test_calibration_values_are_checked() -> None:
-    from dedn.calibration import config_calibration, parse_calibration
+    from dedn.eval.calibration import config_calibration, parse_calibration
 
     assert config_calibration("auto", "paper", 1.0, on_validation_task=False).value == 2.0
     assert config_calibration("auto", "paper", 1.0, on_validation_task=True).value == "best"
@@ -151,7 +151,7 @@ def _write_h5(path: Path) -> ZSLData:
 
 
 def test_hdf5_import_train_eval_explain(tmp_path: Path, monkeypatch, capsys) -> None:
-    from dedn.explain import explain_image
+    from dedn.apps.explain import explain_image
 
     data = _write_h5(tmp_path / "feats.h5")
     store, run = tmp_path / "store", tmp_path / "run"

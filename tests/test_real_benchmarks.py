@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from dedn.config import load_config
+from dedn.data.store import FeatureStore
+from dedn.data.xlsa17 import read_semantic_dir
 from dedn.factory import build_model, load_data
-from dedn.store import FeatureStore
-from dedn.training import Trainer
-from dedn.xlsa17 import read_semantic_dir
+from dedn.train.trainer import Trainer
 
 from .conftest import shared_dir
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dedn.training import Trainer
+from dedn.train.trainer import Trainer
 
 from .conftest import TINY, run_cli
 
@@ -53,7 +53,7 @@ def test_finished_run_is_never_written_over(run: Path, monkeypatch, capsys) -> N
 
 
 def test_run_dir_into_a_store_or_a_file_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
-    from dedn.store import store_from_array
+    from dedn.data.store import store_from_array
 
     store = tmp_path / "store"
     store_from_array(store, np.zeros((4, 2, 1, 1), np.float32), chunk_size=2)
@@ -150,8 +150,8 @@ def test_two_processes_on_one_run_folder(tmp_path: Path) -> None:
 def test_nan_features_name_the_image(tmp_path: Path) -> None:
     from dedn.config import load_config
     from dedn.errors import DataError
+    from dedn.eval.evaluate import evaluate_model
     from dedn.factory import load_data
-    from dedn.training import evaluate_model
 
     cfg = load_config(None, TINY)
     data = load_data(cfg)
@@ -176,8 +176,8 @@ def test_unwritable_output_dir_is_one_line(tmp_path: Path, monkeypatch, capsys) 
 
 def test_resume_on_changed_store_contents_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
     from dedn.config import load_config
+    from dedn.data.store import store_zsldata
     from dedn.factory import load_data
-    from dedn.store import store_zsldata
 
     data = load_data(load_config(None, TINY))
     feats = np.asarray(data.features[np.arange(data.n_images)], dtype=np.float32)

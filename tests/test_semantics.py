@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dedn.errors import DataError
-from dedn.semantics import (
+from dedn.data.semantics import (
     RestrictedUnpickler,
     attribute_words,
     embed_attributes,
@@ -19,6 +18,7 @@ from dedn.semantics import (
     normalize_rows,
     read_word_vectors,
 )
+from dedn.errors import DataError
 
 from .conftest import shared_dir
 

@@ -9,19 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from dedn.data import ZSLData
+from dedn.data.dataset import ZSLData
+from dedn.data.hdf5 import export_hdf5, import_hdf5, load_hdf5_zsldata, open_hdf5_lazily
+from dedn.data.store import FeatureStore, check_provenance, load_zsldata, store_from_array, store_zsldata
 from dedn.errors import DataError
-from dedn.store import (
-    FeatureStore,
-    check_provenance,
-    export_hdf5,
-    import_hdf5,
-    load_hdf5_zsldata,
-    load_zsldata,
-    open_hdf5_lazily,
-    store_from_array,
-    store_zsldata,
-)
 
 N, C, H, W = 10, 6, 3, 2
 K, D, G = 5, 4, 7

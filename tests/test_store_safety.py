@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from dedn.atomic import temporary_name
-from dedn.store import FeatureStore, import_hdf5, load_zsldata
+from dedn.data.hdf5 import import_hdf5
+from dedn.data.store import FeatureStore, load_zsldata
 
 from .conftest import run_cli
 

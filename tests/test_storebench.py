@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from dedn.apps.storebench import format_store_bench, run_store_bench
 from dedn.config import SyntheticConfig
 from dedn.errors import DataError
-from dedn.storebench import format_store_bench, run_store_bench
 
 TINY = SyntheticConfig(n_images=60, n_channels=8, height=3, width=3, n_classes=6, n_unseen=2, n_val=1,
                        n_attributes=6, n_clusters=2, semantic_dim=4)

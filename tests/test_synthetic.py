@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from dedn.config import SyntheticConfig
+from dedn.data.synthetic import PRESETS, SyntheticFeatures, make_synthetic
 from dedn.errors import ConfigError, DataError
-from dedn.evaluation import gzsl_metrics
-from dedn.synthetic import PRESETS, SyntheticFeatures, make_synthetic
+from dedn.eval.metrics import gzsl_metrics
 
 # SPEC section 1 (trainval / test_seen / test_unseen) and section 2 (cluster sizes).
 SPEC_SPLITS = {"cub": (7057, 1764, 2967), "sun": (10320, 2580, 1440), "awa2": (23527, 5882, 7913)}

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from dedn.checkpoint import load_checkpoint, load_weights
 from dedn.config import RunConfig, apply_overrides
 from dedn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dedn.factory import build_model, load_data
-from dedn.training import BatchSampler, Trainer, train
+from dedn.train.checkpoint import load_checkpoint, load_weights
+from dedn.train.trainer import BatchSampler, Trainer, train
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from dedn.errors import DataError
-from dedn.xlsa17 import (
+from dedn.data.xlsa17 import (
     EXPECTED_COUNTS,
     canonical_dataset,
     load_attribute_names,
@@ -20,6 +19,7 @@ from dedn.xlsa17 import (
     resolve_image_paths,
     to_zsldata,
 )
+from dedn.errors import DataError
 
 from .conftest import shared_dir
 

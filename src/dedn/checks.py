@@ -17,7 +17,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DednError
+from dedn.errors import ConfigError, DednError
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
-from .errors import DednError
+from dedn import __version__
+from dedn.errors import DednError
 
 app = typer.Typer(
     name="dedn",
@@ -61,9 +61,9 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory")] = None,  # noqa: UP045
 ) -> None:
     """Train DEDN under eval.protocol (validated, published or fixed); writes a run directory."""
-    from .config import find_config, load_config
-    from .protocols import load_protocol_config
-    from .protocols import train as train_run
+    from dedn.apps.protocols import load_protocol_config
+    from dedn.apps.protocols import train as train_run
+    from dedn.config import find_config, load_config
 
     if resume is not None:
         if config is not None or overrides:
@@ -86,8 +86,8 @@ def train(
 
 def _run_calibration(model_dir: Path, cfg, data):
     """The calibration a run itself used: its recorded gamma and source, else the config's request."""
-    from .calibration import GAMMA_SOURCES, Calibration
-    from .training import calibration_value
+    from dedn.eval.calibration import GAMMA_SOURCES, Calibration
+    from dedn.eval.evaluate import calibration_value
 
     path = model_dir / "metrics.json"
     if path.is_file():
@@ -111,13 +111,15 @@ def evaluate(
     overrides: Overrides = None,
 ) -> None:
     """Evaluate a trained run on its test split: T, U, S, H, AUSUC, per-class accuracy, seen-unseen curve."""
-    from .calibration import CONFIG, Calibration, parse_calibration
-    from .checkpoint import load_weights
-    from .checks import FRACTION, check_option
-    from .config import apply_overrides
-    from .factory import load_data
-    from .protocols import model_dir
-    from .training import evaluate_model, load_run_config, resolve_device, write_evaluation
+    from dedn.apps.protocols import model_dir
+    from dedn.checks import FRACTION, check_option
+    from dedn.config import apply_overrides
+    from dedn.eval.calibration import CONFIG, Calibration, parse_calibration
+    from dedn.eval.evaluate import evaluate_model, write_evaluation
+    from dedn.factory import load_data
+    from dedn.train.checkpoint import load_weights
+    from dedn.train.distributed import resolve_device
+    from dedn.train.rundir import load_run_config
 
     check_option("--l-rc", l_rc, FRACTION)
     check_option("--l-e", l_e, FRACTION)
@@ -158,11 +160,11 @@ def bench(
     """Time a full training step of the fast model against the naive implementation (or, with --store,
     training from a memory-mapped store in bounded memory)."""
     if store is not None:
-        from .storebench import store_bench_command
+        from dedn.apps.storebench import store_bench_command
 
         store_bench_command(store, preset, iters, json_out=as_json, in_memory=in_memory)
         return
-    from .bench import bench_command
+    from dedn.apps.bench import bench_command
 
     bench_command(preset, json_out=as_json, repeats=repeats, naive=naive)
 
@@ -184,8 +186,8 @@ def extract(
     overwrite: Annotated[bool, typer.Option(help="replace an existing store")] = False,
 ) -> None:
     """Extract frozen-backbone region feature maps into a feature store (resumable; torchrun to shard)."""
-    from .checks import COUNT, DEVICE, IMAGE_SIZE, NON_NEGATIVE_COUNT, check_option, choice
-    from .store import DTYPES
+    from dedn.checks import COUNT, DEVICE, IMAGE_SIZE, NON_NEGATIVE_COUNT, check_option, choice
+    from dedn.data.store import DTYPES
 
     # Before the backbone is built (and its weights downloaded).
     check_option("--image-size", image_size, IMAGE_SIZE)
@@ -194,15 +196,15 @@ def extract(
     check_option("--device", device, DEVICE)
     check_option("--dtype", dtype, choice(*DTYPES))
 
-    from .backbones import get_backbone
-    from .extract import extract_features, extract_folder
+    from dedn.features.backbones import get_backbone
+    from dedn.features.extract import extract_features, extract_folder
 
     bb = get_backbone(backbone, weights=weights)
     common = dict(batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, overwrite=overwrite)
     if xlsa17 is None:
         store = extract_folder(images, out, bb, image_size, **common)
     else:
-        from .xlsa17 import canonical_dataset, read_semantic_dir, resolve_image_paths
+        from dedn.data.xlsa17 import canonical_dataset, read_semantic_dir, resolve_image_paths
 
         sem = read_semantic_dir(xlsa17, dataset=dataset)
         if sem.image_files is None or sem.labels is None:
@@ -227,7 +229,7 @@ def store_import(
     overwrite: Annotated[bool, typer.Option(help="replace an existing store imported from another file")] = False,
 ) -> None:
     """Import an HDF5 feature file into a float16 store, in bounded memory (resumes from the same file only)."""
-    from .store import import_hdf5
+    from dedn.data.hdf5 import import_hdf5
 
     store = import_hdf5(h5, out, dtype=dtype, name=name, overwrite=overwrite, report=typer.echo)
     typer.echo(f"feature store {out}: {len(store)} images, shape {tuple(store.shape[1:])}")
@@ -240,7 +242,7 @@ def store_export(
     overwrite: Annotated[bool, typer.Option(help="replace an existing HDF5 file (never the store's source)")] = False,
 ) -> None:
     """Export a store back to the DAZLE/DEDN HDF5 layout."""
-    from .store import export_hdf5
+    from dedn.data.hdf5 import export_hdf5
 
     typer.echo(f"wrote {export_hdf5(store, h5, overwrite=overwrite)}")
 
@@ -248,7 +250,7 @@ def store_export(
 @store_app.command("info")
 def store_info(store: Annotated[Path, typer.Argument(help="feature store folder")]) -> None:
     """Print a store's shape, completeness, source identity and provenance."""
-    from .store import FeatureStore
+    from dedn.data.store import FeatureStore
 
     s = FeatureStore.open(store)
     prov = s.provenance
@@ -264,7 +266,7 @@ def store_info(store: Annotated[Path, typer.Argument(help="feature store folder"
 @store_app.command("verify")
 def store_verify(store: Annotated[Path, typer.Argument(help="feature store folder")]) -> None:
     """Re-read every chunk and compare it with the checksum recorded when it was written."""
-    from .store import FeatureStore
+    from dedn.data.store import FeatureStore
 
     typer.echo(FeatureStore.open(store).verify().summary())
 
@@ -277,7 +279,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
 ) -> None:
     """The built-in benchmark end to end: features, DEDN and ablations, baseline, curve, heatmaps."""
-    from .demo import format_demo, run_demo
+    from dedn.apps.demo import format_demo, run_demo
 
     typer.echo(format_demo(run_demo(config, overrides or [], out)))
 
@@ -294,8 +296,8 @@ def experiment(
     tune: Annotated[Optional[list[str]], typer.Option(help="validated protocol: key=v1,v2 to choose on validation")] = None,  # noqa: UP045,E501
 ) -> None:
     """Reproduce a paper table or figure; writes Markdown, CSV, JSON and PNG reports."""
-    from .config import find_config
-    from .experiments import parse_grid, run_experiment
+    from dedn.apps.experiments import parse_grid, run_experiment
+    from dedn.config import find_config
 
     exp = run_experiment(name, find_config(config) if config else None, seeds, protocol, out, overrides or [],
                          devices=devices, tune=parse_grid(tune) if tune else None)
@@ -321,7 +323,7 @@ def predict(
     recursive: Annotated[bool, typer.Option(help="search folders recursively")] = False,
 ) -> None:
     """Top-k classes for images, each with the attributes that contributed most."""
-    from .checks import ATTRIBUTE_VALUE, COUNT, FINITE, FRACTION, check_option
+    from dedn.checks import ATTRIBUTE_VALUE, COUNT, FINITE, FRACTION, check_option
 
     # Before the run is loaded; --l-e is model.l_e and --gamma eval.calibration, with the config's rules.
     check_option("--top-k", top_k, COUNT)
@@ -329,7 +331,8 @@ def predict(
     check_option("--gamma", gamma, FINITE)
     check_option("--fill", fill, ATTRIBUTE_VALUE)
 
-    from .predict import Predictor, format_table, load_class_definitions, predictions_to_json
+    from dedn.apps.class_files import load_class_definitions
+    from dedn.apps.predict import Predictor, format_table, predictions_to_json
 
     predictor = Predictor.from_run(run, backbone=backbone)
     if classes is not None:
@@ -351,13 +354,13 @@ def explain(
     backbone: Annotated[Optional[str], typer.Option(help="backbone for runs trained on precomputed features")] = None,  # noqa: UP045,E501
 ) -> None:
     """Per-attribute region attention of both experts over an image (PNG), channel attention summarised."""
-    from .checks import COUNT, check_option, check_output_folder
+    from dedn.checks import COUNT, check_option, check_output_folder
 
     check_option("--top", top, COUNT)
     check_output_folder("--out", out)
 
-    from .explain import explain_image
-    from .predict import Predictor
+    from dedn.apps.explain import explain_image
+    from dedn.apps.predict import Predictor
 
     predictor = Predictor.from_run(run, backbone=backbone)
     paths = explain_image(predictor, image, attributes=attribute, top=top, out_dir=out, class_name=class_name)

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for presets)
 from omegaconf.errors import OmegaConfBaseException
 
-from .checks import (
+from dedn.checks import (
     CALIBRATION,
     COUNT,
     DEVICE,
@@ -31,15 +31,15 @@ from .checks import (
     number,
     optional,
 )
-from .errors import ConfigError
-from .imagebench import ImageBenchConfig
+from dedn.data.imagebench import ImageBenchConfig
+from dedn.errors import ConfigError
 
 MODES = ("paper", "reference")
 
 
 @dataclass
 class SyntheticConfig:
-    """Shapes and structure of the generated feature benchmark (:mod:`dedn.synthetic`)."""
+    """Shapes and structure of the generated feature benchmark (:mod:`dedn.data.synthetic`)."""
 
     preset: str | None = None  # cub | sun | awa2: real shapes and clusters; None: the numbers below
     n_images: int = 1200
@@ -134,7 +134,7 @@ class EvalConfig:
     calibration: str = "auto"  # auto: chosen on validation (validated protocol), else the mode default; or a number
     curve_points: int = 200  # gamma values traced for the seen-unseen curve
     batch_size: int = 200
-    protocol: str = "validated"  # validated | published | fixed (see dedn.protocols)
+    protocol: str = "validated"  # validated | published | fixed (see dedn.apps.protocols)
     plots: bool = True  # write the seen-unseen curve PNG of each run
 
 

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .clusters import resolve_clusters
-from .config import RunConfig
-from .data import ZSLData
-from .errors import ConfigError, DataError
-from .model import DEDN
+from dedn.config import RunConfig
+from dedn.data.clusters import resolve_clusters
+from dedn.data.dataset import ZSLData
+from dedn.errors import ConfigError, DataError
+from dedn.models.dedn import DEDN
 
 
 def dataset_name(cfg: RunConfig, data: ZSLData | None = None) -> str | None:
     """The benchmark name that selects built-in clusters and reference quirks (CUB, SUN, AWA2 or other)."""
-    from .xlsa17 import canonical_dataset
+    from dedn.data.xlsa17 import canonical_dataset
 
     name = cfg.data.dataset or (data.name if data is not None else None)
     return canonical_dataset(name) or name
@@ -33,7 +33,7 @@ def load_data(cfg: RunConfig) -> ZSLData:
     """
     dc = cfg.data
     if dc.source == "synthetic":
-        from .synthetic import make_synthetic
+        from dedn.data.synthetic import make_synthetic
 
         data = make_synthetic(dc.synthetic)
     elif dc.source in ("store", "hdf5"):
@@ -42,7 +42,8 @@ def load_data(cfg: RunConfig) -> ZSLData:
                               f"{'store folder' if dc.source == 'store' else 'HDF5 file'})")
         if not Path(dc.path).exists():
             raise DataError(f"{dc.path}: no such {'feature store' if dc.source == 'store' else 'HDF5 file'}")
-        from .store import check_provenance, load_hdf5_zsldata, load_zsldata
+        from dedn.data.hdf5 import load_hdf5_zsldata
+        from dedn.data.store import check_provenance, load_zsldata
 
         if dc.source == "store":
             data = load_zsldata(dc.path, name=dc.dataset)
@@ -50,7 +51,7 @@ def load_data(cfg: RunConfig) -> ZSLData:
             data = load_hdf5_zsldata(dc.path, name=dc.dataset)
         check_provenance(data, dc.expect_backbone, dc.expect_image_size)
     elif dc.source == "imagebench":
-        from .demo import imagebench_data
+        from dedn.features.imagebench_features import imagebench_data
 
         data = imagebench_data(cfg)
     else:  # pragma: no cover - rejected by config checks
@@ -66,7 +67,7 @@ def _apply_semantics(cfg: RunConfig, data: ZSLData) -> ZSLData:
     """Fill in or override the semantic side from xlsa17 files or an explicit word-vector file."""
     dc = cfg.data
     if dc.semantic_dir:
-        from .xlsa17 import read_semantic_dir
+        from dedn.data.xlsa17 import read_semantic_dir
 
         sem = read_semantic_dir(dc.semantic_dir, dataset=dc.dataset)
         if sem.n_classes != data.n_classes or sem.n_attributes != data.n_attributes:
@@ -82,7 +83,7 @@ def _apply_semantics(cfg: RunConfig, data: ZSLData) -> ZSLData:
             val_classes=sem.val_classes if data.val_classes is None else data.val_classes,
         )
     if dc.w2v:
-        from .semantics import load_word_vectors
+        from dedn.data.semantics import load_word_vectors
 
         w2v = load_word_vectors(dc.w2v)
         if w2v.shape[0] != data.n_attributes:

@@ -1,0 +1,343 @@
+"""Where the experts look: per-attribute region and channel attention of cExp and fExp (paper Figure 4).
+
+:func:`explain_image` writes, for one image (or one feature map) and a few attributes:
+
+- ``STEM-regions.png``: one column per attribute, one row per expert (cExp, then fExp). Each panel is the
+  image as the backbone saw it (resized and centre-cropped) with that expert's (h x w) region attention
+  upsampled bilinearly and overlaid as a heat map, scaled to the panel's own maximum; the title gives the
+  attribute, the expert's predicted attribute score and the peak attention relative to uniform.
+- ``STEM-channels.png`` (models with channel attention): the same grid with each expert's largest channel
+  attention weights as bars, titled with the entropy and the effective number of channels exp(entropy).
+- ``STEM-explain.json``: the numbers behind both figures (region maps, top channels, entropies, scores).
+
+By default the attributes are those contributing most to the predicted class (as in :mod:`dedn.apps.predict`).
+All attribute indices and names here are in dataset order; the model's cluster order is mapped back
+through ``model.attribute_order``.
+
+:func:`region_attention` returns the maps as arrays for measurements such as
+:func:`dedn.eval.localisation.attention_in_mask_share`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from dedn.apps.predict import Predictor, load_image
+from dedn.checks import check_output_folder
+from dedn.errors import DataError
+from dedn.features.backbones import to_rgb
+from dedn.models.dedn import DEDN
+
+EXPERT_LABELS = {"cexp": "cExp", "fexp": "fExp"}
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+def _features_tensor(model: DEDN, features: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Features as a (B, C, h, w)-shaped tensor on the model's device, and (h, w)."""
+    x = features if torch.is_tensor(features) else torch.as_tensor(np.asarray(features))
+    if x.ndim == 3 and x.shape[0] == model.n_channels and x.shape[1] * x.shape[2] == model.n_regions:
+        x = x[None]  # a single (C, h, w) map
+    if x.ndim == 4:
+        hw = (int(x.shape[2]), int(x.shape[3]))
+    elif x.ndim == 3 and math.isqrt(x.shape[2]) ** 2 == x.shape[2]:
+        side = math.isqrt(x.shape[2])
+        hw = (side, side)  # (B, C, R) with square R: the backbones' square crops
+    else:
+        raise DataError(f"features must be (B, {model.n_channels}, h, w), got {tuple(x.shape)}")
+    if x.shape[1] != model.n_channels or hw[0] * hw[1] != model.n_regions:
+        raise DataError(f"features must be (B, {model.n_channels}, h, w) with h*w = {model.n_regions}, "
+                        f"got {tuple(x.shape)}")
+    return x.to(model.attribute_order.device), hw
+
+
+def _to_dataset_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Move axis 1 (attributes, cluster order) to dataset order."""
+    out = torch.empty_like(x)
+    out[:, order] = x
+    return out
+
+
+def region_attention(model: DEDN, features: Any) -> dict[str, np.ndarray]:
+    """Region attention of each expert: ``{"cexp": (B, D, h, w), "fexp": ...}`` in dataset attribute order.
+
+    Each (h, w) map sums to 1. ``features``: (B, C, h, w), or (B, C, R) with square R, tensor or array.
+    """
+    x, (h, w) = _features_tensor(model, features)
+    maps = model.attention_maps(x)
+    out = {}
+    for e in model.active_experts:
+        a = _to_dataset_order(maps[f"{e}_region"], model.attribute_order)
+        out[e] = a.reshape(a.shape[0], a.shape[1], h, w).double().cpu().numpy()
+    return out
+
+
+def channel_attention(model: DEDN, features: Any) -> dict[str, np.ndarray]:
+    """Channel attention of each expert: ``{"cexp": (B, D, C), ...}`` in dataset order ({} without it)."""
+    x, _ = _features_tensor(model, features)
+    maps = model.attention_maps(x)
+    return {e: _to_dataset_order(maps[f"{e}_channel"], model.attribute_order).double().cpu().numpy()
+            for e in model.active_experts if f"{e}_channel" in maps}
+
+
+def channel_summary(weights: np.ndarray, top: int = 10) -> dict[str, Any]:
+    """Summary of one channel attention distribution (C,): top channels, entropy, effective count.
+
+    ``entropy`` is in nats; ``effective_channels = exp(entropy)`` is C for uniform attention and 1 when a
+    single channel takes all of it.
+    """
+    p = np.asarray(weights, dtype=np.float64)
+    nz = p[p > 0]
+    entropy = float(-(nz * np.log(nz)).sum())
+    best = np.argsort(-p, kind="stable")[:top]
+    return {
+        "top_channels": [[int(c), float(p[c])] for c in best],
+        "entropy": entropy,
+        "max_entropy": float(math.log(p.size)),
+        "effective_channels": float(math.exp(entropy)),
+        "n_channels": int(p.size),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _display_image(image: Any, size: int) -> np.ndarray:
+    """The image as the backbone sees it, before normalisation: Resize(shorter = size), CenterCrop(size)."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    image = to_rgb(image)
+    image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return np.asarray(TF.center_crop(image, [size, size]))
+
+
+def _upsample(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of an (h, w) map to ``size`` (pixel centres aligned, as the crop was cut)."""
+    t = torch.as_tensor(a, dtype=torch.float32)[None, None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def _wrap(text: str, width: int = 26) -> str:
+    """At most two lines of the exact attribute name (users type these names back as --attributes)."""
+    lines = textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False) or [text]
+    return "\n".join(lines[:2]) + ("..." if len(lines) > 2 else "")
+
+
+def _as_predictor(source: Any, attribute_names: Sequence[str] | None, class_names: Sequence[str] | None,
+                  device: str | torch.device) -> Predictor:
+    if isinstance(source, Predictor):
+        return source
+    if isinstance(source, DEDN):
+        return Predictor(source, class_names, attribute_names, device=device)
+    if isinstance(source, (str, os.PathLike)):
+        return Predictor.from_run(source, device=device)
+    raise TypeError(f"explain_image needs a Predictor, a DEDN model or a run directory, got {type(source).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- explain
+def explain_image(
+    source: Predictor | DEDN | str | os.PathLike[str],
+    image: str | os.PathLike[str] | np.ndarray | torch.Tensor,
+    attributes: Sequence[str] | None = None,
+    top: int = 4,
+    out_dir: str | os.PathLike[str] = ".",
+    *,
+    class_name: str | None = None,
+    background: Any = None,
+    l_e: float | None = None,
+    gamma: float | None = None,
+    n_channels: int = 12,
+    stem: str | None = None,
+    attribute_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    dpi: int = 110,
+) -> list[Path]:
+    """Draw both experts' attention for chosen attributes of one image (paper Figure 4) and save the numbers.
+
+    Args:
+        source: a :class:`Predictor`, a run directory, or a bare :class:`DEDN` (then ``attribute_names`` and
+            ``class_names`` name its attributes and classes; generic names otherwise).
+        image: an image file (needs a predictor with a backbone), or one feature map (C, h, w) / (1, C, h, w).
+        attributes: attribute names to show (dataset names); default: the ``top`` attributes contributing
+            most to the explained class.
+        top: how many attributes when ``attributes`` is None.
+        out_dir: folder for the files (created; an existing file there is a ConfigError).
+        class_name: explain this candidate class instead of the predicted one.
+        background: an image (path, PIL image or HxWx3 uint8 array) to draw under the heat maps when
+            ``image`` is a feature map; without one the maps are drawn alone.
+        l_e, gamma: expert mix and calibration for the prediction (defaults: the model's and the run's).
+        n_channels: channels shown per channel-attention panel.
+        stem: file name stem (default: the image file's stem, or ``features``).
+
+    Returns:
+        The written paths: region PNG, channel PNG (only with channel attention), JSON.
+
+    Raises:
+        DataError: unknown attribute or class name (close matches suggested), unreadable image, features of
+            the wrong shape. CheckpointError: a run directory without a trained model.
+    """
+    check_output_folder("out_dir", out_dir)  # before any work: mkdir fails on a file, after all the drawing
+    predictor = _as_predictor(source, attribute_names, class_names, device)
+    model = predictor.model
+    out = Path(out_dir)
+    if isinstance(image, (str, os.PathLike)):
+        feats = predictor.image_features([image])
+        size = predictor.image_size
+        shown = _display_image(image, size)
+        label = str(image)
+        stem = stem or Path(image).stem
+    else:
+        feats, (h, w) = _features_tensor(model, image)
+        if feats.shape[0] != 1:
+            raise DataError(f"explain_image explains one feature map at a time, got a batch of {feats.shape[0]}")
+        label = "features"
+        stem = stem or "features"
+        shown = None
+        if background is not None:
+            shown = _display_image(background, 32 * max(h, w))  # backbones' stride 32
+    x, (h, w) = _features_tensor(model, feats)
+
+    # Rank every class: the explained class may be any of them.
+    pred = predictor.predict_features(x, top_k=predictor.n_classes, l_e=l_e, gamma=gamma, n_attributes=0,
+                                      sources=[label])[0]
+    k = predictor.class_index(class_name) if class_name is not None else pred.top[0].index
+    explained = next(c for c in pred.top if c.index == k)
+    scores = predictor.attribute_scores(x, pred.l_e)
+    contrib = predictor.contributions(scores["mixed"], k)[0]
+    if attributes is None:
+        chosen = [int(j) for j in np.argsort(-contrib, kind="stable")[: max(int(top), 1)]]
+    else:
+        if not attributes:
+            raise DataError("no attributes given")
+        chosen = [predictor.attribute_index(a) for a in attributes]
+    experts = model.active_experts
+    regions = region_attention(model, x)
+    channels = channel_attention(model, x)
+    abar = predictor.normalized_class_att()[k]
+
+    records = []
+    for j in chosen:
+        rec: dict[str, Any] = {
+            "name": predictor.attribute_names[j], "index": j, "predicted": float(scores["mixed"][0, j]),
+            "class_value": float(abar[j]), "contribution": float(contrib[j]), "experts": {},
+        }
+        for e in experts:
+            m = regions[e][0, j]
+            peak = np.unravel_index(int(np.argmax(m)), m.shape)
+            rec["experts"][e] = {
+                "score": float(scores[e][0, j]),
+                "region_attention": m.tolist(),
+                "peak_region": [int(peak[0]), int(peak[1])],
+                "peak_vs_uniform": float(m.max() * m.size),
+                "channel_attention": channel_summary(channels[e][0, j], n_channels) if e in channels else None,
+            }
+        records.append(rec)
+
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"{label}: predicted {pred.top[0].name}" +
+             (f"; explaining {explained.name}" if explained.index != pred.top[0].index else ""))
+    region_png = out / f"{stem}-regions.png"
+    _draw_regions(region_png, records, experts, shown, (h, w), title, dpi)
+    paths = [region_png]
+    channel_png = None
+    if channels:
+        channel_png = out / f"{stem}-channels.png"
+        _draw_channels(channel_png, records, experts, title, dpi)
+        paths.append(channel_png)
+    report = {
+        "source": label,
+        "run_dir": str(predictor.run_dir) if predictor.run_dir else None,
+        "explained_class": {"name": explained.name, "index": explained.index, "kind": explained.kind,
+                            "score": explained.score, "probability": explained.probability},
+        "predicted": [dict(c.__dict__) for c in pred.top[:5]],
+        "l_e": pred.l_e,
+        "gamma": pred.gamma,
+        "experts": experts,
+        "feature_shape": [int(model.n_channels), h, w],
+        "image_size": None if shown is None else int(shown.shape[0]),
+        "attributes": records,
+        "panels": {
+            "regions": {"rows": len(experts), "cols": len(records), "count": len(experts) * len(records)},
+            "channels": ({"rows": len(experts), "cols": len(records), "count": len(experts) * len(records)}
+                         if channels else None),
+        },
+        "files": {"regions": region_png.name, "channels": channel_png.name if channel_png else None,
+                  "json": f"{stem}-explain.json"},
+    }
+    json_path = out / f"{stem}-explain.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    paths.append(json_path)
+    return paths
+
+
+def _grid(n_rows: int, n_cols: int, dpi: int, axes_in: tuple[float, float], left_in: float,
+          title_in: float, bottom_in: float = 0.3) -> tuple[Figure, np.ndarray]:
+    """A figure of n_rows x n_cols axes of ``axes_in`` inches, with room for titles (fixed margins in inches:
+    tight_layout would measure every text, which dominates the drawing time)."""
+    gap_in, top_in = 0.45, 0.4
+    width = left_in + n_cols * axes_in[0] + (n_cols - 1) * gap_in + 0.15
+    height = top_in + n_rows * (title_in + axes_in[1]) + bottom_in
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=left_in / width, right=1 - 0.15 / width, top=1 - (top_in + title_in) / height,
+                        bottom=bottom_in / height, wspace=gap_in / axes_in[0], hspace=title_in / axes_in[1])
+    return fig, np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
+
+
+def _draw_regions(path: Path, records: list[dict[str, Any]], experts: list[str], shown: np.ndarray | None,
+                  hw: tuple[int, int], title: str, dpi: int) -> None:
+    fig, axes = _grid(len(experts), len(records), dpi, (2.2, 2.2), 0.35, 0.45)
+    size = (shown.shape[0], shown.shape[1]) if shown is not None else (32 * hw[0], 32 * hw[1])
+    for r, e in enumerate(experts):
+        for c, rec in enumerate(records):
+            ax = axes[r, c]
+            info = rec["experts"][e]
+            heat = _upsample(np.asarray(info["region_attention"]), size)
+            if shown is not None:
+                ax.imshow(shown)
+            # Each panel on its own scale (0 .. its maximum): the maps differ in sharpness by orders of
+            # magnitude, and the peak relative to uniform is printed in the title instead.
+            ax.imshow(heat, cmap="jet", alpha=0.5 if shown is not None else 1.0, vmin=0.0,
+                      vmax=max(float(heat.max()), 1e-12))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{_wrap(rec['name'])}\n{EXPERT_LABELS[e]} score {info['score']:.3f}, "
+                         f"peak {info['peak_vs_uniform']:.1f}x", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(EXPERT_LABELS[e], fontsize=10)
+    fig.suptitle(f"{title}\nregion attention (each panel scaled to its maximum)", fontsize=8)
+    fig.savefig(path)
+
+
+def _draw_channels(path: Path, records: list[dict[str, Any]], experts: list[str], title: str, dpi: int) -> None:
+    fig, axes = _grid(len(experts), len(records), dpi, (2.3, 1.6), 0.75, 0.7, 0.45)
+    for r, e in enumerate(experts):
+        for c, rec in enumerate(records):
+            ax = axes[r, c]
+            info = rec["experts"][e]["channel_attention"]
+            chans = info["top_channels"]
+            ax.bar(range(len(chans)), [wgt for _, wgt in chans], color="tab:blue" if e == "cexp" else "tab:orange")
+            ax.axhline(1.0 / info["n_channels"], color="grey", linestyle="--", linewidth=0.8)
+            ax.set_xticks(range(len(chans)))
+            ax.set_xticklabels([str(ch) for ch, _ in chans], rotation=90, fontsize=5)
+            ax.tick_params(axis="y", labelsize=6)
+            ax.set_title(f"{_wrap(rec['name'])}\n{EXPERT_LABELS[e]}: H={info['entropy']:.2f} nats, "
+                         f"eff. {info['effective_channels']:.3g} of {info['n_channels']}", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"{EXPERT_LABELS[e]} weight", fontsize=9)
+    fig.suptitle(f"{title}\ntop channel attention weights (dashed: uniform)", fontsize=8)
+    fig.savefig(path)

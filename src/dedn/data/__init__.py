@@ -1,0 +1,1 @@
+"""The data layer: the dataset container, benchmark readers (xlsa17, HDF5), feature stores, generated benchmarks."""

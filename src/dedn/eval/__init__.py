@@ -1,0 +1,1 @@
+"""Evaluation: metrics, calibration, inference over features, localisation, baselines."""

@@ -1,0 +1,81 @@
+"""Which calibrated-stacking value an evaluation uses, and where it came from.
+
+Calibrated stacking subtracts gamma from every seen class's score before the argmax over all classes. An H is
+only meaningful next to its gamma, so every evaluation carries a :class:`Calibration`: the value and its
+source, one of :data:`GAMMA_SOURCES`:
+
+- ``validated``: chosen (H-maximising) on the validation task, never on test images;
+- ``config``: a number given in ``eval.calibration`` or on the command line;
+- ``mode default``: the method's own fixed margin (see :func:`mode_default_gamma`);
+- ``oracle-on-test``: H-maximising on the test scores themselves. Optimistic by construction, shown only
+  as a labelled diagnosis, never as a result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dedn.errors import ConfigError
+
+VALIDATED = "validated"
+CONFIG = "config"
+MODE_DEFAULT = "mode default"
+ORACLE = "oracle-on-test"
+GAMMA_SOURCES = (VALIDATED, CONFIG, MODE_DEFAULT, ORACLE)
+
+
+def mode_default_gamma(mode: str, margin: float) -> float:
+    """The fixed calibration of a mode when nothing chose one.
+
+    paper: 2 eps. The paper's inference works on margin-processed scores (seen - eps, unseen + eps, eq. 14),
+    the scores its margin-aware loss is built to win on, and that shift is calibrated stacking at 2 eps.
+    reference: 0, because the released code keeps that margin inside the model's scores already.
+    """
+    if mode == "paper":
+        return 2.0 * margin
+    if mode == "reference":
+        return 0.0
+    raise ConfigError(f"mode must be paper or reference, got {mode!r}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibration request: a number, or ``"best"`` (H-maximising on the scores evaluated), and its source."""
+
+    value: float | str
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.source not in GAMMA_SOURCES:
+            raise ValueError(f"unknown gamma source {self.source!r}")
+        if self.value != "best" and not (isinstance(self.value, (int, float)) and math.isfinite(self.value)):
+            raise ConfigError(f"calibration must be a finite number or 'best', got {self.value!r}")
+
+
+def parse_calibration(text: str, what: str = "eval.calibration") -> float:
+    """A calibration number given as text; ConfigError naming ``what`` unless it is a finite number."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be auto or a finite number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{what} must be auto or a finite number, got {text!r}")
+    return value
+
+
+def config_calibration(value: str, mode: str, margin: float, on_validation_task: bool) -> Calibration:
+    """What ``eval.calibration`` asks for on the data at hand.
+
+    ``auto`` (and ``validated``) on a validation task: the H-maximising value on its scores (that *is* the
+    validation choice). ``auto`` on the test split: the mode default. A number: that number. ``validated``
+    on the test split needs a value chosen by the validated protocol and is refused here.
+    """
+    if value in ("auto", "validated"):
+        if on_validation_task:
+            return Calibration("best", VALIDATED)
+        if value == "validated":
+            raise ConfigError("eval.calibration=validated needs the value chosen on the validation task: run "
+                              "the validated protocol (eval.protocol=validated) or give a number")
+        return Calibration(mode_default_gamma(mode, margin), MODE_DEFAULT)
+    return Calibration(parse_calibration(value), CONFIG)

@@ -1,0 +1,125 @@
+"""Evaluating a model or its saved outputs: T, S, U, H and AUSUC at a calibration that names its source,
+and the files of an evaluation."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dedn.atomic import atomic_write_text
+from dedn.config import RunConfig
+from dedn.data.dataset import ZSLData
+from dedn.eval.calibration import CONFIG, MODE_DEFAULT, ORACLE, VALIDATED, Calibration, config_calibration
+from dedn.eval.inference import ModelOutputs, collect_outputs
+from dedn.eval.metrics import GZSLResult, best_calibration, gzsl_metrics, seen_unseen_curve, write_metrics
+from dedn.models.dedn import DEDN
+
+
+@dataclass
+class Evaluation:
+    """Model outputs on the evaluation split, the metrics at the calibration used, and where it came from.
+
+    ``best`` / ``best_gamma`` are the H-maximising calibration on these very scores: the validated choice
+    on a validation task, an oracle (labelled so) on the test split.
+    """
+
+    seen: ModelOutputs
+    unseen: ModelOutputs
+    seen_mask: np.ndarray
+    result: GZSLResult
+    gamma: float
+    best_gamma: float
+    best: GZSLResult
+    gamma_source: str = MODE_DEFAULT
+
+    def summary(self) -> dict[str, Any]:
+        r = self.result.to_dict(percent=True)
+        out: dict[str, Any] = {"T": r["T"], "S": r["S"], "U": r["U"], "H": r["H"], "gamma": self.gamma,
+                               "gamma_source": self.gamma_source,
+                               "AUSUC": self.best.ausuc * 100 if self.best.ausuc is not None else float("nan")}
+        if self.gamma_source != VALIDATED:  # the best gamma on these scores is an oracle, never a result
+            out.update({"oracle_H": self.best.H * 100, "oracle_gamma": self.best_gamma})
+        return out
+
+
+def evaluate_model(
+    model: DEDN,
+    data: ZSLData,
+    gamma: float | str | Calibration = 0.0,
+    batch_size: int = 200,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    l_rc: float | None = None,
+    l_e: float | None = None,
+) -> Evaluation:
+    """T, S, U, H of ``model`` on ``data``'s test split (which is the validation split of a validation task).
+
+    ``gamma``: a :class:`~dedn.eval.calibration.Calibration`, a number (source ``config``), or ``"best"`` for the
+    H-maximising value on these very scores (source ``validated`` on a validation task, else
+    ``oracle-on-test``).
+    """
+    if not isinstance(gamma, Calibration):
+        on_val = data.provenance.get("split") == "validation"
+        gamma = Calibration(gamma, (VALIDATED if on_val else ORACLE) if gamma == "best" else CONFIG)
+    seen = collect_outputs(model, data.features, data.test_seen_loc, data.labels, batch_size, device,
+                           progress, "test seen")
+    unseen = collect_outputs(model, data.features, data.test_unseen_loc, data.labels, batch_size, device,
+                             progress, "test unseen")
+    return evaluate_outputs(seen, unseen, data.seen_mask, gamma, model.l_rc if l_rc is None else l_rc,
+                            model.l_e if l_e is None else l_e)
+
+
+def evaluate_outputs(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.ndarray,
+                     gamma: float | str | Calibration, l_rc: float, l_e: float) -> Evaluation:
+    """Metrics from saved outputs at any l_rc, l_e and calibration (no model needed).
+
+    A bare number counts as source ``config``, a bare ``"best"`` as ``oracle-on-test``: pass a
+    :class:`~dedn.eval.calibration.Calibration` to say otherwise.
+    """
+    if not isinstance(gamma, Calibration):
+        gamma = Calibration(gamma, ORACLE if gamma == "best" else CONFIG)
+    s_scores, u_scores = seen.scores(l_rc, l_e), unseen.scores(l_rc, l_e)
+    assert seen.labels is not None and unseen.labels is not None
+    best_gamma, best = best_calibration(s_scores, seen.labels, u_scores, unseen.labels, seen_mask)
+    if gamma.value == "best":
+        g, result = best_gamma, best
+    else:
+        g = float(gamma.value)
+        result = gzsl_metrics(s_scores, seen.labels, u_scores, unseen.labels, seen_mask, g)
+        result.ausuc = best.ausuc
+    return Evaluation(seen, unseen, seen_mask, result, g, best_gamma, best, gamma.source)
+
+
+def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra: dict[str, Any],
+                     prefix: str = "", plots: bool = True) -> dict[str, Any]:
+    """metrics.json, per_class.csv, seen_unseen_curve.csv/.png and the saved outputs, into ``folder``."""
+    from dedn.eval.metrics import plot_seen_unseen_curve
+
+    folder.mkdir(parents=True, exist_ok=True)
+    l_rc, l_e = extra.get("l_rc", 0.8), extra.get("l_e", 0.9)
+    gammas, s, u = seen_unseen_curve(ev.seen.scores(l_rc, l_e), ev.seen.labels, ev.unseen.scores(l_rc, l_e),
+                                     ev.unseen.labels, ev.seen_mask)
+    buf = io.StringIO()
+    np.savetxt(buf, np.column_stack([gammas, s * 100, u * 100]), delimiter=",", header="gamma,S,U", comments="",
+               fmt="%.6g")
+    atomic_write_text(folder / f"{prefix}seen_unseen_curve.csv", buf.getvalue())
+    if plots:
+        plot_seen_unseen_curve({"DEDN": (s, u)}, folder / f"{prefix}seen_unseen_curve.png")
+    ev.seen.save(folder / f"{prefix}outputs_test_seen.npz")
+    ev.unseen.save(folder / f"{prefix}outputs_test_unseen.npz")
+    # metrics.json last: its presence marks a complete evaluation record.
+    write_metrics(ev.result, folder / f"{prefix}metrics.json", folder / f"{prefix}per_class.csv", class_names,
+                  extra=extra)
+    return json.loads((folder / f"{prefix}metrics.json").read_text())
+
+
+def calibration_value(cfg: RunConfig, data: ZSLData) -> Calibration:
+    """The calibration ``eval.calibration`` asks for on ``data`` (:func:`~dedn.eval.calibration.config_calibration`)."""
+    return config_calibration(cfg.eval.calibration, cfg.mode, cfg.loss.margin,
+                              data.provenance.get("split") == "validation")

@@ -1,0 +1,141 @@
+"""Running a trained model over feature maps, and the saved outputs that any l_rc / l_e can be read from.
+
+:class:`ModelOutputs` keeps each expert's region and channel attribute scores (O_r, O_c) per image.
+Class scores for any branch mix l_rc and expert mix l_e follow from them by one small product with the
+class attributes, so the evaluation-time sweeps of the paper's Figure 3 need no retraining and no
+second pass over the features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dedn.data.dataset import read_features
+from dedn.errors import DataError
+from dedn.models.dedn import DEDN
+
+BRANCHES = ("cexp_o_r", "cexp_o_c", "fexp_o_r", "fexp_o_c")
+
+
+@dataclass
+class ModelOutputs:
+    """Per-image attribute scores of both experts' branches (cluster order) and what is needed to score.
+
+    Attributes:
+        branches: name -> (N, D) array for each of ``cexp_o_r``, ``cexp_o_c``, ``fexp_o_r``, ``fexp_o_c``
+            the model has.
+        class_att: (K, D) normalised, cluster-ordered class attributes the model scores against.
+        bias: (K,) fixed score shift inside the model's scores (reference calibration margin; else 0).
+        labels: (N,) classes of the images, or None.
+        mode: the model's mode (decides how O_r and O_c combine without an explicit l_rc).
+    """
+
+    branches: dict[str, np.ndarray]
+    class_att: np.ndarray
+    bias: np.ndarray
+    labels: np.ndarray | None
+    mode: str = "paper"
+
+    def expert_scores(self, expert: str, l_rc: float) -> np.ndarray | None:
+        """(N, K) class scores of one expert at branch mix ``l_rc`` (None if the model lacks that expert)."""
+        o_r = self.branches.get(f"{expert}_o_r")
+        if o_r is None:
+            return None
+        o_c = self.branches.get(f"{expert}_o_c")
+        o = o_r if o_c is None else l_rc * o_r + (1.0 - l_rc) * o_c
+        return o @ self.class_att.T + self.bias
+
+    def scores(self, l_rc: float, l_e: float) -> np.ndarray:
+        """(N, K) prediction scores l_e * P_cExp + (1 - l_e) * P_fExp at branch mix ``l_rc``."""
+        pc, pf = self.expert_scores("cexp", l_rc), self.expert_scores("fexp", l_rc)
+        if pc is None:
+            assert pf is not None
+            return pf
+        if pf is None:
+            return pc
+        return l_e * pc + (1.0 - l_e) * pf
+
+    def subset(self, index: np.ndarray) -> ModelOutputs:
+        return ModelOutputs(
+            branches={k: v[index] for k, v in self.branches.items()},
+            class_att=self.class_att, bias=self.bias,
+            labels=None if self.labels is None else self.labels[index], mode=self.mode,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write as a plain ``.npz`` (no pickled objects)."""
+        arrays: dict[str, Any] = dict(self.branches)
+        arrays.update(class_att=self.class_att, bias=self.bias, mode=np.array(self.mode))
+        if self.labels is not None:
+            arrays["labels"] = self.labels
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelOutputs:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(
+                branches={k: z[k] for k in BRANCHES if k in z.files},
+                class_att=z["class_att"], bias=z["bias"],
+                labels=z["labels"] if "labels" in z.files else None, mode=str(z["mode"]),
+            )
+
+
+def _batches(features: Any, index: np.ndarray, batch_size: int):
+    for s in range(0, index.size, batch_size):
+        yield read_features(features, index[s : s + batch_size])
+
+
+@torch.no_grad()
+def collect_outputs(
+    model: DEDN,
+    features: Any,
+    index: np.ndarray,
+    labels: np.ndarray | None = None,
+    batch_size: int = 200,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "scoring",
+) -> ModelOutputs:
+    """Run ``model`` (in eval mode) over ``features[index]`` and keep every branch's attribute scores."""
+    was_training = model.training
+    model.eval()
+    index = np.asarray(index, dtype=np.int64)
+    parts: dict[str, list[np.ndarray]] = {}
+    bar = tqdm(total=index.size, desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        for start, chunk in zip(range(0, index.size, batch_size), _batches(features, index, batch_size),
+                                strict=True):
+            if not np.isfinite(chunk).all():  # name the images, not a downstream "scores contain NaN"
+                rows = ~np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
+                bad = index[start : start + chunk.shape[0]][rows]
+                raise DataError(f"feature maps of images {bad[:5].tolist()} (dataset indices) hold NaN or infinite "
+                                "values; fix or re-extract those features")
+            out = model(torch.from_numpy(chunk).to(device))
+            for name, exp in (("cexp", out.cexp), ("fexp", out.fexp)):
+                if exp is None:
+                    continue
+                parts.setdefault(f"{name}_o_r", []).append(exp.o_r.float().cpu().numpy())
+                if exp.o_c is not None:
+                    parts.setdefault(f"{name}_o_c", []).append(exp.o_c.float().cpu().numpy())
+            bar.update(chunk.shape[0])
+    finally:
+        bar.close()
+        model.train(was_training)
+    d = model.n_attributes
+    branches = {k: np.concatenate(v) if v else np.zeros((0, d), np.float32) for k, v in parts.items()}
+    return ModelOutputs(
+        branches=branches,
+        class_att=model.class_att.float().cpu().numpy(),
+        bias=model.calibration_bias().float().cpu().numpy(),
+        labels=None if labels is None else np.asarray(labels)[index],
+        mode=model.mode,
+    )

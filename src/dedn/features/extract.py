@@ -1,0 +1,415 @@
+"""Images -> feature store: batched, checked, resumable, and sharded across GPUs with torchrun.
+
+:func:`extract_features` runs a frozen :class:`dedn.features.backbones.Backbone` over a list of image files and
+writes the feature maps chunk by chunk into a :class:`dedn.data.store.FeatureStore`.
+
+- Every image of the work to do is decoded once before anything is written; all unreadable or truncated
+  files are reported together, by path, in one :class:`DataError`. None is ever skipped silently.
+- Batches never straddle a chunk, so a chunk is always computed from the same batches. Resuming an
+  interrupted run (``resume=True``) recomputes only the chunks not marked complete and gives the same
+  store as an uninterrupted run. Resuming with another backbone, weights, image size, transform or image
+  list is an error, never a silent mix.
+- Under ``torchrun`` (env ``RANK`` / ``WORLD_SIZE``), rank r takes the chunks i with i % world_size == r
+  and writes them into the same preallocated file (disjoint regions). Ranks record finished chunks in
+  their own ``complete.rank<r>.json``; rank 0 creates the store before, and merges those files into
+  ``store.json`` after, a barrier. No two processes ever write the same file.
+- On CUDA the forward pass runs under autocast (bfloat16 where supported, else float16); on the CPU in
+  float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dedn.data.store import STORE_JSON, FeatureStore
+from dedn.errors import DataError
+from dedn.features.backbones import Backbone, get_backbone, resolve_device, to_rgb
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Provenance entries that must match for a resumed extraction to continue an existing store.
+RESUME_KEYS = ("backbone", "weights", "weights_sha256", "image_size", "transform", "image_list_hash")
+# Errors PIL raises for unreadable, truncated or malformed files.
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+# ---------------------------------------------------------------------------------------------- images
+@contextlib.contextmanager
+def _strict_decoding() -> Iterator[None]:
+    """Make PIL raise on truncated files even if some other library switched that off globally."""
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def read_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open and fully decode an image (truncation is an error), apply EXIF orientation, convert to RGB."""
+    with _strict_decoding(), Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+class ImageDataset(Dataset):
+    """``(transform(image), index)`` for each path; an unreadable image raises :class:`DataError`."""
+
+    def __init__(self, paths: Sequence[str], transform: Any) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            image = read_image(self.paths[i])
+        except _IMAGE_ERRORS as exc:
+            raise DataError(f"{self.paths[i]}: cannot read the image ({type(exc).__name__}: {exc})") from exc
+        return self.transform(image), i
+
+
+class _CheckDataset(Dataset):
+    """``(index, problem)`` for each path: problem is ``""`` when the image decodes completely."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, str]:
+        try:
+            read_image(self.paths[i])
+        except _IMAGE_ERRORS as exc:
+            return i, f"{type(exc).__name__}: {exc}"
+        return i, ""
+
+
+def _first(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def find_bad_images(paths: Sequence[str], num_workers: int = 2, progress: bool = True) -> list[str]:
+    """Decode every image (in parallel workers); return ``"path: reason"`` for each one that fails."""
+    loader = DataLoader(_CheckDataset(paths), batch_size=16, num_workers=num_workers, collate_fn=_first)
+    bad: list[str] = []
+    with tqdm(total=len(paths), unit="img", desc="check images", disable=not progress) as bar:
+        for batch in loader:
+            bad.extend(f"{paths[i]}: {problem}" for i, problem in batch if problem)
+            bar.update(len(batch))
+    return bad
+
+
+def _image_list_hash(paths: Sequence[str], labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        # Absolute: the same images named from another folder (relative vs absolute --images) hash the same.
+        h.update(os.path.abspath(p).encode("utf-8", "surrogateescape") + b"\0")
+    h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _dist_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"invalid rank {rank} for world size {world_size}")
+    return rank, world_size
+
+
+def _maybe_init_process_group(world_size: int, device: torch.device) -> bool:
+    """Start torch.distributed when launched by torchrun and nobody did yet; True when we started it."""
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_available() or dist.is_initialized() or "MASTER_ADDR" not in os.environ:
+        return False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
+
+
+def _gather_lists(items: list[str]) -> list[str]:
+    """All ranks' lists, concatenated in rank order (just ``items`` without a process group)."""
+    if not _distributed():
+        return items
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+def _check_resumable(store: FeatureStore, provenance: Mapping[str, Any], n: int, dtype: str,
+                     feature_shape: tuple[int, ...] | None = None) -> None:
+    """Refuse to continue a store made with other settings (checked before any forward pass)."""
+    old = store.provenance
+    diff = [k for k in RESUME_KEYS if old.get(k) != provenance.get(k)]
+    same_layout = len(store) == n and store.dtype == np.dtype(dtype) and (
+        feature_shape is None or tuple(store.shape[1:]) == tuple(feature_shape))
+    if diff or not same_layout:
+        details = "; ".join(f"{k}: store has {old.get(k)!r}, this run {provenance.get(k)!r}" for k in diff)
+        if not diff:
+            details = (f"layout: store has {store.shape} {store.dtype}, this run {n} images of "
+                       f"{feature_shape} {dtype}")
+        raise DataError(f"{store.path}: cannot resume this feature store with different settings "
+                        f"({details}); use the original settings, or pass overwrite=True (--overwrite) to "
+                        "start over")
+
+
+def _batches(store: FeatureStore, chunks: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index batches that never cross a chunk boundary, so every chunk is computed the same way."""
+    out = []
+    for i in chunks:
+        start, stop = store.chunk_range(i)
+        out.extend(list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size))
+    return out
+
+
+def _autocast(device: torch.device, amp: bool) -> tuple[contextlib.AbstractContextManager[Any], str]:
+    if device.type != "cuda" or not amp:
+        return contextlib.nullcontext(), "float32"
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), f"{str(dtype).removeprefix('torch.')} autocast"
+
+
+def extract_features(
+    image_paths: Sequence[str | os.PathLike[str]],
+    labels: Sequence[int] | np.ndarray,
+    store_path: str | os.PathLike[str],
+    backbone: Backbone | str,
+    image_size: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: str | torch.device = "auto",
+    resume: bool = True,
+    progress: bool = True,
+    provenance_extra: Mapping[str, Any] | None = None,
+    *,
+    dtype: str = "float16",
+    chunk_size: int = 256,
+    overwrite: bool = False,
+    check_images: bool = True,
+    amp: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> FeatureStore:
+    """Extract the feature maps of ``image_paths`` into a feature store at ``store_path``.
+
+    Args:
+        image_paths, labels: one 0-based class label per image.
+        store_path: the store folder (created, or resumed when it exists and ``resume`` is true).
+        backbone: a :class:`Backbone`, or a registered name (built with its default pretrained weights).
+        image_size: input size in pixels (default: the backbone's ``default_image_size``).
+        batch_size, num_workers: DataLoader settings (workers decode and transform images).
+        device: ``"auto"`` (CUDA when available; under torchrun ``cuda:LOCAL_RANK``), ``"cpu"``, ...
+        resume: continue an existing store with the chunks it misses (same settings required).
+        progress: show tqdm progress bars (rank 0 only).
+        provenance_extra: extra entries for the store's provenance, e.g. ``{"dataset": "CUB"}``.
+        dtype: ``"float16"`` (default, half the disk) or ``"float32"``.
+        chunk_size: images per chunk, the unit of resumption and of sharding (a resumed store keeps the
+            chunk size it was created with).
+        overwrite: replace an existing store instead of resuming it.
+        check_images: decode every image first and report all bad files at once (recommended; costs one
+            extra decoding pass). With ``False`` a bad image stops the run when it is reached (resumable).
+        amp: autocast on CUDA (ignored on the CPU).
+        rank, world_size: shard of the work (default: env ``RANK`` / ``WORLD_SIZE``, else 0 / 1).
+
+    Returns:
+        The store, complete once every rank has finished.
+    """
+    paths = [os.fspath(p) for p in image_paths]
+    labels_arr = np.asarray(labels)
+    if len(paths) == 0:
+        raise DataError("no images to extract features from")
+    if labels_arr.shape != (len(paths),):
+        raise DataError(f"{len(paths)} images but labels of shape {labels_arr.shape}")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} image files do not exist: " + ", ".join(missing[:10])
+                        + (" ..." if len(missing) > 10 else ""))
+    if int(batch_size) < 1:
+        raise DataError(f"batch_size must be positive, got {batch_size}")
+
+    rank, world_size = _dist_env(rank, world_size)
+    if isinstance(device, str) and device == "auto" and world_size > 1 and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % torch.cuda.device_count()))}"
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)  # NCCL and pinned-memory copies use the current device
+    started_group = _maybe_init_process_group(world_size, dev)
+    try:
+        if isinstance(backbone, str):
+            backbone = get_backbone(backbone, device=dev)
+        backbone = backbone.to(dev)
+        if dev.type == "cuda":
+            backbone = backbone.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+        size = int(image_size or backbone.default_image_size)
+        autocast, precision = _autocast(dev, amp)
+        provenance = {**backbone.provenance(size), "image_list_hash": _image_list_hash(paths, labels_arr),
+                      "precision": precision, **(provenance_extra or {})}
+        n = len(paths)
+
+        # 1. What is left to do (read-only look at an existing store).
+        store_file = Path(store_path) / STORE_JSON
+        existing = None
+        if store_file.exists() and resume and not overwrite:
+            existing = FeatureStore.open(store_path)
+            _check_resumable(existing, provenance, n, dtype)
+            todo = existing.missing_chunks()
+        elif store_file.exists() and not overwrite:
+            raise DataError(f"a feature store already exists at {store_path}; pass resume=True to continue "
+                            "it or overwrite=True (--overwrite) to replace it")
+        else:
+            todo = list(range(-(-n // chunk_size)))
+        mine = [i for i in todo if i % world_size == rank]
+        fshape = backbone.feature_shape(size)
+        if existing is not None:
+            _check_resumable(existing, provenance, n, dtype, fshape)
+
+        # 2. Decode every image of the work left before writing anything.
+        if check_images:
+            cs = existing.chunk_size if existing is not None else chunk_size  # a resumed store keeps its own
+            ranges = [(i * cs, min((i + 1) * cs, n)) for i in mine]
+            bad = _gather_lists(find_bad_images([p for s, e in ranges for p in paths[s:e]], num_workers,
+                                                progress and rank == 0))
+            if bad:
+                raise DataError(f"{len(bad)} images cannot be read (truncated, corrupt or not an image); fix "
+                                "or remove them and run again:\n  " + "\n  ".join(bad))
+
+        # 3. Rank 0 creates the store (or merges leftover rank marks); the others wait, then open it.
+        _barrier()  # every rank has finished looking at the old store before rank 0 may replace it
+        if rank == 0:
+            if existing is None:
+                store = FeatureStore.create(store_path, n, fshape, dtype=dtype, chunk_size=chunk_size,
+                                            provenance=provenance, overwrite=overwrite, labels=labels_arr)
+                store.save_semantics(image_files=paths)
+            else:
+                store = existing
+                if world_size == 1:
+                    store.merge_rank_marks()  # marks left by an earlier sharded run
+        _barrier()
+        if rank != 0:
+            if not store_file.exists():
+                raise DataError(f"{store_path}: rank {rank} found no feature store; rank 0 creates it first")
+            store = FeatureStore.open(store_path)
+            _check_resumable(store, provenance, n, dtype, fshape)
+
+        # 4. Extract this rank's missing chunks.
+        mine = [i for i in store.missing_chunks() if i % world_size == rank]
+        batches = _batches(store, mine, int(batch_size))
+        remaining = {i: store.chunk_range(i)[1] - store.chunk_range(i)[0] for i in mine}
+        chunk_of = {b[0]: b[0] // store.chunk_size for b in batches}
+        loader = DataLoader(ImageDataset(paths, backbone.transform(size)), batch_sampler=batches,
+                            num_workers=num_workers, pin_memory=dev.type == "cuda")
+        out_dtype = torch.float16 if dtype == "float16" else torch.float32
+        mark_rank = rank if world_size > 1 else None
+        total = sum(remaining.values())
+        old_benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True  # one fixed input size: let cuDNN pick the fastest kernels
+        try:
+            with tqdm(total=total, unit="img", desc=f"extract {backbone.name}@{size}",
+                      disable=not progress or rank != 0) as bar:
+                for images, index in loader:
+                    x = images.to(dev, non_blocking=True)
+                    if dev.type == "cuda":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with autocast:
+                        feats = backbone(x)
+                    start = int(index[0])
+                    store.write_rows(start, feats.to(out_dtype).contiguous().cpu().numpy())
+                    chunk = chunk_of[start]
+                    remaining[chunk] -= len(index)
+                    if remaining[chunk] == 0:
+                        store.mark_complete(chunk, rank=mark_rank)
+                    bar.update(len(index))
+        finally:
+            torch.backends.cudnn.benchmark = old_benchmark
+
+        # 5. Everyone done: rank 0 folds the per-rank marks into store.json.
+        _barrier()
+        if rank == 0 and _distributed():
+            store.merge_rank_marks()
+        _barrier()
+        store.refresh()
+        return store
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+
+
+def list_image_folder(
+    image_root: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Image files, labels and class names of a folder with one subfolder per class (ImageFolder-like).
+
+    Classes are the sorted subfolder names; images are found recursively inside each, sorted by path.
+    """
+    root = Path(image_root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    exts = tuple(e.lower() for e in extensions)
+
+    def images_in(folder: Path, recursive: bool) -> list[Path]:
+        found = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(p for p in found if p.is_file() and p.suffix.lower() in exts)
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        loose = images_in(root, recursive=False)
+        if loose:
+            raise DataError(f"{root} holds {len(loose)} images but no class subfolders; put each class's "
+                            f"images in its own subfolder ({root}/<class>/<image>)")
+        raise DataError(f"{root} is empty: expected one subfolder per class holding images with extensions "
+                        f"{', '.join(exts)}")
+    paths, labels, empty = [], [], []
+    for k, c in enumerate(classes):
+        files = images_in(root / c, recursive=True)
+        if not files:
+            empty.append(c)
+        paths.extend(str(p) for p in files)
+        labels.extend([k] * len(files))
+    if empty:
+        raise DataError(f"{root}: class folders without images ({', '.join(empty[:10])}); accepted "
+                        f"extensions: {', '.join(exts)}")
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def extract_folder(
+    image_root: str | os.PathLike[str],
+    store_path: str | os.PathLike[str],
+    backbone: Backbone | str,
+    image_size: int | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    **kwargs: Any,
+) -> FeatureStore:
+    """:func:`extract_features` over a folder of class subfolders; class names go into the store's meta."""
+    paths, labels, classes = list_image_folder(image_root, extensions)
+    store = extract_features(paths, labels, store_path, backbone, image_size, **kwargs)
+    rank, _ = _dist_env(kwargs.get("rank"), kwargs.get("world_size"))
+    if rank == 0:
+        store.save_semantics(class_names=classes)
+    return store

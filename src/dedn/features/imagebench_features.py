@@ -1,0 +1,91 @@
+"""Backbone features of the built-in image benchmark, rendered, extracted and cached in a feature store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dedn.config import RunConfig
+from dedn.data.dataset import ZSLData
+from dedn.data.imagebench import ImageBenchmark, make_image_benchmark, to_zsldata
+
+
+class _RenderedImages(Dataset):
+    """Benchmark images rendered on the fly and transformed for the backbone (no files involved)."""
+
+    def __init__(self, bench: ImageBenchmark, indices: list[int], transform: Any) -> None:
+        self.bench, self.indices, self.transform = bench, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.bench.image(self.indices[i]))
+
+
+def _cache_key(bench: ImageBenchmark, provenance: dict[str, Any]) -> str:
+    blob = json.dumps({"imagebench": asdict(bench.config), "backbone": provenance}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def imagebench_store(
+    bench: ImageBenchmark,
+    cache_dir: str | Path,
+    backbone: str = "efficientnet-lite0",
+    image_size: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    progress: bool = True,
+):
+    """Features of every benchmark image in a float16 store under ``cache_dir``, extracted once.
+
+    Extraction is chunked and resumable: an interrupted run continues with the chunks it misses.
+    Returns the complete :class:`~dedn.data.store.FeatureStore`.
+    """
+    from dedn.data.store import FeatureStore
+    from dedn.features.backbones import get_backbone
+
+    net = get_backbone(backbone, weights="imagenet")
+    size = int(image_size or bench.image_size)
+    provenance = {**net.provenance(size), "dataset": "imagebench", "imagebench": asdict(bench.config)}
+    folder = Path(cache_dir) / f"imagebench-{_cache_key(bench, net.provenance(size))}"
+    if (folder / "store.json").exists():
+        store = FeatureStore.open(folder)
+    else:
+        store = FeatureStore.create(folder, len(bench), net.feature_shape(size), dtype="float16", chunk_size=256,
+                                    provenance=provenance, labels=bench.labels)
+    todo = store.missing_chunks()
+    if todo:
+        transform = net.transform(size)
+        n_todo = sum(min(store.chunk_size, len(bench) - c * store.chunk_size) for c in todo)
+        bar = tqdm(total=n_todo, desc="extracting features", unit="img", disable=not progress)
+        for c in todo:
+            indices = list(range(c * store.chunk_size, min((c + 1) * store.chunk_size, len(bench))))
+            loader = DataLoader(_RenderedImages(bench, indices, transform), batch_size=batch_size,
+                                num_workers=num_workers, persistent_workers=False)
+            parts = []
+            for images in loader:
+                parts.append(net(images).float().numpy())
+                bar.update(images.shape[0])
+            store.write_chunk(c, np.concatenate(parts))
+        bar.close()
+    store.require_complete()
+    return store
+
+
+def imagebench_data(cfg: RunConfig, progress: bool = True) -> ZSLData:
+    """The built-in benchmark as a :class:`ZSLData` over its cached feature store (``data.source=imagebench``)."""
+    bench = make_image_benchmark(cfg.data.imagebench)
+    store = imagebench_store(bench, cfg.data.cache_dir, cfg.data.backbone, cfg.data.image_size,
+                             progress=progress and cfg.train.progress)
+    data = to_zsldata(bench, store, source=str(store.path))
+    data.provenance = {**store.provenance, **data.provenance}
+    return data

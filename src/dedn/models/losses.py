@@ -1,0 +1,156 @@
+"""DEDN's training losses (SPEC section 3), in paper and reference mode.
+
+- :func:`discrepancy` d(x, y): JSD + MSE (paper) or JSD + the released code's cubic term (reference).
+- :func:`margin_aware_loss` (MAL): cross-entropy over all classes with a margin that pushes the target
+  down and the other seen classes up, so unseen classes are not crowded out.
+- :func:`self_calibration_loss`: the reference code's extra term that rewards unseen probability mass.
+- :func:`dedn_loss`: the weighted total over both experts, returned term by term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dedn.config import LossConfig
+from dedn.models.dedn import DEDNOutput
+
+
+def jensen_shannon(x: Tensor, y: Tensor) -> Tensor:
+    """JSD(softmax(x) || softmax(y)) over the last dim, natural log, mean over the batch.
+
+    Computed in log space: log m = logsumexp(log p, log q) - log 2 stays finite where both softmaxes
+    underflow to 0 for a class, which would otherwise give 0 * inf = NaN.
+    """
+    log_p = torch.log_softmax(x, dim=-1)
+    log_q = torch.log_softmax(y, dim=-1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_q = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return 0.5 * (kl_p + kl_q).mean()
+
+
+def released_jensen_shannon(x: Tensor, y: Tensor) -> Tensor:
+    """JSD as the released code computes it: log of the averaged probabilities (reference mode).
+
+    NaN where both softmaxes underflow for one class; kept so that reference mode matches the released
+    arithmetic bit for bit.
+    """
+    p = torch.softmax(x, dim=-1)
+    q = torch.softmax(y, dim=-1)
+    log_m = torch.log((p + q) / 2)
+    kl_p = (p * (torch.log_softmax(x, dim=-1) - log_m)).sum(-1)
+    kl_q = (q * (torch.log_softmax(y, dim=-1) - log_m)).sum(-1)
+    return 0.5 * (kl_p + kl_q).mean()
+
+
+def discrepancy(x: Tensor, y: Tensor, mode: str = "paper") -> Tensor:
+    """d(x, y) for (B, n) tensors; gradients flow into both arguments.
+
+    paper: JSD + mean squared error. reference: JSD + (1/B) sum_b sum_j |x - y|^3 / sqrt(sum_j (x - y)^2
+    + 1e-9), as the released code computes it.
+    """
+    diff = x - y
+    if mode == "paper":
+        return jensen_shannon(x, y) + diff.pow(2).mean()
+    if mode == "reference":
+        js = released_jensen_shannon(x, y)
+        sq = diff.pow(2)
+        norm = torch.sqrt(sq.sum(-1, keepdim=True) + 1e-9)
+        return js + (sq / norm * diff.abs()).sum() / x.shape[0]
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def margin_aware_loss(
+    scores: Tensor,
+    labels: Tensor,
+    seen_mask: Tensor,
+    margin: float = 1.0,
+    target_margin: float | None = None,
+    enabled: bool = True,
+) -> Tensor:
+    """MAL over all K classes: logits P_y - target_margin (target), P_k + margin (other seen), P_k (unseen).
+
+    ``target_margin`` defaults to 2 * margin (the paper). With ``enabled=False`` this is plain
+    cross-entropy over all classes (the "w/o MAL" ablation).
+    """
+    if not enabled:
+        return F.cross_entropy(scores, labels)
+    target_margin = 2.0 * margin if target_margin is None else target_margin
+    shift = margin * seen_mask.to(scores.dtype)
+    logits = scores + shift
+    # The target is a seen class, so it received +margin above; take it back and subtract target_margin.
+    onehot = F.one_hot(labels, scores.shape[1]).to(scores.dtype)
+    logits = logits - onehot * (shift[labels].unsqueeze(1) + target_margin)
+    return F.cross_entropy(logits, labels)
+
+
+def self_calibration_loss(scores: Tensor, unseen_mask: Tensor) -> Tensor:
+    """-log(mean_b sum_{u unseen} softmax(scores_b)_u) (reference code only; not in the paper)."""
+    probs = torch.softmax(scores, dim=-1)
+    return -torch.log(probs[:, unseen_mask].sum(-1).mean())
+
+
+@dataclass
+class LossTerms:
+    """The total loss and every weighted part of it (unweighted values), for logging and tests."""
+
+    total: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+    def items(self) -> dict[str, float]:
+        return {"loss": float(self.total.detach()), **{k: float(v.detach()) for k, v in self.terms.items()}}
+
+
+def resolve_target_margin(cfg: LossConfig, mode: str, dataset: str | None) -> float:
+    """MAL's target margin: 2 eps, except reference-mode SUN and AWA2 whose released code uses eps."""
+    if mode == "reference" and dataset is not None and dataset.upper() in ("SUN", "AWA2"):
+        return cfg.margin
+    return 2.0 * cfg.margin
+
+
+def dedn_loss(
+    out: DEDNOutput,
+    labels: Tensor,
+    seen_mask: Tensor,
+    cfg: LossConfig,
+    mode: str = "paper",
+    dataset: str | None = None,
+    calibration_bias: Tensor | None = None,
+) -> LossTerms:
+    """L = MAL(P_c) + MAL(P_f) + beta (align_c + align_f) + gamma distill [+ lamb (cal_c + cal_f)].
+
+    ``out`` is the model output for the batch (scores in reference mode hold the calibration margin,
+    which MAL removes again through ``calibration_bias``, as the released code does). The
+    self-calibration term exists only in reference mode.
+    """
+    target_margin = resolve_target_margin(cfg, mode, dataset)
+    unseen_mask = ~seen_mask
+    terms: dict[str, Tensor] = {}
+    any_scores = (out.cexp or out.fexp).scores  # type: ignore[union-attr]
+    total = any_scores.new_zeros(())
+    experts = {"c": out.cexp, "f": out.fexp}
+    for tag, exp in experts.items():
+        if exp is None:
+            continue
+        raw = exp.scores if calibration_bias is None else exp.scores - calibration_bias
+        mal = margin_aware_loss(raw, labels, seen_mask, cfg.margin, target_margin, cfg.mal)
+        terms[f"mal_{tag}"] = mal
+        total = total + mal
+        if cfg.align and exp.o_c is not None:
+            align = discrepancy(exp.o_r, exp.o_c, mode)
+            terms[f"align_{tag}"] = align
+            total = total + cfg.beta * align
+        if mode == "reference" and cfg.lamb > 0 and bool(unseen_mask.any()):
+            cal = self_calibration_loss(exp.scores, unseen_mask)
+            terms[f"cal_{tag}"] = cal
+            total = total + cfg.lamb * cal
+    if cfg.distill and out.cexp is not None and out.fexp is not None:
+        distill = discrepancy(out.cexp.scores, out.fexp.scores, mode)
+        terms["distill"] = distill
+        total = total + cfg.gamma * distill
+    return LossTerms(total=total, terms=terms)

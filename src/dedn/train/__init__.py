@@ -1,0 +1,1 @@
+"""Training: the trainer, checkpoints, the run folder, devices and torch.distributed."""

@@ -1,0 +1,454 @@
+"""Training DEDN (SPEC section 4): batches, RMSprop, periodic evaluation, checkpoints and resume.
+
+A run lives in a run directory::
+
+    RUN/config.json          the resolved config
+    RUN/train.log            the log
+    RUN/history.jsonl        one line per evaluation (losses, T / S / U / H, AUSUC)
+    RUN/checkpoints/last.*   the latest complete checkpoint (see :mod:`dedn.train.checkpoint`)
+    RUN/model.safetensors    the final weights
+    RUN/metrics.json         final T / S / U / H, per-class CSV, seen-unseen curve
+
+Batches are drawn from a generator seeded by (seed, epoch), so a run resumed from the checkpoint of
+epoch e draws exactly the batches an uninterrupted run would: both end with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dedn import __version__
+from dedn.atomic import atomic_write_text
+from dedn.config import RunConfig, config_to_dict
+from dedn.data.dataset import ZSLData, data_fingerprint, read_features
+from dedn.errors import CheckpointError, ConfigError, TrainingError
+from dedn.eval.calibration import VALIDATED, Calibration
+from dedn.eval.evaluate import Evaluation, calibration_value, evaluate_model, write_evaluation
+from dedn.factory import build_model, dataset_name, load_data
+from dedn.models.dedn import DEDN
+from dedn.models.losses import dedn_loss
+from dedn.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from dedn.train.distributed import init_distributed, resolve_device
+from dedn.train.rundir import RunLock, check_new_run_dir, new_run_dir
+
+log = logging.getLogger("dedn")
+
+
+# ---------------------------------------------------------------------------------------------- batches
+class BatchSampler:
+    """Image indices of each training batch, deterministic in (seed, epoch).
+
+    Balanced (the reference): min(n_seen, B) distinct seen classes, max(B // n_seen, 1) images of each,
+    drawn with replacement. Otherwise B distinct trainval images at random.
+    """
+
+    def __init__(self, labels: np.ndarray, trainval_loc: np.ndarray, batch_size: int, balanced: bool,
+                 seed: int) -> None:
+        self.trainval = np.asarray(trainval_loc, dtype=np.int64)
+        self.labels = np.asarray(labels)
+        self.batch_size = batch_size
+        self.balanced = balanced
+        self.seed = seed
+        tv_labels = self.labels[self.trainval]
+        self.classes = np.unique(tv_labels)
+        self.by_class = [self.trainval[tv_labels == c] for c in self.classes]
+
+    def epoch(self, epoch: int, n_iters: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        return [self._draw(rng) for _ in range(n_iters)]
+
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        if not self.balanced:
+            return rng.choice(self.trainval, size=min(self.batch_size, self.trainval.size), replace=False)
+        n_seen = self.classes.size
+        n_classes = min(n_seen, self.batch_size)
+        per_class = max(self.batch_size // n_seen, 1)
+        picked = rng.choice(n_seen, size=n_classes, replace=False)
+        return np.concatenate([rng.choice(self.by_class[c], size=per_class, replace=True) for c in picked])
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def _config_hash(cfg: RunConfig) -> str:
+    """Hash of the resolved config without the settings a resumed run may change."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(_comparable(config_to_dict(cfg)), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config without the settings a run may change when it is resumed (device, progress bar)."""
+    out = json.loads(json.dumps(cfg))
+    for key in ("device", "progress", "threads"):
+        out.get("train", {}).pop(key, None)
+    return out
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path | None
+    model: DEDN
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+    def best(self, key: str = "H") -> dict[str, Any] | None:
+        """The evaluation with the highest ``key`` (the published protocol's best-over-training)."""
+        rows = [h for h in self.history if key in h]
+        return max(rows, key=lambda h: h[key]) if rows else None
+
+
+class Trainer:
+    """Train one DEDN model.
+
+    Under ``torchrun --nproc_per_node N`` each process takes every N-th image of each batch. Its loss is
+    weighted by its share of the batch, and DistributedDataParallel averages the gradients, so for losses
+    that are means over the batch (all paper-mode terms, and reference mode's except the self-calibration
+    term, a log of a batch mean) the update is the one of a single process on the whole batch, also for
+    uneven shards. Rank 0 evaluates and writes the run directory.
+
+    Args:
+        cfg: the run configuration.
+        data: the dataset (loaded from ``cfg`` when None).
+        run_dir: where to write config, log, checkpoints and metrics (nothing is written when None).
+        model: a model to train (built from ``cfg`` and ``data`` when None).
+        calibration: the calibration of its evaluations (default: what ``eval.calibration`` asks for; the
+            validated protocol passes the value it chose on the validation task).
+    """
+
+    def __init__(self, cfg: RunConfig, data: ZSLData | None = None, run_dir: str | Path | None = None,
+                 model: DEDN | None = None, calibration: Calibration | None = None) -> None:
+        self.cfg = cfg
+        if cfg.train.threads:
+            # Process-wide: small models lose more to thread synchronisation than they gain.
+            torch.set_num_threads(cfg.train.threads)
+        self.data = data if data is not None else load_data(cfg)
+        self.calibration = calibration if calibration is not None else calibration_value(cfg, self.data)
+        self.device = resolve_device(cfg.train.device)
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.train.dtype)
+        if self.dtype is None:
+            raise ConfigError(f"train.dtype must be float32 or float64, got {cfg.train.dtype!r}")
+        self.dataset = dataset_name(cfg, self.data)
+        self.model = (model if model is not None else build_model(cfg, self.data)).to(self.device, self.dtype)
+        self.rank, self.world = init_distributed(self.device)
+        self.forward = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        t = cfg.train
+        self.optimizer = torch.optim.RMSprop(params, lr=t.lr, alpha=t.alpha, eps=t.eps,
+                                             weight_decay=t.weight_decay, momentum=t.momentum)
+        self.sampler = BatchSampler(self.data.labels, self.data.trainval_loc, t.batch_size, t.balanced,
+                                    cfg.seed)
+        self.iters_per_epoch = t.iters_per_epoch or max(self.data.trainval_loc.size // t.batch_size, 1)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.writer = self.rank == 0  # only rank 0 writes the run directory
+        self.start_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.losses: list[float] = []
+        self._check_features()
+        self.features = self._features_on_device()
+        self.seen_mask_t = torch.as_tensor(self.data.seen_mask, device=self.device)
+        if self.run_dir is not None and self.writer:
+            self._open_run_dir()
+
+    # -------------------------------------------------------------------------- run directory
+    def _open_run_dir(self) -> None:
+        assert self.run_dir is not None
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"{self.run_dir}: the run folder is an existing file; choose a folder")
+        self._lock = RunLock(self.run_dir).acquire()  # held until close(): one writer per run folder
+        try:
+            self._write_run_files()
+        except BaseException:
+            self.close()
+            raise
+
+    def _write_run_files(self) -> None:
+        assert self.run_dir is not None
+        cfg_file = self.run_dir / "config.json"
+        resolved = config_to_dict(self.cfg)
+        if cfg_file.exists():
+            old = json.loads(cfg_file.read_text())
+            if _comparable(old) != _comparable(resolved):
+                raise ConfigError(f"{cfg_file}: this run directory was made with another config; use a new "
+                                  "output directory or resume with the same config")
+        else:
+            atomic_write_text(cfg_file, json.dumps(resolved, indent=2))
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        self._log_handler = handler
+
+    def _check_features(self, limit_bytes: float = 4e9) -> None:
+        """Refuse NaN or infinite feature maps before training: a full scan of stored features up to
+        ``limit_bytes``; larger (and generated) features are checked batch by batch as they are read."""
+        from dedn.data.store import FeatureStore
+
+        feats = self.data.features
+        if not isinstance(feats, (np.ndarray, FeatureStore)):
+            return
+        if int(np.prod(feats.shape)) * 4 > limit_bytes:
+            return
+        used = np.concatenate([self.data.trainval_loc, self.data.test_seen_loc, self.data.test_unseen_loc])
+        for s in range(0, used.size, 512):
+            self.data.check_features_finite(used[s : s + 512])
+
+    def _features_on_device(self) -> Any:
+        """Keep a feature store resident on the GPU when it fits; otherwise read batches from the host."""
+        if self.device.type == "cuda" and hasattr(self.data.features, "to_torch"):
+            resident = self.data.features.to_torch(self.device)
+            if resident is not None:
+                log.info("feature store resident on %s", self.device)
+                return resident
+        return self.data.features
+
+    def _host_batch(self, index: np.ndarray) -> torch.Tensor:
+        """The batch's feature maps: read from the store (in a worker thread) or gathered on the device."""
+        if torch.is_tensor(self.features):
+            return self.features[torch.as_tensor(index, device=self.features.device)]
+        return torch.from_numpy(read_features(self.features, index))
+
+    def resume(self) -> bool:
+        """Continue from the run directory's last checkpoint; False when the run has not trained yet.
+
+        Raises:
+            CheckpointError: the run trained (history or checkpoint files exist) but its checkpoint record is
+                missing, or the data or the resolved config changed since the checkpoint was written.
+        """
+        if self.run_dir is None:
+            return False
+        folder = self.run_dir / "checkpoints"
+        history_file = self.run_dir / "history.jsonl"
+        if not (folder / "last.json").exists():
+            trained = (history_file.exists() and history_file.stat().st_size > 0) or (
+                folder.is_dir() and any(p.name.startswith("last") for p in folder.iterdir()))
+            if trained:
+                raise CheckpointError(f"{folder / 'last.json'}: the checkpoint record is missing, so this run cannot "
+                                      "be resumed exactly; restore it, or start a new run in another folder")
+            return False
+        _, record = load_checkpoint(folder, optimizer_for=self.model, optimizer=self.optimizer,
+                                    device=self.device)
+        for key, now, what in (("data_fingerprint", data_fingerprint(self.data), "the data (features, labels, "
+                                "splits or semantic side)"),
+                               ("config_hash", _config_hash(self.cfg), "the resolved config")):
+            if key in record and record[key] != now:
+                raise CheckpointError(f"{folder / 'last.json'}: {what} changed since this checkpoint was written; "
+                                      "resuming would mix two runs: restore them, or start a new run in another "
+                                      "folder")
+        self.start_epoch = int(record["epoch"]) + 1
+        self.history = list(record.get("history", []))
+        self.losses = list(record.get("losses", []))
+        if self.writer:  # epochs after the checkpoint are trained again: drop their history lines
+            atomic_write_text(history_file, "".join(json.dumps(r) + "\n" for r in self.history))
+        log.info("resumed from %s at epoch %d", folder, self.start_epoch)
+        return True
+
+    def _checkpoint(self, epoch: int) -> None:
+        if self.run_dir is None or not self.writer:
+            return
+        state = {"epoch": epoch, "history": self.history, "losses": self.losses, "version": __version__,
+                 "data_fingerprint": data_fingerprint(self.data), "config_hash": _config_hash(self.cfg)}
+        save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, state)
+
+    # -------------------------------------------------------------------------- loop
+    def train_step(self, index: np.ndarray, batch: torch.Tensor | None = None,
+                   share: float | None = None) -> dict[str, float]:
+        """One optimisation step on the images ``index``; raises TrainingError on a non-finite loss.
+
+        Under torch.distributed ``index`` is this rank's shard of the batch and ``share`` its fraction of
+        the whole batch (default ``1 / world``). The loss is weighted by ``world * share`` so that
+        DistributedDataParallel's gradient average is the gradient of the whole batch's mean loss, also
+        when the shards are uneven (a batch of 50 on 4 ranks: 13/13/12/12).
+        """
+        self.model.train()
+        x = (self._host_batch(index) if batch is None else batch).to(self.device, self.dtype)
+        if not torch.isfinite(x).all():
+            self.data.check_features_finite(index)  # names the images
+        y = torch.as_tensor(self.data.labels[index], device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.forward(x)
+        terms = dedn_loss(out, y, self.seen_mask_t, self.cfg.loss, self.cfg.mode, self.dataset,
+                          self.model.calibration_bias())
+        finite = torch.isfinite(terms.total.detach()).to(torch.float32)
+        if self.world > 1:  # every rank must stop together, or the others hang in the gradient all-reduce
+            import torch.distributed as dist
+
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            raise TrainingError(f"the loss became {float(terms.total.detach())} ({terms.items()}); training stopped "
+                                "before the update")
+        weight = 1.0 if self.world == 1 else self.world * (1.0 / self.world if share is None else share)
+        (terms.total * weight if weight != 1.0 else terms.total).backward()
+        self.optimizer.step()
+        items = terms.items()
+        if self.world > 1:  # log the loss of the whole batch, as one process would
+            import torch.distributed as dist
+
+            loss = torch.tensor([items["loss"] * weight / self.world], dtype=torch.float64)
+            dist.all_reduce(loss)
+            items["loss"] = float(loss)
+        return items
+
+    def on_evaluate(self, epoch: int, evaluation: Evaluation) -> None:
+        """Called after each evaluation during :meth:`fit` (a hook for protocols and callbacks)."""
+
+    def evaluate(self, progress: bool = False) -> Evaluation:
+        return evaluate_model(self.model, self.data, self.calibration, self.cfg.eval.batch_size, self.device,
+                              progress)
+
+    def fit(self) -> TrainResult:
+        """Train for ``train.epochs`` epochs (from the resumed epoch), evaluating and checkpointing."""
+        t = self.cfg.train
+        total_iters = t.epochs * self.iters_per_epoch
+        if t.max_iters is not None:
+            total_iters = min(total_iters, t.max_iters)
+        done = self.start_epoch * self.iters_per_epoch
+        bar = tqdm(total=total_iters, initial=min(done, total_iters), desc="training", unit="it",
+                   disable=not (t.progress and self.writer), dynamic_ncols=True)
+        pool = ThreadPoolExecutor(max_workers=1)  # reads the next batch while this one computes
+        last_eval: Evaluation | None = None
+        try:
+            for epoch in range(self.start_epoch, t.epochs):
+                if done >= total_iters:
+                    break
+                batches = self.sampler.epoch(epoch, self.iters_per_epoch)
+                n = min(len(batches), total_iters - done)
+                epoch_losses: list[float] = []
+                started = time.perf_counter()
+                sizes = [len(b) for b in batches]
+                batches = [b[self.rank :: self.world] for b in batches]  # this process's share of each batch
+                pending = pool.submit(self._host_batch, batches[0]) if n else None
+                for i in range(n):
+                    assert pending is not None
+                    x = pending.result()
+                    if i + 1 < n:
+                        pending = pool.submit(self._host_batch, batches[i + 1])
+                    try:
+                        items = self.train_step(batches[i], x, share=len(batches[i]) / sizes[i])
+                    except TrainingError as exc:
+                        saved = self.run_dir is not None and bool(self.history)
+                        where = f"; the last good checkpoint is in {self.run_dir}/checkpoints" if saved else ""
+                        raise TrainingError(f"epoch {epoch} iteration {i}: {exc}{where}") from None
+                    epoch_losses.append(items["loss"])
+                    done += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{items['loss']:.3f}", epoch=epoch)
+                mean_loss = float(np.mean(epoch_losses)) if epoch_losses else math.nan
+                self.losses.append(mean_loss)
+                row: dict[str, Any] = {"epoch": epoch, "loss": mean_loss,
+                                       "seconds": round(time.perf_counter() - started, 3)}
+                final = epoch == t.epochs - 1 or done >= total_iters
+                if self.writer and ((t.eval_every and (epoch + 1) % t.eval_every == 0) or final):
+                    last_eval = self.evaluate()
+                    row.update(last_eval.summary())
+                    self.on_evaluate(epoch, last_eval)
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", H=f"{row['H']:.1f}", epoch=epoch)
+                self.history.append(row)
+                log.info(json.dumps(row))
+                if self.run_dir is not None and self.writer:
+                    with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                if (t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0) or final:
+                    self._checkpoint(epoch)
+            metrics: dict[str, Any] = {}
+            if self.writer:
+                if last_eval is None:
+                    last_eval = self.evaluate()
+                metrics = self._finish(last_eval)
+        finally:
+            bar.close()
+            pool.shutdown(wait=True)
+            self.close()
+        return TrainResult(self.run_dir, self.model, self.history, metrics, self.losses)
+
+    def close(self) -> None:
+        """Detach the run's log file and release the run folder's lock (idempotent)."""
+        handler = getattr(self, "_log_handler", None)
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+            self._log_handler = None
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+            self._lock = None
+
+    def _finish(self, ev: Evaluation) -> dict[str, Any]:
+        """Final weights, class file, metrics and outputs (rank 0)."""
+        extra = self.report_extra(ev.gamma)
+        if ev.gamma_source != VALIDATED:
+            extra["oracle_on_test"] = {"note": "diagnosis only, not a result: gamma chosen on these test scores",
+                                       "H": ev.best.H * 100, "gamma": ev.best_gamma}
+        if self.run_dir is None:
+            out = ev.result.to_dict(percent=True)
+            out.update(extra)
+            return out
+        from dedn.train.rundir import write_class_file, write_feature_provenance
+
+        save_weights(self.model, self.run_dir / "model.safetensors", record_hash=True)
+        write_class_file(self.run_dir, self.data, calibration=ev.gamma)
+        write_feature_provenance(self.run_dir, self.data.provenance)
+        return write_evaluation(ev, self.run_dir, self.data.class_names, extra, plots=self.cfg.eval.plots)
+
+    def report_extra(self, last_gamma: float | None = None) -> dict[str, Any]:
+        best_h = max((h for h in self.history if "H" in h), key=lambda h: h["H"], default=None)
+        best_t = max((h for h in self.history if "T" in h), key=lambda h: h["T"], default=None)
+        return {
+            "mode": self.cfg.mode,
+            "split": self.cfg.data.split,
+            "gamma": last_gamma,
+            "gamma_source": self.calibration.source,
+            "l_rc": self.model.l_rc,
+            "l_e": self.model.l_e,
+            "dataset": self.dataset,
+            "epochs_trained": len(self.history) + 0,
+            "best_over_training": {
+                "note": "best test-split values over evaluations (published protocol; not a tuned result)",
+                "H": best_h and {k: best_h[k] for k in ("epoch", "T", "S", "U", "H")},
+                "T": best_t and {"epoch": best_t["epoch"], "T": best_t["T"]},
+            },
+            "version": __version__,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+
+def train(cfg: RunConfig, run_dir: str | Path | None = None, data: ZSLData | None = None,
+          resume: bool = False) -> TrainResult:
+    """Train a model as ``cfg`` says; write to ``run_dir`` (a new folder under ``output_dir`` when None).
+
+    With ``resume`` the run continues from ``run_dir``'s last checkpoint.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    if not resume:
+        check_new_run_dir(run_dir)
+    trainer = Trainer(cfg, data=data, run_dir=run_dir)
+    try:
+        if resume:
+            trainer.resume()
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+

@@ -28,7 +28,7 @@ from dedn.features.imagebench_features import imagebench_data
 
 # ---------------------------------------------------------------------------------------------- the demo
 def _demo_rows():
-    from dedn.apps.experiments import Row
+    from dedn.apps.results import Row
 
     return (
         Row("full", "DEDN", ()),

@@ -29,8 +29,8 @@ import numpy as np
 from dedn import __version__
 from dedn.eval.metrics import ausuc
 
-if TYPE_CHECKING:  # the experiments module imports this one
-    from dedn.apps.experiments import ExperimentResult, RunResult
+if TYPE_CHECKING:
+    from dedn.apps.results import ExperimentResult, RunResult
 
 __all__ = [
     "PROTOCOL_NOTES",

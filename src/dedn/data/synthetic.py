@@ -37,9 +37,29 @@ from typing import Any
 
 import numpy as np
 
-from dedn.config import SyntheticConfig
 from dedn.data.dataset import ZSLData
 from dedn.errors import ConfigError, DataError
+
+
+@dataclass
+class SyntheticConfig:
+    """Shapes and structure of the generated feature benchmark (:mod:`dedn.data.synthetic`)."""
+
+    preset: str | None = None  # cub | sun | awa2: real shapes and clusters; None: the numbers below
+    n_images: int = 1200
+    n_channels: int = 64
+    height: int = 4
+    width: int = 4
+    n_classes: int = 40
+    n_unseen: int = 10
+    n_val: int = 8
+    n_attributes: int = 48
+    n_clusters: int = 4
+    semantic_dim: int = 32
+    local_fraction: float = 0.6
+    noise: float = 0.5
+    test_seen_fraction: float = 0.2
+    seed: int = 0
 
 __all__ = ["PRESETS", "ImageLatents", "SyntheticFeatures", "SyntheticStructure", "make_synthetic"]
 

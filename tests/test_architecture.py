@@ -1,0 +1,109 @@
+"""The package's layers: imports point one way, and no module imports itself through others.
+
+Every ``import`` of a ``dedn`` module is read from the source (ast), function-level imports included, so a
+lazy import cannot hide a cycle or an upward dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "dedn"
+
+#: Layers, lowest first. A module may import modules of its own layer and of the layers below it.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("foundation", ("dedn", "dedn.errors", "dedn.atomic", "dedn.checks")),
+    ("data", ("dedn.data",)),
+    ("config", ("dedn.config",)),
+    ("features", ("dedn.features",)),
+    ("models", ("dedn.models", "dedn.factory")),
+    ("eval", ("dedn.eval",)),
+    ("train", ("dedn.train",)),
+    ("apps", ("dedn.apps",)),
+    ("cli", ("dedn.cli",)),
+]
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                candidates = [a.name for a in node.names]
+            else:
+                continue
+            for c in candidates:
+                if c in modules and c != name:
+                    deps.add(c)
+        graph[name] = deps
+    return graph
+
+
+def _layer(module: str) -> int:
+    best, rank = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, rank = len(p), i
+    assert rank is not None, f"{module} belongs to no layer"
+    return rank
+
+
+GRAPH = _imports()
+
+
+def test_no_import_cycle() -> None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(GRAPH[m]):
+            if state.get(d) == 1:
+                cycle = stack[stack.index(d):] + [d]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m)
+
+
+def test_imports_point_down_the_layers() -> None:
+    upward = sorted(f"{m} ({LAYERS[_layer(m)][0]}) imports {d} ({LAYERS[_layer(d)][0]})"
+                    for m, deps in GRAPH.items() for d in deps if _layer(d) > _layer(m))
+    assert not upward, "\n".join(upward)
+
+
+def test_every_module_is_in_a_layer_and_subpackages_exist() -> None:
+    for m in GRAPH:
+        _layer(m)
+    for sub in ("data", "features", "models", "eval", "train", "apps"):
+        assert (SRC / sub / "__init__.py").is_file()
+    assert not [p.name for p in SRC.glob("*.py")
+                if p.stem not in ("__init__", "errors", "atomic", "checks", "config", "factory", "cli")]

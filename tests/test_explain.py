@@ -16,7 +16,7 @@ from dedn.apps.predict import Predictor
 from dedn.errors import CheckpointError, DataError
 from dedn.eval.localisation import attention_in_mask_share
 from dedn.features.backbones import Backbone
-from dedn.models.dedn import DEDN
+from dedn.models.dedn import DEDN, DEDNConfig
 from dedn.train.checkpoint import save_weights
 from dedn.train.rundir import write_class_file
 
@@ -53,8 +53,9 @@ def make_model(**kw) -> DEDN:
     rng = np.random.default_rng(1)
     torch.manual_seed(0)
     att = np.random.default_rng(0).random((len(CLASSES), len(ATTRS)))
-    model = DEDN(rng.normal(size=(len(ATTRS), 4)), att, CLUSTERS, np.array(SEEN), n_channels=C, n_regions=H * W,
-                 **kw)
+    config = DEDNConfig(n_attributes=len(ATTRS), semantic_dim=4, n_channels=C, n_regions=H * W,
+                        clusters=tuple(CLUSTERS), **kw)
+    model = DEDN.from_config(config, rng.normal(size=(len(ATTRS), 4)), att, np.array(SEEN))
     with torch.no_grad():  # move W2 / W4 off zero so the attention is not uniform
         for p in model.parameters():
             p.add_(0.7 * torch.randn_like(p))

@@ -17,7 +17,7 @@ from dedn.apps.class_files import load_class_definitions
 from dedn.cli import INTERRUPTED
 from dedn.config import config_from_dict, config_to_dict, load_config
 from dedn.errors import ConfigError, DataError
-from dedn.models.dedn import DEDN
+from dedn.models.dedn import DEDN, DEDNConfig
 from dedn.train.checkpoint import save_weights
 from dedn.train.rundir import write_class_file
 
@@ -42,8 +42,9 @@ def assert_one_error_line(code: int, err: str, *names: str) -> str:
 def make_run(folder: Path) -> Path:
     """A tiny trained-looking run directory (random weights): enough for predict to read its classes."""
     rng = np.random.default_rng(0)
-    model = DEDN(rng.normal(size=(len(ATTRS), 4)), rng.random((len(CLASSES), len(ATTRS))), [[0, 1], [2]],
-                 np.array([True, True, False]), n_channels=4, n_regions=4)
+    config = DEDNConfig(n_attributes=len(ATTRS), semantic_dim=4, n_channels=4, n_regions=4, clusters=((0, 1), (2,)))
+    model = DEDN.from_config(config, rng.normal(size=(len(ATTRS), 4)), rng.random((len(CLASSES), len(ATTRS))),
+                             np.array([True, True, False]))
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config_to_dict(load_config())))
     save_weights(model, folder / "model.safetensors")

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from dedn.config import LossConfig
+from dedn.config import LossConfig, ModelConfig
 from dedn.models.dedn import DEDNOutput, ExpertOutput
 from dedn.models.losses import (
     dedn_loss,
     discrepancy,
     jensen_shannon,
     margin_aware_loss,
-    resolve_target_margin,
     self_calibration_loss,
 )
+from dedn.models.settings import MethodSettings, legacy_settings, resolve_method
 
 
 def _softmax(v: list[float]) -> np.ndarray:
@@ -82,10 +82,46 @@ def test_margin_aware_loss_by_hand() -> None:
 
 def test_target_margin_switch() -> None:
     cfg = LossConfig(margin=1.0)
-    assert resolve_target_margin(cfg, "paper", "SUN") == 2.0
-    assert resolve_target_margin(cfg, "reference", "CUB") == 2.0
-    assert resolve_target_margin(cfg, "reference", "SUN") == 1.0
-    assert resolve_target_margin(cfg, "reference", "AWA2") == 1.0
+    assert resolve_method("paper", "SUN", cfg).target_margin == 2.0
+    assert resolve_method("reference", "CUB", cfg).target_margin == 2.0
+    assert resolve_method("reference", "SUN", cfg).target_margin == 1.0
+    assert resolve_method("reference", "AWA2", cfg).target_margin == 1.0
+    assert resolve_method("reference", "awa2", LossConfig(margin=0.5)).target_margin == 0.5
+    assert resolve_method("paper", "CUB", LossConfig(margin=0.5)).target_margin == 1.0
+
+
+def test_method_settings_of_each_mode() -> None:
+    loss, model = LossConfig(lamb=0.11, calibration_margin=0.7), ModelConfig(low_rank=4)
+    paper = resolve_method("paper", "AWA2", loss, model)
+    assert paper == MethodSettings(mode="paper", target_margin=2.0) == resolve_method("paper")
+    assert (paper.calibration_margin, paper.self_calibration, paper.low_rank, paper.discrepancy) == (0.0, 0.0, None,
+                                                                                                       "paper")
+    assert not paper.sum_branches_in_training and not paper.clip_negative_attributes
+    ref = resolve_method("reference", "AWA2", loss, model)
+    assert ref == MethodSettings(mode="reference", target_margin=1.0, calibration_margin=0.7,
+                                 sum_branches_in_training=True, clip_negative_attributes=True,
+                                 discrepancy="reference", self_calibration=0.11, low_rank=4, default_gamma=0.0)
+    # The fixed calibration nothing else chose: the paper's 2 eps margin; 0 where the margin is in the scores.
+    assert resolve_method("paper", None, LossConfig(margin=0.25)).default_gamma == 0.5 and paper.default_gamma == 2.0
+    assert not resolve_method("reference", "CUB", loss).clip_negative_attributes
+    assert not resolve_method("reference", None, loss).clip_negative_attributes
+    assert MethodSettings.from_dict(ref.to_dict()) == ref
+    with pytest.raises(ValueError, match="mode must be one of"):
+        resolve_method("released")
+    with pytest.raises(ValueError, match="discrepancy"):
+        MethodSettings(discrepancy="cubic")
+    with pytest.raises(ValueError, match="low_rank"):
+        MethodSettings(low_rank=0)
+
+
+def test_legacy_settings_keep_the_earlier_constructor_meaning() -> None:
+    # The earlier DEDN(..., mode=, calibration_margin=, clip_negative_att=, low_rank=): the margin counted only in
+    # reference mode; clipping and the low rank applied as given.
+    assert legacy_settings("paper", calibration_margin=1.0) == MethodSettings()
+    assert legacy_settings("paper", clip_negative_att=True, low_rank=3) == MethodSettings(
+        clip_negative_attributes=True, low_rank=3)
+    assert legacy_settings("reference", calibration_margin=0.5, low_rank=0) == resolve_method(
+        "reference", None, LossConfig(calibration_margin=0.5))
 
 
 def test_self_calibration_by_hand() -> None:
@@ -107,19 +143,21 @@ def test_total_loss_combines_terms() -> None:
     f = _expert([[0.0, 0.4]], [[0.2, 0.2]], [[0.2, 0.3, 0.1]])
     out = DEDNOutput(cexp=c, fexp=f, l_e=0.5)
     cfg = LossConfig(beta=0.01, gamma=0.5, lamb=0.3)
-    paper = dedn_loss(out, labels, seen, cfg, "paper", "CUB")
+    paper = dedn_loss(out, labels, seen, cfg, resolve_method("paper", "CUB", cfg))
     t = paper.terms
     expected = (t["mal_c"] + t["mal_f"] + 0.01 * (t["align_c"] + t["align_f"]) + 0.5 * t["distill"]).item()
     assert paper.total.item() == pytest.approx(expected, rel=1e-12)
     assert "cal_c" not in t  # self-calibration is a reference-mode term only
     assert t["distill"].item() == pytest.approx(discrepancy(c.scores, f.scores, "paper").item())
     bias = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64)
-    ref = dedn_loss(out, labels, seen, cfg, "reference", "CUB", calibration_bias=bias)
+    ref = dedn_loss(out, labels, seen, cfg, resolve_method("reference", "CUB", cfg), calibration_bias=bias)
     r = ref.terms
     assert r["mal_c"].item() == pytest.approx(margin_aware_loss(c.scores - bias, labels, seen).item())
     assert r["cal_c"].item() == pytest.approx(self_calibration_loss(c.scores, ~seen).item())
+    assert r["distill"].item() == pytest.approx(discrepancy(c.scores, f.scores, "reference").item())
     expected = (r["mal_c"] + r["mal_f"] + 0.01 * (r["align_c"] + r["align_f"]) + 0.5 * r["distill"]
                 + 0.3 * (r["cal_c"] + r["cal_f"])).item()
     assert ref.total.item() == pytest.approx(expected, rel=1e-12)
-    off = dedn_loss(out, labels, seen, LossConfig(align=False, distill=False), "paper", "CUB")
+    off_cfg = LossConfig(align=False, distill=False)
+    off = dedn_loss(out, labels, seen, off_cfg, resolve_method("paper", "CUB", off_cfg))
     assert set(off.terms) == {"mal_c", "mal_f"}

@@ -17,7 +17,8 @@ from dedn.apps.predict import Predictor, format_table, predictions_to_json
 from dedn.errors import CheckpointError, DataError
 from dedn.features import backbones
 from dedn.features.backbones import Backbone
-from dedn.models.dedn import DEDN
+from dedn.models.dedn import DEDN, DEDNConfig
+from dedn.models.settings import resolve_method
 from dedn.train.checkpoint import save_weights
 from dedn.train.rundir import write_class_file, write_feature_provenance
 
@@ -60,8 +61,9 @@ def class_att() -> np.ndarray:
 def make_model(mode: str = "paper", **kw) -> DEDN:
     rng = np.random.default_rng(1)
     torch.manual_seed(0)
-    model = DEDN(rng.normal(size=(len(ATTRS), 4)), class_att(), CLUSTERS,
-                 np.array(SEEN), n_channels=C, n_regions=H * W, mode=mode, l_e=0.6, **kw)
+    config = DEDNConfig(n_attributes=len(ATTRS), semantic_dim=4, n_channels=C, n_regions=H * W,
+                        clusters=tuple(CLUSTERS), l_e=0.6, method=resolve_method(mode), **kw)
+    model = DEDN.from_config(config, rng.normal(size=(len(ATTRS), 4)), class_att(), np.array(SEEN))
     with torch.no_grad():  # move W2 / W4 off zero so the attention is not uniform
         for p in model.parameters():
             p.add_(0.7 * torch.randn_like(p))

@@ -1,4 +1,4 @@
-"""The six shipped presets load with the config loader and match SPEC section 4's table."""
+"""The six shipped presets load with the config loader and match the paper's hyperparameter table (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -10,12 +10,13 @@ from dedn.data.synthetic import PRESETS, SyntheticFeatures, make_synthetic
 from dedn.errors import ConfigError, DataError
 from dedn.eval.metrics import gzsl_metrics
 
-# SPEC section 1 (trainval / test_seen / test_unseen) and section 2 (cluster sizes).
-SPEC_SPLITS = {"cub": (7057, 1764, 2967), "sun": (10320, 2580, 1440), "awa2": (23527, 5882, 7913)}
-SPEC_SHAPES = {"cub": (11788, 2048, 14, 14), "sun": (14340, 2048, 14, 14), "awa2": (37322, 2048, 7, 7)}
-SPEC_CLASSES = {"cub": (200, 150, 312), "sun": (717, 645, 102), "awa2": (50, 40, 85)}
-SPEC_CLUSTERS = {"cub": [112, 87, 24, 40, 15, 34], "sun": [38, 27, 17, 20], "awa2": [18, 15, 38, 14]}
-SPEC_VAL = {"cub": 50, "sun": 65, "awa2": 13}
+# The real benchmarks' split sizes, shapes, class counts and cluster sizes (docs/method.md), written out
+# independently of dedn.data.benchmarks.
+REAL_SPLITS = {"cub": (7057, 1764, 2967), "sun": (10320, 2580, 1440), "awa2": (23527, 5882, 7913)}
+REAL_SHAPES = {"cub": (11788, 2048, 14, 14), "sun": (14340, 2048, 14, 14), "awa2": (37322, 2048, 7, 7)}
+REAL_CLASSES = {"cub": (200, 150, 312), "sun": (717, 645, 102), "awa2": (50, 40, 85)}
+REAL_CLUSTERS = {"cub": [112, 87, 24, 40, 15, 34], "sun": [38, 27, 17, 20], "awa2": [18, 15, 38, 14]}
+REAL_VAL = {"cub": 50, "sun": 65, "awa2": 13}
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +91,15 @@ def test_presets_have_the_real_shapes_and_splits(preset):
     d = make_synthetic(SyntheticConfig(preset=preset))
     f = d.features
     assert isinstance(f, SyntheticFeatures)
-    assert f.shape == SPEC_SHAPES[preset] and len(f) == SPEC_SHAPES[preset][0]
+    assert f.shape == REAL_SHAPES[preset] and len(f) == REAL_SHAPES[preset][0]
     one = f[123]
-    assert one.shape == SPEC_SHAPES[preset][1:] and one.dtype == np.float32
+    assert one.shape == REAL_SHAPES[preset][1:] and one.dtype == np.float32
     np.testing.assert_array_equal(f[np.array([40, 123, 7])][1], one)
-    assert (len(d.trainval_loc), len(d.test_seen_loc), len(d.test_unseen_loc)) == SPEC_SPLITS[preset]
-    k, n_seen, n_att = SPEC_CLASSES[preset]
+    assert (len(d.trainval_loc), len(d.test_seen_loc), len(d.test_unseen_loc)) == REAL_SPLITS[preset]
+    k, n_seen, n_att = REAL_CLASSES[preset]
     assert d.att.shape == (k, n_att) and d.seen_mask.sum() == n_seen and d.w2v.shape == (n_att, 300)
-    assert len(d.val_classes) == SPEC_VAL[preset]
-    assert [len(v) for v in d.clusters.values()] == SPEC_CLUSTERS[preset]
+    assert len(d.val_classes) == REAL_VAL[preset]
+    assert [len(v) for v in d.clusters.values()] == REAL_CLUSTERS[preset]
     d.validate()
     with pytest.raises(DataError, match="GiB"):
         f.materialize()

@@ -114,11 +114,11 @@ def evaluate(
     from dedn.apps.protocols import model_dir
     from dedn.checks import FRACTION, check_option
     from dedn.config import apply_overrides
+    from dedn.devices import resolve_device
     from dedn.eval.calibration import CONFIG, Calibration, parse_calibration
     from dedn.eval.evaluate import evaluate_model, write_evaluation
     from dedn.factory import load_data
     from dedn.train.checkpoint import load_weights
-    from dedn.train.distributed import resolve_device
     from dedn.train.rundir import load_run_config
 
     check_option("--l-rc", l_rc, FRACTION)
@@ -204,13 +204,14 @@ def extract(
     if xlsa17 is None:
         store = extract_folder(images, out, bb, image_size, **common)
     else:
+        from dedn.data.benchmarks import BENCHMARKS, find_benchmark
         from dedn.data.xlsa17 import canonical_dataset, read_semantic_dir, resolve_image_paths
 
         sem = read_semantic_dir(xlsa17, dataset=dataset)
         if sem.image_files is None or sem.labels is None:
             raise DednError(f"{xlsa17}: no image list (res101.mat) found; it is part of the xlsa17 download")
         name = canonical_dataset(dataset or sem.name) or sem.name
-        size = image_size or (224 if name == "AWA2" else 448)
+        size = image_size or (find_benchmark(name) or BENCHMARKS["CUB"]).image_size  # other datasets: CUB's
         paths = resolve_image_paths(sem.image_files, images, name)
         store = extract_features(paths, sem.labels, out, bb, size, provenance_extra={"dataset": name}, **common)
         store.save_semantics(att=sem.att, w2v=sem.w2v, trainval_loc=sem.trainval_loc, test_seen_loc=sem.test_seen_loc,

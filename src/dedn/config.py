@@ -7,6 +7,7 @@ and a value of the wrong type are refused with the key's full name before any wo
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The DEDN model (SPEC section 2)."""
+    """The DEDN model (docs/method.md, "The model" and "Attribute clusters")."""
 
     clusters: str = "auto"  # auto | paper | reference | half | kmeans | none | PATH to a cluster file
     n_clusters: int | None = None  # Q for kmeans
@@ -73,7 +74,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and switches (SPEC section 3)."""
+    """Loss weights and switches (docs/method.md, "Losses"; reference-mode terms in docs/modes.md)."""
 
     beta: float = 0.001  # align
     gamma: float = 0.1  # distill
@@ -87,7 +88,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation (SPEC section 4)."""
+    """Optimisation: RMSprop and batches (docs/method.md, "Training")."""
 
     epochs: int = 80
     batch_size: int = 50
@@ -109,7 +110,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation (SPEC section 4, calibrated stacking)."""
+    """Evaluation: calibrated stacking and the model-selection protocol (docs/method.md)."""
 
     calibration: str = "auto"  # auto: chosen on validation (validated protocol), else the mode default; or a number
     curve_points: int = 200  # gamma values traced for the seen-unseen curve
@@ -298,3 +299,29 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def config_to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+#: Settings that do not change a run's result (where and how visibly it runs); a resumed run may change them.
+VOLATILE_KEYS = ("train.device", "train.progress", "train.threads")
+
+
+def without_keys(cfg_dict: Mapping[str, Any], drop: Sequence[str] = VOLATILE_KEYS) -> dict[str, Any]:
+    """A deep copy of a config dict without the ``drop`` keys (dotted)."""
+    out = json.loads(json.dumps(cfg_dict))
+    for dotted in drop:
+        node = out
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(last, None)
+    return out
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

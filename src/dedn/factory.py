@@ -13,7 +13,8 @@ from dedn.config import RunConfig
 from dedn.data.clusters import resolve_clusters
 from dedn.data.dataset import ZSLData
 from dedn.errors import ConfigError, DataError
-from dedn.models.dedn import DEDN
+from dedn.models.dedn import DEDN, DEDNConfig
+from dedn.models.settings import resolve_method
 
 
 def dataset_name(cfg: RunConfig, data: ZSLData | None = None) -> str | None:
@@ -113,26 +114,24 @@ def build_model(
 ) -> DEDN:
     """A freshly initialised DEDN for ``data`` (initialisation seeded by ``seed``, default ``cfg.seed``).
 
-    Reference-mode-only settings are applied only in reference mode: ``model.low_rank`` (SUN's W1 = H1 H3),
-    clipping negative AWA2 attributes and the fixed calibration margin inside the scores.
+    ``cfg.mode`` and the dataset become the model's method settings
+    (:func:`~dedn.models.settings.resolve_method`); the reference-only options, ``model.low_rank`` among
+    them, take effect only in reference mode.
     """
     clusters = resolve_model_clusters(cfg, data) if clusters is None else clusters
     c, h, w = data.feature_shape
-    reference = cfg.mode == "reference"
-    torch.manual_seed(cfg.seed if seed is None else seed)
-    return DEDN(
-        data.w2v,
-        data.att,
-        list(clusters.values()),
-        data.seen_mask,
+    d, g = np.shape(data.w2v)
+    config = DEDNConfig(
+        n_attributes=d,
+        semantic_dim=g,
         n_channels=c,
         n_regions=h * w,
-        mode=cfg.mode,
+        clusters=tuple(clusters.values()),
+        experts=cfg.model.experts,
+        channel_attention=cfg.model.channel_attention,
         l_rc=cfg.model.l_rc,
         l_e=cfg.model.l_e,
-        low_rank=cfg.model.low_rank if reference else None,
-        channel_attention=cfg.model.channel_attention,
-        experts=cfg.model.experts,
-        calibration_margin=cfg.loss.calibration_margin if reference else 0.0,
-        clip_negative_att=reference and dataset_name(cfg, data) == "AWA2",
+        method=resolve_method(cfg.mode, dataset_name(cfg, data), cfg.loss, cfg.model),
     )
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    return DEDN.from_config(config, data.w2v, data.att, data.seen_mask)

@@ -31,10 +31,12 @@ import numpy as np
 import torch
 
 from dedn.config import LossConfig
+from dedn.data.benchmarks import BENCHMARKS
 from dedn.data.clusters import builtin_clusters
-from dedn.models.dedn import DEDN, DEDNOutput
+from dedn.models.dedn import DEDN, DEDNConfig, DEDNOutput
 from dedn.models.losses import dedn_loss
 from dedn.models.naive import naive_forward
+from dedn.models.settings import resolve_method
 
 __all__ = ["BENCH_PRESETS", "BenchShape", "bench_command", "format_bench", "gemm_gflops", "run_bench", "step_flops"]
 
@@ -68,11 +70,11 @@ class BenchShape:
         return [c for c in np.array_split(np.arange(self.n_attributes), self.n_clusters) if c.size]
 
 
-#: Real shapes of the three benchmarks (SPEC section 1).
+#: Real shapes of the three benchmarks, from the benchmark table.
 BENCH_PRESETS: dict[str, BenchShape] = {
-    "cub": BenchShape("cub", 2048, 14, 14, 312, 200, 50, dataset="CUB"),
-    "sun": BenchShape("sun", 2048, 14, 14, 102, 717, 72, dataset="SUN"),
-    "awa2": BenchShape("awa2", 2048, 7, 7, 85, 50, 10, dataset="AWA2"),
+    name.lower(): BenchShape(name.lower(), b.feature_channels, b.feature_size, b.feature_size, b.n_attributes,
+                             b.n_classes, b.n_unseen, dataset=name)
+    for name, b in BENCHMARKS.items()
 }
 
 
@@ -208,7 +210,8 @@ def run_bench(
         dtype, device: where and in what precision to run.
         warmup: untimed steps before timing each implementation.
         gemm_size: side of the square product that measures the machine's matrix rate.
-        mode: ``paper`` or ``reference`` (the loss and score differences of SPEC sections 2-3).
+        mode: ``paper`` or ``reference``: the model's and the loss's method settings, resolved for the preset's
+            dataset (:func:`~dedn.models.settings.resolve_method`).
         seed: seeds parameters, features and labels.
         threads: torch CPU threads for this run (restored afterwards); default: leave as set.
         model_class: the fast implementation to time (a DEDN subclass), for comparing candidate versions.
@@ -243,23 +246,18 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
 
     seen = np.ones(k, dtype=bool)
     seen[rng.permutation(k)[: shape.n_unseen]] = False
+    semantic = rng.standard_normal((d, g)).astype(np.float32)
+    class_att = rng.random((k, d)).astype(np.float32)
+    loss_cfg = LossConfig()
+    config = DEDNConfig(n_attributes=d, semantic_dim=g, n_channels=c, n_regions=r, clusters=tuple(shape.clusters()),
+                        method=resolve_method(mode, shape.dataset, loss_cfg))
     with torch.random.fork_rng(devices=[]):  # seed the model's N(0, 1) init without touching the caller's RNG
         torch.manual_seed(seed)
-        model = model_class(
-            rng.standard_normal((d, g)).astype(np.float32),
-            rng.random((k, d)).astype(np.float32),
-            shape.clusters(),
-            seen,
-            n_channels=c,
-            n_regions=r,
-            mode=mode,
-            calibration_margin=1.0 if mode == "reference" else 0.0,
-        ).to(device, dtype)
+        model = model_class.from_config(config, semantic, class_att, seen).to(device, dtype)
     model.train()
     features = torch.rand(batch_size, c, shape.height, shape.width, generator=gen).to(device, dtype)
     labels = torch.as_tensor(rng.choice(np.flatnonzero(seen), size=batch_size), device=device)
     seen_t = torch.as_tensor(seen, device=device)
-    loss_cfg = LossConfig()
 
     def make_step(forward: Callable[[DEDN, torch.Tensor], DEDNOutput]) -> Callable[[], None]:
         opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.99, eps=1e-8, weight_decay=1e-4,
@@ -268,7 +266,7 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             out = forward(model, features)
-            loss = dedn_loss(out, labels, seen_t, loss_cfg, mode, shape.dataset, model.calibration_bias()).total
+            loss = dedn_loss(out, labels, seen_t, loss_cfg, model.method, model.calibration_bias()).total
             loss.backward()
             opt.step()
 

@@ -1,6 +1,6 @@
 """Paper experiments: two model-selection protocols, several seeds, and the paper's tables and figures.
 
-Protocols (SPEC section 4), always named in every output:
+Protocols (docs/modes.md, "Evaluation protocols"), always named in every output:
 
 - ``validated`` (the default, honest): run 1 trains on the validation task (``data.split=validation``:
   trainval minus held-out images, evaluated every epoch on val-seen / val-unseen) and chooses the epoch,
@@ -33,8 +33,8 @@ job folder written with another config; a finished result is never overwritten.
 Devices: by default jobs run one after the other in this process, on ``train.device``. With
 ``devices=["cuda:0", "cuda:1"]`` independent jobs are dispatched to a
 :class:`concurrent.futures.ProcessPoolExecutor` (spawn context) with one worker per device; each worker runs
-its jobs on its own device. One run spread over several GPUs would need ``torchrun`` and distributed data
-parallel training, which :class:`~dedn.train.trainer.Trainer` does not implement yet; nothing here pretends to.
+its jobs on its own device. One run spread over several GPUs is :class:`~dedn.train.trainer.Trainer`'s
+business: launch it with ``torchrun`` (distributed data parallel).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from dedn import __version__
 from dedn.apps import reports
 from dedn.apps.results import ExperimentResult, Row, RunResult
 from dedn.atomic import atomic_write_text
-from dedn.config import RunConfig, apply_overrides, config_to_dict, load_config
+from dedn.config import VOLATILE_KEYS, RunConfig, apply_overrides, config_to_dict, diff_keys, load_config, without_keys
 from dedn.data.dataset import ZSLData
 from dedn.errors import CheckpointError, ConfigError, DataError
 from dedn.eval.calibration import CONFIG, VALIDATED, Calibration, config_calibration, parse_calibration
@@ -102,8 +102,6 @@ EVAL_TIME_KEYS = ("model.l_rc", "model.l_e")
 #: Settings the protocols themselves decide; a tune grid may not name them.
 PROTOCOL_KEYS = ("seed", "data.split", "train.epochs", "train.eval_every", "eval.protocol", "eval.calibration",
                  "name", "output_dir", "train.device", "train.progress")
-#: Settings that do not change a run's result; ignored when comparing configs of a resumed run.
-VOLATILE_KEYS = ("train.device", "train.progress", "train.threads")
 #: Keys left out of config hashes: they change neither a result nor where it is stored.
 UNHASHED_KEYS = (*VOLATILE_KEYS, "name", "output_dir")
 #: Figure 3's grid: 0, 0.1, ..., 1.
@@ -176,30 +174,8 @@ def _resolve_config(cfg: RunConfig | str | Path | None, overrides: Sequence[str]
     return _with_overrides(cfg, overrides, "config")
 
 
-def _stable(cfg_dict: Mapping[str, Any], drop: Sequence[str] = VOLATILE_KEYS) -> dict[str, Any]:
-    """A deep copy of a config dict without the ``drop`` keys (dotted)."""
-    out = json.loads(json.dumps(cfg_dict))
-    for dotted in drop:
-        node = out
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(last, None)
-    return out
-
-
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _protocols(protocol: str | None, cfg: RunConfig) -> list[str]:
@@ -384,18 +360,15 @@ class Job:
 
     def hash(self) -> str:
         """The job's identity: its config (without device, progress, name, output_dir), protocol and grids."""
-        return _hash({"config": _stable(config_to_dict(self.config), UNHASHED_KEYS), "protocol": self.protocol,
+        return _hash({"config": without_keys(config_to_dict(self.config), UNHASHED_KEYS), "protocol": self.protocol,
                       "eval_grid": self.eval_grid, "train_combos": self.train_combos, "sweep": self.sweep,
                       "row": asdict(self.row)})
 
 
 class _SelectingTrainer(Trainer):
-    """A trainer that, at each epoch's evaluation, scores extra (l_rc, l_e) points from the same outputs
-    (``grid.jsonl``) and keeps the outputs of the best epoch so far (``selected/``).
-
-    Works around the missing per-epoch hook of :class:`Trainer`: the epoch is ``len(self.history)``
-    because ``fit`` appends the epoch's history row right after evaluating it.
-    """
+    """A trainer that, at each epoch's evaluation (the :meth:`Trainer.on_evaluate` hook), scores extra
+    (l_rc, l_e) points from the same outputs (``grid.jsonl``) and keeps the outputs of the best epoch so far
+    (``selected/``)."""
 
     def __init__(self, cfg: RunConfig, data: ZSLData, run_dir: Path, points: list[tuple[float, float]],
                  select: list[tuple[float, float]], calibration: Calibration) -> None:
@@ -404,12 +377,8 @@ class _SelectingTrainer(Trainer):
         self.grid_file = run_dir / "grid.jsonl"
         self.selected_dir = run_dir / "selected"
 
-    def evaluate(self, progress: bool = False) -> Evaluation:
-        ev = super().evaluate(progress)
-        epoch = len(self.history)
-        if epoch < self.cfg.train.epochs:  # not the re-evaluation of a run resumed after its last epoch
-            self._record(epoch, ev)
-        return ev
+    def on_evaluate(self, epoch: int, evaluation: Evaluation) -> None:
+        self._record(epoch, evaluation)
 
     def _record(self, epoch: int, ev: Evaluation) -> None:
         rows = [{"epoch": epoch, "l_rc": p[0], "l_e": p[1],
@@ -446,29 +415,9 @@ def read_grid(path: Path) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: r["epoch"])
 
 
-def _reconcile_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    """Let a run resume on another device: the trainer compares its whole config.json, device included.
-
-    Raises:
-        ConfigError: the folder was made with a config that differs in a setting that matters.
-    """
-    path = run_dir / "config.json"
-    if not path.exists():
-        return
-    old, new = json.loads(path.read_text()), config_to_dict(cfg)
-    if old == new:
-        return
-    diff = _diff_keys(_stable(old), _stable(new))
-    if diff:
-        raise ConfigError(f"{run_dir}: this run folder was made with another config (differs in "
-                          f"{', '.join(diff[:5])}); it is not overwritten: use another results folder")
-    atomic_write_text(path, json.dumps(new, indent=2))
-
-
 def _train_stage(cfg: RunConfig, data: ZSLData, run_dir: Path,
                  make: Callable[[RunConfig, ZSLData, Path], Trainer] | None = None) -> tuple[TrainResult, Trainer]:
     """Train (or resume and finish) one trainer run in ``run_dir``."""
-    _reconcile_run_dir(run_dir, cfg)
     trainer = make(cfg, data, run_dir) if make else Trainer(cfg, data=data, run_dir=run_dir)
     try:
         trainer.resume()
@@ -644,15 +593,15 @@ def run_job(job: Job, device: str | None = None) -> RunResult:
         return result
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / "job.json"
+    stable = without_keys(config_to_dict(job.config), UNHASHED_KEYS)
     if marker.exists():
         old = json.loads(marker.read_text())
         if old.get("hash") != h:
-            diff = ", ".join(_diff_keys(old.get("config", {}), _stable(config_to_dict(job.config), UNHASHED_KEYS))[:5])
+            diff = ", ".join(diff_keys(old.get("config", {}), stable)[:5])
             raise ConfigError(f"{folder}: started with another config (differs in {diff or 'rows, grid or sweep'}); "
                               "it is not overwritten: use another results folder")
     else:
-        atomic_write_text(marker, json.dumps({"hash": h, "config": _stable(config_to_dict(job.config), UNHASHED_KEYS)},
-                                             indent=2))
+        atomic_write_text(marker, json.dumps({"hash": h, "config": stable}, indent=2))
     cfg = job.config if device is None else _set(job.config, {"train.device": device})
     runner = _run_validated if job.protocol == "validated" else _run_published
     with lock_run_dir(folder):  # one writer per job folder
@@ -711,7 +660,7 @@ def _claim_folder(out: Path, record: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
         if old.get("config_hash") != record["config_hash"]:
             what = ("experiment " + str(old.get("experiment")) if old.get("experiment") != record["experiment"]
-                    else "a config differing in " + (", ".join(_diff_keys(old.get("definition", {}),
+                    else "a config differing in " + (", ".join(diff_keys(old.get("definition", {}),
                                                                           record["definition"])[:6]) or "?"))
             raise ConfigError(f"{out}: this results folder was written by {what}; finished results are not "
                               "overwritten: use another --out folder or the same config")
@@ -745,7 +694,7 @@ def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[in
         for seed in seed_list:
             _check_validation(base, seed)
     out = Path(out_dir) if out_dir is not None else Path(base.output_dir) / f"experiment-{name}"
-    definition = {"experiment": name, "config": _stable(config_to_dict(base), (*UNHASHED_KEYS, "seed")),
+    definition = {"experiment": name, "config": without_keys(config_to_dict(base), (*UNHASHED_KEYS, "seed")),
                   "rows": [asdict(r) for r in row_list], "tune": tune_norm, "sweep": sweep_grid}
     _claim_folder(out, {"experiment": name, "config_hash": _hash(definition), "definition": definition,
                         "version": __version__, "created": _now()})

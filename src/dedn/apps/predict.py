@@ -40,13 +40,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dedn.apps.class_files import _suggest, unknown_attribute_message
 from dedn.checks import COUNT, check
+from dedn.data.semantics import normalize_rows
 from dedn.errors import CheckpointError, ConfigError, DataError
 from dedn.features.backbones import Backbone, get_backbone
-from dedn.features.extract import IMAGE_EXTENSIONS, read_image
+from dedn.features.extract import IMAGE_EXTENSIONS, load_image
 from dedn.models.dedn import DEDN
 from dedn.train.checkpoint import load_weights
 from dedn.train.rundir import CLASS_FILE, FEATURES_FILE, MODEL_FILE
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 KINDS = ("seen", "unseen", "new")
 # Errors PIL raises for unreadable, truncated or malformed files (as in dedn.features.extract).
-_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _NO_BACKBONE = ("this run was trained on precomputed features; pass features directly or give --backbone "
                 "(backbone=... in Python)")
 
@@ -147,9 +146,6 @@ def _read_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{path}: unreadable {what} ({exc})") from None
 
 
-# ---------------------------------------------------------------------------------------------- class files
-
-
 # ---------------------------------------------------------------------------------------------- images
 def expand_image_paths(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
                        recursive: bool = False) -> list[Path]:
@@ -176,14 +172,6 @@ def expand_image_paths(inputs: str | os.PathLike[str] | Iterable[str | os.PathLi
         else:
             raise DataError(f"{p}: no such file or folder")
     return out
-
-
-def load_image(path: str | os.PathLike[str]) -> Any:
-    """Open and fully decode an image as RGB; any failure is a :class:`DataError` naming the path."""
-    try:
-        return read_image(path)
-    except _IMAGE_ERRORS as exc:
-        raise DataError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------- predictor
@@ -326,7 +314,7 @@ class Predictor:
             given = np.asarray(att, dtype=np.float64)
             if model.clip_negative_att:
                 given = np.clip(given, 0, None)
-            given = given / np.maximum(np.linalg.norm(given, axis=1, keepdims=True), 1e-12)
+            given = normalize_rows(given)
             if not np.allclose(given, trained, atol=1e-5) or not np.array_equal(seen, model.seen_mask.cpu().numpy()):
                 log.warning("%s: class_att / seen_mask differ from the class set stored with the weights; using "
                             "the stored one", class_file)

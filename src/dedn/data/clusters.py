@@ -2,8 +2,8 @@
 cluster files and their checks.
 
 A clustering is an ordered ``dict[str, np.ndarray]`` of sorted, 0-based int64 attribute indices; the
-clusters are disjoint, non-empty and together cover every attribute. The built-in definitions are
-SPEC section 2's index ranges into the xlsa17 attribute order.
+clusters are disjoint, non-empty and together cover every attribute. The built-in definitions are the
+index ranges into the xlsa17 attribute order that the benchmark table (:mod:`dedn.data.benchmarks`) holds.
 
 Half variants (paper Fig. 5b) merge neighbouring clusters pairwise, in definition order:
 
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dedn.data.benchmarks import BENCHMARKS, Ranges
 from dedn.data.semantics import normalize_rows
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import ConfigError, DataError
@@ -38,45 +39,10 @@ __all__ = [
     "validate_clusters",
 ]
 
-Ranges = dict[str, list[tuple[int, int]]]
+#: dataset -> variant ("paper" / "reference") -> cluster name -> half-open index ranges (from the
+#: benchmark table, :mod:`dedn.data.benchmarks`).
+BUILTIN_RANGES: dict[str, dict[str, Ranges]] = {name: dict(b.clusters) for name, b in BENCHMARKS.items()}
 
-_CUB: Ranges = {
-    "head": [(0, 9), (94, 105), (120, 167), (182, 197), (278, 308)],
-    "torso": [(24, 73), (105, 120), (197, 212), (236, 240), (244, 248)],
-    "wing": [(9, 24), (212, 217), (308, 312)],
-    "tail": [(73, 94), (167, 182), (240, 244)],
-    "leg": [(263, 278)],
-    "whole": [(217, 236), (248, 263)],
-}
-_SUN_PAPER: Ranges = {
-    "function": [(0, 38)],
-    "instance": [(38, 65)],
-    "environment": [(65, 74), (77, 85)],
-    "light": [(74, 77), (85, 102)],
-}
-# The released code's slicing bug (SPEC section 2) gives 64/27/9/2 attributes.
-_SUN_REFERENCE: Ranges = {
-    "function_ref": [(0, 38), (65, 77), (86, 93), (94, 99), (100, 102)],
-    "instance_ref": [(38, 65)],
-    "environment_ref": [(77, 85), (93, 94)],
-    "light_ref": [(85, 86), (99, 100)],
-}
-# Both modes use this grouping; the paper table's 18/14/13/40 comes from unused constants (SPEC 2).
-_AWA2: Ranges = {
-    "texture": [(0, 18)],
-    "organ": [(18, 33)],
-    "abstract": [(33, 64), (78, 85)],
-    "environment": [(64, 78)],
-}
-
-#: dataset -> variant ("paper" / "reference") -> cluster name -> half-open index ranges.
-BUILTIN_RANGES: dict[str, dict[str, Ranges]] = {
-    "CUB": {"paper": _CUB, "reference": _CUB},
-    "SUN": {"paper": _SUN_PAPER, "reference": _SUN_REFERENCE},
-    "AWA2": {"paper": _AWA2, "reference": _AWA2},
-}
-
-_N_ATTRIBUTES = {"CUB": 312, "SUN": 102, "AWA2": 85}
 _SPECS = ("auto", "paper", "reference", "half", "kmeans", "none")
 
 
@@ -90,7 +56,7 @@ def _builtin_name(dataset: str | None) -> str:
 
 
 def builtin_clusters(dataset: str, variant: str = "paper") -> dict[str, np.ndarray]:
-    """The SPEC section 2 clusters of CUB, SUN or AWA2; ``variant`` "paper" or "reference" (they differ
+    """The built-in clusters of CUB, SUN or AWA2; ``variant`` "paper" or "reference" (they differ
     only for SUN, whose reference layout reproduces the released code's 64/27/9/2 split)."""
     ds = _builtin_name(dataset)
     if variant not in ("paper", "reference"):
@@ -331,8 +297,9 @@ def resolve_clusters(
         variant = mode if low == "auto" else low
         ds = _builtin_name(dataset)
         clusters, source = builtin_clusters(ds, variant), f"built-in {ds} clusters ({variant})"
-        if n_attributes != _N_ATTRIBUTES[ds]:
-            raise DataError(f"{source} cover {_N_ATTRIBUTES[ds]} attributes but the data has {n_attributes}; "
+        expected = BENCHMARKS[ds].n_attributes
+        if n_attributes != expected:
+            raise DataError(f"{source} cover {expected} attributes but the data has {n_attributes}; "
                             "is data.dataset right? Otherwise use kmeans, none or a cluster file")
     validate_clusters(clusters, n_attributes, source, attribute_names)
     return _normalised(clusters)

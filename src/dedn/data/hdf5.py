@@ -233,15 +233,7 @@ def import_hdf5(
         if len(todo) < store.n_chunks:
             say(f"{store_path}: resuming the import from {h5_path}: {len(todo)} of {store.n_chunks} chunks left")
         ds = f["feature_map"]
-        total = sum(store.chunk_range(i)[1] - store.chunk_range(i)[0] for i in todo)
-        with tqdm(total=total, unit="img", desc=f"import {h5_path.name}", disable=not progress) as bar:
-            for i in todo:
-                start, stop = store.chunk_range(i)
-                for s in range(start, stop, block_size):
-                    e = min(s + block_size, stop)
-                    store.write_rows(s, ds[s:e])
-                    bar.update(e - s)
-                store.mark_complete(i)
+        store.fill_missing(lambda s, e: ds[s:e], block_size, desc=f"import {h5_path.name}", progress=progress)
     return store
 
 

@@ -41,7 +41,7 @@ import os
 import shutil
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ _CHUNK_HASH = "blake2b"  # chunk checksums are "blake2b:<32 hex digits>" (128-bi
 # What reading a damaged .npy / .npz can raise (zip CRC and structure errors, truncation, bad headers).
 _NPY_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile, zlib.error)
 
-# Keys of the DAZLE/DEDN feature file (SPEC section 1); original_att is optional on import.
+# Keys of the DAZLE/DEDN feature file; original_att is optional on import.
 _SPLITS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
 
 
@@ -476,6 +476,32 @@ class FeatureStore:
         self.write_rows(start, array)
         self.mark_complete(i, rank=rank)
 
+    def fill_missing(self, read: Callable[[int, int], np.ndarray], block_rows: int | None = None,
+                     desc: str = "writing features", progress: bool = False) -> int:
+        """Write every missing chunk from ``read(start, stop)`` (the maps of rows start..stop-1), in blocks of
+        at most ``block_rows`` rows, marking each chunk complete once its bytes are synced.
+
+        The one loop that fills a store in a single process (HDF5 import, arrays, the built-in benchmark):
+        an interrupted fill resumes with the missing chunks. Returns the number of rows written.
+        """
+        from tqdm.auto import tqdm
+
+        todo = self.missing_chunks()
+        block = int(block_rows or self.chunk_size)
+        total = sum(self.chunk_range(i)[1] - self.chunk_range(i)[0] for i in todo)
+        with tqdm(total=total, unit="img", desc=desc, disable=not progress or not total) as bar:
+            for i in todo:
+                start, stop = self.chunk_range(i)
+                for s in range(start, stop, block):
+                    e = min(s + block, stop)
+                    rows = read(s, e)
+                    if np.shape(rows)[0] != e - s:
+                        raise DataError(f"{self.path}: rows {s}..{e - 1}: the source gave {np.shape(rows)[0]} maps")
+                    self.write_rows(s, rows)
+                    bar.update(e - s)
+                self.mark_complete(i)
+        return total
+
     def sync(self) -> None:
         """Flush written feature bytes to disk."""
         if self._fd is not None:
@@ -861,9 +887,7 @@ def store_from_array(
         raise DataError(f"{path}: expected an (N, C, h, w) array, got shape {shape}")
     store = FeatureStore.create(path, shape[0], shape[1:], dtype=dtype, chunk_size=chunk_size,
                                 provenance=provenance, overwrite=overwrite, labels=labels)
-    for i in range(store.n_chunks):
-        s, e = store.chunk_range(i)
-        store.write_chunk(i, np.asarray(array[np.arange(s, e)]))  # the FeatureArray contract: index arrays
+    store.fill_missing(lambda s, e: np.asarray(array[np.arange(s, e)]))  # the FeatureArray contract: index arrays
     return store
 
 
@@ -943,8 +967,3 @@ def check_provenance(store: Any, expect_backbone: str | None = None,
         raise DataError(f"{where}: the features were made at image size {got_size} but the config expects "
                         f"{expect_image_size}; extract them again at {expect_image_size} px or change "
                         "data.expect_image_size")
-
-
-# ---------------------------------------------------------------------------------------------- HDF5
-
-

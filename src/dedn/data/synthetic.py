@@ -13,7 +13,7 @@ The generative model (all of it fixed by the seed):
   the class attributes ``att`` are these rows L2-normalised, as xlsa17's are. Because all attributes
   read the same few latent factors, adding attributes does not make the classes arbitrarily easy to
   tell apart: the difficulty stays comparable from 48 to 312 attributes.
-- Attributes are grouped into clusters (the presets use the SPEC section 2 ranges). Each cluster is
+- Attributes are grouped into clusters (the presets use the benchmarks' paper clusters). Each cluster is
   a *part* with a home location on the h x w grid and a pool of channels. A ``local_fraction`` of each
   cluster's attributes are *local*: their visual prototype lives on a few channels of the part's pool
   and they appear only around the part's location in each image (a Gaussian bump, jittered per
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from dedn.data.benchmarks import BENCHMARKS, FEATURE_CHANNELS, WORD_VECTOR_DIM, Benchmark
 from dedn.data.dataset import ZSLData
 from dedn.errors import ConfigError, DataError
 
@@ -64,46 +65,11 @@ class SyntheticConfig:
 __all__ = ["PRESETS", "ImageLatents", "SyntheticFeatures", "SyntheticStructure", "make_synthetic"]
 
 
-@dataclass(frozen=True)
-class _Preset:
-    name: str
-    n_classes: int
-    n_unseen: int
-    n_val: int
-    n_attributes: int
-    size: int  # feature map height = width
-    n_trainval: int
-    n_test_seen: int
-    n_test_unseen: int
-    clusters: dict[str, tuple[tuple[int, int], ...]]  # SPEC section 2 ranges (paper clusters)
+#: Preset name -> the benchmark whose real shapes, splits and paper clusters it takes.
+PRESETS: dict[str, Benchmark] = {name.lower(): b for name, b in BENCHMARKS.items()}
 
-
-PRESETS: dict[str, _Preset] = {
-    "cub": _Preset("CUB", 200, 50, 50, 312, 14, 7057, 1764, 2967, {
-        "head": ((0, 9), (94, 105), (120, 167), (182, 197), (278, 308)),
-        "torso": ((24, 73), (105, 120), (197, 212), (236, 240), (244, 248)),
-        "wing": ((9, 24), (212, 217), (308, 312)),
-        "tail": ((73, 94), (167, 182), (240, 244)),
-        "leg": ((263, 278),),
-        "whole": ((217, 236), (248, 263)),
-    }),
-    "sun": _Preset("SUN", 717, 72, 65, 102, 14, 10320, 2580, 1440, {
-        "function": ((0, 38),),
-        "instance": ((38, 65),),
-        "environment": ((65, 74), (77, 85)),
-        "light": ((74, 77), (85, 102)),
-    }),
-    "awa2": _Preset("AWA2", 50, 10, 13, 85, 7, 23527, 5882, 7913, {
-        "texture": ((0, 18),),
-        "organ": ((18, 33),),
-        "abstract": ((33, 64), (78, 85)),
-        "environment": ((64, 78),),
-    }),
-}
-"""Real shapes of the xlsa17 benchmarks (SPEC section 1) and their attribute clusters (section 2)."""
-
-PRESET_CHANNELS = 2048
-PRESET_SEMANTIC_DIM = 300
+PRESET_CHANNELS = FEATURE_CHANNELS
+PRESET_SEMANTIC_DIM = WORD_VECTOR_DIM
 
 # Generator constants. They shape how hard the benchmark is; the ridge baseline in the tests pins the
 # resulting difficulty at the default config.
@@ -426,9 +392,9 @@ def _layout(cfg: SyntheticConfig) -> _Layout:
                               f"got {cfg.preset!r}")
         p = PRESETS[key]
         clusters = {name: np.concatenate([np.arange(a, b) for a, b in ranges])
-                    for name, ranges in p.clusters.items()}
-        return _Layout(f"synthetic-{p.name}", PRESET_CHANNELS, p.size, p.size, p.n_classes, p.n_unseen,
-                       p.n_val, p.n_attributes, PRESET_SEMANTIC_DIM, p.n_trainval, p.n_test_seen,
+                    for name, ranges in p.cluster_ranges("paper").items()}
+        return _Layout(f"synthetic-{p.name}", PRESET_CHANNELS, p.feature_size, p.feature_size, p.n_classes,
+                       p.n_unseen, p.n_val, p.n_attributes, PRESET_SEMANTIC_DIM, p.n_trainval, p.n_test_seen,
                        p.n_test_unseen, {k: np.sort(v) for k, v in clusters.items()})
 
     k, ku, d, q = cfg.n_classes, cfg.n_unseen, cfg.n_attributes, cfg.n_clusters
@@ -570,9 +536,9 @@ def _semantic_vectors(rng: np.random.Generator, cluster_of: np.ndarray, q: int, 
 def make_synthetic(cfg: SyntheticConfig | None = None) -> ZSLData:
     """Build the generated benchmark of ``cfg`` (default config when None); deterministic in ``cfg.seed``.
 
-    ``cfg.preset`` (cub, sun, awa2) takes the real shapes: image count and split sizes of SPEC
-    section 1, 2048 channels, 14 x 14 maps (AWA2 7 x 7), K, unseen and validation class counts
-    (xlsa17: 50 / 65 / 13 val classes), D, G = 300 and the SPEC section 2 attribute clusters;
+    ``cfg.preset`` (cub, sun, awa2) takes the real shapes from the benchmark table
+    (:mod:`dedn.data.benchmarks`): image count and split sizes, the paper's feature-map shape
+    (C x h x w), K, unseen and validation class counts, D, G and the paper attribute clusters;
     ``local_fraction``, ``noise`` and ``seed`` still apply. Without a preset the explicit numbers of the
     config are used and the clusters are contiguous, nearly equal attribute ranges ``part0 ...``.
     Features are lazy (:class:`SyntheticFeatures`); nothing of size N x C x h x w is allocated.

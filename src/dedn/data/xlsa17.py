@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import scipy.io
 
+from dedn.data.benchmarks import BENCHMARKS, find_benchmark
 from dedn.data.dataset import FeatureArray, ZSLData
 from dedn.data.semantics import load_word_vectors
 from dedn.errors import DataError
@@ -46,15 +47,8 @@ __all__ = [
 XLSA17_PAGE = ("https://www.mpi-inf.mpg.de/departments/computer-vision-and-machine-learning/research/"
                "zero-shot-learning/zero-shot-learning-the-good-the-bad-and-the-ugly")
 
-#: SPEC section 1: the xlsa17 proposed split of each benchmark.
-EXPECTED_COUNTS: dict[str, dict[str, int]] = {
-    "CUB": {"classes": 200, "seen": 150, "unseen": 50, "attributes": 312, "images": 11788,
-            "trainval": 7057, "test_seen": 1764, "test_unseen": 2967},
-    "SUN": {"classes": 717, "seen": 645, "unseen": 72, "attributes": 102, "images": 14340,
-            "trainval": 10320, "test_seen": 2580, "test_unseen": 1440},
-    "AWA2": {"classes": 50, "seen": 40, "unseen": 10, "attributes": 85, "images": 37322,
-             "trainval": 23527, "test_seen": 5882, "test_unseen": 7913},
-}
+#: The xlsa17 proposed split of each benchmark (from the benchmark table, :mod:`dedn.data.benchmarks`).
+EXPECTED_COUNTS: dict[str, dict[str, int]] = {name: b.expected_counts() for name, b in BENCHMARKS.items()}
 
 #: Where the relative part of an image path starts in the real res101.mat files (path components).
 IMAGE_ANCHORS: dict[str, tuple[str, ...]] = {
@@ -81,13 +75,10 @@ _LOC_KEYS = ("trainval_loc", "test_seen_loc", "test_unseen_loc")
 
 
 def canonical_dataset(name: str | None) -> str | None:
-    """``"CUB"``, ``"SUN"`` or ``"AWA2"`` for any usual spelling of those names, else ``None``."""
-    if name is None:
-        return None
-    key = re.sub(r"[^A-Z0-9]", "", str(name).upper())
-    aliases = {"CUB": "CUB", "CUB200": "CUB", "CUB2002011": "CUB", "SUN": "SUN", "SUNATTRIBUTES": "SUN",
-               "AWA2": "AWA2", "ANIMALSWITHATTRIBUTES2": "AWA2"}
-    return aliases.get(key)
+    """``"CUB"``, ``"SUN"`` or ``"AWA2"`` for any usual spelling of those names (the benchmark table's
+    aliases, :func:`dedn.data.benchmarks.find_benchmark`), else ``None``."""
+    bench = find_benchmark(name)
+    return None if bench is None else bench.name
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from dedn.data.dataset import ZSLData, read_features
+from dedn.data.semantics import normalize_rows
 from dedn.eval.metrics import GZSLResult, best_calibration, gzsl_metrics
 
 
@@ -25,7 +26,7 @@ def pooled_features(features: Any, index: np.ndarray, batch: int = 512) -> np.nd
         chunk = read_features(features, index[s : s + batch])
         out.append(chunk.reshape(chunk.shape[0], chunk.shape[1], -1).mean(-1))
     x = np.concatenate(out)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return normalize_rows(x)
 
 
 @dataclass

@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dedn.config import LossConfig
 from dedn.errors import ConfigError
+from dedn.models.settings import MODES, resolve_method
 
 VALIDATED = "validated"
 CONFIG = "config"
@@ -26,17 +28,15 @@ GAMMA_SOURCES = (VALIDATED, CONFIG, MODE_DEFAULT, ORACLE)
 
 
 def mode_default_gamma(mode: str, margin: float) -> float:
-    """The fixed calibration of a mode when nothing chose one.
+    """The fixed calibration of a mode when nothing chose one (:attr:`MethodSettings.default_gamma`).
 
     paper: 2 eps. The paper's inference works on margin-processed scores (seen - eps, unseen + eps, eq. 14),
     the scores its margin-aware loss is built to win on, and that shift is calibrated stacking at 2 eps.
     reference: 0, because the released code keeps that margin inside the model's scores already.
     """
-    if mode == "paper":
-        return 2.0 * margin
-    if mode == "reference":
-        return 0.0
-    raise ConfigError(f"mode must be paper or reference, got {mode!r}")
+    if mode not in MODES:
+        raise ConfigError(f"mode must be paper or reference, got {mode!r}")
+    return resolve_method(mode, None, LossConfig(margin=margin)).default_gamma
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ second pass over the features.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dedn.atomic import atomic_write_bytes
 from dedn.data.dataset import read_features
 from dedn.errors import DataError
 from dedn.models.dedn import DEDN
@@ -33,14 +35,12 @@ class ModelOutputs:
         class_att: (K, D) normalised, cluster-ordered class attributes the model scores against.
         bias: (K,) fixed score shift inside the model's scores (reference calibration margin; else 0).
         labels: (N,) classes of the images, or None.
-        mode: the model's mode (decides how O_r and O_c combine without an explicit l_rc).
     """
 
     branches: dict[str, np.ndarray]
     class_att: np.ndarray
     bias: np.ndarray
     labels: np.ndarray | None
-    mode: str = "paper"
 
     def expert_scores(self, expert: str, l_rc: float) -> np.ndarray | None:
         """(N, K) class scores of one expert at branch mix ``l_rc`` (None if the model lacks that expert)."""
@@ -65,19 +65,18 @@ class ModelOutputs:
         return ModelOutputs(
             branches={k: v[index] for k, v in self.branches.items()},
             class_att=self.class_att, bias=self.bias,
-            labels=None if self.labels is None else self.labels[index], mode=self.mode,
+            labels=None if self.labels is None else self.labels[index],
         )
 
     def save(self, path: str | Path) -> None:
         """Write as a plain ``.npz`` (no pickled objects)."""
         arrays: dict[str, Any] = dict(self.branches)
-        arrays.update(class_att=self.class_att, bias=self.bias, mode=np.array(self.mode))
+        arrays.update(class_att=self.class_att, bias=self.bias)
         if self.labels is not None:
             arrays["labels"] = self.labels
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> ModelOutputs:
@@ -85,7 +84,7 @@ class ModelOutputs:
             return cls(
                 branches={k: z[k] for k in BRANCHES if k in z.files},
                 class_att=z["class_att"], bias=z["bias"],
-                labels=z["labels"] if "labels" in z.files else None, mode=str(z["mode"]),
+                labels=z["labels"] if "labels" in z.files else None,
             )
 
 
@@ -137,5 +136,4 @@ def collect_outputs(
         class_att=model.class_att.float().cpu().numpy(),
         bias=model.calibration_bias().float().cpu().numpy(),
         labels=None if labels is None else np.asarray(labels)[index],
-        mode=model.mode,
     )

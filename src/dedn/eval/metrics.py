@@ -1,7 +1,7 @@
 """GZSL metrics: per-class accuracy, calibrated stacking, T / S / U / H, the seen-unseen curve, AUSUC.
 
 Everything here works on plain score matrices (numpy, no torch), so it serves the trainer, the CLI, the
-compatibility layer and a notebook user alike. Conventions (SPEC section 4):
+compatibility layer and a notebook user alike. Conventions (docs/method.md, "Metrics and calibration"):
 
 - Every accuracy is a *per-class mean accuracy*: the mean over classes of each class's accuracy, where a
   class counts only when it has at least one image in the evaluated set. Accuracies are fractions in

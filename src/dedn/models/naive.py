@@ -1,8 +1,8 @@
 """DEDN written straight from the paper's formulas, one pass per sub-network.
 
-This is deliberately the slow, obvious implementation: each sub-network (cExp, then each of fExp's Q
-clusters) is its own pass over the features. Each pass projects the features into the sub-network's
-semantic space: W1 F and W2 F are G x R per image, W3 F^T and W4 F^T are G x C. It then compares them
+This is deliberately the slow, obvious implementation: each sub-network of each expert (cExp's one, then
+each of fExp's Q clusters) is its own pass over the features. Each pass projects the features into the
+sub-network's semantic space: W1 F and W2 F are G x R per image, W3 F^T and W4 F^T are G x C. It then compares them
 with its attribute vectors V, giving S_r = V (W1 F), A_r = softmax_R(V (W2 F)),
 S_c = V (W3 F^T) and A_c = softmax_C(V (W4 F^T)), all formed as whole tensors. The 1 + Q passes
 each cost G x C x R per image and weight kind, whatever the size of their cluster. :mod:`dedn.models.dedn`
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dedn.models.dedn import DEDN, DEDNOutput, ExpertOutput
+from dedn.models.dedn import DEDN, DEDNOutput, Expert, ExpertOutput
 
 
 def _dan(
@@ -37,38 +37,30 @@ def _dan(
     return o_r, o_c
 
 
-def _w1(model: DEDN, expert: str, q: int | None) -> Tensor:
-    if model.low_rank:
-        h1, h3 = getattr(model, f"{expert}_H1"), getattr(model, f"{expert}_H3")
-        return h1 @ h3 if q is None else h1[q] @ h3[q]
-    w1 = getattr(model, f"{expert}_W1")
-    return w1 if q is None else w1[q]
+def _sub_networks(expert: Expert) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]]:
+    """(V_q, W1_q, W2_q, W3_q, W4_q) of each of the expert's clusters (W3, W4 None without channel attention)."""
+    out = []
+    for q, v in enumerate(torch.split(expert.V, expert.cluster_sizes)):
+        w1 = expert.H1[q] @ expert.H3[q] if expert.H1 is not None and expert.H3 is not None else expert.W1[q]
+        w3 = expert.W3[q] if expert.W3 is not None else None
+        w4 = expert.W4[q] if expert.W4 is not None else None
+        out.append((v, w1, expert.W2[q], w3, w4))
+    return out
 
 
 def naive_forward(model: DEDN, features: Tensor) -> DEDNOutput:
     """The same output as ``model(features)``, computed one sub-network at a time."""
     feats = model.prepare_features(features)
     bias = model.calibration_bias()
-    ch = model.channel_attention
     outputs: dict[str, ExpertOutput] = {}
-    if "cexp" in model.active_experts:
-        o_r, o_c = _dan(
-            model.cexp_V, _w1(model, "cexp", None), model.cexp_W2,
-            model.cexp_W3 if ch else None, model.cexp_W4 if ch else None, feats,
-        )
-        o = model.mix_branches(o_r, o_c)
-        outputs["cexp"] = ExpertOutput(o_r, o_c, o, o @ model.class_att.T + bias)
-    if "fexp" in model.active_experts:
+    for name, expert in model.experts.items():
         rs, cs = [], []
-        for q, v in enumerate(torch.split(model.fexp_V, model.cluster_sizes)):
-            o_r, o_c = _dan(
-                v, _w1(model, "fexp", q), model.fexp_W2[q],
-                model.fexp_W3[q] if ch else None, model.fexp_W4[q] if ch else None, feats,
-            )
+        for v, w1, w2, w3, w4 in _sub_networks(expert):
+            o_r, o_c = _dan(v, w1, w2, w3, w4, feats)
             rs.append(o_r)
             cs.append(o_c)
         o_r = torch.cat(rs, dim=1)
-        o_c = torch.cat(cs, dim=1) if ch else None
+        o_c = torch.cat(cs, dim=1) if expert.channel_attention else None
         o = model.mix_branches(o_r, o_c)
-        outputs["fexp"] = ExpertOutput(o_r, o_c, o, o @ model.class_att.T + bias)
+        outputs[name] = ExpertOutput(o_r, o_c, o, o @ model.class_att.T + bias)
     return DEDNOutput(cexp=outputs.get("cexp"), fexp=outputs.get("fexp"), l_e=model.l_e)

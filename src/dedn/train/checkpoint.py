@@ -1,8 +1,8 @@
 """Checkpoints: safetensors weights, JSON state, written atomically; and rebuilding a model from them.
 
 A checkpoint is three files side by side, ``NAME.safetensors`` (model weights and buffers, with the
-model's constructor arguments in the safetensors metadata), ``NAME-optim.safetensors`` (optimizer
-state) and ``NAME.json`` (epoch, history and the SHA-256 of both weight files). Every file is written
+model's :class:`~dedn.models.dedn.DEDNConfig` as JSON in the safetensors metadata), ``NAME-optim.safetensors``
+(optimizer state) and ``NAME.json`` (epoch, history and the SHA-256 of both weight files). Every file is written
 to a temporary name and moved into place, the JSON last: a checkpoint whose JSON is present and whose
 hashes match is complete; an interrupted write leaves the previous checkpoint intact.
 """
@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from dedn.atomic import atomic_write, atomic_write_text
 from dedn.errors import CheckpointError
-from dedn.models.dedn import DEDN
+from dedn.models.dedn import DEDN, DEDNConfig
+from dedn.models.settings import legacy_settings
 
 FORMAT = "dedn-checkpoint-1"
 
@@ -39,49 +40,58 @@ def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata:
 
 
 def model_hparams(model: DEDN) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``model``'s architecture (weights come from the state dict)."""
-    order = model.attribute_order.cpu().tolist()
-    clusters, start = [], 0
-    for size in model.cluster_sizes:
-        clusters.append(order[start : start + size])
-        start += size
-    return {
-        "n_attributes": model.n_attributes,
-        "semantic_dim": model.semantic_dim,
-        "n_classes": int(model.class_att.shape[0]),
-        "clusters": clusters,
-        "n_channels": model.n_channels,
-        "n_regions": model.n_regions,
-        "mode": model.mode,
-        "l_rc": model.l_rc,
-        "l_e": model.l_e,
-        "low_rank": model.low_rank,
-        "channel_attention": model.channel_attention,
-        "experts": model.experts,
-        "calibration_margin": model.calibration_margin,
-        "clip_negative_att": model.clip_negative_att,
-    }
+    """What rebuilds ``model`` (weights come from the state dict): its config, JSON-ready."""
+    return model.config.to_dict()
+
+
+def config_from_hparams(hp: dict[str, Any]) -> DEDNConfig:
+    """A :class:`DEDNConfig` from a model file's metadata: the ``config`` this version writes, or the
+    ``hparams`` (the earlier constructor arguments, with ``mode``) that files from before it hold."""
+    if "mode" not in hp:
+        return DEDNConfig.from_dict(hp)
+    return DEDNConfig(
+        n_attributes=hp["n_attributes"], semantic_dim=hp["semantic_dim"], n_channels=hp["n_channels"],
+        n_regions=hp["n_regions"], clusters=tuple(hp["clusters"]), experts=hp["experts"],
+        channel_attention=hp["channel_attention"], l_rc=hp["l_rc"], l_e=hp["l_e"],
+        method=legacy_settings(hp["mode"], calibration_margin=hp["calibration_margin"],
+                               clip_negative_att=hp["clip_negative_att"], low_rank=hp["low_rank"]),
+    )
 
 
 def model_from_hparams(hp: dict[str, Any]) -> DEDN:
-    """An architecture-only DEDN (placeholder semantics and classes) ready for ``load_state_dict``."""
-    d, k = hp["n_attributes"], hp["n_classes"]
-    return DEDN(
-        torch.zeros(d, hp["semantic_dim"]).numpy(),
-        torch.ones(k, d).numpy(),
-        hp["clusters"],
-        torch.zeros(k, dtype=torch.bool).numpy(),
-        hp["n_channels"],
-        hp["n_regions"],
-        mode=hp["mode"],
-        l_rc=hp["l_rc"],
-        l_e=hp["l_e"],
-        low_rank=hp["low_rank"],
-        channel_attention=hp["channel_attention"],
-        experts=hp["experts"],
-        calibration_margin=hp["calibration_margin"],
-        clip_negative_att=hp["clip_negative_att"],
-    )
+    """An architecture-only DEDN (placeholder semantics and classes) ready for ``load_state_dict``; ``hp`` as
+    :func:`config_from_hparams` reads it."""
+    config = config_from_hparams(hp)
+    d = config.n_attributes
+    return DEDN.from_config(config, torch.zeros(d, config.semantic_dim).numpy(), torch.ones(1, d).numpy(),
+                            torch.zeros(1, dtype=torch.bool).numpy())
+
+
+#: Parameter names of the layout before :class:`~dedn.models.dedn.Expert` (``cexp_W1``, ``fexp_V``, ...).
+_OLD_EXPERTS = ("cexp", "fexp")
+_OLD_PARAMETERS = ("V", "W1", "H1", "H3", "W2", "W3", "W4")
+
+
+def migrate_name(name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """One state-dict (or optimizer-state) entry of the earlier layout under its current name and shape.
+
+    The earlier layout named parameters ``{expert}_{P}`` on the model itself, and kept cExp's weights
+    without a cluster axis: ``cexp_W1`` (G, C) is now ``experts.cexp.W1`` (1, G, C), the same for H1, H3,
+    W2, W3, W4. ``cexp_V`` and every ``fexp_*`` keep their shape (``fexp_W1`` (Q, G, C) ->
+    ``experts.fexp.W1``). Any other name is returned unchanged.
+    """
+    expert, _, param = name.partition("_")
+    if expert not in _OLD_EXPERTS or param not in _OLD_PARAMETERS:
+        return name, value
+    # cExp's weights gain the cluster axis; its optimizer's scalar entries (the step count) have none.
+    if expert == "cexp" and param != "V" and value.ndim == 2:
+        value = value.unsqueeze(0)
+    return f"experts.{expert}.{param}", value
+
+
+def migrate_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of the earlier layout (see :func:`migrate_name`) in the current one; current ones pass."""
+    return dict(migrate_name(k, v) for k, v in state.items())
 
 
 def save_weights(model: DEDN, path: str | Path, extra_metadata: dict[str, str] | None = None,
@@ -91,7 +101,7 @@ def save_weights(model: DEDN, path: str | Path, extra_metadata: dict[str, str] |
     ``record_hash`` also writes ``PATH.sha256`` (``sha256sum`` format), which :func:`load_weights` checks.
     """
     path = Path(path)
-    meta = {"format": FORMAT, "hparams": json.dumps(model_hparams(model)), **(extra_metadata or {})}
+    meta = {"format": FORMAT, "config": json.dumps(model_hparams(model)), **(extra_metadata or {})}
     _atomic_save_tensors(dict(model.state_dict()), path, meta)
     if record_hash:
         atomic_write_text(hash_file(path), f"{_sha256(path)}  {path.name}\n")
@@ -117,6 +127,9 @@ def verify_weights(path: Path) -> None:
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DEDN:
     """Rebuild a model from a file written by :func:`save_weights`.
 
+    Files written before :class:`~dedn.models.dedn.Expert` (``hparams`` metadata, ``cexp_W1``-style names)
+    are read too: :func:`config_from_hparams` and :func:`migrate_state_dict` translate them.
+
     Raises:
         CheckpointError: the file is missing, not a dedn safetensors file, or does not fit its metadata.
     """
@@ -133,10 +146,12 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DEDN:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); the file is corrupt or "
                               "truncated, use an earlier checkpoint or retrain") from None
-    if meta.get("format") != FORMAT or "hparams" not in meta:
+    recorded = meta.get("config", meta.get("hparams"))
+    if meta.get("format") != FORMAT or recorded is None:
         raise CheckpointError(f"{path}: not a dedn model file (no '{FORMAT}' metadata)")
+    state = migrate_state_dict(state)
     try:
-        model = model_from_hparams(json.loads(meta["hparams"]))
+        model = model_from_hparams(json.loads(recorded))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the recorded architecture is unusable ({type(exc).__name__}: {exc}); "
                               "the file is corrupt or was edited") from None
@@ -166,6 +181,7 @@ def _restore_optimizer(model: DEDN, optimizer: torch.optim.Optimizer, tensors: d
     params = dict(model.named_parameters())
     for key, value in tensors.items():
         name, field = key.rsplit("/", 1)
+        name, value = migrate_name(name, value)  # optimizer state of a checkpoint of the earlier layout
         if name not in params:
             raise CheckpointError(f"optimizer state names unknown parameter {name!r}")
         optimizer.state[params[name]][field] = value.to(params[name].device)

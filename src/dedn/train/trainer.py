@@ -1,4 +1,4 @@
-"""Training DEDN (SPEC section 4): batches, RMSprop, periodic evaluation, checkpoints and resume.
+"""Training DEDN: batches, RMSprop, periodic evaluation, checkpoints and resume (docs/method.md, "Training").
 
 A run lives in a run directory::
 
@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from dedn import __version__
 from dedn.atomic import atomic_write_text
-from dedn.config import RunConfig, config_to_dict
+from dedn.config import RunConfig, config_to_dict, diff_keys, without_keys
 from dedn.data.dataset import ZSLData, data_fingerprint, read_features
+from dedn.devices import join_process_group, process_rank, resolve_device
 from dedn.errors import CheckpointError, ConfigError, TrainingError
 from dedn.eval.calibration import VALIDATED, Calibration
 from dedn.eval.evaluate import Evaluation, calibration_value, evaluate_model, write_evaluation
@@ -39,7 +40,6 @@ from dedn.factory import build_model, dataset_name, load_data
 from dedn.models.dedn import DEDN
 from dedn.models.losses import dedn_loss
 from dedn.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
-from dedn.train.distributed import init_distributed, resolve_device
 from dedn.train.rundir import RunLock, check_new_run_dir, new_run_dir
 
 log = logging.getLogger("dedn")
@@ -78,23 +78,12 @@ class BatchSampler:
         return np.concatenate([rng.choice(self.by_class[c], size=per_class, replace=True) for c in picked])
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
-
-
 # ---------------------------------------------------------------------------------------------- trainer
 def _config_hash(cfg: RunConfig) -> str:
     """Hash of the resolved config without the settings a resumed run may change."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(_comparable(config_to_dict(cfg)), sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A resolved config without the settings a run may change when it is resumed (device, progress bar)."""
-    out = json.loads(json.dumps(cfg))
-    for key in ("device", "progress", "threads"):
-        out.get("train", {}).pop(key, None)
-    return out
+    return hashlib.sha256(json.dumps(without_keys(config_to_dict(cfg)), sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -145,7 +134,8 @@ class Trainer:
             raise ConfigError(f"train.dtype must be float32 or float64, got {cfg.train.dtype!r}")
         self.dataset = dataset_name(cfg, self.data)
         self.model = (model if model is not None else build_model(cfg, self.data)).to(self.device, self.dtype)
-        self.rank, self.world = init_distributed(self.device)
+        join_process_group(self.device)
+        self.rank, self.world = process_rank()
         self.forward = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -188,9 +178,13 @@ class Trainer:
         resolved = config_to_dict(self.cfg)
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
-            if _comparable(old) != _comparable(resolved):
-                raise ConfigError(f"{cfg_file}: this run directory was made with another config; use a new "
-                                  "output directory or resume with the same config")
+            changed = diff_keys(without_keys(old), without_keys(resolved))
+            if changed:
+                raise ConfigError(f"{cfg_file}: this run folder was made with another config (differs in "
+                                  f"{', '.join(changed[:5])}); use another run folder, or resume with the same "
+                                  "config")
+            if old != resolved:  # only where or how visibly it runs changed (device, threads, progress bar)
+                atomic_write_text(cfg_file, json.dumps(resolved, indent=2))
         else:
             atomic_write_text(cfg_file, json.dumps(resolved, indent=2))
         handler = logging.FileHandler(self.run_dir / "train.log")
@@ -287,8 +281,7 @@ class Trainer:
         y = torch.as_tensor(self.data.labels[index], device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.forward(x)
-        terms = dedn_loss(out, y, self.seen_mask_t, self.cfg.loss, self.cfg.mode, self.dataset,
-                          self.model.calibration_bias())
+        terms = dedn_loss(out, y, self.seen_mask_t, self.cfg.loss, self.model.method, self.model.calibration_bias())
         finite = torch.isfinite(terms.total.detach()).to(torch.float32)
         if self.world > 1:  # every rank must stop together, or the others hang in the gradient all-reduce
             import torch.distributed as dist
@@ -450,5 +443,3 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, data: ZSLData | Non
         return trainer.fit()
     finally:
         trainer.close()
-
-

@@ -1,0 +1,129 @@
+"""The method settings: what ``mode`` (paper | reference) and the dataset change, resolved once.
+
+``paper`` follows the paper; ``reference`` reproduces the authors' released code, which differs from it in a
+few places, some of them per dataset. :func:`resolve_method` is the one place that knows those differences:
+it turns (mode, dataset, loss config, model config) into a :class:`MethodSettings` of explicit values, and
+the model and the losses read only these values, never a mode or a dataset name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dedn.config import LossConfig, ModelConfig
+from dedn.data.xlsa17 import canonical_dataset
+
+MODES = ("paper", "reference")
+
+#: The discrepancy d(x, y) of the align and distill terms, as :func:`dedn.models.losses.discrepancy` names it.
+PAPER_DISCREPANCY = "paper"  # JSD computed in log space + mean squared error
+RELEASED_DISCREPANCY = "reference"  # the released code's JSD + its cubic term
+DISCREPANCIES = (PAPER_DISCREPANCY, RELEASED_DISCREPANCY)
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Every behaviour that differs between the paper and the released code, as explicit values.
+
+    The defaults are the paper's (with MAL margin 1).
+
+    Attributes:
+        mode: the mode these settings were resolved for; a label for records and messages, nothing
+            branches on it.
+        target_margin: MAL subtracts this from the target class score (2 eps; the released SUN and AWA2
+            code subtracts eps).
+        calibration_margin: a fixed shift inside the class scores, +margin on unseen and -margin on seen
+            classes (the released code; 0: none).
+        sum_branches_in_training: while training an expert's attribute scores are O_r + O_c (the released
+            code) instead of the l_rc mix used at inference.
+        clip_negative_attributes: class attributes are clipped at 0 before normalising (the released AWA2
+            loader; AWA2's attributes hold -1 for unknown).
+        discrepancy: the form of d(x, y), one of :data:`DISCREPANCIES`.
+        self_calibration: weight of the released code's self-calibration loss (0: the term is left out).
+        low_rank: when set, every W1 is H1 H3 of this rank (the released SUN model).
+        default_gamma: the calibrated-stacking gamma of an evaluation that nothing else chose: 2 eps in the
+            paper (its inference scores are margin-processed, seen - eps and unseen + eps, eq. 14), 0 for the
+            released code, whose margin is already inside its scores.
+    """
+
+    mode: str = "paper"
+    target_margin: float = 2.0
+    calibration_margin: float = 0.0
+    sum_branches_in_training: bool = False
+    clip_negative_attributes: bool = False
+    discrepancy: str = PAPER_DISCREPANCY
+    self_calibration: float = 0.0
+    low_rank: int | None = None
+    default_gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.discrepancy not in DISCREPANCIES:
+            raise ValueError(f"discrepancy must be one of {DISCREPANCIES}, got {self.discrepancy!r}")
+        if self.low_rank is not None and (isinstance(self.low_rank, bool) or int(self.low_rank) != self.low_rank
+                                          or self.low_rank < 1):
+            raise ValueError(f"low_rank must be an integer >= 1 or None, got {self.low_rank!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MethodSettings:
+        return cls(**values)
+
+
+def resolve_method(
+    mode: str,
+    dataset: str | None = None,
+    loss_cfg: LossConfig | None = None,
+    model_cfg: ModelConfig | None = None,
+) -> MethodSettings:
+    """The settings of ``mode`` for ``dataset`` (CUB, SUN, AWA2, another name or None).
+
+    Paper mode ignores the dataset and the reference-only options (``loss.lamb``, ``loss.calibration_margin``,
+    ``model.low_rank``). Reference mode takes them, and the released code's dataset differences: SUN and
+    AWA2 subtract eps (not 2 eps) from the target score, AWA2 clips negative class attributes.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    loss = loss_cfg if loss_cfg is not None else LossConfig()
+    model = model_cfg if model_cfg is not None else ModelConfig()
+    if mode == "paper":
+        return MethodSettings(mode=mode, target_margin=2.0 * loss.margin, default_gamma=2.0 * loss.margin)
+    name = canonical_dataset(dataset) or (dataset.upper() if dataset else None)
+    return MethodSettings(
+        mode=mode,
+        target_margin=loss.margin if name in ("SUN", "AWA2") else 2.0 * loss.margin,
+        calibration_margin=float(loss.calibration_margin),
+        sum_branches_in_training=True,
+        clip_negative_attributes=name == "AWA2",
+        discrepancy=RELEASED_DISCREPANCY,
+        self_calibration=float(loss.lamb),
+        low_rank=model.low_rank,
+        default_gamma=0.0,
+    )
+
+
+def legacy_settings(
+    mode: str = "paper",
+    *,
+    calibration_margin: float = 1.0,
+    clip_negative_att: bool = False,
+    low_rank: int | None = None,
+) -> MethodSettings:
+    """The settings that the earlier DEDN constructor arguments (and model files' ``hparams``) meant.
+
+    Those took ``mode`` plus ``calibration_margin`` (used only in reference mode), ``clip_negative_att`` and
+    ``low_rank`` (both used as given, in either mode; a low rank of 0 meant full rank), but no dataset and no
+    loss settings: the loss-only values (target margin, self-calibration weight) are the mode's defaults for
+    MAL margin 1 and ``lamb`` 0. They matter only to training, where the trainer's model is built from the
+    run's config.
+    """
+    base = resolve_method(mode, None, LossConfig(calibration_margin=calibration_margin, lamb=0.0))
+    return MethodSettings(**{**base.to_dict(), "clip_negative_attributes": bool(clip_negative_att),
+                             "low_rank": int(low_rank) if low_rank else None})

@@ -100,7 +100,8 @@ def test_method_settings_of_each_mode() -> None:
     ref = resolve_method("reference", "AWA2", loss, model)
     assert ref == MethodSettings(mode="reference", target_margin=1.0, calibration_margin=0.7,
                                  sum_branches_in_training=True, clip_negative_attributes=True,
-                                 discrepancy="reference", self_calibration=0.11, low_rank=4, default_gamma=0.0)
+                                 discrepancy="reference", self_calibration=0.11, low_rank=4, default_gamma=0.0,
+                                 cluster_variant="reference")
     # The fixed calibration nothing else chose: the paper's 2 eps margin; 0 where the margin is in the scores.
     assert resolve_method("paper", None, LossConfig(margin=0.25)).default_gamma == 0.5 and paper.default_gamma == 2.0
     assert not resolve_method("reference", "CUB", loss).clip_negative_attributes

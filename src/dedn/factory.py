@@ -98,7 +98,7 @@ def resolve_model_clusters(cfg: RunConfig, data: ZSLData) -> dict[str, np.ndarra
     return resolve_clusters(
         cfg.model.clusters,
         dataset_name(cfg, data),
-        cfg.mode,
+        resolve_method(cfg.mode, dataset_name(cfg, data), cfg.loss, cfg.model).cluster_variant,
         data.w2v,
         data.attribute_names,
         n_clusters=cfg.model.n_clusters,

@@ -243,9 +243,12 @@ def load_checkpoint(
         try:
             optimizer_for.load_state_dict(loaded.state_dict())
         except RuntimeError as exc:
+            # torch's message: a header line, then one indented line per kind of mismatch; keep the first.
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            detail = (lines[1] if len(lines) > 1 else lines[0] if lines else "")[:200]
             raise CheckpointError(f"{folder / (name + '.safetensors')}: the checkpoint's architecture differs from "
-                                  f"the model the config builds ({str(exc).splitlines()[0]}); was the run's "
-                                  "config.json edited? Restore it, or start a new run") from None
+                                  f"the model the config builds ({detail}); was the run's config.json edited? "
+                                  "Restore it, or start a new run") from None
         model = optimizer_for
     if optimizer is not None:
         try:

@@ -211,3 +211,55 @@ def test_one_based_locs_get_a_hint() -> None:
     lower = {k: v[v < data.n_images] for k, v in shifted.items()}
     with pytest.raises(DataError, match="1-based"):
         replace(data, **lower).validate()
+
+
+def test_metrics_csv_and_best_checkpoint(tmp_path: Path, monkeypatch, capsys) -> None:
+    import csv
+
+    folder = tmp_path / "run"
+    code, _, err = run_cli(["train", *TINY, "eval.protocol=fixed", "data.split=validation", "--run-dir", str(folder)],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    history = [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()]
+    assert [int(r["epoch"]) for r in rows] == [h["epoch"] for h in history] == [0, 1, 2]
+    assert all(float(r["H"]) == pytest.approx(h["H"]) and r["gamma_source"] == "validated"
+               for r, h in zip(rows, history, strict=True))
+    best = json.loads((folder / "checkpoints" / "best.json").read_text())
+    hs = [h["H"] for h in history]
+    assert best["epoch"] == hs.index(max(hs))  # the earliest epoch with the best validation H
+    # No best checkpoint is chosen on the test split.
+    code, _, err = run_cli(["train", *FIXED, "--run-dir", str(tmp_path / "test-run")], monkeypatch, capsys)
+    assert code == 0, err
+    assert not (tmp_path / "test-run" / "checkpoints" / "best.json").exists()
+    assert (tmp_path / "test-run" / "metrics.csv").is_file()
+
+
+def test_tensorboard_writer(tmp_path: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("tensorboard")
+    folder = tmp_path / "run"
+    code, _, err = run_cli(["train", *FIXED, "train.tensorboard=true", "--run-dir", str(folder)], monkeypatch, capsys)
+    assert code == 0, err
+    events = list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder / "tensorboard"))
+    acc.Reload()
+    assert {"loss", "H", "AUSUC"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss")] == [0, 1, 2]
+
+
+def test_tensorboard_missing_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    _refused(["train", *FIXED, "train.tensorboard=true", "--run-dir", str(tmp_path / "run")], tmp_path,
+             monkeypatch, capsys, "pip install 'dedn[tensorboard]'")

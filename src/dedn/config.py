@@ -106,6 +106,7 @@ class TrainConfig:
     dtype: str = "float32"
     progress: bool = True
     max_iters: int | None = None  # stop after this many iterations (smoke tests, benchmarks)
+    tensorboard: bool = False  # also log every epoch to RUN/tensorboard (needs the tensorboard extra)
 
 
 @dataclass
@@ -214,6 +215,9 @@ def _check(cfg: RunConfig, origin: str) -> RunConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config (optional) and apply ``dotted.key=value`` overrides.
 
+    ``path`` is a file, or a packaged config or preset by name (``"demo"``, ``"cub-gzsl"``), resolved by
+    :func:`find_config`.
+
     Raises:
         ConfigError: the file is missing or unreadable, a key is unknown, a value has the wrong type.
     """
@@ -222,9 +226,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         if path is not None:
             origin = str(path)
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"{path}: config file not found")
+            p = find_config(path)
             merged = OmegaConf.merge(base, OmegaConf.load(p))
         else:
             merged = base
@@ -277,8 +279,8 @@ def find_config(path: str | Path) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    names = sorted(f.stem for f in (packaged / "presets").glob("*.yaml"))
-    raise ConfigError(f"{path}: config file not found (packaged presets: {', '.join(names)})")
+    names = sorted(f.stem for f in packaged.glob("*.yaml")) + sorted(f.stem for f in (packaged / "presets").glob("*.yaml"))
+    raise ConfigError(f"{path}: config file not found (packaged configs: {', '.join(names)})")
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> RunConfig:
@@ -302,7 +304,7 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 
 #: Settings that do not change a run's result (where and how visibly it runs); a resumed run may change them.
-VOLATILE_KEYS = ("train.device", "train.progress", "train.threads")
+VOLATILE_KEYS = ("train.device", "train.progress", "train.threads", "train.tensorboard")
 
 
 def without_keys(cfg_dict: Mapping[str, Any], drop: Sequence[str] = VOLATILE_KEYS) -> dict[str, Any]:

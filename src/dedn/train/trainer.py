@@ -4,10 +4,13 @@ A run lives in a run directory::
 
     RUN/config.json          the resolved config
     RUN/train.log            the log
-    RUN/history.jsonl        one line per evaluation (losses, T / S / U / H, AUSUC)
+    RUN/history.jsonl        one line per epoch (loss; T / U / S / H, gamma, AUSUC when evaluated)
+    RUN/metrics.csv          the same, one CSV row per epoch, for spreadsheets and plotting tools
+    RUN/tensorboard/         the same scalars for TensorBoard, with ``train.tensorboard=true``
     RUN/checkpoints/last.*   the latest complete checkpoint (see :mod:`dedn.train.checkpoint`)
-    RUN/model.safetensors    the final weights
-    RUN/metrics.json         final T / S / U / H, per-class CSV, seen-unseen curve
+    RUN/checkpoints/best.*   on a validation task: the checkpoint of the best validation H so far
+    RUN/model.safetensors    the final weights (and ``.sha256``)
+    RUN/metrics.json         final T / U / S / H, gamma and its source, AUSUC; per-class CSV, curve
 
 Batches are drawn from a generator seeded by (seed, epoch), so a run resumed from the checkpoint of
 epoch e draws exactly the batches an uninterrupted run would: both end with the same weights.
@@ -15,6 +18,8 @@ epoch e draws exactly the batches an uninterrupted run would: both end with the 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -79,6 +84,21 @@ class BatchSampler:
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+def _summary_writer_class() -> Any:
+    """TensorBoard's ``SummaryWriter``; ConfigError with the install line when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install 'dedn[tensorboard]' "
+                          "(or pip install tensorboard), or set train.tensorboard=false") from None
+    return SummaryWriter
+
+
+def _tensorboard_writer(folder: Path) -> Any:
+    """A TensorBoard writer on ``folder``."""
+    return _summary_writer_class()(str(folder))
+
+
 def _config_hash(cfg: RunConfig) -> str:
     """Hash of the resolved config without the settings a resumed run may change."""
     import hashlib
@@ -123,6 +143,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, data: ZSLData | None = None, run_dir: str | Path | None = None,
                  model: DEDN | None = None, calibration: Calibration | None = None) -> None:
         self.cfg = cfg
+        if cfg.train.tensorboard:
+            _summary_writer_class()  # refused before any work when tensorboard is missing
         if cfg.train.threads:
             # Process-wide: small models lose more to thread synchronisation than they gain.
             torch.set_num_threads(cfg.train.threads)
@@ -151,6 +173,7 @@ class Trainer:
         self.iters_per_epoch = t.iters_per_epoch or max(self.data.trainval_loc.size // t.batch_size, 1)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writer = self.rank == 0  # only rank 0 writes the run directory
+        self._tensorboard: Any = None
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.losses: list[float] = []
@@ -168,6 +191,8 @@ class Trainer:
         self._lock = RunLock(self.run_dir).acquire()  # held until close(): one writer per run folder
         try:
             self._write_run_files()
+            if self.cfg.train.tensorboard:
+                self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
         except BaseException:
             self.close()
             raise
@@ -257,12 +282,36 @@ class Trainer:
         log.info("resumed from %s at epoch %d", folder, self.start_epoch)
         return True
 
-    def _checkpoint(self, epoch: int) -> None:
+    def _is_best(self, row: dict[str, Any]) -> bool:
+        """Whether ``row`` has the best validation H so far (ties keep the earlier epoch); never on test data."""
+        if self.data.provenance.get("split") != "validation":
+            return False
+        earlier = [h["H"] for h in self.history[:-1] if "H" in h]
+        return not earlier or row["H"] > max(earlier)
+
+    def _write_epoch_logs(self, row: dict[str, Any]) -> None:
+        """``metrics.csv`` (one row per epoch, rewritten whole so a resumed run has no duplicates) and, with
+        ``train.tensorboard``, the same scalars for TensorBoard."""
+        assert self.run_dir is not None
+        keys = ["epoch", "loss", "seconds", "T", "U", "S", "H", "AUSUC", "gamma", "gamma_source"]
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(keys)
+        for h in self.history:
+            w.writerow(["" if h.get(k) is None else h.get(k) for k in keys])
+        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+        if self._tensorboard is not None:
+            for k in ("loss", "T", "U", "S", "H", "AUSUC", "gamma"):
+                if isinstance(row.get(k), (int, float)):
+                    self._tensorboard.add_scalar(k, row[k], row["epoch"])
+            self._tensorboard.flush()
+
+    def _checkpoint(self, epoch: int, name: str = "last") -> None:
         if self.run_dir is None or not self.writer:
             return
         state = {"epoch": epoch, "history": self.history, "losses": self.losses, "version": __version__,
                  "data_fingerprint": data_fingerprint(self.data), "config_hash": _config_hash(self.cfg)}
-        save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, state)
+        save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, state, name=name)
 
     # -------------------------------------------------------------------------- loop
     def train_step(self, index: np.ndarray, batch: torch.Tensor | None = None,
@@ -361,8 +410,11 @@ class Trainer:
                 if self.run_dir is not None and self.writer:
                     with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as fh:
                         fh.write(json.dumps(row) + "\n")
+                    self._write_epoch_logs(row)
                 if (t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0) or final:
                     self._checkpoint(epoch)
+                if "H" in row and self._is_best(row):  # only a validation task's H may choose a checkpoint
+                    self._checkpoint(epoch, name="best")
             metrics: dict[str, Any] = {}
             if self.writer:
                 if last_eval is None:
@@ -381,6 +433,10 @@ class Trainer:
             log.removeHandler(handler)
             handler.close()
             self._log_handler = None
+        board = getattr(self, "_tensorboard", None)
+        if board is not None:
+            board.close()
+            self._tensorboard = None
         lock = getattr(self, "_lock", None)
         if lock is not None:
             lock.release()

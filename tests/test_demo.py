@@ -24,10 +24,12 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     overrides = [*TINY_DEMO, f"data.cache_dir={tmp_path / 'cache'}"]
     result = run_demo(None, overrides, tmp_path / "demo", progress=False)
     rows = result["rows"]
-    assert set(rows) == {"DEDN", "cExp only", "fExp only", "w/o channel attention", "w/o MAL",
+    assert set(rows) == {"DEDN", "cExp alone (no distillation)", "fExp alone (no distillation)",
+                         "DEDN w/o channel attention", "DEDN w/o MAL",
                          "ESZSL (pooled features)"}
     for m in rows.values():
-        assert set(m) == {"T", "U", "S", "H", "AUSUC", "gamma", "gamma_source"}
+        assert set(m) == {"T", "U", "S", "H", "AUSUC", "gamma", "gamma_source", "H_interval"}
+        assert m["H_interval"][0] <= m["H"] <= m["H_interval"][1]  # the test-image bootstrap brackets H
         assert all(0 <= m[k] <= 100 for k in ("T", "U", "S", "H", "AUSUC"))
         assert m["gamma_source"] == "validated"  # every H of the demo names its calibration
     saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
@@ -39,6 +41,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert 0 <= loc["overall"] <= 100 and 0 < loc["chance"] < 100
     text = format_demo(result)
     assert "DEDN" in text and "(validated)" in text and result["model"] in text
+    # It ends with the exact next commands, on the final model.
+    assert [c.split()[1] for c in result["next"]] == ["predict", "explain", "eval"]
+    assert all(f"--run {result['model']}" in c and c in text for c in result["next"])
     # A second run reuses the cached features and the finished runs: the same numbers.
     again = run_demo(None, overrides, tmp_path / "demo", progress=False)
     assert again["rows"] == rows

@@ -296,7 +296,7 @@ def test_paper_numbers_beside_ours_for_real_datasets(tmp_path):
     exp = E.ExperimentResult("table3", tmp_path, ["published"], [0, 1], real, list(E.TABLE3_ROWS), runs)
     reports.report_table3(exp)
     md = (tmp_path / "table3.md").read_text()
-    assert "paper H" in md and "| DEDN (full) | published | 70.5 ± 0.7 |" in md and "| 70.4 |" in md
+    assert "paper H" in md and "| DEDN | published | 70.5 ± 0.7 |" in md and "| 70.4 |" in md
     summary = {r["row"]: r for r in json.loads((tmp_path / "table3.json").read_text())["summary"]}
     assert summary["wo_channel_attention"]["paper"]["H"] == 65.3 and summary["full"]["T"]["std"] > 0
     assert "66.6" in (tmp_path / "table3.csv").read_text()  # cExp w/o distill, CUB H

@@ -121,7 +121,7 @@ def test_legacy_store_without_hashes_still_opens(imported, monkeypatch, capsys) 
     del info["header_sha256"], info["chunk_checksums"]
     meta.write_text(json.dumps(info))
     np.testing.assert_array_equal(FeatureStore.open(store)[:], feats.astype(np.float16).astype(np.float32))
-    assert '"header_hash": "none recorded' in _ok(["store", "info", store], monkeypatch, capsys)
+    assert '"header_hash": "none recorded' in _ok(["store", "info", store, "--json"], monkeypatch, capsys)
     out = _ok(["store", "verify", store], monkeypatch, capsys)
     assert out.startswith("OK: ") and "0/3 chunks match" in out and "3 written before checksums" in out
 
@@ -331,7 +331,7 @@ def test_export_overwrites_only_when_asked(imported, monkeypatch, capsys) -> Non
 # ---------------------------------------------------------------------------------------------- 7. info
 def test_info_shows_the_source_identity(imported, monkeypatch, capsys) -> None:
     f, store, _ = imported
-    info = json.loads(_ok(["store", "info", store], monkeypatch, capsys))
+    info = json.loads(_ok(["store", "info", store, "--json"], monkeypatch, capsys))
     st = f.stat()
     src = info["source"]
     assert src["file"] == str(f.resolve()) and src["bytes"] == st.st_size and src["mtime_ns"] == st.st_mtime_ns

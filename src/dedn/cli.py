@@ -25,6 +25,31 @@ app.add_typer(store_app, name="store")
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted.key=value config overrides")]  # noqa: UP045
 
 
+def _hide_flag_types() -> None:
+    """No ``<bool>`` type column for on/off flags (``--json``, ``--naive/--no-naive``, ``--help``): they take no value.
+
+    Recent typer versions (its own vendored click) print the flag's Python type there; older ones print nothing.
+    """
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - typer without its own option class
+        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "dedn_hides_flags", False):
+        return
+
+    def display_type_rich(self, ctx):  # noqa: ANN001, ANN202
+        if getattr(self, "is_bool_flag", False) and self.metavar is None:
+            return None
+        return shown(self, ctx)
+
+    display_type_rich.dedn_hides_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"dedn {__version__}")
@@ -103,8 +128,8 @@ def _run_calibration(model_dir: Path, cfg, data):
 @app.command("eval")
 def evaluate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "--run", help="run directory of a trained model")],
-    calibration: Annotated[str, typer.Option(help="gamma: 'auto' (the run's own: validated where it has one, "
-                                                   "else the mode default) or a number")] = "auto",
+    calibration: Annotated[str, typer.Option(help="gamma: auto or a number (auto: the run's own gamma, validated "
+                                                   "where it has one, else the mode default)")] = "auto",
     l_rc: Annotated[Optional[float], typer.Option(help="region/channel mix (default: the run's)")] = None,  # noqa: UP045
     l_e: Annotated[Optional[float], typer.Option(help="cExp/fExp mix (default: the run's)")] = None,  # noqa: UP045
     out: Annotated[Optional[Path], typer.Option(help="output folder (default: RUN/eval)")] = None,  # noqa: UP045
@@ -152,13 +177,14 @@ def bench(
     preset: Annotated[str, typer.Option(help="cub, sun or awa2: the real shapes")] = "cub",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     repeats: Annotated[int, typer.Option(help="timed steps per implementation")] = 3,
-    naive: Annotated[bool, typer.Option(help="also time the naive implementation")] = True,
+    naive: Annotated[bool, typer.Option("--naive/--no-naive", help="also time the naive implementation")] = True,
     store: Annotated[Optional[Path], typer.Option(help="instead: train from a preset-sized float16 store built at PATH and report peak memory")] = None,  # noqa: UP045,E501
     iters: Annotated[int, typer.Option(help="with --store: training iterations")] = 300,
-    in_memory: Annotated[bool, typer.Option(help="with --store: also time the same run from RAM")] = True,
+    in_memory: Annotated[bool, typer.Option("--in-memory/--no-in-memory",
+                                            help="with --store: also time the same run from RAM")] = True,
 ) -> None:
     """Time a full training step of the fast model against the naive implementation (or, with --store,
-    training from a memory-mapped store in bounded memory)."""
+    training from a feature store on disk in bounded memory)."""
     if store is not None:
         from dedn.apps.storebench import store_bench_command
 
@@ -183,7 +209,7 @@ def extract(
     workers: Annotated[int, typer.Option(help="DataLoader workers")] = 2,
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
-    overwrite: Annotated[bool, typer.Option(help="replace an existing store")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="replace an existing store")] = False,
 ) -> None:
     """Extract frozen-backbone region feature maps into a feature store (resumable; torchrun to shard)."""
     from dedn.checks import COUNT, DEVICE, IMAGE_SIZE, NON_NEGATIVE_COUNT, check_option, choice
@@ -227,7 +253,8 @@ def store_import(
     out: Annotated[Path, typer.Argument(help="feature store folder to write (resumed if it exists)")],
     dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
     name: Annotated[Optional[str], typer.Option(help="dataset name (CUB, SUN, AWA2)")] = None,  # noqa: UP045
-    overwrite: Annotated[bool, typer.Option(help="replace an existing store imported from another file")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite",
+                                            help="replace an existing store imported from another file")] = False,
 ) -> None:
     """Import an HDF5 feature file into a float16 store, in bounded memory (resumes from the same file only)."""
     from dedn.data.hdf5 import import_hdf5
@@ -240,7 +267,8 @@ def store_import(
 def store_export(
     store: Annotated[Path, typer.Argument(help="feature store folder")],
     h5: Annotated[Path, typer.Argument(help="HDF5 file to write")],
-    overwrite: Annotated[bool, typer.Option(help="replace an existing HDF5 file (never the store's source)")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite",
+                                            help="replace an existing HDF5 file (never the store's source)")] = False,
 ) -> None:
     """Export a store back to the DAZLE/DEDN HDF5 layout."""
     from dedn.data.hdf5 import export_hdf5
@@ -249,7 +277,10 @@ def store_export(
 
 
 @store_app.command("info")
-def store_info(store: Annotated[Path, typer.Argument(help="feature store folder")]) -> None:
+def store_info(
+    store: Annotated[Path, typer.Argument(help="feature store folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")] = False,
+) -> None:
     """Print a store's shape, completeness, source identity and provenance."""
     from dedn.data.store import FeatureStore
 
@@ -258,10 +289,27 @@ def store_info(store: Annotated[Path, typer.Argument(help="feature store folder"
     source = {k.removeprefix("source_"): prov[k] for k in ("source_file", "source_bytes", "source_mtime_ns",
                                                           "source_dtype", "source_fingerprint") if k in prov}
     header = "checked" if s.has_header_hash else "none recorded (store written by an older dedn)"
-    typer.echo(json.dumps({"path": str(s.path), "shape": list(s.shape), "dtype": str(s.dtype),
-                           "complete": s.complete, "chunks": s.n_chunks, "chunks_complete": len(s.completed_chunks),
-                           "header_hash": header, "source": source or None, "provenance": prov},
-                          indent=2, default=str))
+    info = {"path": str(s.path), "shape": list(s.shape), "dtype": str(s.dtype),
+            "complete": s.complete, "chunks": s.n_chunks, "chunks_complete": len(s.completed_chunks),
+            "header_hash": header, "source": source or None, "provenance": prov}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    n, *rest = info["shape"]
+    state = "complete" if info["complete"] else "incomplete (resume the import or extraction)"
+    lines = [f"feature store {info['path']}",
+             f"  images:      {n}, each {' x '.join(map(str, rest))} ({info['dtype']})",
+             f"  state:       {state}; {info['chunks_complete']} of {info['chunks']} chunks written",
+             f"  header hash: {header}"]
+    if source:
+        lines.append(f"  source:      {source.get('file', '?')} ({source.get('bytes', '?')} bytes, "
+                     f"{source.get('dtype', '?')})")
+    other = {k: v for k, v in prov.items() if not k.startswith("source_")}
+    if other:
+        lines.append("  provenance:")
+        lines += [f"    {k}: {v}" for k, v in other.items()]
+    lines.append("(--json prints all of it as JSON)")
+    typer.echo("\n".join(lines))
 
 
 @store_app.command("verify")
@@ -278,11 +326,12 @@ def demo(
     overrides: Overrides = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="demo config (default: the packaged one)")] = None,  # noqa: UP045,E501
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress: print only the final table")] = False,
 ) -> None:
     """The built-in benchmark end to end: features, DEDN and ablations, baseline, curve, heatmaps."""
     from dedn.apps.demo import format_demo, run_demo
 
-    typer.echo(format_demo(run_demo(config, overrides or [], out)))
+    typer.echo(format_demo(run_demo(config, overrides or [], out, progress=not quiet)))
 
 
 @app.command()
@@ -295,33 +344,79 @@ def experiment(
     out: Annotated[Optional[Path], typer.Option(help="results folder (resumable)")] = None,  # noqa: UP045
     devices: Annotated[Optional[str], typer.Option(help="run independent jobs on these devices, e.g. cuda:0,cuda:1")] = None,  # noqa: UP045,E501
     tune: Annotated[Optional[list[str]], typer.Option(help="validated protocol: key=v1,v2 to choose on validation")] = None,  # noqa: UP045,E501
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines, only the report")] = False,
 ) -> None:
     """Reproduce a paper table or figure; writes Markdown, CSV, JSON and PNG reports."""
     from dedn.apps.experiments import parse_grid, run_experiment
     from dedn.config import find_config
 
     exp = run_experiment(name, find_config(config) if config else None, seeds, protocol, out, overrides or [],
-                         devices=devices, tune=parse_grid(tune) if tune else None)
+                         devices=devices, tune=parse_grid(tune) if tune else None,
+                         report=None if quiet else (lambda line: typer.echo(line, err=True)))
     md = [f for f in exp.files if str(f).endswith(".md")]
     if md:
         typer.echo(Path(md[0]).read_text())
     typer.echo(f"reports in {exp.out_dir}")
 
 
+# ---------------------------------------------------------------------------------------------- samples / describe
+@app.command()
+def samples(
+    out: Annotated[Path, typer.Option("--out", help="folder for the PNGs and index.csv")],
+    per_class: Annotated[int, typer.Option(help="images per class")] = 2,
+    classes: Annotated[Optional[list[str]], typer.Option(help="only these classes (repeatable or comma-separated): names, numbers 1..K, or seen, unseen, validation")] = None,  # noqa: UP045,E501
+    overrides: Overrides = None,
+) -> None:
+    """Write sample images of the built-in benchmark (the demo's), true class in each file name, with an
+    index.csv (file, class, kind: seen, unseen or validation). Renders only: no backbone, seconds."""
+    from dedn.apps.samples import write_samples
+    from dedn.checks import COUNT, check_option, check_output_folder
+
+    check_option("--per-class", per_class, COUNT)
+    check_output_folder("--out", out)
+    result = write_samples(out, per_class, classes, overrides or [])
+    n_classes = len({r[1] for r in result.rows})
+    typer.echo(f"wrote {len(result.rows)} images of {n_classes} classes to {result.folder}; index: {result.index}")
+
+
+@app.command()
+def describe(
+    run: Annotated[Path, typer.Option("--run", help="run directory of a trained model (any protocol)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    classes_template: Annotated[Optional[Path], typer.Option(help="also write an example CSV for `dedn predict --classes` (every attribute column, one example class)")] = None,  # noqa: UP045,E501
+) -> None:
+    """What a trained run is: its seen and unseen classes, attribute groups, the gamma it chose (and where
+    from), and its T, U, S, H, AUSUC."""
+    from dedn.apps.describe import describe_run, format_description, public, write_classes_template
+
+    desc = describe_run(run)
+    typer.echo(json.dumps(public(desc), indent=2) if as_json else format_description(desc))
+    if classes_template is not None:
+        path = write_classes_template(desc, classes_template)
+        typer.echo(f"wrote {path}: edit it, then `dedn predict --run {run} --classes {path} IMAGES`",
+                   err=as_json)
+
+
 # ---------------------------------------------------------------------------------------------- predict / explain
+CLASSES_HELP = ("classes given by attribute vectors: a CSV with a header row (class, then attribute names, any "
+                "order) and one row per class (name, then values), or JSON {class: {attribute: value}} or "
+                "{class: [D values]}; `dedn describe --run RUN --classes-template new.csv` writes an example")
+
+
 @app.command()
 def predict(
     run: Annotated[Path, typer.Option("--run", help="run directory of a trained model")],
     inputs: Annotated[list[Path], typer.Argument(help="image files or folders")],
     top_k: Annotated[int, typer.Option(help="classes to list per image")] = 5,
-    classes: Annotated[Optional[Path], typer.Option(help="CSV or JSON of classes given by attribute vectors")] = None,  # noqa: UP045,E501
-    only_new: Annotated[bool, typer.Option(help="with --classes: drop the trained classes")] = False,
+    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,  # noqa: UP045
+    only_new: Annotated[bool, typer.Option("--only-new/--no-only-new",
+                                           help="with --classes: drop the trained classes")] = False,
     fill: Annotated[Optional[float], typer.Option(help="with --classes: value of attributes a class omits")] = None,  # noqa: UP045,E501
     backbone: Annotated[Optional[str], typer.Option(help="backbone for runs trained on precomputed features")] = None,  # noqa: UP045,E501
     l_e: Annotated[Optional[float], typer.Option(help="cExp/fExp mix (default: the run's)")] = None,  # noqa: UP045
     gamma: Annotated[Optional[float], typer.Option(help="calibration (default: the run's)")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    recursive: Annotated[bool, typer.Option(help="search folders recursively")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="search folders recursively")] = False,
 ) -> None:
     """Top-k classes for images, each with the attributes that contributed most."""
     from dedn.checks import ATTRIBUTE_VALUE, COUNT, FINITE, FRACTION, check_option

@@ -279,7 +279,8 @@ def find_config(path: str | Path) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    names = sorted(f.stem for f in packaged.glob("*.yaml")) + sorted(f.stem for f in (packaged / "presets").glob("*.yaml"))
+    names = [*sorted(f.stem for f in packaged.glob("*.yaml")),  # demo
+             *sorted(f.stem for f in (packaged / "presets").glob("*.yaml"))]
     raise ConfigError(f"{path}: config file not found (packaged configs: {', '.join(names)})")
 
 

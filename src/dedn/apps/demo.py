@@ -28,15 +28,11 @@ from dedn.features.imagebench_features import imagebench_data
 
 # ---------------------------------------------------------------------------------------------- the demo
 def _demo_rows():
-    from dedn.apps.results import Row
+    """The demo's rows: the full model and four of Table 3's ablations, under Table 3's names."""
+    from dedn.apps.experiments import TABLE3_ROWS
 
-    return (
-        Row("full", "DEDN", ()),
-        Row("cexp_only", "cExp only", ("model.experts=cexp",)),
-        Row("fexp_only", "fExp only", ("model.experts=fexp",)),
-        Row("wo_channel_attention", "w/o channel attention", ("model.channel_attention=false",)),
-        Row("wo_mal", "w/o MAL", ("loss.mal=false",)),
-    )
+    by_key = {r.key: r for r in TABLE3_ROWS}
+    return tuple(by_key[k] for k in ("full", "cexp_wo_distill", "fexp_wo_distill", "wo_channel_attention", "wo_mal"))
 
 
 def localisation(model, data: ZSLData, bench: ImageBenchmark, index: np.ndarray, batch: int = 64) -> dict[str, Any]:
@@ -70,6 +66,7 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     from dedn.config import find_config, load_config
     from dedn.eval.baselines import eszsl_validated
     from dedn.eval.metrics import ausuc, plot_seen_unseen_curve, seen_unseen_curve
+    from dedn.eval.uncertainty import bootstrap_interval
     from dedn.train.checkpoint import load_weights
 
     started = time.perf_counter()
@@ -85,16 +82,22 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     rows_def = _demo_rows()
     workers = min(len(rows_def), os.cpu_count() or 1)
     if progress:
-        print(f"training {len(rows_def)} models (validated protocol: a validation run, then a retrained run "
-              f"each) in {workers} process{'es' if workers > 1 else ''} ...", flush=True)
+        print(f"{len(rows_def)} models (validated protocol: a validation run, then a retrained run each) in "
+              f"{workers} process{'es' if workers > 1 else ''}; finished runs are reused ...", flush=True)
     exp = table3(cfg, seeds=1, protocol="validated", out_dir=out / "experiment", rows=rows_def,
                  tune={"model.l_e": [0.3, 0.5, 0.7, 0.9]},  # chosen on validation outputs, no retraining
-                 devices=["cpu"] * workers if workers > 1 and cfg.train.device in ("auto", "cpu") else None)
-    rows: dict[str, dict[str, float]] = {}
+                 devices=["cpu"] * workers if workers > 1 and cfg.train.device in ("auto", "cpu") else None,
+                 report=(lambda line: print("  " + line, flush=True)) if progress else None)
+    rows: dict[str, dict[str, Any]] = {}
     for row in exp.rows:
         run = exp.runs_for(row.key, "validated")[0]
+        seen_o, unseen_o, mask = run.load_outputs()
+        l_rc_r, l_e_r = run.choices["l_rc"], run.choices["l_e"]
+        ci = bootstrap_interval(seen_o.scores(l_rc_r, l_e_r), seen_o.labels, unseen_o.scores(l_rc_r, l_e_r),
+                                unseen_o.labels, mask, float(run.choices["gamma"]))
         rows[row.label] = {**{k: float(run.metrics[k]) for k in ("T", "U", "S", "H", "AUSUC")},
-                           "gamma": float(run.choices["gamma"]), "gamma_source": run.choices["gamma_source"]}
+                           "gamma": float(run.choices["gamma"]), "gamma_source": run.choices["gamma_source"],
+                           "H_interval": list(ci["H"])}
     base, choice = eszsl_validated(data, seed=cfg.seed)
     rows["ESZSL (pooled features)"] = {**{k: v for k, v in base.to_dict().items() if k in ("T", "U", "S", "H")},
                                        "gamma": float(choice["calibration"]), "gamma_source": "validated"}
@@ -116,6 +119,11 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
         esz.scores(pooled_features(data.features, data.test_unseen_loc), data.att),
         data.labels[data.test_unseen_loc], data.seen_mask)
     rows["ESZSL (pooled features)"]["AUSUC"] = ausuc(bs, bu) * 100
+    eszsl_scores = (esz.scores(pooled_features(data.features, data.test_seen_loc), data.att),
+                    esz.scores(pooled_features(data.features, data.test_unseen_loc), data.att))
+    rows["ESZSL (pooled features)"]["H_interval"] = list(bootstrap_interval(
+        eszsl_scores[0], data.labels[data.test_seen_loc], eszsl_scores[1], data.labels[data.test_unseen_loc],
+        data.seen_mask, float(choice["calibration"]))["H"])
     plot_seen_unseen_curve({"DEDN": (s, u), "ESZSL": (bs, bu)}, out / "seen_unseen_curve.png",
                            title="built-in benchmark, test split")
 
@@ -131,6 +139,9 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
         "protocol": "validated: epoch, calibration gamma and l_e chosen on a validation task of trainval images "
                     "and trainval classes; retrained on trainval; test split evaluated once",
         "model": str(final_dir),
+        "next": [f"dedn predict --run {final_dir} {image_path}",
+                 f"dedn explain --run {final_dir} {image_path} --top 4 --out {out / 'explain'}",
+                 f"dedn eval --run {final_dir}"],
         "units": "percent",
         "rows": rows,
         "eszsl_choice": choice,
@@ -149,12 +160,13 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
 
 def format_demo(result: dict[str, Any]) -> str:
     """The demo's table of T, U, S, H per row, and the localisation figures, as text."""
-    lines = [f"{'':28}{'T':>7}{'U':>7}{'S':>7}{'H':>7}{'AUSUC':>7}   gamma (source)   "
-             "(%, built-in benchmark, validated protocol)"]
+    lines = [f"{'':32}{'T':>7}{'U':>7}{'S':>7}{'H':>7}  {'H 95% interval':<15}{'AUSUC':>6}   gamma (source)",
+             "(%, built-in benchmark, test split, validated protocol; the interval resamples the test images)"]
     for name, m in result["rows"].items():
         gamma = f"   {m['gamma']:.3g} ({m['gamma_source']})" if "gamma" in m else ""
-        lines.append(f"{name:28}" + "".join(f"{m[k]:7.1f}" if k in m else f"{'':7}"
-                                            for k in ("T", "U", "S", "H", "AUSUC")) + gamma)
+        ci = f"[{m['H_interval'][0]:.1f}, {m['H_interval'][1]:.1f}]" if "H_interval" in m else ""
+        lines.append(f"{name:32}" + "".join(f"{m[k]:7.1f}" for k in ("T", "U", "S", "H")) + f"  {ci:<15}"
+                     + (f"{m['AUSUC']:6.1f}" if "AUSUC" in m else f"{'':6}") + gamma)
     loc = result.get("localisation", {})
     if loc:
         lines.append("")
@@ -164,5 +176,8 @@ def format_demo(result: dict[str, Any]) -> str:
     lines.append("")
     if result.get("model"):
         lines.append(f"model (DEDN): {result['model']}")
+    if result.get("next"):
+        lines.append("next:")
+        lines.extend(f"  {cmd}" for cmd in result["next"])
     lines.append(f"written to {Path(result['files']['curve']).parent}  ({result['seconds']['total']:.0f} s)")
     return "\n".join(lines)

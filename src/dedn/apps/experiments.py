@@ -44,10 +44,11 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
+import time
 import typing
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,14 +115,17 @@ METRICS = ("T", "S", "U", "H", "AUSUC")
 
 #: Paper Table 3, in the paper's order.
 TABLE3_ROWS: tuple[Row, ...] = (
-    Row("cexp_wo_distill", "cExp w/o L_distill", ("model.experts=cexp", "loss.distill=false")),
-    Row("fexp_wo_distill", "fExp w/o L_distill", ("model.experts=fexp", "loss.distill=false")),
-    Row("dedn_wo_distill", "DEDN w/o L_distill", ("loss.distill=false",)),
-    Row("wo_channel_attention", "DAN w/o CA", ("model.channel_attention=false",)),
-    Row("wo_mal", "DEDN w/o L_mal", ("loss.mal=false",)),
-    Row("wo_align", "DAN w/o L_align", ("loss.align=false",)),
-    Row("full", "DEDN (full)", ()),
+    # One set of names for the ablations, everywhere (docs/method.md, "Ablations"). The paper's Table 3 calls
+    # some of these "DAN w/o CA" and "DAN w/o L_align" (DAN: one attention sub-network); we name what is removed.
+    Row("cexp_wo_distill", "cExp alone (no distillation)", ("model.experts=cexp", "loss.distill=false")),
+    Row("fexp_wo_distill", "fExp alone (no distillation)", ("model.experts=fexp", "loss.distill=false")),
+    Row("dedn_wo_distill", "DEDN w/o distillation", ("loss.distill=false",)),
+    Row("wo_channel_attention", "DEDN w/o channel attention", ("model.channel_attention=false",)),
+    Row("wo_mal", "DEDN w/o MAL", ("loss.mal=false",)),
+    Row("wo_align", "DEDN w/o alignment", ("loss.align=false",)),
+    Row("full", "DEDN", ()),
 )
+
 
 
 # ============================================================================================ configs
@@ -604,9 +608,11 @@ def run_job(job: Job, device: str | None = None) -> RunResult:
         atomic_write_text(marker, json.dumps({"hash": h, "config": stable}, indent=2))
     cfg = job.config if device is None else _set(job.config, {"train.device": device})
     runner = _run_validated if job.protocol == "validated" else _run_published
+    started = time.perf_counter()
     with lock_run_dir(folder):  # one writer per job folder
         result = runner(job, cfg, folder)
     result.folder = str(folder)
+    result.seconds = round(time.perf_counter() - started, 1)
     atomic_write_text(done, json.dumps({"hash": h, "finished": _now(), "result": result.to_dict()}, indent=2))
     return result
 
@@ -629,15 +635,32 @@ def _worker_run(job: Job) -> RunResult:
     return run_job(job, _WORKER_DEVICE)
 
 
-def run_jobs(jobs: Sequence[Job], devices: Sequence[str] | None = None) -> list[RunResult]:
+def job_line(result: RunResult, done: int, total: int) -> str:
+    """One progress line for a finished job: its H with gamma and source, and its time (or "reused")."""
+    m, c = result.metrics, result.choices
+    gamma = c.get("gamma", c.get("calibration"))
+    took = "reused" if result.reused else f"{result.seconds:.0f} s" if result.seconds is not None else ""
+    where = f"gamma {gamma:.3g} ({c.get('gamma_source', '?')})" if isinstance(gamma, (int, float)) else ""
+    return (f"[{done}/{total}] {result.label} ({result.protocol}, seed {result.seed}): H {m['H']:.1f}, "
+            f"AUSUC {m['AUSUC']:.1f}, {where}, {took}")
+
+
+def run_jobs(jobs: Sequence[Job], devices: Sequence[str] | None = None,
+             report: Callable[[str], None] | None = None) -> list[RunResult]:
     """Run independent jobs: in this process one after another (``devices`` None), or one worker process
-    per device (spawn context) taking jobs as it frees up. Results come back in job order.
+    per device (spawn context) taking jobs as it frees up. Results come back in job order; ``report`` gets
+    one line per finished job (:func:`job_line`) as it finishes.
 
     With workers, every job is attempted; the first error is raised once all have ended, so finished jobs
     keep their ``done.json``.
     """
+    say = report or (lambda line: None)
     if not devices:
-        return [run_job(job) for job in jobs]
+        out = []
+        for job in jobs:
+            out.append(run_job(job))
+            say(job_line(out[-1], len(out), len(jobs)))
+        return out
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     for d in devices:
@@ -645,6 +668,9 @@ def run_jobs(jobs: Sequence[Job], devices: Sequence[str] | None = None) -> list[
     with ProcessPoolExecutor(max_workers=len(devices), mp_context=ctx, initializer=_init_worker,
                              initargs=(queue,)) as pool:
         futures: list[Future[RunResult]] = [pool.submit(_worker_run, job) for job in jobs]
+        for done, f in enumerate(as_completed(futures), 1):
+            if f.exception() is None:
+                say(job_line(f.result(), done, len(jobs)))
         errors = [f.exception() for f in futures]
     first = next((e for e in errors if e is not None), None)
     if first is not None:
@@ -672,7 +698,8 @@ def _claim_folder(out: Path, record: dict[str, Any]) -> None:
 def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[int], protocol: str | None,
          out_dir: str | Path | None, overrides: Sequence[str], rows: Sequence[Row] | Callable[[RunConfig], list[Row]],
          devices: str | Sequence[str] | None, tune: Mapping[str, Sequence[Any]] | None,
-         sweep: Mapping[str, Sequence[Any]] | None = None) -> ExperimentResult:
+         sweep: Mapping[str, Sequence[Any]] | None = None,
+         report: Callable[[str], None] | None = None) -> ExperimentResult:
     """Resolve, check everything, claim the results folder, then run every (row, protocol, seed) job."""
     base = _resolve_config(cfg, overrides)
     if base.train.epochs < 1:
@@ -706,7 +733,7 @@ def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[in
                                  str((out / "runs" / row.key / proto / f"seed-{seed}").resolve()),
                                  eval_grid if proto == "validated" else {},
                                  combos if proto == "validated" else [()], sweep_grid))
-    runs = run_jobs(jobs, device_list)
+    runs = run_jobs(jobs, device_list, report)
     return ExperimentResult(name, out, protocols, seed_list, config_to_dict(base), row_list, runs, tune_norm,
                             {"devices": device_list, "sweep": sweep_grid})
 
@@ -737,10 +764,12 @@ def protocol_job(cfg: RunConfig, folder: str | Path, protocol: str | None = None
 def table1(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int] = 1, protocol: str | None = "both",
            out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
            devices: str | Sequence[str] | None = None,
-           tune: Mapping[str, Sequence[Any]] | None = None) -> ExperimentResult:
+           tune: Mapping[str, Sequence[Any]] | None = None,
+           report: Callable[[str], None] | None = None) -> ExperimentResult:
     """Paper Table 1 row: T, U, S, H (and AUSUC) of DEDN on the config's dataset, under both protocols by
     default, mean +- std over ``seeds``; reports ``table1.*`` in ``out_dir``."""
-    exp = _run("table1", cfg, seeds, protocol, out_dir, overrides, [Row("dedn", "DEDN")], devices, tune)
+    exp = _run("table1", cfg, seeds, protocol, out_dir, overrides, [Row("dedn", "DEDN")], devices, tune,
+               report=report)
     exp.files = reports.report_table1(exp)
     return exp
 
@@ -748,9 +777,10 @@ def table1(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int]
 def table3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int] = 1, protocol: str | None = None,
            out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
            devices: str | Sequence[str] | None = None, tune: Mapping[str, Sequence[Any]] | None = None,
-           rows: Sequence[Row] = TABLE3_ROWS) -> ExperimentResult:
+           rows: Sequence[Row] = TABLE3_ROWS,
+           report: Callable[[str], None] | None = None) -> ExperimentResult:
     """Paper Table 3: the seven ablation rows (:data:`TABLE3_ROWS`), T, U, S, H each; reports ``table3.*``."""
-    exp = _run("table3", cfg, seeds, protocol, out_dir, overrides, rows, devices, tune)
+    exp = _run("table3", cfg, seeds, protocol, out_dir, overrides, rows, devices, tune, report=report)
     exp.files = reports.report_table3(exp)
     return exp
 
@@ -758,7 +788,8 @@ def table3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int]
 def figure3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int] = 1, protocol: str | None = None,
             out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
             devices: str | Sequence[str] | None = None, tune: Mapping[str, Sequence[Any]] | None = None,
-            grid: Mapping[str, Sequence[Any]] | None = None) -> ExperimentResult:
+            grid: Mapping[str, Sequence[Any]] | None = None,
+            report: Callable[[str], None] | None = None) -> ExperimentResult:
     """Paper Figure 3: H (and T) against l_e and against l_rc (default 0, 0.1, ..., 1), the other held fixed.
 
     Both settings act only at evaluation, so every point comes from the saved outputs of one trained model
@@ -768,7 +799,7 @@ def figure3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
     """
     grid = grid if grid is not None else {"model.l_e": FIGURE3_VALUES, "model.l_rc": FIGURE3_VALUES}
     exp = _run("figure3", cfg, seeds, protocol, out_dir, overrides, [Row("dedn", "DEDN")], devices, tune,
-               sweep=grid)
+               sweep=grid, report=report)
     exp.files = reports.report_figure3(exp)
     return exp
 
@@ -786,10 +817,11 @@ def _figure5_rows(cfg: RunConfig) -> list[Row]:
 def figure5(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int] = 1, protocol: str | None = None,
             out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
             devices: str | Sequence[str] | None = None,
-            tune: Mapping[str, Sequence[Any]] | None = None) -> ExperimentResult:
+            tune: Mapping[str, Sequence[Any]] | None = None,
+            report: Callable[[str], None] | None = None) -> ExperimentResult:
     """Paper Figure 5: the config's (manual) clusters against K-means with the same number of clusters (a)
     and against the half variant, neighbours merged (b); H and T (and S, U) reported, bar charts drawn."""
-    exp = _run("figure5", cfg, seeds, protocol, out_dir, overrides, _figure5_rows, devices, tune)
+    exp = _run("figure5", cfg, seeds, protocol, out_dir, overrides, _figure5_rows, devices, tune, report=report)
     exp.extra["n_clusters"] = {r.row: r.n_clusters for r in exp.runs}
     exp.files = reports.report_figure5(exp)
     return exp
@@ -798,11 +830,13 @@ def figure5(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
 def calibration(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int] = 1,
                 protocol: str | None = None, out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
                 devices: str | Sequence[str] | None = None, tune: Mapping[str, Sequence[Any]] | None = None,
-                n_points: int = 201) -> ExperimentResult:
+                n_points: int = 201,
+                report: Callable[[str], None] | None = None) -> ExperimentResult:
     """Calibrated stacking: the test seen-unseen curve of each seed's reported model (gamma swept), its
     AUSUC, the operating point the protocol chose, and the mean curve over seeds (S averaged on a common
     grid of ``n_points`` U values, for display)."""
-    exp = _run("calibration", cfg, seeds, protocol, out_dir, overrides, [Row("dedn", "DEDN")], devices, tune)
+    exp = _run("calibration", cfg, seeds, protocol, out_dir, overrides, [Row("dedn", "DEDN")], devices, tune,
+               report=report)
     curves: dict[str, list[dict[str, Any]]] = {}
     grid_u = np.linspace(0.0, 1.0, n_points)
     for proto in exp.protocols:

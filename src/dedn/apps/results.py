@@ -37,6 +37,7 @@ class RunResult:
             ``seen``, ``unseen`` (:class:`~dedn.eval.inference.ModelOutputs`) and ``seen_mask`` (.npy).
         sweep: evaluation-time sweep points (Figure 3), one dict per (axis, value), if asked.
         n_clusters: number of fExp attribute clusters of the trained model.
+        seconds: wall time the job took when it was computed.
         reused: True when read from a finished job's ``done.json`` instead of computed now.
     """
 
@@ -51,6 +52,7 @@ class RunResult:
     outputs: dict[str, str]
     sweep: list[dict[str, Any]] = field(default_factory=list)
     n_clusters: int | None = None
+    seconds: float | None = None
     reused: bool = False
 
     def to_dict(self) -> dict[str, Any]:

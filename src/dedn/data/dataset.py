@@ -1,7 +1,7 @@
 """The dataset container every part of dedn works on, its checks, and the honest validation split.
 
 A :class:`ZSLData` holds one benchmark: region feature maps (any array-like with numpy fancy
-indexing: an in-memory ``numpy`` array or a memory-mapped :class:`dedn.data.store.FeatureStore`), labels,
+indexing: an in-memory ``numpy`` array or a :class:`dedn.data.store.FeatureStore` read from disk), labels,
 the xlsa17 split locations, class attributes and attribute semantic vectors. Readers of real files
 (:mod:`dedn.data.xlsa17`, :mod:`dedn.data.store`), the generated benchmarks (:mod:`dedn.data.synthetic`,
 :mod:`dedn.data.imagebench`) all produce one.

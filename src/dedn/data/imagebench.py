@@ -248,7 +248,7 @@ def make_image_benchmark(cfg: ImageBenchConfig | None = None) -> ImageBenchmark:
     attribute_groups = {g: np.arange(offsets[j], offsets[j] + sizes[j]) for j, (g, _, _) in enumerate(groups)}
     clusters = {p: np.flatnonzero(attribute_part == i) for i, p in enumerate(PART_NAMES)}
     clusters["global"] = np.flatnonzero(attribute_part == -1)
-    class_names = [_class_name(c, dominant[c], groups) for c in range(k)]
+    class_names = _class_names(dominant, groups)
 
     return ImageBenchmark(
         config=cfg,
@@ -331,11 +331,44 @@ def _make_classes(cfg: ImageBenchConfig, sizes: np.ndarray, color_groups: np.nda
     return dominant, unseen
 
 
+_NAME_GROUPS = ("head_color", "wing_color", "habitat")  # the groups every class name spells out
+
+
 def _class_name(c: int, dominant: np.ndarray, groups: list) -> str:
-    """A CUB-like readable class name from the dominant values, e.g. ``007.Red_headed_Blue_winged``."""
+    """A CUB-like readable class name from the dominant values, e.g. ``007.Red_headed_Blue_winged_Sand``."""
     val = {g: vals[int(v)] for (g, _, vals), v in zip(groups, dominant, strict=True)}
     return (f"{c + 1:03d}.{val['head_color'].capitalize()}_headed_{val['wing_color'].capitalize()}_winged_"
             f"{val['habitat'].capitalize()}")
+
+
+def _class_names(dominant: np.ndarray, groups: list) -> list[str]:
+    """Readable class names whose descriptive parts (after ``NNN.``) are unique, deterministically.
+
+    Classes whose names would read the same get, group by group in attribute order, the dominant value of
+    the first further group that tells them apart (``_Striped_body``, ``_Forked_tail``); a numeric suffix
+    is the last resort. Names are metadata only: they change no feature, split or cache key.
+    """
+    names = [_class_name(c, dominant[c], groups) for c in range(dominant.shape[0])]
+    stems = [n.split(".", 1)[1] for n in names]
+    suffix = [""] * len(names)
+
+    def clashes() -> list[list[int]]:
+        by_name: dict[str, list[int]] = {}
+        for c, stem in enumerate(stems):
+            by_name.setdefault(stem + suffix[c], []).append(c)
+        return [members for members in by_name.values() if len(members) > 1]
+
+    for j, (group, _, values) in enumerate(groups):
+        if group in _NAME_GROUPS:
+            continue
+        for members in clashes():
+            if len({int(dominant[c, j]) for c in members}) > 1:
+                for c in members:
+                    suffix[c] += f"_{values[int(dominant[c, j])].capitalize()}_{group.split('_')[0]}"
+    for members in clashes():
+        for i, c in enumerate(members[1:], start=2):
+            suffix[c] += f"_{i}"
+    return [n + s for n, s in zip(names, suffix, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------- export

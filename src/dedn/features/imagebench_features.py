@@ -73,11 +73,14 @@ def imagebench_store(
     return store
 
 
-def imagebench_data(cfg: RunConfig, progress: bool = True) -> ZSLData:
-    """The built-in benchmark as a :class:`ZSLData` over its cached feature store (``data.source=imagebench``)."""
+def imagebench_data(cfg: RunConfig, progress: bool | None = None) -> ZSLData:
+    """The built-in benchmark as a :class:`ZSLData` over its cached feature store (``data.source=imagebench``).
+
+    ``progress``: show the extraction bar (default: ``train.progress``).
+    """
     bench = make_image_benchmark(cfg.data.imagebench)
     store = imagebench_store(bench, cfg.data.cache_dir, cfg.data.backbone, cfg.data.image_size,
-                             progress=progress and cfg.train.progress)
+                             progress=cfg.train.progress if progress is None else progress)
     data = to_zsldata(bench, store, source=str(store.path))
     data.provenance = {**store.provenance, **data.provenance}
     return data

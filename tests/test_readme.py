@@ -1,0 +1,34 @@
+"""The README's Python example runs as written on a fresh machine (no download, seconds)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BUDGET_S = 180  # about 15 s on two CPU cores; generous for a loaded CI machine
+
+
+def first_python_block(text: str) -> str:
+    match = re.search(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert match, "README.md has no ```python block"
+    return match.group(1)
+
+
+def test_readme_python_example_runs(tmp_path: Path) -> None:
+    code = first_python_block(README.read_text())
+    assert "from dedn.apps.protocols import train" in code
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=BUDGET_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("H ")), None)
+    assert line is not None, proc.stdout
+    fields = line.split()
+    assert 0.0 <= float(fields[1]) <= 100.0 and fields[2] == "gamma"
+    assert (tmp_path / "runs").is_dir()  # it wrote its run under the temporary working directory

@@ -147,6 +147,17 @@ def test_explain_features_default_attributes(run: Path, tmp_path: Path) -> None:
             assert info["score"] == pytest.approx(scores[e][0, a["index"]])
             ch = info["channel_attention"]
             assert len(ch["top_channels"]) == C and 1 <= ch["effective_channels"] <= C
+    # one colour scale for every panel: the largest attention / uniform ratio shown
+    assert report["region_scale"]["max"] == pytest.approx(
+        max(a["experts"][e]["peak_vs_uniform"] for a in report["attributes"] for e in ("cexp", "fexp")))
+    # each expert's channel entropy against the uniform ln C; this model's attention is not near uniform
+    spread = report["channel_attention"]
+    assert spread["chart"] == "drawn" and report["files"]["channels"] == "features-channels.png"
+    for e in ("cexp", "fexp"):
+        mean = np.mean([a["experts"][e]["channel_attention"]["entropy"] for a in report["attributes"]])
+        assert spread[e]["mean_entropy"] == pytest.approx(mean) and spread[e]["ln_C"] == pytest.approx(np.log(C))
+        assert spread[e]["entropy_over_ln_C"] == pytest.approx(mean / np.log(C))
+        assert spread[e]["near_uniform"] is (spread[e]["entropy_over_ln_C"] > 0.98)
 
 
 def test_explain_image_named_attributes(run: Path, tmp_path: Path) -> None:
@@ -154,7 +165,8 @@ def test_explain_image_named_attributes(run: Path, tmp_path: Path) -> None:
     Image.fromarray(np.random.default_rng(4).integers(0, 255, (90, 70, 3), dtype=np.uint8)).save(img)
     pred = Predictor.from_run(run, backbone=TinyBackbone())
     chosen = ["leg_color::grey", "bill_shape::hooked"]
-    paths = explain_image(pred, img, attributes=chosen, out_dir=tmp_path / "out", class_name="egret", n_channels=4)
+    paths = explain_image(pred, img, attributes=chosen, out_dir=tmp_path / "out", class_name="egret", n_channels=4,
+                          true_class="bunting")
     assert [p.name for p in paths] == ["bird-regions.png", "bird-channels.png", "bird-explain.json"]
     for p in paths[:2]:
         _check_png(p)
@@ -162,6 +174,10 @@ def test_explain_image_named_attributes(run: Path, tmp_path: Path) -> None:
     assert [a["name"] for a in report["attributes"]] == chosen
     assert [a["index"] for a in report["attributes"]] == [5, 0]
     assert report["explained_class"]["name"] == "egret" and report["image_size"] == 64
+    assert report["true_class"]["name"] == "bunting" and report["panels"]["input_panel"]
+    class_att = pred.normalized_class_att()
+    assert [a["true_class_value"] for a in report["attributes"]] == pytest.approx([class_att[1][5], class_att[1][0]])
+    assert [a["class_value"] for a in report["attributes"]] == pytest.approx([class_att[4][5], class_att[4][0]])
     assert report["panels"]["regions"]["count"] == 4
     assert all(len(a["experts"]["fexp"]["channel_attention"]["top_channels"]) == 4 for a in report["attributes"])
 
@@ -178,6 +194,24 @@ def test_explain_bare_model_single_expert_without_channels(tmp_path: Path) -> No
     assert report["panels"]["regions"] == {"rows": 1, "cols": 2, "count": 2}
     assert report["attributes"][0]["experts"]["fexp"]["channel_attention"] is None
     assert report["explained_class"]["name"] == "class_" + str(report["explained_class"]["index"])
+
+
+def test_near_uniform_channel_attention_is_stated_not_drawn(tmp_path: Path) -> None:
+    config = DEDNConfig(n_attributes=len(ATTRS), semantic_dim=4, n_channels=C, n_regions=H * W,
+                        clusters=tuple(CLUSTERS))
+    rng = np.random.default_rng(1)
+    model = DEDN.from_config(config, rng.normal(size=(len(ATTRS), 4)), rng.random((len(CLASSES), len(ATTRS))),
+                             np.array(SEEN)).eval()  # as initialised: every attention uniform
+    x = feats(1)
+    assert all(np.allclose(v, 1 / C) for v in channel_attention(model, x).values())
+    paths = explain_image(model, x, top=2, out_dir=tmp_path, attribute_names=ATTRS)
+    assert [p.name for p in paths] == ["features-regions.png", "features-explain.json"]  # no misleading bars
+    report = json.loads(paths[1].read_text())
+    spread = report["channel_attention"]
+    assert spread["chart"].startswith("not drawn") and report["files"]["channels"] is None
+    assert report["panels"]["channels"] is None
+    for e in ("cexp", "fexp"):
+        assert spread[e]["near_uniform"] and spread[e]["entropy_over_ln_C"] == pytest.approx(1.0)
 
 
 def test_explain_errors(run: Path, tmp_path: Path) -> None:

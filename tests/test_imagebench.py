@@ -256,6 +256,11 @@ def test_attention_inside_the_mask_scores_one():
     assert out["per_part"] == pytest.approx({"head": 1.0, "body": 0.0})
     assert out["overall"] == pytest.approx(0.5) and out["chance"] == pytest.approx(0.375)
     np.testing.assert_array_equal(out["count_per_attribute"], [2, 2, 0])
+    # each part's share beside its own chance (its mean mask area), not only the overall chance
+    assert out["chance_per_part"] == pytest.approx({"head": 0.25, "body": 0.5})
+    assert out["parts"]["head"] == pytest.approx({"share": 1.0, "chance": 0.25, "share_over_chance": 4.0,
+                                                  "n_attributes": 1, "n_images_visible": 2})
+    assert out["parts"]["body"]["share"] == 0.0 and out["parts"]["body"]["chance"] == pytest.approx(0.5)
 
 
 def test_uniform_attention_scores_chance_and_invisible_parts_are_skipped():

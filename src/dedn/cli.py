@@ -448,6 +448,7 @@ def explain(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
     class_name: Annotated[Optional[str], typer.Option("--class", help="explain this class instead of the prediction")] = None,  # noqa: UP045,E501
     backbone: Annotated[Optional[str], typer.Option(help="backbone for runs trained on precomputed features")] = None,  # noqa: UP045,E501
+    true_class: Annotated[Optional[str], typer.Option(help="the image's true class, named in the figure")] = None,  # noqa: UP045,E501
 ) -> None:
     """Per-attribute region attention of both experts over an image (PNG), channel attention summarised."""
     from dedn.checks import COUNT, check_option, check_output_folder
@@ -459,7 +460,8 @@ def explain(
     from dedn.apps.predict import Predictor
 
     predictor = Predictor.from_run(run, backbone=backbone)
-    paths = explain_image(predictor, image, attributes=attribute, top=top, out_dir=out, class_name=class_name)
+    paths = explain_image(predictor, image, attributes=attribute, top=top, out_dir=out, class_name=class_name,
+                          true_class=true_class)
     for p in paths:
         typer.echo(str(p))
 

@@ -36,7 +36,12 @@ def _demo_rows():
 
 
 def localisation(model, data: ZSLData, bench: ImageBenchmark, index: np.ndarray, batch: int = 64) -> dict[str, Any]:
-    """Share of each part attribute's region attention inside that part's mask, per expert (images ``index``)."""
+    """Share of each part attribute's region attention inside that part's mask, per expert (images ``index``).
+
+    Per expert: :func:`attention_in_mask_share`'s record, plus ``per_part_percent``: part -> ``{"share",
+    "chance"}`` in percent, each part's share beside its own chance (its mean mask area), since a small part
+    such as the tail has a far lower chance than the overall one.
+    """
     from dedn.apps.explain import region_attention
     from dedn.eval.localisation import attention_in_mask_share
 
@@ -52,6 +57,8 @@ def localisation(model, data: ZSLData, bench: ImageBenchmark, index: np.ndarray,
     out: dict[str, Any] = {"n_images": int(index.size)}
     for expert, parts in maps.items():
         share = attention_in_mask_share(np.concatenate(parts), all_masks, bench.attribute_part, bench.part_names)
+        share["per_part_percent"] = {name: {"share": v["share"] * 100, "chance": v["chance"] * 100}
+                                     for name, v in share["parts"].items()}
         out[expert] = share
     return out
 
@@ -124,15 +131,19 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     rows["ESZSL (pooled features)"]["H_interval"] = list(bootstrap_interval(
         eszsl_scores[0], data.labels[data.test_seen_loc], eszsl_scores[1], data.labels[data.test_unseen_loc],
         data.seen_mask, float(choice["calibration"]))["H"])
+    full_row, eszsl_row = rows[full.label], rows["ESZSL (pooled features)"]
     plot_seen_unseen_curve({"DEDN": (s, u), "ESZSL": (bs, bu)}, out / "seen_unseen_curve.png",
-                           title="built-in benchmark, test split")
+                           title="built-in benchmark, test split", protocol="validated",
+                           points={"DEDN": (full_row["S"] / 100, full_row["U"] / 100, full_row["gamma"]),
+                                   "ESZSL": (eszsl_row["S"] / 100, eszsl_row["U"] / 100, eszsl_row["gamma"])})
 
     test = np.concatenate([data.test_seen_loc, data.test_unseen_loc])
     loc = localisation(model, data, bench, np.sort(test)[:: max(1, test.size // 400)])
     example = int(data.test_unseen_loc[0])
     image_path = out / "example_unseen.png"
     bench.image(example).save(image_path)
-    heatmaps = explain_image(final_dir, image_path, top=4, out_dir=out / "heatmaps")
+    heatmaps = explain_image(final_dir, image_path, top=4, out_dir=out / "heatmaps",
+                             true_class=data.class_names[int(data.labels[example])])
 
     result = {
         "benchmark": "imagebench (built-in, rendered)",
@@ -146,16 +157,27 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
         "rows": rows,
         "eszsl_choice": choice,
         "localisation": {e: {"overall": v["overall"] * 100, "chance": v["chance"] * 100,
-                             "per_part": {k: x * 100 for k, x in v["per_part"].items()}}
+                             "per_part": {k: x * 100 for k, x in v["per_part"].items()},
+                             "per_part_chance": {k: x * 100 for k, x in v["chance_per_part"].items()}}
                          for e, v in loc.items() if isinstance(v, dict)},
         "features": {"backbone": data.provenance.get("backbone"), "shape": list(data.feature_shape),
                      "store": data.source},
+        "channel_attention": _channel_summary(heatmaps),
         "files": {"curve": str(out / "seen_unseen_curve.png"), "heatmaps": [str(p) for p in heatmaps],
                   "experiment": str(exp.out_dir)},
         "seconds": {"features": round(t_features, 1), "total": round(time.perf_counter() - started, 1)},
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
     return result
+
+
+def _channel_summary(paths: list[Path]) -> dict[str, Any]:
+    """Each expert's channel-attention entropy against the uniform ln C, from the explanation's JSON."""
+    for path in paths:
+        if str(path).endswith("-explain.json"):
+            record = json.loads(Path(path).read_text()).get("channel_attention", {})
+            return {k: v for k, v in record.items() if isinstance(v, dict) and "entropy_over_ln_C" in v}
+    return {}
 
 
 def format_demo(result: dict[str, Any]) -> str:
@@ -173,6 +195,15 @@ def format_demo(result: dict[str, Any]) -> str:
         lines.append("attention inside the attribute's part (share of region attention; chance = part area):")
         for expert, v in loc.items():
             lines.append(f"  {expert}: {v['overall']:.1f}%   (chance {v['chance']:.1f}%)")
+            if v.get("per_part_chance"):  # each part against its own chance: parts differ in area
+                lines.append("    " + ", ".join(f"{k} {x:.1f}% (chance {v['per_part_chance'][k]:.1f}%)"
+                                                for k, x in v["per_part"].items()))
+    chan = result.get("channel_attention") or {}
+    if chan:
+        lines.append("channel attention (example image): " + "; ".join(
+            f"{e}: entropy {v['entropy_over_ln_C'] * 100:.2f}% of uniform ln C = {v['ln_C']:.2f}"
+            + (" (near uniform: it weighs all channels alike)" if v.get("near_uniform") else "")
+            for e, v in chan.items()))
     lines.append("")
     if result.get("model"):
         lines.append(f"model (DEDN): {result['model']}")

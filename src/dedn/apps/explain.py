@@ -2,13 +2,19 @@
 
 :func:`explain_image` writes, for one image (or one feature map) and a few attributes:
 
-- ``STEM-regions.png``: one column per attribute, one row per expert (cExp, then fExp). Each panel is the
-  image as the backbone saw it (resized and centre-cropped) with that expert's (h x w) region attention
-  upsampled bilinearly and overlaid as a heat map, scaled to the panel's own maximum; the title gives the
-  attribute, the expert's predicted attribute score and the peak attention relative to uniform.
+- ``STEM-regions.png``: the input image as the backbone saw it (resized and centre-cropped) first, then one
+  column per attribute and one row per expert (cExp, then fExp). Each panel shows that expert's (h x w)
+  region attention, upsampled bilinearly, as attention / uniform level (1/(h*w)) on one log scale shared by
+  every panel (colour bar): the image keeps its own colours where attention is high and is dimmed where it is
+  low, with viridis contours at 1, 2, 4, ... x uniform. Titles give the predicted (and, when known, true)
+  class, and per panel the attribute, the expert's score, the peak (largest cell / uniform) and the
+  attribute's value in the class.
 - ``STEM-channels.png`` (models with channel attention): the same grid with each expert's largest channel
-  attention weights as bars, titled with the entropy and the effective number of channels exp(entropy).
-- ``STEM-explain.json``: the numbers behind both figures (region maps, top channels, entropies, scores).
+  attention weights as bars, titled with the entropy against ln C and the effective number of channels
+  exp(entropy). An expert whose mean entropy exceeds ``NEAR_UNIFORM`` ln C gets that statement instead of
+  bars; when every expert does, the PNG is not written (``channel_attention.chart`` in the JSON says why).
+- ``STEM-explain.json``: the numbers behind both figures (region maps, top channels, entropies against ln C,
+  scores, the shared scale).
 
 By default the attributes are those contributing most to the predicted class (as in :mod:`dedn.apps.predict`).
 All attribute indices and names here are in dataset order; the model's cluster order is mapped back
@@ -43,6 +49,8 @@ from dedn.features.backbones import to_rgb
 from dedn.models.dedn import DEDN
 
 EXPERT_LABELS = {"cexp": "cExp", "fexp": "fExp"}
+#: Channel attention whose mean entropy exceeds this fraction of ln C is reported as near uniform, not drawn.
+NEAR_UNIFORM = 0.98
 
 
 # ---------------------------------------------------------------------------------------------- arrays
@@ -112,6 +120,26 @@ def channel_summary(weights: np.ndarray, top: int = 10) -> dict[str, Any]:
     }
 
 
+def _channel_spread(records: list[dict[str, Any]], experts: list[str]) -> dict[str, Any]:
+    """Per expert: the mean channel-attention entropy over the shown attributes against the uniform ln C."""
+    out: dict[str, Any] = {"near_uniform_threshold": NEAR_UNIFORM, "chart": "drawn"}
+    for e in experts:
+        infos = [rec["experts"][e]["channel_attention"] for rec in records]
+        mean = float(np.mean([i["entropy"] for i in infos]))
+        ln_c = infos[0]["max_entropy"]
+        ratio = mean / ln_c if ln_c > 0 else 1.0
+        out[e] = {"mean_entropy": mean, "ln_C": ln_c, "entropy_over_ln_C": ratio,
+                  "min_entropy": float(min(i["entropy"] for i in infos)),
+                  "mean_effective_channels": float(np.mean([i["effective_channels"] for i in infos])),
+                  "n_channels": infos[0]["n_channels"], "near_uniform": bool(ratio > NEAR_UNIFORM)}
+    return out
+
+
+def _shared_max(records: list[dict[str, Any]], experts: list[str]) -> float:
+    """The largest attention / uniform ratio over every shown map: the figure's common colour scale."""
+    return max(float(rec["experts"][e]["peak_vs_uniform"]) for rec in records for e in experts)
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def _display_image(image: Any, size: int) -> np.ndarray:
     """The image as the backbone sees it, before normalisation: Resize(shorter = size), CenterCrop(size)."""
@@ -156,6 +184,7 @@ def explain_image(
     out_dir: str | os.PathLike[str] = ".",
     *,
     class_name: str | None = None,
+    true_class: str | None = None,
     background: Any = None,
     l_e: float | None = None,
     gamma: float | None = None,
@@ -177,6 +206,8 @@ def explain_image(
         top: how many attributes when ``attributes`` is None.
         out_dir: folder for the files (created; an existing file there is a ConfigError).
         class_name: explain this candidate class instead of the predicted one.
+        true_class: the image's true class, when known: named in the figure titles, and each attribute's
+            value for it is reported (``true_class_value``) beside the explained class's.
         background: an image (path, PIL image or HxWx3 uint8 array) to draw under the heat maps when
             ``image`` is a feature map; without one the maps are drawn alone.
         l_e, gamma: expert mix and calibration for the prediction (defaults: the model's and the run's).
@@ -216,6 +247,7 @@ def explain_image(
                                       sources=[label])[0]
     k = predictor.class_index(class_name) if class_name is not None else pred.top[0].index
     explained = next(c for c in pred.top if c.index == k)
+    truth = next(c for c in pred.top if c.index == predictor.class_index(true_class)) if true_class else None
     scores = predictor.attribute_scores(x, pred.l_e)
     contrib = predictor.contributions(scores["mixed"], k)[0]
     if attributes is None:
@@ -227,7 +259,8 @@ def explain_image(
     experts = model.active_experts
     regions = region_attention(model, x)
     channels = channel_attention(model, x)
-    abar = predictor.normalized_class_att()[k]
+    class_att = predictor.normalized_class_att()
+    abar = class_att[k]
 
     records = []
     for j in chosen:
@@ -235,6 +268,8 @@ def explain_image(
             "name": predictor.attribute_names[j], "index": j, "predicted": float(scores["mixed"][0, j]),
             "class_value": float(abar[j]), "contribution": float(contrib[j]), "experts": {},
         }
+        if truth is not None:
+            rec["true_class_value"] = float(class_att[truth.index][j])
         for e in experts:
             m = regions[e][0, j]
             peak = np.unravel_index(int(np.argmax(m)), m.shape)
@@ -248,21 +283,31 @@ def explain_image(
         records.append(rec)
 
     out.mkdir(parents=True, exist_ok=True)
-    title = (f"{label}: predicted {pred.top[0].name}" +
+    title = (f"{Path(label).name if label != 'features' else label}: predicted {pred.top[0].name} "
+             f"(p = {pred.top[0].probability:.2f})" +
+             (f"; true {truth.name}" + (" (correct)" if truth.index == pred.top[0].index else " (wrong)")
+              if truth is not None else "") +
              (f"; explaining {explained.name}" if explained.index != pred.top[0].index else ""))
     region_png = out / f"{stem}-regions.png"
     _draw_regions(region_png, records, experts, shown, (h, w), title, dpi)
     paths = [region_png]
     channel_png = None
-    if channels:
+    spread = _channel_spread(records, experts) if channels else None
+    if spread and not all(spread[e]["near_uniform"] for e in experts):
         channel_png = out / f"{stem}-channels.png"
-        _draw_channels(channel_png, records, experts, title, dpi)
+        _draw_channels(channel_png, records, experts, title, dpi, spread)
         paths.append(channel_png)
+    elif spread:
+        spread["chart"] = ("not drawn: every expert's channel attention is near uniform (mean entropy > "
+                           f"{NEAR_UNIFORM:g} ln C), so bars of its weights would show only the uniform level")
     report = {
         "source": label,
         "run_dir": str(predictor.run_dir) if predictor.run_dir else None,
         "explained_class": {"name": explained.name, "index": explained.index, "kind": explained.kind,
                             "score": explained.score, "probability": explained.probability},
+        "true_class": (None if truth is None else
+                       {"name": truth.name, "index": truth.index, "kind": truth.kind, "score": truth.score,
+                        "probability": truth.probability, "correct": truth.index == pred.top[0].index}),
         "predicted": [dict(c.__dict__) for c in pred.top[:5]],
         "l_e": pred.l_e,
         "gamma": pred.gamma,
@@ -270,10 +315,14 @@ def explain_image(
         "feature_shape": [int(model.n_channels), h, w],
         "image_size": None if shown is None else int(shown.shape[0]),
         "attributes": records,
+        "region_scale": {"unit": "attention / uniform level 1/(h*w)", "max": _shared_max(records, experts),
+                         "peak_vs_uniform": "largest cell of a map divided by the uniform level 1/(h*w)"},
+        "channel_attention": spread,
         "panels": {
             "regions": {"rows": len(experts), "cols": len(records), "count": len(experts) * len(records)},
+            "input_panel": shown is not None,  # the image itself, before the attention panels
             "channels": ({"rows": len(experts), "cols": len(records), "count": len(experts) * len(records)}
-                         if channels else None),
+                         if channel_png else None),
         },
         "files": {"regions": region_png.name, "channels": channel_png.name if channel_png else None,
                   "json": f"{stem}-explain.json"},
@@ -285,47 +334,109 @@ def explain_image(
 
 
 def _grid(n_rows: int, n_cols: int, dpi: int, axes_in: tuple[float, float], left_in: float,
-          title_in: float, bottom_in: float = 0.3) -> tuple[Figure, np.ndarray]:
+          title_in: float, bottom_in: float = 0.3, right_in: float = 0.15) -> tuple[Figure, np.ndarray]:
     """A figure of n_rows x n_cols axes of ``axes_in`` inches, with room for titles (fixed margins in inches:
     tight_layout would measure every text, which dominates the drawing time)."""
     gap_in, top_in = 0.45, 0.4
-    width = left_in + n_cols * axes_in[0] + (n_cols - 1) * gap_in + 0.15
+    width = left_in + n_cols * axes_in[0] + (n_cols - 1) * gap_in + right_in
     height = top_in + n_rows * (title_in + axes_in[1]) + bottom_in
     fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=left_in / width, right=1 - 0.15 / width, top=1 - (top_in + title_in) / height,
+    fig.subplots_adjust(left=left_in / width, right=1 - right_in / width, top=1 - (top_in + title_in) / height,
                         bottom=bottom_in / height, wspace=gap_in / axes_in[0], hspace=title_in / axes_in[1])
     return fig, np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
 
 
 def _draw_regions(path: Path, records: list[dict[str, Any]], experts: list[str], shown: np.ndarray | None,
                   hw: tuple[int, int], title: str, dpi: int) -> None:
-    fig, axes = _grid(len(experts), len(records), dpi, (2.2, 2.2), 0.35, 0.45)
+    """Input image first, then one panel per (expert, attribute) on one shared scale of attention / uniform.
+
+    With an image, the image is dimmed where attention is low and shown in its own colours where it is high
+    (brightness proportional to attention on the shared scale), and contour lines at 1, 2, 4, ... x uniform
+    are drawn in the colour map's colours; without one, the maps themselves are drawn in the colour map.
+    """
+    from matplotlib import cm, colormaps, colors, patheffects, ticker
+
+    n_first = 1 if shown is not None else 0
+    fig, axes = _grid(len(experts), len(records) + n_first, dpi, (2.2, 2.2), 0.35, 0.55, 0.55, 0.9)
     size = (shown.shape[0], shown.shape[1]) if shown is not None else (32 * hw[0], 32 * hw[1])
+    n_cells = hw[0] * hw[1]
+    vmax = max(_shared_max(records, experts), 1.0 + 1e-6)
+    norm = colors.LogNorm(0.5, vmax)  # log: 1, 2, 4, ... x uniform equally spaced; below half uniform: darkest
+    cmap = colormaps["viridis"]
+    levels = [2.0 ** i for i in range(0, 12) if 2.0 ** i < vmax]
+    outline = [patheffects.withStroke(linewidth=2.2, foreground="white")]
+    if shown is not None:
+        ax = axes[0, 0]
+        ax.imshow(shown)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title("input (as the backbone sees it)", fontsize=7)
+        for r in range(1, len(experts)):
+            axes[r, 0].axis("off")
+        if len(experts) > 1:
+            axes[1, 0].text(0.0, 1.0, textwrap.fill(
+                "Brightness and contours: attention relative to uniform (1/(h*w), h*w = "
+                f"{n_cells} cells), one log scale for all panels. Image dimmed where attention is low; "
+                "'peak' = the largest cell / uniform. 'value in class': the attribute's normalised value "
+                "in the explained (and the true) class.", 34), fontsize=6.5, va="top", ha="left",
+                transform=axes[1, 0].transAxes)
     for r, e in enumerate(experts):
         for c, rec in enumerate(records):
-            ax = axes[r, c]
+            ax = axes[r, c + n_first]
             info = rec["experts"][e]
-            heat = _upsample(np.asarray(info["region_attention"]), size)
+            ratio = _upsample(np.asarray(info["region_attention"]) * n_cells, size)
             if shown is not None:
-                ax.imshow(shown)
-            # Each panel on its own scale (0 .. its maximum): the maps differ in sharpness by orders of
-            # magnitude, and the peak relative to uniform is printed in the title instead.
-            ax.imshow(heat, cmap="jet", alpha=0.5 if shown is not None else 1.0, vmin=0.0,
-                      vmax=max(float(heat.max()), 1e-12))
+                light = 0.12 + 0.88 * np.clip(norm(ratio), 0.0, 1.0)
+                ax.imshow((shown.astype(np.float64) / 255.0 * light[..., None]).clip(0, 1))
+                if levels and ratio.max() > levels[0]:
+                    ax.contour(ratio, levels=levels, cmap=cmap, norm=norm, linewidths=1.3).set(path_effects=outline)
+            else:
+                ax.imshow(ratio, cmap=cmap, norm=norm)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{_wrap(rec['name'])}\n{EXPERT_LABELS[e]} score {info['score']:.3f}, "
-                         f"peak {info['peak_vs_uniform']:.1f}x", fontsize=7)
-            if c == 0:
+            values = f"value in class {rec['class_value']:.2f}"
+            if "true_class_value" in rec and not np.isclose(rec["true_class_value"], rec["class_value"]):
+                values += f", in true class {rec['true_class_value']:.2f}"
+            ax.set_title(f"{_wrap(rec['name'])}\n{EXPERT_LABELS[e]} score {info['score']:.2f}, "
+                         f"peak {info['peak_vs_uniform']:.1f}x uniform\n{values}", fontsize=6.5)
+            if c == 0 and n_first == 0:
                 ax.set_ylabel(EXPERT_LABELS[e], fontsize=10)
-    fig.suptitle(f"{title}\nregion attention (each panel scaled to its maximum)", fontsize=8)
+            elif c == 0:
+                ax.text(-0.06, 0.5, EXPERT_LABELS[e], rotation=90, fontsize=10, va="center", ha="right",
+                        transform=ax.transAxes)
+    top = axes[0, -1].get_position()
+    bottom = axes[-1, -1].get_position()
+    cax = fig.add_axes((top.x1 + 0.18 / fig.get_figwidth(), bottom.y0, 0.12 / fig.get_figwidth(), top.y1 - bottom.y0))
+    bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax)
+    bar.set_label("attention / uniform level (log scale)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    for lv in levels:
+        bar.ax.axhline(lv, color="white", linewidth=0.8)
+    bar.ax.yaxis.set_minor_locator(ticker.NullLocator())
+    ticks = [t for t in (0.5, 1, 2, 4, 8, 16, 32, 64, 128) if t <= vmax]
+    bar.set_ticks(ticks, labels=[f"{t:g}x" for t in ticks])
+    fig.suptitle(f"{title}\nregion attention of each expert per attribute, one shared log scale of attention / "
+                 "uniform level 1/(h*w); peak: the map's largest cell / uniform", fontsize=8)
     fig.savefig(path)
 
 
-def _draw_channels(path: Path, records: list[dict[str, Any]], experts: list[str], title: str, dpi: int) -> None:
+def _draw_channels(path: Path, records: list[dict[str, Any]], experts: list[str], title: str, dpi: int,
+                   spread: dict[str, Any]) -> None:
+    """Top channel weights as bars; an expert whose attention is near uniform gets a statement, not bars."""
     fig, axes = _grid(len(experts), len(records), dpi, (2.3, 1.6), 0.75, 0.7, 0.45)
     for r, e in enumerate(experts):
+        s = spread[e]
+        if s["near_uniform"]:
+            for ax in axes[r]:
+                ax.axis("off")
+            axes[r, 0].text(0.0, 0.5, textwrap.fill(
+                f"{EXPERT_LABELS[e]}: channel attention is near uniform for these attributes - mean entropy "
+                f"{s['mean_entropy']:.3f} nats of ln C = {s['ln_C']:.3f} ({100 * s['entropy_over_ln_C']:.1f} %), "
+                f"about {s['mean_effective_channels']:.0f} of {s['n_channels']} channels used equally; "
+                "bars of its weights would show only the uniform level, so none are drawn.",
+                max(40, 42 * len(records))), fontsize=8, va="center", ha="left", transform=axes[r, 0].transAxes)
+            continue
         for c, rec in enumerate(records):
             ax = axes[r, c]
             info = rec["experts"][e]["channel_attention"]
@@ -335,9 +446,11 @@ def _draw_channels(path: Path, records: list[dict[str, Any]], experts: list[str]
             ax.set_xticks(range(len(chans)))
             ax.set_xticklabels([str(ch) for ch, _ in chans], rotation=90, fontsize=5)
             ax.tick_params(axis="y", labelsize=6)
-            ax.set_title(f"{_wrap(rec['name'])}\n{EXPERT_LABELS[e]}: H={info['entropy']:.2f} nats, "
-                         f"eff. {info['effective_channels']:.3g} of {info['n_channels']}", fontsize=7)
+            ax.set_title(f"{_wrap(rec['name'])}\n{EXPERT_LABELS[e]}: H={info['entropy']:.2f} of "
+                         f"ln C={info['max_entropy']:.2f} nats, eff. {info['effective_channels']:.3g} of "
+                         f"{info['n_channels']}", fontsize=6.5)
             if c == 0:
                 ax.set_ylabel(f"{EXPERT_LABELS[e]} weight", fontsize=9)
-    fig.suptitle(f"{title}\ntop channel attention weights (dashed: uniform)", fontsize=8)
+    fig.suptitle(f"{title}\ntop channel attention weights (dashed: uniform 1/C; H: entropy, "
+                 "eff.: exp(H) channels)", fontsize=8)
     fig.savefig(path)

@@ -7,6 +7,11 @@ Every report of an experiment ``NAME`` is written into its results folder:
 - ``NAME.json``: everything, including the resolved config, the protocol, the seeds, the code version
   (``dedn.__version__`` and the git commit when the package sits in a git checkout) and each run's choices;
 - PNG plots: a bar chart for the tables, Figure 3's two panels, Figure 5's bar charts, the seen-unseen curves.
+  Bars are in the table's order (T, U, S, H) with their values written on them, error bars (sample std) only
+  with several seeds, and y axes that start near the data; the panels of one figure share a y range. Baseline
+  rows an experiment carries in ``extra["baselines"]`` (label -> T, U, S, H, or label -> protocol -> those),
+  e.g. ESZSL, are drawn hatched after the table's rows. The seen-unseen curves mark each seed's operating
+  point (the gamma its protocol used) on top of every curve.
 
 Accuracies are in percent. Standard deviations are sample standard deviations (n - 1); with one seed
 there is none. The paper's numbers (paper Tables 1 and 3, kept in :mod:`dedn.data.benchmarks`) are shown
@@ -266,37 +271,95 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _bars(ax: Any, groups: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-          paper: Mapping[str, Sequence[float | None]] | None = None) -> None:
-    """Grouped bars: ``series`` name -> (means, stds) over ``groups``; paper values as black markers."""
+          paper: Mapping[str, Sequence[float | None]] | None = None, hatched: Sequence[int] = ()) -> list[float]:
+    """Grouped bars: ``series`` name -> (means, stds) over ``groups``, in legend order; the mean written on each
+    bar; error bars (sample std) only where there is one (several seeds); paper values as black markers;
+    groups at the indices ``hatched`` (baselines) hatched. Returns every drawn value (means -+ stds, paper)
+    for :func:`_near_data`."""
     n = max(len(series), 1)
     width = 0.8 / n
     x = np.arange(len(groups))
+    drawn: list[float] = []
     for i, (name, (means, stds)) in enumerate(series.items()):
         pos = x - 0.4 + width * (i + 0.5)
-        err = [s if math.isfinite(s) else 0.0 for s in stds]
-        ax.bar(pos, [m if math.isfinite(m) else 0.0 for m in means], width, yerr=err, capsize=3, label=name)
+        vals = np.array([m if m is not None and math.isfinite(m) else np.nan for m in means], dtype=np.float64)
+        err = np.array([s if s is not None and math.isfinite(s) else np.nan for s in stds], dtype=np.float64)
+        has_err = bool(np.isfinite(err).any())
+        bars = ax.bar(pos, np.nan_to_num(vals), width, label=name, color=f"C{i}",
+                      yerr=np.nan_to_num(err) if has_err else None, capsize=3 if has_err else 0,
+                      error_kw={"elinewidth": 1})
+        for j in hatched:
+            bars[j].set_hatch("//")
+            bars[j].set_edgecolor("white")
+        ax.bar_label(bars, labels=[f"{v:.1f}" if math.isfinite(v) else "n/a" for v in vals],
+                     fontsize=6 if len(groups) * n > 12 else 7, padding=2,
+                     rotation=90 if len(groups) * n > 12 else 0)
+        finite = np.isfinite(vals)
+        drawn += list(vals[finite] - np.nan_to_num(err[finite])) + list(vals[finite] + np.nan_to_num(err[finite]))
         if paper and paper.get(name) is not None:
-            vals = [v if v is not None else np.nan for v in paper[name]]
-            ax.plot(pos, vals, "k_", markersize=12, markeredgewidth=2,
-                    label="paper" if i == 0 else None)
+            pv = [v if v is not None else np.nan for v in paper[name]]
+            ax.plot(pos, pv, "k_", markersize=12, markeredgewidth=2, label="paper" if i == 0 else None)
+            drawn += [v for v in pv if math.isfinite(v)]
     ax.set_xticks(x)
     ax.set_xticklabels(groups, rotation=30 if len(groups) > 3 else 0, ha="right" if len(groups) > 3 else "center",
                        fontsize=8)
     ax.set_ylabel("%")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=len(series) + (1 if paper else 0), loc="upper left")
+    return drawn
+
+
+def _near_data(values: Sequence[float], top_room: float = 0.22) -> tuple[float, float]:
+    """A y range that starts near the data, not at 0 (never below 0 or above 100, with room for the labels
+    and the legend above the highest bar)."""
+    v = [x for x in values if math.isfinite(x)]
+    if not v:
+        return 0.0, 100.0
+    lo, hi = min(v), max(v)
+    span = max(hi - lo, 2.0)
+    bottom = max(0.0, lo - 0.3 * span)
+    bottom = 0.0 if bottom < 0.15 * hi else math.floor(bottom / 5) * 5  # near 0 anyway: start at 0
+    return bottom, min(105.0, hi + top_room * (hi - bottom) + 1.0)
+
+
+def _baselines(exp: ExperimentResult, proto: str) -> dict[str, dict[str, float]]:
+    """Baseline rows (ESZSL ...) the experiment carries in ``extra["baselines"]``: label -> metrics, or label ->
+    protocol -> metrics (percent)."""
+    out = {}
+    for label, v in (exp.extra.get("baselines") or {}).items():
+        v = v.get(proto, {}) if proto in v else v
+        if any(m in v for m in "TUSH"):
+            out[label] = v
+    return out
+
+
+EXPERIMENT_TITLES = {"table1": "Table 1: DEDN", "table3": "Table 3: ablations",
+                     "figure5": "Figure 5: attribute clusters", "figure3": "Figure 3: sensitivity to l_e and l_rc",
+                     "calibration": "Calibrated stacking"}
 
 
 def _table_plot(exp: ExperimentResult, summary: list[dict[str, Any]], metrics: Sequence[str],
                 path: Path) -> Path:
-    """One panel per protocol: grouped bars of ``metrics`` for each row."""
-    fig, axes = _figure(len(exp.protocols), width=max(4.0, 1.2 * len(exp.rows) + 2))
+    """One panel per protocol: grouped bars of ``metrics`` (legend in the table's order) for each row, then any
+    baseline rows (hatched); the panels share one y range that starts near the data."""
+    fig, axes = _figure(len(exp.protocols), width=max(4.0, 1.3 * len(exp.rows) + 2.5))
+    drawn = []
+    n_seeds = len(exp.seeds)
     for ax, proto in zip(axes, exp.protocols, strict=True):
         rows = [s for s in summary if s["protocol"] == proto]
-        series = {m: ([s[m]["mean"] for s in rows], [s[m]["std"] for s in rows]) for m in metrics}
-        paper = {m: [s["paper"][m] if s["paper"] else None for s in rows] for m in metrics}
-        _bars(ax, [s["label"] for s in rows], series, paper if any(s["paper"] for s in rows) else None)
-        ax.set_title(f"{exp.name}: {proto} protocol", fontsize=9)
+        base = _baselines(exp, proto)
+        labels = [s["label"] for s in rows] + list(base)
+        series = {m: ([s[m]["mean"] for s in rows] + [b.get(m, math.nan) for b in base.values()],
+                      [s[m]["std"] for s in rows] + [math.nan] * len(base)) for m in metrics}
+        paper = {m: [s["paper"][m] if s["paper"] else None for s in rows] + [None] * len(base) for m in metrics}
+        drawn += _bars(ax, labels, series, paper if any(s["paper"] for s in rows) else None,
+                       hatched=range(len(rows), len(labels)))
+        err = "mean ± sample std over " if n_seeds > 1 else ""
+        ax.set_title(f"{EXPERIMENT_TITLES.get(exp.name, exp.name)} on {exp.dataset}, {proto} protocol\n"
+                     f"{err}{n_seeds} seed{'s' if n_seeds > 1 else ''}"
+                     + (", hatched: baseline" if base else ""), fontsize=9)
+    for ax in axes:
+        ax.set_ylim(*_near_data(drawn))
     return _save(fig, path)
 
 
@@ -319,7 +382,7 @@ def report_table3(exp: ExperimentResult) -> list[Path]:
     files, summary = _metric_report(
         exp, f"Table 3: ablations on {exp.dataset}", published,
         f"Paper columns: paper Table 3, {ds} (published protocol).")
-    files.append(_table_plot(exp, summary, ("H", "T", "S", "U"), exp.out_dir / "table3.png"))
+    files.append(_table_plot(exp, summary, ("T", "U", "S", "H"), exp.out_dir / "table3.png"))
     return files
 
 
@@ -336,12 +399,18 @@ def report_figure5(exp: ExperimentResult) -> list[Path]:
     by = {(s["row"], s["protocol"]): s for s in summary}
     for proto in exp.protocols:
         fig, axes = _figure(2, width=4.5)
+        drawn = []
         for ax, other, title in ((axes[0], "kmeans", "(a) manual vs K-means"),
                                  (axes[1], "half", "(b) number of clusters")):
             rows = [by[(k, proto)] for k in ("manual", other) if (k, proto) in by]
-            _bars(ax, ["H", "T"], {s["label"]: ([s["H"]["mean"], s["T"]["mean"]], [s["H"]["std"], s["T"]["std"]])
-                                   for s in rows})
-            ax.set_title(f"{title}, {proto}", fontsize=9)
+            drawn += _bars(ax, ["T", "H"], {s["label"]: ([s["T"]["mean"], s["H"]["mean"]],
+                                                         [s["T"]["std"], s["H"]["std"]]) for s in rows})
+            ax.set_title(f"{title}, {proto} protocol", fontsize=9)
+        for ax in axes:
+            ax.set_ylim(*_near_data(drawn))
+        n = len(exp.seeds)
+        fig.suptitle(f"Figure 5: attribute clusters on {exp.dataset} "
+                     f"({'mean ± sample std over ' if n > 1 else ''}{n} seed{'s' if n > 1 else ''})", fontsize=10)
         files.append(_save(fig, exp.out_dir / f"figure5_{proto}.png"))
     return files
 
@@ -394,6 +463,7 @@ def report_figure3(exp: ExperimentResult) -> list[Path]:
     for proto in exp.protocols:
         axes_names = list(exp.extra.get("sweep", {}))
         fig, axes = _figure(max(len(axes_names), 1), width=4.5)
+        drawn = []
         for i, (ax, axis) in enumerate(zip(axes, axes_names, strict=False)):
             rows = sorted((r for r in sweep if r["protocol"] == proto and r["axis"] == axis), key=lambda r: r["value"])
             x = np.array([r["value"] for r in rows])
@@ -401,13 +471,21 @@ def report_figure3(exp: ExperimentResult) -> list[Path]:
                 mean = np.array([r[m]["mean"] for r in rows])
                 std = np.nan_to_num(np.array([r[m]["std"] for r in rows]))
                 ax.plot(x, mean, style, markersize=4, label=m)
-                ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+                if np.any(std > 0):  # a band only with several seeds
+                    ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+                drawn += list(mean - std) + list(mean + std)
             ax.axvline(centre.get(axis, np.nan), color="grey", linestyle=":", linewidth=1, label="configured")
             ax.set_xlabel(axis.split(".")[-1])
             ax.set_ylabel("%")
-            ax.set_title(f"({'ab'[i] if i < 2 else i}) sensitivity to {axis.split('.')[-1]}, {proto}", fontsize=9)
+            ax.set_title(f"({'ab'[i] if i < 2 else i}) sensitivity to {axis.split('.')[-1]}, {proto} protocol",
+                         fontsize=9)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
+        for ax in axes:  # one y range for both panels: their curves compare directly
+            ax.set_ylim(*_near_data(drawn, top_room=0.05))
+        n = len(exp.seeds)
+        fig.suptitle(f"Figure 3: sensitivity on {exp.dataset} "
+                     f"({'mean ± sample std over ' if n > 1 else ''}{n} seed{'s' if n > 1 else ''})", fontsize=10)
         files.append(_save(fig, exp.out_dir / f"figure3_{proto}.png"))
     return files
 
@@ -447,22 +525,29 @@ def report_calibration(exp: ExperimentResult) -> list[Path]:
     for proto in exp.protocols:
         fig, (ax,) = _figure(1, width=5.5, height=5.0)
         c = curves.get(proto, [])
+        lines = []
         for x in c:
             order = np.lexsort((-x["S"], x["U"]))
-            ax.plot(x["U"][order] * 100, x["S"][order] * 100, linewidth=0.8, alpha=0.6,
-                    label=f"seed {x['seed']} (AUSUC {x['AUSUC']:.1f})")
-            ax.plot([x["chosen_U"]], [x["chosen_S"]], "k.", markersize=7)
+            lines += ax.plot(x["U"][order] * 100, x["S"][order] * 100, linewidth=0.8, alpha=0.6, zorder=2,
+                             label=f"seed {x['seed']} (AUSUC {x['AUSUC']:.1f})")
         if c:
             mean_curve = np.mean([x["S_on_grid"] for x in c], axis=0)
             shown = grid_u <= max(float(x["U"].max()) for x in c) + 1e-12  # not the zeros beyond every curve
-            ax.plot(grid_u[shown] * 100, mean_curve[shown] * 100, "k-", linewidth=2,
+            ax.plot(grid_u[shown] * 100, mean_curve[shown] * 100, "k-", linewidth=2, zorder=3,
                     label=f"mean over seeds (AUSUC {ausuc(mean_curve, grid_u) * 100:.1f})")
+        for x, line in zip(c, lines, strict=True):  # on top of every curve, the mean one included
+            ax.plot([x["chosen_U"]], [x["chosen_S"]], "o", markersize=8, color=line.get_color(), zorder=5,
+                    markeredgecolor="black", markeredgewidth=1.2,
+                    label=f"seed {x['seed']} at gamma {x['chosen_gamma']:.3g}: S {x['chosen_S']:.1f}, "
+                          f"U {x['chosen_U']:.1f}")
         ax.set_xlabel("U: unseen accuracy (%)")
         ax.set_ylabel("S: seen accuracy (%)")
         ax.set_xlim(0, 100)
         ax.set_ylim(0, 100)
         ax.grid(True, alpha=0.3)
-        ax.set_title(f"seen-unseen curve, {proto} protocol (dots: chosen gamma)", fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
+        chosen = "chosen on validation" if proto == "validated" else "fixed"
+        ax.set_title(f"Seen-unseen curves on {exp.dataset}, {proto} protocol\n"
+                     f"dots: each seed's operating point (gamma {chosen})", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left" if len(c) < 4 else "upper right")
         files.append(_save(fig, exp.out_dir / f"calibration_{proto}.png"))
     return files

@@ -110,7 +110,10 @@ def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra
                fmt="%.6g")
     atomic_write_text(folder / f"{prefix}seen_unseen_curve.csv", buf.getvalue())
     if plots:
-        plot_seen_unseen_curve({"DEDN": (s, u)}, folder / f"{prefix}seen_unseen_curve.png")
+        r = ev.result
+        plot_seen_unseen_curve({"DEDN": (s, u)}, folder / f"{prefix}seen_unseen_curve.png",
+                               title=f"test split, gamma from {ev.gamma_source}",
+                               points={"DEDN": (r.S, r.U, ev.gamma)})
     ev.seen.save(folder / f"{prefix}outputs_test_seen.npz")
     ev.unseen.save(folder / f"{prefix}outputs_test_unseen.npz")
     # metrics.json last: its presence marks a complete evaluation record.

@@ -45,7 +45,10 @@ def attention_in_mask_share(attention: Any, masks: Any, attribute_part: Any,
 
     Returns a dict with ``per_attribute`` and ``chance_per_attribute`` ((D,), NaN for global
     attributes), ``count_per_attribute`` (images used), ``per_part`` and ``chance_per_part``
-    (name -> mean over that part's attributes), and ``overall`` / ``chance`` (mean over part attributes).
+    (name -> mean over that part's attributes; a part's chance is its mean mask area over the images where
+    it is visible), ``parts`` (name -> ``{"share", "chance", "share_over_chance", "n_attributes",
+    "n_images_visible"}``: each part's share beside its own chance, since parts differ in size), and
+    ``overall`` / ``chance`` (mean over part attributes).
     """
     att = np.asarray(attention, dtype=np.float32)
     m = np.asarray(masks)
@@ -81,12 +84,23 @@ def attention_in_mask_share(attention: Any, masks: Any, attribute_part: Any,
         sel = values[~np.isnan(values)]
         return float(sel.mean()) if sel.size else float("nan")
 
+    per_part = {names[p]: part_mean(share, p) for p in range(n_parts)}
+    chance_per_part = {names[p]: part_mean(chance, p) for p in range(n_parts)}
+    parts_record = {}
+    for p in range(n_parts):
+        sh, ch = per_part[names[p]], chance_per_part[names[p]]
+        parts_record[names[p]] = {
+            "share": sh, "chance": ch,
+            "share_over_chance": sh / ch if np.isfinite(sh) and np.isfinite(ch) and ch > 0 else float("nan"),
+            "n_attributes": int((parts == p).sum()), "n_images_visible": int(visible[:, p].sum()),
+        }
     return {
         "per_attribute": share,
         "chance_per_attribute": chance,
         "count_per_attribute": count,
-        "per_part": {names[p]: part_mean(share, p) for p in range(n_parts)},
-        "chance_per_part": {names[p]: part_mean(chance, p) for p in range(n_parts)},
+        "per_part": per_part,
+        "chance_per_part": chance_per_part,
+        "parts": parts_record,
         "overall": overall(share),
         "chance": overall(chance),
     }

@@ -333,33 +333,50 @@ def _write_per_class(result: GZSLResult, path_csv: Path, class_names: Sequence[s
 
 
 def plot_seen_unseen_curve(
-    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str | None = None
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str | None = None,
+    *, points: Mapping[str, tuple[float, ...]] | None = None, protocol: str | None = None,
 ) -> None:
     """Save a PNG of seen-unseen curves: U (x) against S (y) in percent, AUSUC in each legend entry.
 
     Args:
         curves: label -> ``(S, U)`` arrays of fractions (as from :func:`seen_unseen_curve`).
         path: output PNG; parent folders are created.
+        title: the figure title; ``protocol`` (e.g. "validated") is named after it when given.
+        points: label -> the operating point used, ``(S, U)`` or ``(S, U, gamma)`` as fractions: drawn as a
+            large marker with a black edge on top of that label's curve, in its colour, with S, U and H
+            (and gamma) in the legend.
     """
     # Figure without pyplot: no global backend switch, no figure registry, safe in headless processes.
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.0, 4.5), dpi=120)
     ax = fig.add_subplot(1, 1, 1)
+    points = dict(points or {})
     for label, (s, u) in curves.items():
         s = np.asarray(s, dtype=np.float64)
         u = np.asarray(u, dtype=np.float64)
         order = np.lexsort((-s, u))
-        ax.plot(u[order] * 100, s[order] * 100, label=f"{label} (AUSUC {ausuc(s, u) * 100:.1f})")
+        (line,) = ax.plot(u[order] * 100, s[order] * 100, label=f"{label} (AUSUC {ausuc(s, u) * 100:.1f})",
+                          zorder=2)
+        if label in points:
+            ps, pu, *g = points[label]
+            h = 2 * ps * pu / (ps + pu) if ps + pu > 0 else 0.0
+            text = f"{label} at {'gamma ' + format(g[0], '.3g') + ': ' if g else ''}" \
+                   f"S {ps * 100:.1f}, U {pu * 100:.1f}, H {h * 100:.1f}"
+            ax.plot([pu * 100], [ps * 100], "o", markersize=9, color=line.get_color(), markeredgecolor="black",
+                    markeredgewidth=1.2, zorder=5, label=text)
     ax.set_xlabel("U: unseen accuracy (%)")
     ax.set_ylabel("S: seen accuracy (%)")
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
-    if title:
-        ax.set_title(title)
+    full_title = "; ".join(t for t in (title, f"{protocol} protocol" if protocol else None) if t)
+    if points:
+        full_title += ("\n" if full_title else "") + "dots: the operating point used (its gamma)"
+    if full_title:
+        ax.set_title(full_title, fontsize=9)
     if curves:
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="lower left", fontsize=7)  # the curves bend through the upper right
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dedn.config import LossConfig, ModelConfig
+from dedn.config import LossConfig, ModelConfig, load_config
 from dedn.models.dedn import DEDNOutput, ExpertOutput
 from dedn.models.losses import (
     dedn_loss,
@@ -162,3 +162,49 @@ def test_total_loss_combines_terms() -> None:
     off_cfg = LossConfig(align=False, distill=False)
     off = dedn_loss(out, labels, seen, off_cfg, resolve_method("paper", "CUB", off_cfg))
     assert set(off.terms) == {"mal_c", "mal_f"}
+
+
+def test_the_papers_two_readings_of_the_discrepancy() -> None:
+    from dedn.models.losses import symmetric_kl
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, 7, generator=g, dtype=torch.float64)
+    p, q = torch.softmax(x, -1), torch.softmax(y, -1)
+    kl = lambda a, b: (a * (a / b).log()).sum(-1)  # noqa: E731 - the textbook formula, in float64
+    assert float(symmetric_kl(x, y)) == pytest.approx(float((0.5 * (kl(p, q) + kl(q, p))).mean()), rel=1e-12)
+    summed = float(((x - y) ** 2).sum(-1).mean())
+    assert float(discrepancy(x, y, "paper", "jsd", "sum")) == pytest.approx(float(jensen_shannon(x, y)) + summed)
+    # "sum" weights the squared error n times more than "mean" (n = 7 entries here; K on the distill term).
+    mean_sq = float(((x - y) ** 2).mean())
+    assert summed == pytest.approx(7 * mean_sq)
+    assert float(discrepancy(x, y, "paper", "symmetric_kl", "mean")) == pytest.approx(
+        float(symmetric_kl(x, y)) + mean_sq)
+
+
+def test_readings_are_paper_mode_switches() -> None:
+    from dedn.errors import ConfigError
+
+    method = resolve_method("paper", "CUB", LossConfig(divergence="symmetric_kl", squared_error="sum"))
+    assert (method.divergence, method.squared_error) == ("symmetric_kl", "sum")
+    assert (resolve_method("paper").divergence, resolve_method("paper").squared_error) == ("jsd", "mean")
+    with pytest.raises(ConfigError, match="reference mode computes the released"):
+        resolve_method("reference", "CUB", LossConfig(divergence="symmetric_kl"))
+    with pytest.raises(ConfigError, match="loss.squared_error must be one of"):
+        load_config(None, ["loss.squared_error=total"])
+
+
+def test_readings_reach_the_training_loss() -> None:
+
+
+    from dedn.train.trainer import Trainer
+
+    from .conftest import TINY
+
+    losses = {}
+    for reading in (["loss.divergence=jsd"], ["loss.divergence=symmetric_kl", "loss.squared_error=sum"]):
+        trainer = Trainer(load_config(None, [*TINY, *reading]))
+        index = trainer.sampler.epoch(0, 1)[0]
+        losses[reading[0]] = trainer.train_step(index)
+    a, b = losses["loss.divergence=jsd"], losses["loss.divergence=symmetric_kl"]
+    assert a["mal_c"] == b["mal_c"]  # same model, same batch: only the discrepancy terms differ
+    assert not np.isclose(a["distill"], b["distill"]) and not np.isclose(a["align_c"], b["align_c"])

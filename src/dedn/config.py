@@ -84,6 +84,9 @@ class LossConfig:
     distill: bool = True
     lamb: float = 0.0  # reference self-calibration weight
     calibration_margin: float = 1.0  # reference: fixed +margin unseen / -margin seen inside the scores
+    # The paper's two readings of the align / distill discrepancy (paper mode; see docs/modes.md).
+    divergence: str = "jsd"  # jsd (the text: JS divergence) | symmetric_kl (eqs. 7, 12: 1/2 [KL(P||Q) + KL(Q||P)])
+    squared_error: str = "mean"  # mean (over batch and entries) | sum (over the score vector, mean over the batch)
 
 
 @dataclass
@@ -173,6 +176,8 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("loss.margin", NON_NEGATIVE),
     ("loss.lamb", NON_NEGATIVE),
     ("loss.calibration_margin", NON_NEGATIVE),
+    ("loss.divergence", choice("jsd", "symmetric_kl")),
+    ("loss.squared_error", choice("mean", "sum")),
     ("train.epochs", NON_NEGATIVE_COUNT),
     ("train.batch_size", COUNT),
     ("train.lr", POSITIVE),

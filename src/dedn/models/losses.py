@@ -52,15 +52,32 @@ def released_jensen_shannon(x: Tensor, y: Tensor) -> Tensor:
     return 0.5 * (kl_p + kl_q).mean()
 
 
-def discrepancy(x: Tensor, y: Tensor, form: str = PAPER_DISCREPANCY) -> Tensor:
+def symmetric_kl(x: Tensor, y: Tensor) -> Tensor:
+    """1/2 [KL(softmax(x) || softmax(y)) + KL(softmax(y) || softmax(x))] over the last dim, batch mean.
+
+    The paper's equations 7 and 12 print this; computed from log-softmaxes, so it is finite wherever the scores
+    are.
+    """
+    log_p = torch.log_softmax(x, dim=-1)
+    log_q = torch.log_softmax(y, dim=-1)
+    return 0.5 * ((log_p.exp() * (log_p - log_q)).sum(-1) + (log_q.exp() * (log_q - log_p)).sum(-1)).mean()
+
+
+def discrepancy(x: Tensor, y: Tensor, form: str = PAPER_DISCREPANCY, divergence: str = "jsd",
+                squared_error: str = "mean") -> Tensor:
     """d(x, y) for (B, n) tensors; gradients flow into both arguments.
 
-    ``form`` (:data:`~dedn.models.settings.DISCREPANCIES`): the paper's, JSD + mean squared error; or the
-    released code's, JSD + (1/B) sum_b sum_j |x - y|^3 / sqrt(sum_j (x - y)^2 + 1e-9).
+    ``form`` (:data:`~dedn.models.settings.DISCREPANCIES`): the paper's, a divergence of the two softmaxes
+    plus a squared error; or the released code's, JSD + (1/B) sum_b sum_j |x - y|^3 / sqrt(sum_j (x - y)^2
+    + 1e-9). In the paper's form ``divergence`` is ``jsd`` (the text) or ``symmetric_kl`` (equations 7, 12)
+    and ``squared_error`` is ``mean`` (over batch and entries, the text) or ``sum`` (over the score vector,
+    then the batch mean: the printed squared norm).
     """
     diff = x - y
     if form == PAPER_DISCREPANCY:
-        return jensen_shannon(x, y) + diff.pow(2).mean()
+        div = jensen_shannon(x, y) if divergence == "jsd" else symmetric_kl(x, y)
+        sq = diff.pow(2).mean() if squared_error == "mean" else diff.pow(2).sum(-1).mean()
+        return div + sq
     if form == RELEASED_DISCREPANCY:
         js = released_jensen_shannon(x, y)
         sq = diff.pow(2)
@@ -138,7 +155,7 @@ def dedn_loss(
         terms[f"mal_{tag}"] = mal
         total = total + mal
         if cfg.align and exp.o_c is not None:
-            align = discrepancy(exp.o_r, exp.o_c, method.discrepancy)
+            align = discrepancy(exp.o_r, exp.o_c, method.discrepancy, method.divergence, method.squared_error)
             terms[f"align_{tag}"] = align
             total = total + cfg.beta * align
         if method.self_calibration > 0 and bool(unseen_mask.any()):
@@ -146,7 +163,8 @@ def dedn_loss(
             terms[f"cal_{tag}"] = cal
             total = total + method.self_calibration * cal
     if cfg.distill and out.cexp is not None and out.fexp is not None:
-        distill = discrepancy(out.cexp.scores, out.fexp.scores, method.discrepancy)
+        distill = discrepancy(out.cexp.scores, out.fexp.scores, method.discrepancy, method.divergence,
+                              method.squared_error)
         terms["distill"] = distill
         total = total + cfg.gamma * distill
     return LossTerms(total=total, terms=terms)

@@ -13,6 +13,7 @@ from typing import Any
 
 from dedn.config import LossConfig, ModelConfig
 from dedn.data.xlsa17 import canonical_dataset
+from dedn.errors import ConfigError
 
 MODES = ("paper", "reference")
 
@@ -20,6 +21,8 @@ MODES = ("paper", "reference")
 PAPER_DISCREPANCY = "paper"  # JSD computed in log space + mean squared error
 RELEASED_DISCREPANCY = "reference"  # the released code's JSD + its cubic term
 DISCREPANCIES = (PAPER_DISCREPANCY, RELEASED_DISCREPANCY)
+DIVERGENCES = ("jsd", "symmetric_kl")
+SQUARED_ERRORS = ("mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class MethodSettings:
         clip_negative_attributes: class attributes are clipped at 0 before normalising (the released AWA2
             loader; AWA2's attributes hold -1 for unknown).
         discrepancy: the form of d(x, y), one of :data:`DISCREPANCIES`.
+        divergence: in the paper's form, the divergence of the two softmaxes: ``"jsd"`` (the paper's text) or
+            ``"symmetric_kl"`` (its equations 7 and 12, 1/2 [KL(P||Q) + KL(Q||P)]).
+        squared_error: in the paper's form, ``"mean"`` (over batch and entries, the text's "mean squared
+            error") or ``"sum"`` (the printed ||P - Q||^2, summed over the score vector, mean over the batch).
         self_calibration: weight of the released code's self-calibration loss (0: the term is left out).
         low_rank: when set, every W1 is H1 H3 of this rank (the released SUN model).
         cluster_variant: which of a benchmark's built-in cluster definitions fExp uses (``"reference"``: the
@@ -55,6 +62,8 @@ class MethodSettings:
     sum_branches_in_training: bool = False
     clip_negative_attributes: bool = False
     discrepancy: str = PAPER_DISCREPANCY
+    divergence: str = "jsd"
+    squared_error: str = "mean"
     self_calibration: float = 0.0
     low_rank: int | None = None
     default_gamma: float = 2.0
@@ -65,6 +74,9 @@ class MethodSettings:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.discrepancy not in DISCREPANCIES:
             raise ValueError(f"discrepancy must be one of {DISCREPANCIES}, got {self.discrepancy!r}")
+        if self.divergence not in DIVERGENCES or self.squared_error not in SQUARED_ERRORS:
+            raise ValueError(f"divergence must be one of {DIVERGENCES} and squared_error one of {SQUARED_ERRORS}, "
+                             f"got {self.divergence!r}, {self.squared_error!r}")
         if self.low_rank is not None and (isinstance(self.low_rank, bool) or int(self.low_rank) != self.low_rank
                                           or self.low_rank < 1):
             raise ValueError(f"low_rank must be an integer >= 1 or None, got {self.low_rank!r}")
@@ -97,7 +109,11 @@ def resolve_method(
     loss = loss_cfg if loss_cfg is not None else LossConfig()
     model = model_cfg if model_cfg is not None else ModelConfig()
     if mode == "paper":
-        return MethodSettings(mode=mode, target_margin=2.0 * loss.margin, default_gamma=2.0 * loss.margin)
+        return MethodSettings(mode=mode, target_margin=2.0 * loss.margin, default_gamma=2.0 * loss.margin,
+                              divergence=loss.divergence, squared_error=loss.squared_error)
+    if (loss.divergence, loss.squared_error) != ("jsd", "mean"):
+        raise ConfigError("loss.divergence and loss.squared_error choose between the paper's readings; reference "
+                          "mode computes the released code's discrepancy: leave them at jsd and mean")
     name = canonical_dataset(dataset) or (dataset.upper() if dataset else None)
     return MethodSettings(
         mode=mode,

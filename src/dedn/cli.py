@@ -109,22 +109,6 @@ def train(
     typer.echo(f"model: {result.model_dir}")
 
 
-def _run_calibration(model_dir: Path, cfg, data):
-    """The calibration a run itself used: its recorded gamma and source, else the config's request."""
-    from dedn.eval.calibration import GAMMA_SOURCES, Calibration
-    from dedn.eval.evaluate import calibration_value
-
-    path = model_dir / "metrics.json"
-    if path.is_file():
-        try:
-            rec = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            rec = {}
-        if isinstance(rec.get("gamma"), (int, float)) and rec.get("gamma_source") in GAMMA_SOURCES:
-            return Calibration(float(rec["gamma"]), rec["gamma_source"])
-    return calibration_value(cfg, data)
-
-
 @app.command("eval")
 def evaluate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "--run", help="run directory of a trained model")],
@@ -144,7 +128,7 @@ def evaluate(
     from dedn.eval.evaluate import evaluate_model, write_evaluation
     from dedn.factory import load_data
     from dedn.train.checkpoint import load_weights
-    from dedn.train.rundir import load_run_config
+    from dedn.train.rundir import load_run_config, recorded_calibration
 
     check_option("--l-rc", l_rc, FRACTION)
     check_option("--l-e", l_e, FRACTION)
@@ -161,7 +145,7 @@ def evaluate(
     device = resolve_device(cfg.train.device)
     model = load_weights(weights, device=device)
     data = load_data(cfg)
-    gamma = fixed if fixed is not None else _run_calibration(folder_in, cfg, data)
+    gamma = fixed if fixed is not None else recorded_calibration(folder_in, cfg, data)
     ev = evaluate_model(model, data, gamma, cfg.eval.batch_size, device, progress=True, l_rc=l_rc, l_e=l_e)
     metrics = write_evaluation(ev, folder, data.class_names, {
         "mode": cfg.mode, "split": cfg.data.split, "l_rc": l_rc if l_rc is not None else model.l_rc,

@@ -121,16 +121,14 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
 
     esz = ESZSL(choice["gamma_reg"], choice["lambda_reg"]).fit(
         pooled_features(data.features, data.trainval_loc), data.labels[data.trainval_loc], data.att)
-    _, bs, bu = seen_unseen_curve(
-        esz.scores(pooled_features(data.features, data.test_seen_loc), data.att), data.labels[data.test_seen_loc],
-        esz.scores(pooled_features(data.features, data.test_unseen_loc), data.att),
-        data.labels[data.test_unseen_loc], data.seen_mask)
+    # The baseline's test scores, once: for its curve, its AUSUC and its interval.
+    esz_seen = esz.scores(pooled_features(data.features, data.test_seen_loc), data.att)
+    esz_unseen = esz.scores(pooled_features(data.features, data.test_unseen_loc), data.att)
+    labels_seen, labels_unseen = data.labels[data.test_seen_loc], data.labels[data.test_unseen_loc]
+    _, bs, bu = seen_unseen_curve(esz_seen, labels_seen, esz_unseen, labels_unseen, data.seen_mask)
     rows["ESZSL (pooled features)"]["AUSUC"] = ausuc(bs, bu) * 100
-    eszsl_scores = (esz.scores(pooled_features(data.features, data.test_seen_loc), data.att),
-                    esz.scores(pooled_features(data.features, data.test_unseen_loc), data.att))
     rows["ESZSL (pooled features)"]["H_interval"] = list(bootstrap_interval(
-        eszsl_scores[0], data.labels[data.test_seen_loc], eszsl_scores[1], data.labels[data.test_unseen_loc],
-        data.seen_mask, float(choice["calibration"]))["H"])
+        esz_seen, labels_seen, esz_unseen, labels_unseen, data.seen_mask, float(choice["calibration"]))["H"])
     full_row, eszsl_row = rows[full.label], rows["ESZSL (pooled features)"]
     plot_seen_unseen_curve({"DEDN": (s, u), "ESZSL": (bs, bu)}, out / "seen_unseen_curve.png",
                            title="built-in benchmark, test split", protocol="validated",

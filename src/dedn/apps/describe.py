@@ -7,7 +7,6 @@ reads back, with every attribute of the run as a column.
 from __future__ import annotations
 
 import csv
-import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,11 @@ from typing import Any
 from dedn.apps.protocols import model_dir
 from dedn.data.imagebench_spec import group_definitions
 from dedn.errors import CheckpointError, ConfigError
-from dedn.train.rundir import CLASS_FILE, load_run_config
+from dedn.train.rundir import CLASS_FILE, load_run_config, read_class_file, read_run_metrics
 
 METRIC_KEYS = ("T", "U", "S", "H", "AUSUC")
 UNGROUPED = "(no group)"
 EXAMPLE_CLASS = "example_new_class"
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable {what} ({exc})") from None
 
 
 def attribute_groups(attribute_names: list[str], imagebench_n_colors: int | None = None) -> dict[str, list[str]]:
@@ -49,28 +41,18 @@ def attribute_groups(attribute_names: list[str], imagebench_n_colors: int | None
 def describe_run(run: str | Path) -> dict[str, Any]:
     """A JSON-ready description of the run in ``run`` (a run folder of any protocol)."""
     folder = model_dir(run)
-    class_file = folder / CLASS_FILE
-    if not class_file.is_file():
+    rec = read_class_file(folder)
+    if rec is None:
         raise CheckpointError(f"{folder}: no {CLASS_FILE}; this run has no class record (finish training first)")
-    rec = _read_json(class_file, "class file")
-    try:
-        names, attrs = [str(n) for n in rec["class_names"]], [str(a) for a in rec["attribute_names"]]
-        seen = [bool(s) for s in rec["seen_mask"]]
-        class_att = rec["class_att"]
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{class_file}: malformed class file ({type(exc).__name__}: {exc})") from None
-    if len(seen) != len(names):
-        raise CheckpointError(f"{class_file}: {len(names)} class names but {len(seen)} seen flags")
+    names, attrs, seen = rec["class_names"], rec["attribute_names"], rec["seen_mask"].tolist()
+    class_att = rec["class_att"].tolist()
     try:
         cfg = load_run_config(folder)
     except (CheckpointError, ConfigError):
         cfg = None
     source = cfg.data.source if cfg is not None else None
     n_colors = cfg.data.imagebench.n_colors if cfg is not None and source == "imagebench" else None
-    metrics_path = folder / "metrics.json"
-    metrics = _read_json(metrics_path, "metrics file") if metrics_path.is_file() else {}
-    if not isinstance(metrics, dict):
-        raise CheckpointError(f"{metrics_path}: expected a JSON object")
+    metrics = read_run_metrics(folder)
     return {
         "run": str(run),
         "model_dir": str(folder),

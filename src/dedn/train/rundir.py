@@ -24,7 +24,10 @@ from filelock import FileLock, Timeout
 
 from dedn.atomic import atomic_write_text
 from dedn.config import RunConfig, config_from_dict
+from dedn.data.dataset import ZSLData
 from dedn.errors import CheckpointError, ConfigError, DataError
+from dedn.eval.calibration import GAMMA_SOURCES, Calibration
+from dedn.eval.evaluate import calibration_value
 
 LOCK_FILE = ".lock"
 OWNER_FILE = ".lock-owner.json"
@@ -199,3 +202,56 @@ def write_feature_provenance(run_dir: str | Path, provenance: Mapping[str, Any])
     path = Path(run_dir) / FEATURES_FILE
     atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")
     return path
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A run file's JSON; CheckpointError naming the file when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable {what} ({exc})") from None
+
+
+def read_class_file(run_dir: str | Path) -> dict[str, Any] | None:
+    """``RUN/classes.json`` as written by :func:`write_class_file`, checked; None when the run has none.
+
+    Returns ``class_names``, ``attribute_names`` (lists), ``class_att`` (K x D float32), ``seen_mask`` (K bool)
+    and ``calibration`` (float or None).
+    """
+    path = Path(run_dir) / CLASS_FILE
+    if not path.is_file():
+        return None
+    rec = read_json(path, "class file")
+    try:
+        names, attrs = [str(n) for n in rec["class_names"]], [str(a) for a in rec["attribute_names"]]
+        att = np.asarray(rec["class_att"], dtype=np.float32)
+        seen = np.asarray(rec["seen_mask"], dtype=bool)
+        calibration = None if rec.get("calibration") is None else float(rec["calibration"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed class file ({type(exc).__name__}: {exc}); expected class_names, "
+                              "attribute_names, class_att, seen_mask") from None
+    if att.shape != (len(names), len(attrs)) or seen.shape != (len(names),):
+        raise CheckpointError(f"{path}: {len(names)} class names, {len(attrs)} attribute names, class_att "
+                              f"{att.shape} and seen_mask {seen.shape} do not match")
+    return {"class_names": names, "attribute_names": attrs, "class_att": att, "seen_mask": seen,
+            "calibration": calibration}
+
+
+def read_run_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """``RUN/metrics.json`` ({} when the run has not been evaluated); CheckpointError when unreadable."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return {}
+    metrics = read_json(path, "metrics file")
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return metrics
+
+
+def recorded_calibration(run_dir: str | Path, cfg: RunConfig, data: ZSLData) -> Calibration:
+    """The calibration a run used, as its ``metrics.json`` records it (gamma and source); a run without that
+    record gets what its config asks for (:func:`dedn.eval.evaluate.calibration_value`)."""
+    rec = read_run_metrics(run_dir)
+    if isinstance(rec.get("gamma"), (int, float)) and rec.get("gamma_source") in GAMMA_SOURCES:
+        return Calibration(float(rec["gamma"]), rec["gamma_source"])
+    return calibration_value(cfg, data)

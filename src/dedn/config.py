@@ -37,6 +37,7 @@ from dedn.data.synthetic import SyntheticConfig
 from dedn.errors import ConfigError
 
 MODES = ("paper", "reference")
+EXPERTS = ("both", "cexp", "fexp")
 
 
 @dataclass
@@ -166,7 +167,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     # ImageBenchConfig.validate (called by _check) checks the ranges; its `< 0` tests let NaN through.
     *((f"data.imagebench.{k}", NON_NEGATIVE) for k in (
         "pose_jitter_deg", "scale_jitter", "color_jitter", "lighting_jitter", "clutter", "noise")),
-    ("model.experts", choice("both", "cexp", "fexp")),
+    ("model.experts", choice(*EXPERTS)),
     ("model.n_clusters", optional(COUNT)),
     ("model.l_rc", FRACTION),
     ("model.l_e", FRACTION),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from dedn.config import LossConfig
 from dedn.errors import ConfigError
-from dedn.models.settings import MODES, resolve_method
+from dedn.models.settings import resolve_method
 
 VALIDATED = "validated"
 CONFIG = "config"
@@ -34,8 +34,6 @@ def mode_default_gamma(mode: str, margin: float) -> float:
     the scores its margin-aware loss is built to win on, and that shift is calibrated stacking at 2 eps.
     reference: 0, because the released code keeps that margin inside the model's scores already.
     """
-    if mode not in MODES:
-        raise ConfigError(f"mode must be paper or reference, got {mode!r}")
     return resolve_method(mode, None, LossConfig(margin=margin)).default_gamma
 
 

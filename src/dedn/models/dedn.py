@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dedn.config import EXPERTS
 from dedn.models.settings import MethodSettings
 
-EXPERTS = ("both", "cexp", "fexp")
 #: The experts a DEDN may hold, in the order they are built (their random init is drawn in this order).
 EXPERT_NAMES = ("cexp", "fexp")
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dedn.config import LossConfig, ModelConfig
+from dedn.config import MODES, LossConfig, ModelConfig
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import ConfigError
-
-MODES = ("paper", "reference")
 
 #: The discrepancy d(x, y) of the align and distill terms, as :func:`dedn.models.losses.discrepancy` names it.
 PAPER_DISCREPANCY = "paper"  # JSD computed in log space + mean squared error
@@ -102,7 +100,8 @@ def resolve_method(
     AWA2 subtract eps (not 2 eps) from the target score, AWA2 clips negative class attributes.
 
     Raises:
-        ValueError: an unknown mode.
+        ValueError: an unknown mode (configs are checked before they get here).
+        ConfigError: a paper-only reading asked for in reference mode.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

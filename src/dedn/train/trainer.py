@@ -19,6 +19,7 @@ epoch e draws exactly the batches an uninterrupted run would: both end with the 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -267,9 +268,9 @@ class Trainer:
             return False
         _, record = load_checkpoint(folder, optimizer_for=self.model, optimizer=self.optimizer,
                                     device=self.device)
-        for key, now, what in (("data_fingerprint", data_fingerprint(self.data), "the data (features, labels, "
+        for key, now, what in (("data_fingerprint", self.identity["data_fingerprint"], "the data (features, labels, "
                                 "splits or semantic side)"),
-                               ("config_hash", _config_hash(self.cfg), "the resolved config")):
+                               ("config_hash", self.identity["config_hash"], "the resolved config")):
             if key in record and record[key] != now:
                 raise CheckpointError(f"{folder / 'last.json'}: {what} changed since this checkpoint was written; "
                                       "resuming would mix two runs: restore them, or start a new run in another "
@@ -281,6 +282,11 @@ class Trainer:
             atomic_write_text(history_file, "".join(json.dumps(r) + "\n" for r in self.history))
         log.info("resumed from %s at epoch %d", folder, self.start_epoch)
         return True
+
+    @functools.cached_property
+    def identity(self) -> dict[str, str]:
+        """What a checkpoint records so that resume can refuse other data or another config (computed once)."""
+        return {"data_fingerprint": data_fingerprint(self.data), "config_hash": _config_hash(self.cfg)}
 
     def _is_best(self, row: dict[str, Any]) -> bool:
         """Whether ``row`` has the best validation H so far (ties keep the earlier epoch); never on test data."""
@@ -310,7 +316,7 @@ class Trainer:
         if self.run_dir is None or not self.writer:
             return
         state = {"epoch": epoch, "history": self.history, "losses": self.losses, "version": __version__,
-                 "data_fingerprint": data_fingerprint(self.data), "config_hash": _config_hash(self.cfg)}
+                 **self.identity}
         save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, state, name=name)
 
     # -------------------------------------------------------------------------- loop

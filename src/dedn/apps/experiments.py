@@ -568,9 +568,9 @@ def _validate_stage(job: Job, cfg: RunConfig, folder: Path, tune_points: list[tu
         # Highest validation H; ties: fewer epochs, then the earlier grid point.
         top = max(rows, key=lambda r: (r["H"], -r["epoch"], -order[(r["l_rc"], r["l_e"])]))
         _check_selected(run_dir, top["epoch"])
-        candidates.append((top, i, combo, stage))
-    top, i, combo, stage = max(candidates, key=lambda c: (c[0]["H"], -c[1]))
-    return {"hash": job.hash(), "validation_task": data.provenance.get("validation_task"),
+        candidates.append((top, i, combo, stage, data.provenance.get("validation_task")))
+    top, i, combo, stage, task = max(candidates, key=lambda c: (c[0]["H"], -c[1]))
+    return {"hash": job.hash(), "validation_task": task,
             "combo": i, "overrides": list(combo), "stage": stage,
             "epoch": top["epoch"], "epochs": top["epoch"] + 1, "gamma": top["gamma"], "l_rc": top["l_rc"],
             "l_e": top["l_e"], "validation": {k: top[k] for k in METRICS},

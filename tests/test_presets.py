@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dedn.config import RunConfig, load_config
+from dedn.errors import ConfigError
 
 PRESETS = Path(str(resources.files("dedn.configs"))) / "presets"
 
@@ -22,8 +23,33 @@ TABLE = {
 }
 
 
-def test_exactly_the_six_presets():
-    assert sorted(p.stem for p in PRESETS.glob("*.yaml")) == sorted(TABLE)
+REPLAYS = {"cub-released": "cub-gzsl", "sun-released": "sun-gzsl", "awa2-released": "awa2-gzsl"}
+
+
+def test_exactly_the_six_presets_and_their_replays():
+    assert sorted(p.stem for p in PRESETS.glob("*.yaml")) == sorted([*TABLE, *REPLAYS])
+
+
+@pytest.mark.parametrize("name", sorted(REPLAYS))
+def test_replay_presets_are_their_gzsl_preset_in_reference_mode_with_the_released_draws(name):
+    cfg, base = load_config(name), load_config(REPLAYS[name])
+    assert (cfg.mode, cfg.train.rng, cfg.eval.protocol, cfg.name) == ("reference", "released", "published", name)
+    assert (cfg.seed, cfg.model, cfg.loss, cfg.data) == (base.seed, base.model, base.loss, base.data)
+    assert (cfg.train.epochs, cfg.train.balanced, cfg.train.batch_size) == (
+        base.train.epochs, base.train.balanced, base.train.batch_size)
+
+
+def test_extends_cycles_and_bad_values_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"extends: {tmp_path / 'b.yaml'}\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text(f"extends: {tmp_path / 'a.yaml'}\n")
+    (tmp_path / "c.yaml").write_text("extends: [cub-gzsl, sun-gzsl]\n")
+    (tmp_path / "d.yaml").write_text("extends: cub-gzsl\nseed: 3\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="extends must name one config"):
+        load_config(tmp_path / "c.yaml")
+    cfg = load_config(tmp_path / "d.yaml")
+    assert (cfg.seed, cfg.data.dataset, cfg.train.epochs) == (3, "CUB", 80)
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))

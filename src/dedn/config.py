@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for presets)
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING re-exported for presets)
 from omegaconf.errors import OmegaConfBaseException
 
 from dedn.checks import (
@@ -111,6 +111,9 @@ class TrainConfig:
     progress: bool = True
     max_iters: int | None = None  # stop after this many iterations (smoke tests, benchmarks)
     tensorboard: bool = False  # also log every epoch to RUN/tensorboard (needs the tensorboard extra)
+    # dedn: batches from (seed, epoch), resumable epoch by epoch. released (reference mode): the released code's
+    # initial draws, batches and iteration/evaluation schedule, draw for draw (docs/modes.md, "Replaying").
+    rng: str = "dedn"
 
 
 @dataclass
@@ -193,6 +196,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("train.threads", optional(COUNT)),
     ("train.dtype", choice("float32", "float64")),
     ("train.max_iters", optional(COUNT)),
+    ("train.rng", choice("dedn", "released")),
     ("eval.calibration", CALIBRATION),
     ("eval.curve_points", integer(2)),
     ("eval.batch_size", COUNT),
@@ -211,6 +215,7 @@ def _check(cfg: RunConfig, origin: str) -> RunConfig:
     """``cfg`` if every value passes :data:`RULES` (and the image benchmark's own checks), else ConfigError."""
     for key, rule in RULES:
         check(key, _value(cfg, key), rule, origin)
+    _check_replay(cfg, origin)
     try:
         cfg.data.imagebench.validate()
     except ConfigError as exc:
@@ -218,11 +223,29 @@ def _check(cfg: RunConfig, origin: str) -> RunConfig:
     return cfg
 
 
+def _check_replay(cfg: RunConfig, origin: str) -> None:
+    """``train.rng=released`` replays the released code's run, so the settings it fixes must be left alone."""
+    if cfg.train.rng != "released":
+        return
+    if cfg.mode != "reference":
+        raise ConfigError(f"{origin}: train.rng=released replays the released code's training, which only "
+                          f"reference mode computes; set mode=reference (got mode={cfg.mode})")
+    if cfg.train.iters_per_epoch is not None or cfg.train.eval_every != 1:
+        key = "train.iters_per_epoch" if cfg.train.iters_per_epoch is not None else "train.eval_every"
+        raise ConfigError(f"{origin}: {key} cannot be set with train.rng=released: the released schedule runs "
+                          "n_trainval * epochs // batch_size iterations and evaluates every niters // epochs")
+    if cfg.eval.protocol == "validated" or cfg.data.split != "test":
+        raise ConfigError(f"{origin}: train.rng=released replays a released run, which trains on trainval and "
+                          "evaluates on the test split: set eval.protocol=published (or fixed) and data.split=test, "
+                          "or start from a replay preset (cub-released, sun-released, awa2-released)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config (optional) and apply ``dotted.key=value`` overrides.
 
     ``path`` is a file, or a packaged config or preset by name (``"demo"``, ``"cub-gzsl"``), resolved by
-    :func:`find_config`.
+    :func:`find_config`. A file whose top-level ``extends:`` names another config (a path or a name) holds
+    only what it changes: it is merged over that config.
 
     Raises:
         ConfigError: the file is missing or unreadable, a key is unknown, a value has the wrong type.
@@ -232,8 +255,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         if path is not None:
             origin = str(path)
-            p = find_config(path)
-            merged = OmegaConf.merge(base, OmegaConf.load(p))
+            merged = OmegaConf.merge(base, _read_yaml(path))
         else:
             merged = base
         bad = [o for o in overrides if "=" not in o]
@@ -252,6 +274,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{origin}: cannot read config: {exc}") from None
     assert isinstance(cfg, RunConfig)
     return _check(cfg, origin)
+
+
+def _read_yaml(path: str | Path, chain: tuple[Path, ...] = ()) -> Any:
+    """A config file's values, merged over the config its ``extends:`` key names (recursively)."""
+    p = find_config(path).resolve()
+    if p in chain:
+        raise ConfigError(f"{p}: extends itself through {' -> '.join(str(c) for c in chain)}")
+    values = OmegaConf.load(p)
+    parent = values.pop("extends", None) if isinstance(values, DictConfig) else None
+    if parent is None:
+        return values
+    if not isinstance(parent, str):
+        raise ConfigError(f"{p}: extends must name one config file or preset, got {parent!r}")
+    return OmegaConf.merge(_read_yaml(parent, (*chain, p)), values)
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...], origin: str = "config") -> RunConfig:

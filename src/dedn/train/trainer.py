@@ -13,7 +13,9 @@ A run lives in a run directory::
     RUN/metrics.json         final T / U / S / H, gamma and its source, AUSUC; per-class CSV, curve
 
 Batches are drawn from a generator seeded by (seed, epoch), so a run resumed from the checkpoint of
-epoch e draws exactly the batches an uninterrupted run would: both end with the same weights.
+epoch e draws exactly the batches an uninterrupted run would: both end with the same weights. With
+``train.rng=released`` (reference mode) the initial weights, the batches and the schedule are the released
+code's instead (:mod:`dedn.train.released`); a resumed replay fast-forwards its draws to the checkpoint.
 """
 
 from __future__ import annotations
@@ -46,7 +48,15 @@ from dedn.factory import build_model, dataset_name, load_data
 from dedn.models.dedn import DEDN
 from dedn.models.losses import dedn_loss
 from dedn.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from dedn.train.released import (
+    ReleasedBatches,
+    check_replay_data,
+    draw_initial_weights,
+    released_generators,
+    released_schedule,
+)
 from dedn.train.rundir import RunLock, check_new_run_dir, new_run_dir
+from dedn.train.schedule import Segment, epoch_schedule
 
 log = logging.getLogger("dedn")
 
@@ -73,6 +83,10 @@ class BatchSampler:
     def epoch(self, epoch: int, n_iters: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         return [self._draw(rng) for _ in range(n_iters)]
+
+    def segment(self, segment: Segment) -> list[np.ndarray]:
+        """The batches of one segment of the schedule (an epoch)."""
+        return self.epoch(segment.index, segment.steps)
 
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         if not self.balanced:
@@ -156,7 +170,14 @@ class Trainer:
         if self.dtype is None:
             raise ConfigError(f"train.dtype must be float32 or float64, got {cfg.train.dtype!r}")
         self.dataset = dataset_name(cfg, self.data)
-        self.model = (model if model is not None else build_model(cfg, self.data)).to(self.device, self.dtype)
+        replay = cfg.train.rng == "released"
+        if replay:
+            check_replay_data(self.data, cfg.data.path)
+        if model is None:
+            model = build_model(cfg, self.data)
+            if replay:
+                draw_initial_weights(model, released_generators(cfg.seed)[0])
+        self.model = model.to(self.device, self.dtype)
         join_process_group(self.device)
         self.rank, self.world = process_rank()
         self.forward = self.model
@@ -169,9 +190,19 @@ class Trainer:
         t = cfg.train
         self.optimizer = torch.optim.RMSprop(params, lr=t.lr, alpha=t.alpha, eps=t.eps,
                                              weight_decay=t.weight_decay, momentum=t.momentum)
-        self.sampler = BatchSampler(self.data.labels, self.data.trainval_loc, t.batch_size, t.balanced,
-                                    cfg.seed)
+        self.sampler: BatchSampler | ReleasedBatches
         self.iters_per_epoch = t.iters_per_epoch or max(self.data.trainval_loc.size // t.batch_size, 1)
+        self.schedule: list[Segment]
+        if replay:
+            self.sampler = ReleasedBatches(self.data.labels, self.data.trainval_loc, t.batch_size, t.balanced,
+                                           cfg.seed, self.model)
+            self.schedule = released_schedule(self.data.trainval_loc.size, t.epochs, t.batch_size)
+        else:
+            self.sampler = BatchSampler(self.data.labels, self.data.trainval_loc, t.batch_size, t.balanced,
+                                        cfg.seed)
+            self.schedule = epoch_schedule(t.epochs, self.iters_per_epoch, t.eval_every)
+        # The released loop evaluates only on its schedule; dedn's also evaluates a run cut short by max_iters.
+        self._evaluate_last = not replay
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writer = self.rank == 0  # only rank 0 writes the run directory
         self._tensorboard: Any = None
@@ -365,21 +396,27 @@ class Trainer:
                               progress)
 
     def fit(self) -> TrainResult:
-        """Train for ``train.epochs`` epochs (from the resumed epoch), evaluating and checkpointing."""
+        """Train through the schedule (from the resumed segment), evaluating and checkpointing.
+
+        The schedule is ``train.epochs`` epochs, or with ``train.rng=released`` the released code's
+        iterations and evaluations; each segment of it is one history row.
+        """
         t = self.cfg.train
-        total_iters = t.epochs * self.iters_per_epoch
+        segments = self.schedule
+        total_iters = sum(s.steps for s in segments)
         if t.max_iters is not None:
             total_iters = min(total_iters, t.max_iters)
-        done = self.start_epoch * self.iters_per_epoch
-        bar = tqdm(total=total_iters, initial=min(done, total_iters), desc="training", unit="it",
+        done = min(sum(s.steps for s in segments[: self.start_epoch]), total_iters)
+        bar = tqdm(total=total_iters, initial=done, desc="training", unit="it",
                    disable=not (t.progress and self.writer), dynamic_ncols=True)
         pool = ThreadPoolExecutor(max_workers=1)  # reads the next batch while this one computes
         last_eval: Evaluation | None = None
         try:
-            for epoch in range(self.start_epoch, t.epochs):
+            for seg in segments[self.start_epoch :]:
                 if done >= total_iters:
                     break
-                batches = self.sampler.epoch(epoch, self.iters_per_epoch)
+                epoch = seg.index
+                batches = self.sampler.segment(seg)
                 n = min(len(batches), total_iters - done)
                 epoch_losses: list[float] = []
                 started = time.perf_counter()
@@ -403,10 +440,11 @@ class Trainer:
                     bar.set_postfix(loss=f"{items['loss']:.3f}", epoch=epoch)
                 mean_loss = float(np.mean(epoch_losses)) if epoch_losses else math.nan
                 self.losses.append(mean_loss)
-                row: dict[str, Any] = {"epoch": epoch, "loss": mean_loss,
+                row: dict[str, Any] = {"epoch": epoch, "iterations": done, "loss": mean_loss,
                                        "seconds": round(time.perf_counter() - started, 3)}
-                final = epoch == t.epochs - 1 or done >= total_iters
-                if self.writer and ((t.eval_every and (epoch + 1) % t.eval_every == 0) or final):
+                final = seg is segments[-1] or done >= total_iters
+                last_eval = None  # the weights changed: an earlier evaluation no longer describes them
+                if self.writer and ((seg.evaluate and n == seg.steps) or (final and self._evaluate_last)):
                     last_eval = self.evaluate()
                     row.update(last_eval.summary())
                     self.on_evaluate(epoch, last_eval)

@@ -16,7 +16,8 @@ Protocols (docs/modes.md, "Evaluation protocols"), always named in every output:
 
 A results folder (``out_dir``) holds::
 
-    OUT/experiment.json                  experiment name, config hash and resolved config
+    OUT/experiment.json                  experiment name, config hash, resolved config, and every launch
+                                         (launcher, its submitit parameters, devices, when)
     OUT/runs/<row>/<protocol>/seed-<s>/  one folder per (row, protocol, seed)
         job.json                         the job's config hash (written when the job starts)
         done.json                        the result, written atomically when the job is complete
@@ -25,16 +26,21 @@ A results folder (``out_dir``) holds::
         selection.json                   validated: what run 1 chose
         final/                           validated run 2: retrained on trainval, tested once
     OUT/<experiment>.md .csv _seeds.csv .json .png   the reports (:mod:`dedn.apps.reports`)
+    OUT/submitit/                        launchers local and slurm: submitit's job files and logs
 
 Rerunning a command skips finished jobs, resumes unfinished ones from their last checkpoint
 (:meth:`dedn.train.trainer.Trainer.resume`) and refuses (:class:`~dedn.errors.ConfigError`) a results folder or
 job folder written with another config; a finished result is never overwritten.
 
-Devices: by default jobs run one after the other in this process, on ``train.device``. With
-``devices=["cuda:0", "cuda:1"]`` independent jobs are dispatched to a
-:class:`concurrent.futures.ProcessPoolExecutor` (spawn context) with one worker per device; each worker runs
-its jobs on its own device. One run spread over several GPUs is :class:`~dedn.train.trainer.Trainer`'s
-business: launch it with ``torchrun`` (distributed data parallel).
+Launchers (:class:`Launch`, ``dedn experiment --launcher``): ``pool``, the default, runs jobs one after the
+other in this process, on ``train.device``; with ``devices=["cuda:0", "cuda:1"]`` independent jobs are
+dispatched to a :class:`concurrent.futures.ProcessPoolExecutor` (spawn context) with one worker per device;
+each worker runs its jobs on its own device. ``local`` and ``slurm`` submit each unfinished job through
+submitit (:func:`submit_jobs`): a subprocess on this machine, or a SLURM job (one job array) with the
+partition, GPUs, CPUs, memory and time limit given. A SLURM job that times out or is preempted is requeued
+and resumes from its checkpoint; one killed for good is rerun, from its checkpoint, by rerunning the command.
+One run spread over several GPUs is :class:`~dedn.train.trainer.Trainer`'s business: launch it with
+``torchrun`` (distributed data parallel).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import itertools
 import json
 import logging
 import multiprocessing as mp
+import re
 import time
 import typing
 from collections import OrderedDict
@@ -62,7 +69,7 @@ from dedn.apps.results import ExperimentResult, Row, RunResult
 from dedn.atomic import atomic_write_text
 from dedn.config import VOLATILE_KEYS, RunConfig, apply_overrides, config_to_dict, diff_keys, load_config, without_keys
 from dedn.data.dataset import ZSLData
-from dedn.errors import CheckpointError, ConfigError, DataError
+from dedn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dedn.eval.calibration import CONFIG, VALIDATED, Calibration, config_calibration, parse_calibration
 from dedn.eval.evaluate import Evaluation, evaluate_outputs
 from dedn.eval.inference import ModelOutputs
@@ -77,22 +84,28 @@ __all__ = [
     "EXPERIMENTS",
     "EVAL_TIME_KEYS",
     "FIGURE3_VALUES",
+    "LAUNCHERS",
     "PROTOCOLS",
     "TABLE3_ROWS",
     "ExperimentResult",
     "Job",
+    "Launch",
     "Row",
     "RunResult",
     "calibration",
     "check_validation_split",
     "figure3",
     "figure5",
+    "finished_result",
+    "make_executor",
     "parse_devices",
     "parse_grid",
     "read_grid",
     "run_experiment",
     "run_job",
     "run_jobs",
+    "submit_jobs",
+    "submitit_parameters",
     "table1",
     "table3",
 ]
@@ -578,23 +591,38 @@ def _validate_stage(job: Job, cfg: RunConfig, folder: Path, tune_points: list[tu
                             "l_e": c[0]["l_e"], "H": c[0]["H"]} for c in candidates]}
 
 
+def finished_result(job: Job) -> RunResult | None:
+    """The job's result from its ``done.json`` (marked reused), or None while the job is unfinished.
+
+    Raises:
+        ConfigError: the job folder was finished with another config.
+    """
+    folder = Path(job.folder)
+    done = folder / "done.json"
+    if not done.exists():
+        return None
+    record = json.loads(done.read_text())
+    h = job.hash()
+    if record.get("hash") != h:
+        raise ConfigError(f"{folder}: finished with another config (hash {record.get('hash')} != {h}); the "
+                          "finished result is not overwritten: use another results folder")
+    result = RunResult.from_dict(record["result"], reused=True)
+    result.folder = str(folder)  # the results folder may have moved since
+    return result
+
+
 def run_job(job: Job, device: str | None = None) -> RunResult:
     """Run one (row, protocol, seed) job, or return its finished result.
 
     Raises:
         ConfigError: the job folder was started or finished with another config (nothing is overwritten).
     """
+    finished = finished_result(job)
+    if finished is not None:
+        return finished
     folder = Path(job.folder)
     h = job.hash()
     done = folder / "done.json"
-    if done.exists():
-        record = json.loads(done.read_text())
-        if record.get("hash") != h:
-            raise ConfigError(f"{folder}: finished with another config (hash {record.get('hash')} != {h}); the "
-                              "finished result is not overwritten: use another results folder")
-        result = RunResult.from_dict(record["result"], reused=True)
-        result.folder = str(folder)  # the results folder may have moved since
-        return result
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / "job.json"
     stable = without_keys(config_to_dict(job.config), UNHASHED_KEYS)
@@ -678,6 +706,199 @@ def run_jobs(jobs: Sequence[Job], devices: Sequence[str] | None = None,
     return [f.result() for f in futures]
 
 
+# ============================================================================================ launchers
+#: ``pool``: in this process, or one worker process per ``devices`` entry (:func:`run_jobs`); ``local`` and
+#: ``slurm``: each job submitted through submitit (:func:`submit_jobs`), a subprocess or a SLURM job.
+LAUNCHERS = ("pool", "local", "slurm")
+#: Time limit of a submitit job when none is given. A job that reaches it is requeued and resumes from its
+#: last checkpoint (at most 3 times, submitit's default), so it bounds one stretch of training, not a job.
+DEFAULT_TIME_MIN = 240
+#: Seconds between polls of running submitit jobs: a local job's process is cheap to poll, sacct is not.
+POLL_S = {"local": 0.2, "slurm": 15.0}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How an experiment's jobs run (``dedn experiment --launcher`` and its options); None: not given.
+
+    Attributes:
+        launcher: one of :data:`LAUNCHERS`.
+        partition: slurm: the SLURM partition (default: the cluster's).
+        gpus_per_job: local, slurm: GPUs each job sees (default 1; 0 for CPU jobs). One training process
+            uses one GPU; local jobs all see this machine's first ones (the pool's ``devices`` spreads
+            jobs over GPUs).
+        cpus_per_job: slurm: CPUs per job (default: the cluster's).
+        mem_gb: slurm: memory per job in GB (default: the cluster's).
+        time_min: local, slurm: time limit per job in minutes (default :data:`DEFAULT_TIME_MIN`).
+        max_running: local, slurm: most jobs running at once (default: local 1, slurm no limit).
+    """
+
+    launcher: str = "pool"
+    partition: str | None = None
+    gpus_per_job: int | None = None
+    cpus_per_job: int | None = None
+    mem_gb: int | None = None
+    time_min: int | None = None
+    max_running: int | None = None
+
+    def check(self, devices: Sequence[str] | None = None) -> None:
+        """Refuse an unknown launcher, a bad value, or an option its launcher does not use.
+
+        Raises:
+            ConfigError: one line naming the option (as ``dedn experiment`` spells it) and the problem.
+        """
+        from dedn.checks import COUNT, NON_NEGATIVE_COUNT, Rule, check, choice
+
+        check("--launcher", self.launcher, choice(*LAUNCHERS))
+        submitted = ("local", "slurm")
+        options: dict[str, tuple[Any, Rule, tuple[str, ...]]] = {
+            "--partition": (self.partition, Rule(lambda v: isinstance(v, str) and bool(v.strip()),
+                                                 "a partition name"), ("slurm",)),
+            "--gpus-per-job": (self.gpus_per_job, NON_NEGATIVE_COUNT, submitted),
+            "--cpus-per-job": (self.cpus_per_job, COUNT, ("slurm",)),
+            "--mem-gb": (self.mem_gb, COUNT, ("slurm",)),
+            "--time-min": (self.time_min, COUNT, submitted),
+            "--max-running": (self.max_running, COUNT, submitted),
+        }
+        for option, (value, rule, launchers) in options.items():
+            if value is None:
+                continue
+            if self.launcher not in launchers:
+                raise ConfigError(f"{option} is for --launcher {' or '.join(launchers)}, not {self.launcher}")
+            check(option, value, rule)
+        if devices and self.launcher != "pool":
+            raise ConfigError(f"--devices is for --launcher pool (one worker per device); a {self.launcher} job "
+                              "gets its GPUs from the launcher (--gpus-per-job)")
+        if self.launcher == "slurm":
+            import submitit
+
+            if submitit.SlurmExecutor.affinity() <= 0:
+                raise ConfigError("--launcher slurm: no SLURM on this machine (srun is not on PATH); submit from a "
+                                  "cluster login node, or use --launcher local or pool")
+
+    def record(self, job_name: str) -> dict[str, Any]:
+        """What ``experiment.json`` keeps of this launch: the launcher and, when submitted, its parameters."""
+        out: dict[str, Any] = {"launcher": self.launcher}
+        if self.launcher != "pool":
+            out["parameters"] = submitit_parameters(self, job_name)
+        return out
+
+
+def submitit_parameters(launch: Launch, job_name: str) -> dict[str, Any]:
+    """The :class:`submitit.AutoExecutor` parameters of a local or slurm launch (``update_parameters``).
+
+    Generic keys (``name``, ``timeout_min``, ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``) apply to
+    both executors where they can; ``slurm_*`` keys only to SLURM. Options not given are left out, so the
+    cluster's defaults apply. One task per job: a job is one training process.
+    """
+    params: dict[str, Any] = {"name": job_name, "timeout_min": launch.time_min or DEFAULT_TIME_MIN,
+                              "gpus_per_node": 1 if launch.gpus_per_job is None else launch.gpus_per_job}
+    if launch.launcher == "slurm":
+        params.update(nodes=1, tasks_per_node=1)
+        given = {"slurm_partition": launch.partition, "cpus_per_task": launch.cpus_per_job,
+                 "mem_gb": launch.mem_gb, "slurm_array_parallelism": launch.max_running}
+        params.update({k: v for k, v in given.items() if v is not None})
+    return params
+
+
+def make_executor(launch: Launch, folder: Path, job_name: str) -> Any:
+    """A submitit executor for ``launch`` (local or slurm) logging to ``folder``, its parameters set."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm" if launch.launcher == "slurm" else "local")
+    executor.update_parameters(**submitit_parameters(launch, job_name))
+    return executor
+
+
+class _SubmittedJob:
+    """:func:`run_job` as a submitit callable. Having ``checkpoint``, it is requeued rather than failed when
+    the scheduler times it out or preempts it; the requeued job resumes its folder from the last checkpoint
+    (the killed process's folder lock went with it)."""
+
+    def __call__(self, job: Job) -> RunResult:
+        return run_job(job)
+
+    def checkpoint(self, job: Job) -> Any:
+        from submitit.core.utils import DelayedSubmission
+
+        return DelayedSubmission(self, job)
+
+
+def _error_line(exc: BaseException) -> str:
+    """The exception line of a submitit job's error (its message carries the job's whole traceback)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line):
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
+def submit_jobs(jobs: Sequence[Job], launch: Launch, folder: Path, job_name: str = "dedn",
+                report: Callable[[str], None] | None = None,
+                poll_s: float | None = None) -> list[RunResult]:
+    """Run independent jobs through submitit (``launch.launcher`` local or slurm), logs in ``folder``.
+
+    Finished jobs are read here and not submitted again; the others are submitted (slurm: as one job array)
+    and polled every ``poll_s`` seconds (default :data:`POLL_S`). ``report`` gets one line per job as it
+    finishes (:func:`job_line`). Every job is attempted; failures are raised together once all have ended,
+    so finished jobs keep their ``done.json``. Interrupted here (Ctrl-C), the running jobs are cancelled;
+    rerunning resumes them.
+
+    Raises:
+        TrainingError: some jobs failed; names the first one's folder, its error and its log file.
+    """
+    say = report or (lambda line: None)
+    total = len(jobs)
+    results: dict[int, RunResult] = {}
+    todo = []
+    for i, job in enumerate(jobs):
+        reused = finished_result(job)
+        if reused is None:
+            todo.append(i)
+        else:
+            results[i] = reused
+            say(job_line(reused, len(results), total))
+    if not todo:
+        return [results[i] for i in range(total)]
+    executor = make_executor(launch, folder, job_name)
+    # SLURM queues the whole array itself (--max-running is its array parallelism); locally, this loop does.
+    room = len(todo) if launch.launcher == "slurm" else launch.max_running or 1
+    poll = POLL_S[launch.launcher] if poll_s is None else poll_s
+    pending, running, failed = list(todo), {}, []
+    try:
+        while pending or running:
+            batch, pending = pending[:room - len(running)], pending[room - len(running):]
+            if batch:
+                with executor.batch():
+                    submitted = [executor.submit(_SubmittedJob(), jobs[i]) for i in batch]
+                running.update(zip(batch, submitted, strict=True))
+            for i, sub in list(running.items()):
+                if not sub.done():
+                    continue
+                del running[i]
+                exc = sub.exception()
+                if exc is None:
+                    results[i] = sub.result()
+                    say(job_line(results[i], len(results) + len(failed), total))
+                else:
+                    failed.append((i, sub, exc))
+                    job = jobs[i]
+                    say(f"[{len(results) + len(failed)}/{total}] {job.row.label} ({job.protocol}, seed {job.seed}): "
+                        f"failed, log {sub.paths.stderr}")
+            if running:
+                time.sleep(poll)
+    except BaseException:
+        for sub in running.values():
+            sub.cancel(check=False)
+        raise
+    if failed:
+        i, sub, exc = failed[0]
+        raise TrainingError(f"{len(failed)} of {len(todo)} jobs failed; the first, {jobs[i].folder}: "
+                            f"{_error_line(exc)} (log {sub.paths.stderr}); finished jobs keep their results: "
+                            "rerun the command to retry the others")
+    return [results[i] for i in range(total)]
+
+
 # ============================================================================================ driver
 def _claim_folder(out: Path, record: dict[str, Any]) -> None:
     """Write ``experiment.json`` or check that the folder was written by the same experiment and config."""
@@ -695,12 +916,22 @@ def _claim_folder(out: Path, record: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(record, indent=2, default=str))
 
 
+def _record_launch(out: Path, launch: dict[str, Any]) -> None:
+    """Append one launch (launcher, its parameters, devices, when) to ``experiment.json``'s ``launches``:
+    a resumed folder may have been run by several launchers, and its record names each one."""
+    path = out / "experiment.json"
+    record = json.loads(path.read_text())
+    record["launches"] = [*record.get("launches", []), {**launch, "started": _now()}]
+    atomic_write_text(path, json.dumps(record, indent=2, default=str))
+
+
 def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[int], protocol: str | None,
          out_dir: str | Path | None, overrides: Sequence[str], rows: Sequence[Row] | Callable[[RunConfig], list[Row]],
          devices: str | Sequence[str] | None, tune: Mapping[str, Sequence[Any]] | None,
          sweep: Mapping[str, Sequence[Any]] | None = None,
-         report: Callable[[str], None] | None = None) -> ExperimentResult:
+         report: Callable[[str], None] | None = None, launch: Launch | None = None) -> ExperimentResult:
     """Resolve, check everything, claim the results folder, then run every (row, protocol, seed) job."""
+    launch = launch or Launch()
     base = _resolve_config(cfg, overrides)
     if base.train.epochs < 1:
         raise ConfigError(f"{name}: train.epochs must be at least 1 (the protocols choose among epochs), "
@@ -713,6 +944,7 @@ def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[in
                           "protocol; the published protocol uses the configured settings")
     sweep_grid = _check_grid(base, sweep, eval_only=True)[0] if sweep else {}
     device_list = parse_devices(devices)
+    launch.check(device_list)
     row_list = list(rows(base) if callable(rows) else rows)
     if len({r.key for r in row_list}) != len(row_list):
         raise ConfigError(f"{name}: row keys must be distinct")
@@ -733,9 +965,15 @@ def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[in
                                  str((out / "runs" / row.key / proto / f"seed-{seed}").resolve()),
                                  eval_grid if proto == "validated" else {},
                                  combos if proto == "validated" else [()], sweep_grid))
-    runs = run_jobs(jobs, device_list, report)
+    job_name = f"dedn-{name}"
+    launched = {**launch.record(job_name), "devices": device_list}
+    _record_launch(out, launched)
+    if launch.launcher == "pool":
+        runs = run_jobs(jobs, device_list, report)
+    else:
+        runs = submit_jobs(jobs, launch, out / "submitit", job_name, report)
     return ExperimentResult(name, out, protocols, seed_list, config_to_dict(base), row_list, runs, tune_norm,
-                            {"devices": device_list, "sweep": sweep_grid})
+                            {"devices": device_list, "sweep": sweep_grid, "launch": launched})
 
 
 def protocol_job(cfg: RunConfig, folder: str | Path, protocol: str | None = None) -> Job:
@@ -765,11 +1003,11 @@ def table1(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int]
            out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
            devices: str | Sequence[str] | None = None,
            tune: Mapping[str, Sequence[Any]] | None = None,
-           report: Callable[[str], None] | None = None) -> ExperimentResult:
+           report: Callable[[str], None] | None = None, launch: Launch | None = None) -> ExperimentResult:
     """Paper Table 1 row: T, U, S, H (and AUSUC) of DEDN on the config's dataset, under both protocols by
     default, mean +- std over ``seeds``; reports ``table1.*`` in ``out_dir``."""
     exp = _run("table1", cfg, seeds, protocol, out_dir, overrides, [Row("dedn", "DEDN")], devices, tune,
-               report=report)
+               report=report, launch=launch)
     exp.files = reports.report_table1(exp)
     return exp
 
@@ -778,9 +1016,9 @@ def table3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int]
            out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
            devices: str | Sequence[str] | None = None, tune: Mapping[str, Sequence[Any]] | None = None,
            rows: Sequence[Row] = TABLE3_ROWS,
-           report: Callable[[str], None] | None = None) -> ExperimentResult:
+           report: Callable[[str], None] | None = None, launch: Launch | None = None) -> ExperimentResult:
     """Paper Table 3: the seven ablation rows (:data:`TABLE3_ROWS`), T, U, S, H each; reports ``table3.*``."""
-    exp = _run("table3", cfg, seeds, protocol, out_dir, overrides, rows, devices, tune, report=report)
+    exp = _run("table3", cfg, seeds, protocol, out_dir, overrides, rows, devices, tune, report=report, launch=launch)
     exp.files = reports.report_table3(exp)
     return exp
 
@@ -789,7 +1027,7 @@ def figure3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
             out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
             devices: str | Sequence[str] | None = None, tune: Mapping[str, Sequence[Any]] | None = None,
             grid: Mapping[str, Sequence[Any]] | None = None,
-            report: Callable[[str], None] | None = None) -> ExperimentResult:
+            report: Callable[[str], None] | None = None, launch: Launch | None = None) -> ExperimentResult:
     """Paper Figure 3: H (and T) against l_e and against l_rc (default 0, 0.1, ..., 1), the other held fixed.
 
     Both settings act only at evaluation, so every point comes from the saved outputs of one trained model
@@ -799,7 +1037,7 @@ def figure3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
     """
     grid = grid if grid is not None else {"model.l_e": FIGURE3_VALUES, "model.l_rc": FIGURE3_VALUES}
     exp = _run("figure3", cfg, seeds, protocol, out_dir, overrides, [Row("dedn", "DEDN")], devices, tune,
-               sweep=grid, report=report)
+               sweep=grid, report=report, launch=launch)
     exp.files = reports.report_figure3(exp)
     return exp
 
@@ -818,10 +1056,11 @@ def figure5(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
             out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
             devices: str | Sequence[str] | None = None,
             tune: Mapping[str, Sequence[Any]] | None = None,
-            report: Callable[[str], None] | None = None) -> ExperimentResult:
+            report: Callable[[str], None] | None = None, launch: Launch | None = None) -> ExperimentResult:
     """Paper Figure 5: the config's (manual) clusters against K-means with the same number of clusters (a)
     and against the half variant, neighbours merged (b); H and T (and S, U) reported, bar charts drawn."""
-    exp = _run("figure5", cfg, seeds, protocol, out_dir, overrides, _figure5_rows, devices, tune, report=report)
+    exp = _run("figure5", cfg, seeds, protocol, out_dir, overrides, _figure5_rows, devices, tune, report=report,
+               launch=launch)
     exp.extra["n_clusters"] = {r.row: r.n_clusters for r in exp.runs}
     exp.files = reports.report_figure5(exp)
     return exp
@@ -831,12 +1070,12 @@ def calibration(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence
                 protocol: str | None = None, out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
                 devices: str | Sequence[str] | None = None, tune: Mapping[str, Sequence[Any]] | None = None,
                 n_points: int = 201,
-                report: Callable[[str], None] | None = None) -> ExperimentResult:
+                report: Callable[[str], None] | None = None, launch: Launch | None = None) -> ExperimentResult:
     """Calibrated stacking: the test seen-unseen curve of each seed's reported model (gamma swept), its
     AUSUC, the operating point the protocol chose, and the mean curve over seeds (S averaged on a common
     grid of ``n_points`` U values, for display)."""
     exp = _run("calibration", cfg, seeds, protocol, out_dir, overrides, [Row("dedn", "DEDN")], devices, tune,
-               report=report)
+               report=report, launch=launch)
     curves: dict[str, list[dict[str, Any]]] = {}
     grid_u = np.linspace(0.0, 1.0, n_points)
     for proto in exp.protocols:
@@ -872,7 +1111,7 @@ def run_experiment(name: str, cfg: RunConfig | str | Path | None = None, seeds: 
                    protocol: str | None = None, out_dir: str | Path | None = None, overrides: Sequence[str] = (),
                    **kwargs: Any) -> ExperimentResult:
     """Run the experiment command ``name`` (table1, table3, figure3, figure5, calibration); ``kwargs``
-    (``devices``, ``tune``, ...) go to that command. ``protocol`` None: the command's default.
+    (``devices``, ``tune``, ``launch``, ...) go to that command. ``protocol`` None: the command's default.
 
     Raises:
         ConfigError: unknown experiment name, or any bad setting (see the commands).

@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH   = torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup gpu-wheels
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,9 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src tests
+
+# The pure-Python dependencies a bare CUDA machine without network may lack, as wheels in .whl/ for
+# tools/gpu-check.sh (which installs them first when .whl/ has any).
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+		omegaconf==2.4.0 submitit==1.5.4 efficientnet-lite-pytorch==0.1.0

@@ -61,6 +61,8 @@ def test_local_launcher_resumes_a_killed_job_and_reuses_finished_ones(tiny_overr
     assert "at epoch 1" in (killed / "train/train.log").read_text()  # resumed from its checkpoint, not retrained
     assert json.loads((killed / "done.json").read_text())["result"]["choices"]["epochs_trained"] == 2
     assert "reports in" in stdout and (out / "table1.md").exists()
+    assert "- launcher: local (submitit: timeout_min 5, gpus_per_node 1)" in (out / "table1.md").read_text()
+    assert json.loads((out / "table1.json").read_text())["launch"]["launcher"] == "local"
     logs = sorted(p.name for p in (out / "submitit").iterdir())
     assert any(name.endswith("_log.err") for name in logs)
     assert [(la["launcher"], la.get("parameters")) for la in _launches(out)] == [

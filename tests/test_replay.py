@@ -239,3 +239,9 @@ def test_the_cub_replay_preset_runs_end_to_end_on_a_float32_store(tmp_path: Path
     segments = released_schedule(load_data(_cfg("CUB")).trainval_loc.size, 2, 50)
     assert [h["iterations"] for h in history] == np.cumsum([s.steps for s in segments]).tolist()
     assert sum("H" in h for h in history) == sum(s.evaluate for s in segments)
+
+
+def test_an_experiment_refuses_to_validate_a_replay(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, _, err = run_cli(["experiment", "table1", "--config", "cub-released", "--protocol", "validated",
+                            "--out", tmp_path / "out", "data.path=nowhere"], monkeypatch, capsys)
+    assert code == 2 and "use --protocol published" in err and not (tmp_path / "out").exists()

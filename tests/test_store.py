@@ -283,6 +283,7 @@ def test_hdf5_lazy_view(tmp_path):
     data.check_features_finite(data.trainval_loc)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_to_torch_keeps_the_store_on_the_gpu(tmp_path):
     import torch

@@ -179,6 +179,22 @@ def bench(
     bench_command(preset, json_out=as_json, repeats=repeats, naive=naive)
 
 
+@app.command("gpu-check")
+def gpu_check(
+    small: Annotated[bool, typer.Option("--small", help="the same sections at small sizes (on the CPU without a GPU)")] = False,  # noqa: E501
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: CUDA when available)")] = None,  # noqa: UP045
+    out: Annotated[Optional[Path], typer.Option(help="also write the JSON line to this file")] = None,  # noqa: UP045
+) -> None:
+    """Run every CUDA path once (tests, bench, resident store, extraction, DDP, an 80-epoch CUB-shaped
+    training), timed; print one JSON line. Exit code 1 when a section failed."""
+    from dedn.apps.gpucheck import gpu_check_command
+    from dedn.checks import DEVICE, check_option
+
+    if device is not None:
+        check_option("--device", device, DEVICE)
+    raise typer.Exit(gpu_check_command(small=small, device=device, out=str(out) if out else None))
+
+
 # ---------------------------------------------------------------------------------------------- features
 @app.command()
 def extract(
@@ -326,17 +342,29 @@ def experiment(
     seeds: Annotated[int, typer.Option(help="seeds (base seed + i)")] = 1,
     protocol: Annotated[Optional[str], typer.Option(help="validated, published or both")] = None,  # noqa: UP045
     out: Annotated[Optional[Path], typer.Option(help="results folder (resumable)")] = None,  # noqa: UP045
-    devices: Annotated[Optional[str], typer.Option(help="run independent jobs on these devices, e.g. cuda:0,cuda:1")] = None,  # noqa: UP045,E501
+    devices: Annotated[Optional[str], typer.Option(help="pool launcher: run independent jobs on these devices, one worker each, e.g. cuda:0,cuda:1")] = None,  # noqa: UP045,E501
     tune: Annotated[Optional[list[str]], typer.Option(help="validated protocol: key=v1,v2 to choose on validation")] = None,  # noqa: UP045,E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines, only the report")] = False,
+    launcher: Annotated[str, typer.Option(help="pool: in this process, or one worker per --devices entry; local: each job a submitit subprocess; slurm: each job a SLURM job (logs in OUT/submitit)")] = "pool",  # noqa: E501
+    partition: Annotated[Optional[str], typer.Option(help="slurm: partition (default: the cluster's)")] = None,  # noqa: UP045
+    gpus_per_job: Annotated[Optional[int], typer.Option(help="local, slurm: GPUs per job (default 1; 0: none)")] = None,  # noqa: UP045
+    cpus_per_job: Annotated[Optional[int], typer.Option(help="slurm: CPUs per job (default: the cluster's)")] = None,  # noqa: UP045
+    mem_gb: Annotated[Optional[int], typer.Option(help="slurm: memory per job, GB (default: the cluster's)")] = None,  # noqa: UP045
+    time_min: Annotated[Optional[int], typer.Option(help="local, slurm: time limit per job, minutes; a SLURM job that reaches it is requeued and resumes (default 240)")] = None,  # noqa: UP045,E501
+    max_running: Annotated[Optional[int], typer.Option(help="local, slurm: most jobs running at once (default: local 1, slurm no limit)")] = None,  # noqa: UP045,E501
 ) -> None:
-    """Reproduce a paper table or figure; writes Markdown, CSV, JSON and PNG reports."""
-    from dedn.apps.experiments import parse_grid, run_experiment
+    """Reproduce a paper table or figure; writes Markdown, CSV, JSON and PNG reports.
+
+    Rerunning the same command in the same --out folder skips finished jobs and resumes the others from
+    their last checkpoint, whichever launcher ran them before.
+    """
+    from dedn.apps.experiments import Launch, parse_grid, run_experiment
     from dedn.config import find_config
 
+    launch = Launch(launcher, partition, gpus_per_job, cpus_per_job, mem_gb, time_min, max_running)
     exp = run_experiment(name, find_config(config) if config else None, seeds, protocol, out, overrides or [],
                          devices=devices, tune=parse_grid(tune) if tune else None,
-                         report=None if quiet else (lambda line: typer.echo(line, err=True)))
+                         report=None if quiet else (lambda line: typer.echo(line, err=True)), launch=launch)
     md = [f for f in exp.files if str(f).endswith(".md")]
     if md:
         typer.echo(Path(md[0]).read_text())

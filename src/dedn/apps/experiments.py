@@ -937,6 +937,9 @@ def _run(name: str, cfg: RunConfig | str | Path | None, seeds: int | Sequence[in
         raise ConfigError(f"{name}: train.epochs must be at least 1 (the protocols choose among epochs), "
                           f"got {base.train.epochs}")
     protocols = _protocols(protocol, base)
+    if base.train.rng == "released" and "validated" in protocols:
+        raise ConfigError(f"{name}: train.rng=released replays the released runs, which have no validation task; "
+                          "use --protocol published")
     seed_list = _seed_list(seeds, base.seed)
     eval_grid, combos, tune_norm = _check_grid(base, tune)
     if tune and "validated" not in protocols:

@@ -192,6 +192,11 @@ def _header(exp: ExperimentResult, title: str) -> list[str]:
     lines += [f"  - **{p}**: {PROTOCOL_NOTES[p]}" for p in exp.protocols]
     if exp.tune:
         lines.append(f"- tuned on validation: {', '.join(f'{k} in {v}' for k, v in exp.tune.items())}")
+    launch = exp.extra.get("launch") or {}
+    if launch.get("launcher", "pool") != "pool":
+        params = launch.get("parameters") or {}
+        shown = ", ".join(f"{k} {v}" for k, v in params.items() if k != "name")
+        lines.append(f"- launcher: {launch['launcher']} (submitit{': ' + shown if shown else ''})")
     if exp.extra.get("devices"):
         lines.append(f"- devices: {', '.join(exp.extra['devices'])}")
     lines += [f"- code: {code_text}", f"- config: `{exp.name}.json` (key `config`, resolved)",
@@ -203,6 +208,7 @@ def _base_json(exp: ExperimentResult, title: str) -> dict[str, Any]:
     return {"experiment": exp.name, "title": title, "dataset": exp.dataset, "protocols": exp.protocols,
             "protocol_notes": {p: PROTOCOL_NOTES[p] for p in exp.protocols}, "seeds": exp.seeds,
             "code": code_version(), "config": exp.config, "tune": exp.tune,
+            "launch": exp.extra.get("launch") or {"launcher": "pool"},
             "rows": [{"key": r.key, "label": r.label, "overrides": list(r.overrides)} for r in exp.rows],
             "std": "sample standard deviation (n - 1); null with one seed", "units": "percent",
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}

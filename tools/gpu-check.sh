@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The prepared GPU check: every CUDA path of dedn once, timed; prints one JSON line (dedn.apps.gpucheck).
+#
+# On a CUDA machine, from the repository root:   bash tools/gpu-check.sh            (under 8 minutes)
+# Without installing dedn: the source tree is put on PYTHONPATH. Where the machine lacks a dependency and has
+# no network, `make gpu-wheels` (on a machine with one) downloads the missing pure-Python wheels into .whl/,
+# which this script installs into /tmp/dedn-site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dedn-site \
+        .whl/*.whl >&2 || exit 2
+    export PYTHONPATH="/tmp/dedn-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+exec "$PY" -m dedn.cli gpu-check "$@"

@@ -102,9 +102,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_cfg: RunConfig, tmp_path:
     calls = {"n": 0}
     forward = type(trainer.model).forward
 
-    def poisoned(self, features):
+    def poisoned(self, features, precision="fp32"):
         calls["n"] += 1
-        out = forward(self, features)
+        out = forward(self, features, precision)
         if self.training and calls["n"] > 4:  # after the first epoch (3 steps + its evaluation)
             out.cexp.scores = out.cexp.scores * float("nan")
         return out
@@ -253,3 +253,33 @@ def test_checkpoints_of_the_earlier_layout_load_and_resume_exactly(tiny_cfg: Run
     step(resumed, resumed_opt)
     for k, v in _weights(model).items():
         assert torch.equal(_weights(resumed)[k], v), k
+
+
+def test_a_run_folder_from_before_the_rng_and_precision_keys_resumes(tiny_cfg: RunConfig, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    data = load_data(tiny_cfg)
+    full = train(tiny_cfg, run_dir=tmp_path / "full", data=data)
+    original, calls = Trainer.train_step, {"n": 0}
+
+    def interrupted(self, index, batch=None, share=None):
+        calls["n"] += 1
+        if calls["n"] == 3 + 2:  # in the second epoch
+            raise KeyboardInterrupt
+        return original(self, index, batch, share)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg, run_dir=tmp_path / "old", data=data)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    # What the previous version wrote: a config without train.rng and train.precision.
+    cfg_file = tmp_path / "old" / "config.json"
+    old = json.loads(cfg_file.read_text())
+    del old["train"]["rng"], old["train"]["precision"]
+    cfg_file.write_text(json.dumps(old, indent=2))
+    resumed = train(tiny_cfg, run_dir=tmp_path / "old", data=data, resume=True)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    # A key at another value than the one earlier runs had is a real change.
+    with pytest.raises(ConfigError, match="train.rng"):
+        Trainer(apply_overrides(tiny_cfg, ["mode=reference", "train.rng=released", "eval.protocol=fixed",
+                                           "train.iters_per_epoch=null"]), data=data, run_dir=tmp_path / "old")

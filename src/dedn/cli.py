@@ -22,6 +22,7 @@ app = typer.Typer(
 store_app = typer.Typer(help="Feature stores: import and export DAZLE/DEDN HDF5 files, inspect.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
+PRECISION_HELP = "fp32 or bf16: precision of the feature products (default: the run's train.precision)"
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted.key=value config overrides")]  # noqa: UP045
 
 
@@ -117,21 +118,24 @@ def evaluate(
     l_rc: Annotated[Optional[float], typer.Option(help="region/channel mix (default: the run's)")] = None,  # noqa: UP045
     l_e: Annotated[Optional[float], typer.Option(help="cExp/fExp mix (default: the run's)")] = None,  # noqa: UP045
     out: Annotated[Optional[Path], typer.Option(help="output folder (default: RUN/eval)")] = None,  # noqa: UP045
+    precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,  # noqa: UP045
     overrides: Overrides = None,
 ) -> None:
     """Evaluate a trained run on its test split: T, U, S, H, AUSUC, per-class accuracy, seen-unseen curve."""
     from dedn.apps.protocols import model_dir
-    from dedn.checks import FRACTION, check_option
-    from dedn.config import apply_overrides
+    from dedn.checks import FRACTION, check_option, choice
+    from dedn.config import PRECISIONS, apply_overrides
     from dedn.devices import resolve_device
     from dedn.eval.calibration import CONFIG, Calibration, parse_calibration
     from dedn.eval.evaluate import evaluate_model, write_evaluation
     from dedn.factory import load_data
+    from dedn.models.precision import run_precision
     from dedn.train.checkpoint import load_weights
     from dedn.train.rundir import load_run_config, recorded_calibration
 
     check_option("--l-rc", l_rc, FRACTION)
     check_option("--l-e", l_e, FRACTION)
+    check_option("--precision", precision, choice(*PRECISIONS))
     folder_in = model_dir(checkpoint)
     fixed = None if calibration == "auto" else Calibration(parse_calibration(calibration, "--calibration"), CONFIG)
     cfg = apply_overrides(load_run_config(folder_in), overrides or [], f"{folder_in}/config.json")
@@ -146,11 +150,14 @@ def evaluate(
     model = load_weights(weights, device=device)
     data = load_data(cfg)
     gamma = fixed if fixed is not None else recorded_calibration(folder_in, cfg, data)
-    ev = evaluate_model(model, data, gamma, cfg.eval.batch_size, device, progress=True, l_rc=l_rc, l_e=l_e)
+    precision = run_precision(precision or cfg.train.precision, cfg.train.dtype,
+                              "--precision" if precision else "train.precision")
+    ev = evaluate_model(model, data, gamma, cfg.eval.batch_size, device, progress=True, l_rc=l_rc, l_e=l_e,
+                        precision=precision)
     metrics = write_evaluation(ev, folder, data.class_names, {
         "mode": cfg.mode, "split": cfg.data.split, "l_rc": l_rc if l_rc is not None else model.l_rc,
         "l_e": l_e if l_e is not None else model.l_e, "gamma_source": ev.gamma_source,
-        "checkpoint": str(weights), "version": __version__})
+        "checkpoint": str(weights), "precision": precision, "version": __version__})
     metrics.update({k: v for k, v in ev.summary().items() if k.startswith("oracle_")})
     _print_metrics(metrics, f"DEDN ({cfg.mode} mode), {cfg.data.split} split, run {folder_in}; written to {folder}")
 
@@ -162,6 +169,8 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     repeats: Annotated[int, typer.Option(help="timed steps per implementation")] = 3,
     naive: Annotated[bool, typer.Option("--naive/--no-naive", help="also time the naive implementation")] = True,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 (also times fp32 in the same run) or tf32 (CUDA; "
+                                                "on a CPU the same as fp32)")] = "fp32",
     store: Annotated[Optional[Path], typer.Option(help="instead: train from a preset-sized float16 store built at PATH and report peak memory")] = None,  # noqa: UP045,E501
     iters: Annotated[int, typer.Option(help="with --store: training iterations")] = 300,
     in_memory: Annotated[bool, typer.Option("--in-memory/--no-in-memory",
@@ -174,9 +183,11 @@ def bench(
 
         store_bench_command(store, preset, iters, json_out=as_json, in_memory=in_memory)
         return
-    from dedn.apps.bench import bench_command
+    from dedn.apps.bench import BENCH_PRECISIONS, bench_command
+    from dedn.checks import check_option, choice
 
-    bench_command(preset, json_out=as_json, repeats=repeats, naive=naive)
+    check_option("--precision", precision, choice(*BENCH_PRECISIONS))
+    bench_command(preset, json_out=as_json, repeats=repeats, naive=naive, precision=precision)
 
 
 @app.command("gpu-check")
@@ -429,20 +440,23 @@ def predict(
     gamma: Annotated[Optional[float], typer.Option(help="calibration (default: the run's)")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="search folders recursively")] = False,
+    precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,  # noqa: UP045
 ) -> None:
     """Top-k classes for images, each with the attributes that contributed most."""
-    from dedn.checks import ATTRIBUTE_VALUE, COUNT, FINITE, FRACTION, check_option
+    from dedn.checks import ATTRIBUTE_VALUE, COUNT, FINITE, FRACTION, check_option, choice
+    from dedn.config import PRECISIONS
 
     # Before the run is loaded; --l-e is model.l_e and --gamma eval.calibration, with the config's rules.
     check_option("--top-k", top_k, COUNT)
     check_option("--l-e", l_e, FRACTION)
     check_option("--gamma", gamma, FINITE)
     check_option("--fill", fill, ATTRIBUTE_VALUE)
+    check_option("--precision", precision, choice(*PRECISIONS))
 
     from dedn.apps.class_files import load_class_definitions
     from dedn.apps.predict import Predictor, format_table, predictions_to_json
 
-    predictor = Predictor.from_run(run, backbone=backbone)
+    predictor = Predictor.from_run(run, backbone=backbone, precision=precision)
     if classes is not None:
         names, att = load_class_definitions(classes, predictor.attribute_names, fill=fill)
         predictor = predictor.with_classes(names, att, include_trained=not only_new)

@@ -38,6 +38,9 @@ from dedn.errors import ConfigError
 
 MODES = ("paper", "reference")
 EXPERTS = ("both", "cexp", "fexp")
+#: Precision of the products over the features (docs/precision.md): float32, or bf16 operands with float32
+#: accumulation (weights, softmax, losses and the optimizer stay float32).
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -108,6 +111,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # CPU threads for this process (None: torch's default); 1 suits small models
     dtype: str = "float32"
+    precision: str = "fp32"  # fp32 | bf16: the feature products in training, evaluation and prediction
     progress: bool = True
     max_iters: int | None = None  # stop after this many iterations (smoke tests, benchmarks)
     tensorboard: bool = False  # also log every epoch to RUN/tensorboard (needs the tensorboard extra)
@@ -195,6 +199,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("train.device", DEVICE),
     ("train.threads", optional(COUNT)),
     ("train.dtype", choice("float32", "float64")),
+    ("train.precision", choice(*PRECISIONS)),
     ("train.max_iters", optional(COUNT)),
     ("train.rng", choice("dedn", "released")),
     ("eval.calibration", CALIBRATION),
@@ -234,6 +239,9 @@ def _check_replay(cfg: RunConfig, origin: str) -> None:
         key = "train.iters_per_epoch" if cfg.train.iters_per_epoch is not None else "train.eval_every"
         raise ConfigError(f"{origin}: {key} cannot be set with train.rng=released: the released schedule runs "
                           "n_trainval * epochs // batch_size iterations and evaluates every niters // epochs")
+    if cfg.train.precision != "fp32":
+        raise ConfigError(f"{origin}: train.rng=released replays the released code's float32 run; set "
+                          f"train.precision=fp32 (got {cfg.train.precision})")
     if cfg.eval.protocol == "validated" or cfg.data.split != "test":
         raise ConfigError(f"{origin}: train.rng=released replays a released run, which trains on trainval and "
                           "evaluates on the test split: set eval.protocol=published (or fixed) and data.split=test, "
@@ -350,16 +358,33 @@ def config_to_yaml(cfg: RunConfig) -> str:
 VOLATILE_KEYS = ("train.device", "train.progress", "train.threads", "train.tensorboard")
 
 
+#: Keys added after run folders were first written, with the value every run before them had. A config
+#: holding one at that value compares (and hashes) equal to a record written before the key existed, so
+#: older runs, checkpoints and experiment jobs still resume and are still reused.
+ADDED_KEYS: dict[str, Any] = {"train.rng": "dedn", "train.precision": "fp32"}
+
+
 def without_keys(cfg_dict: Mapping[str, Any], drop: Sequence[str] = VOLATILE_KEYS) -> dict[str, Any]:
-    """A deep copy of a config dict without the ``drop`` keys (dotted)."""
+    """A deep copy of a config dict without the ``drop`` keys (dotted), nor the :data:`ADDED_KEYS` that hold
+    the value runs had before those keys existed: what two configs are compared and hashed by."""
     out = json.loads(json.dumps(cfg_dict))
-    for dotted in drop:
+    at_default = [k for k, v in ADDED_KEYS.items() if _dotted_get(out, k) == v]
+    for dotted in (*drop, *at_default):
         node = out
         *parents, last = dotted.split(".")
         for p in parents:
             node = node.get(p, {})
         node.pop(last, None)
     return out
+
+
+def _dotted_get(values: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -8,7 +8,10 @@ clusters, G = 300, batch 50) with random non-negative features, and times, in on
 - a full training step of :class:`~dedn.models.dedn.DEDN` (forward, :func:`~dedn.models.losses.dedn_loss`, backward,
   RMSprop step), median over ``repeats`` after warm-up;
 - the same step with :func:`~dedn.models.naive.naive_forward` (same parameters), the one-pass-per-sub-network
-  version.
+  version;
+- with ``precision="bf16"``: the float32 step as well (``fp32_step_seconds``), the bf16 matrix rate the
+  efficiency is counted against, and how far bf16 scores and gradients are from float32 at these shapes
+  (:func:`gradient_error`). ``tf32`` lets CUDA products use TF32 (on a CPU it is fp32, and says so).
 
 It reports how close the fast step comes to the machine's matrix rate (``efficiency``, see
 :func:`step_flops` for the work counted) and how much faster it is than the naive one (``speedup``).
@@ -36,17 +39,22 @@ from dedn.data.clusters import builtin_clusters
 from dedn.models.dedn import DEDN, DEDNConfig, DEDNOutput
 from dedn.models.losses import dedn_loss
 from dedn.models.naive import naive_forward
+from dedn.models.precision import native_bf16
 from dedn.models.settings import resolve_method
 
-__all__ = ["BENCH_PRESETS", "BenchShape", "bench_command", "format_bench", "gemm_gflops", "run_bench", "step_flops"]
+__all__ = ["BENCH_PRECISIONS", "BENCH_PRESETS", "BenchShape", "bench_command", "format_bench", "gemm_gflops",
+           "gradient_error", "run_bench", "step_flops"]
+
+#: What ``dedn bench --precision`` takes: the model's precisions and TF32 (CUDA products only).
+BENCH_PRECISIONS = ("fp32", "bf16", "tf32")
 
 
 @dataclass(frozen=True)
 class BenchShape:
     """The shapes one benchmark runs at.
 
-    ``dataset`` (CUB / SUN / AWA2) selects the built-in paper clusters; without it the attributes are cut
-    into ``n_clusters`` contiguous clusters of (nearly) equal size.
+    ``dataset`` (CUB / SUN / AWA2) selects the built-in paper clusters, and ``n_clusters`` is their number;
+    without it the attributes are cut into ``n_clusters`` (default 4) contiguous clusters of (nearly) equal size.
     """
 
     name: str
@@ -58,7 +66,16 @@ class BenchShape:
     n_unseen: int
     semantic_dim: int = 300
     dataset: str | None = None
-    n_clusters: int = 4
+    n_clusters: int | None = None
+
+    def __post_init__(self) -> None:
+        # One source for Q: a dataset's built-in clusters decide it (a fixed default used to be reported
+        # next to the dataset's own clusters).
+        q = len(builtin_clusters(self.dataset, "paper")) if self.dataset is not None else 4
+        if self.n_clusters is None:
+            object.__setattr__(self, "n_clusters", q)
+        elif self.dataset is not None and self.n_clusters != q:
+            raise ValueError(f"{self.dataset} has {q} built-in clusters, got n_clusters={self.n_clusters}")
 
     @property
     def n_regions(self) -> int:
@@ -67,6 +84,7 @@ class BenchShape:
     def clusters(self) -> list[np.ndarray]:
         if self.dataset is not None:
             return list(builtin_clusters(self.dataset, "paper").values())
+        assert self.n_clusters is not None
         return [c for c in np.array_split(np.arange(self.n_attributes), self.n_clusters) if c.size]
 
 
@@ -199,6 +217,7 @@ def run_bench(
     seed: int = 0,
     threads: int | None = None,
     model_class: type[DEDN] = DEDN,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Time one training step of the fast and (optionally) the naive DEDN; see the module docstring.
 
@@ -206,7 +225,7 @@ def run_bench(
         preset: ``cub``, ``sun``, ``awa2`` (real shapes) or an explicit :class:`BenchShape`.
         batch_size: images per step (the reference uses 50).
         repeats: timed steps per implementation; the median is reported.
-        naive: also time the naive implementation.
+        naive: also time the naive implementation (float32).
         dtype, device: where and in what precision to run.
         warmup: untimed steps before timing each implementation.
         gemm_size: side of the square product that measures the machine's matrix rate.
@@ -215,6 +234,8 @@ def run_bench(
         seed: seeds parameters, features and labels.
         threads: torch CPU threads for this run (restored afterwards); default: leave as set.
         model_class: the fast implementation to time (a DEDN subclass), for comparing candidate versions.
+        precision: ``fp32``, ``bf16`` (float32 weights, bf16 products; the float32 step is timed too) or
+            ``tf32`` (CUDA products in TF32 for this run; on a CPU the same as fp32).
 
     Returns:
         A JSON-serialisable dict: ``step_seconds`` (median), ``step_seconds_all``, ``naive_step_seconds``,
@@ -225,25 +246,46 @@ def run_bench(
         (whole run) and ``peak_rss_gb_fast`` (before the naive step ran), ``peak_device_memory_gb`` (CUDA),
         the shapes, ``torch_version``, ``threads``, ``loadavg_before`` / ``loadavg_after`` and ``other_cpu``:
         the share of the machine's CPU that other processes used during the gemm measurement and each timed
-        step (Linux; above a few percent the timings are not trustworthy).
+        step (Linux; above a few percent the timings are not trustworthy). The precision keys: ``precision``,
+        ``precision_note``, and for bf16 (else None) ``fp32_step_seconds`` (+ ``_all``), ``step_ratio_vs_fp32``
+        (bf16 / fp32 step), ``fp32_gemm_gflops``, ``bf16_gemm_gflops``, ``bf16_native`` (whether the device
+        multiplies bf16 natively; ``gemm_gflops`` is the rate the bf16 products actually run at),
+        ``relative_gradient_error`` and ``relative_score_error`` (:func:`gradient_error`).
     """
+    if precision not in BENCH_PRECISIONS:
+        raise ValueError(f"precision must be one of {BENCH_PRECISIONS}, got {precision!r}")
+    if precision != "fp32" and dtype != torch.float32:
+        raise ValueError(f"precision {precision} runs float32 weights, got dtype {dtype}")
+    device = torch.device(device)
     old_threads = torch.get_num_threads()
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
     if threads is not None:
         torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
         return _run(BENCH_PRESETS[preset.lower()] if isinstance(preset, str) else preset, batch_size, repeats, naive,
-                    dtype, torch.device(device), warmup, gemm_size, mode, seed, model_class)
+                    dtype, device, warmup, gemm_size, mode, seed, model_class, precision)
     finally:
         torch.set_num_threads(old_threads)
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
 
 
-def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: torch.dtype, device: torch.device,
-         warmup: int, gemm_size: int, mode: str, seed: int, model_class: type[DEDN]) -> dict[str, Any]:
-    load_before = os.getloadavg()
+@dataclass
+class _Setup:
+    """The bench's model and batch at a shape (one builder for the timings and :func:`gradient_error`)."""
+
+    model: DEDN
+    features: torch.Tensor
+    labels: torch.Tensor
+    seen: torch.Tensor
+    loss_cfg: LossConfig
+
+
+def _setup(shape: BenchShape, batch_size: int, dtype: torch.dtype, device: torch.device, mode: str, seed: int,
+           model_class: type[DEDN] = DEDN) -> _Setup:
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     d, c, r, g, k = shape.n_attributes, shape.n_channels, shape.n_regions, shape.semantic_dim, shape.n_classes
-
     seen = np.ones(k, dtype=bool)
     seen[rng.permutation(k)[: shape.n_unseen]] = False
     semantic = rng.standard_normal((d, g)).astype(np.float32)
@@ -257,7 +299,50 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
     model.train()
     features = torch.rand(batch_size, c, shape.height, shape.width, generator=gen).to(device, dtype)
     labels = torch.as_tensor(rng.choice(np.flatnonzero(seen), size=batch_size), device=device)
-    seen_t = torch.as_tensor(seen, device=device)
+    return _Setup(model, features, labels, torch.as_tensor(seen, device=device), loss_cfg)
+
+
+def _grads(s: _Setup, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The combined scores and all parameter gradients (flattened, float64) of one step at ``precision``."""
+    s.model.zero_grad(set_to_none=True)
+    out = s.model(s.features, precision=precision)
+    dedn_loss(out, s.labels, s.seen, s.loss_cfg, s.model.method, s.model.calibration_bias()).total.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in s.model.parameters() if p.grad is not None]).double()
+    s.model.zero_grad(set_to_none=True)
+    return out.combined().detach().double(), grads
+
+
+def _gradient_error(s: _Setup, precision: str) -> dict[str, float]:
+    scores32, grads32 = _grads(s, "fp32")
+    scores, grads = _grads(s, precision)
+    return {"relative_gradient_error": float((grads - grads32).norm() / grads32.norm()),
+            "relative_score_error": float((scores - scores32).norm() / scores32.norm())}
+
+
+def gradient_error(preset: str | BenchShape = "cub", precision: str = "bf16", batch_size: int = 50,
+                   device: str | torch.device = "cpu", mode: str = "paper", seed: int = 0) -> dict[str, float]:
+    """How far one training step's outputs at ``precision`` are from float32, at the bench's model and batch.
+
+    Returns ``relative_gradient_error``: ||g - g32|| / ||g32|| over all parameter gradients together, and
+    ``relative_score_error``: the same for the (B, K) combined class scores.
+    """
+    shape = BENCH_PRESETS[preset.lower()] if isinstance(preset, str) else preset
+    return _gradient_error(_setup(shape, batch_size, torch.float32, torch.device(device), mode, seed), precision)
+
+
+def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: torch.dtype, device: torch.device,
+         warmup: int, gemm_size: int, mode: str, seed: int, model_class: type[DEDN],
+         precision: str) -> dict[str, Any]:
+    load_before = os.getloadavg()
+    d, c, r, g = shape.n_attributes, shape.n_channels, shape.n_regions, shape.semantic_dim
+    setup = _setup(shape, batch_size, dtype, device, mode, seed, model_class)
+    model, features, labels, seen_t, loss_cfg = (setup.model, setup.features, setup.labels, setup.seen,
+                                                 setup.loss_cfg)
+    bf16 = precision == "bf16"
+    # The products of the bf16 path run in bf16 where the device has it natively, else in float32 on rounded
+    # operands (dedn.models.precision): its efficiency is counted against the rate of what actually runs.
+    native = native_bf16(device.type) if bf16 else None
+    rate_dtype = torch.bfloat16 if native else dtype
 
     def make_step(forward: Callable[[DEDN, torch.Tensor], DEDNOutput]) -> Callable[[], None]:
         opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.99, eps=1e-8, weight_decay=1e-4,
@@ -272,30 +357,54 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
 
         return step
 
+    accuracy = _gradient_error(setup, precision) if bf16 else {}  # before the steps move the weights
     load = _OtherLoad()
-    gflops = gemm_gflops(gemm_size, dtype=dtype, device=device)
+    gflops = gemm_gflops(gemm_size, dtype=rate_dtype, device=device)
     other_gemm = load.share()
+    # Native bf16: the float32 rate too. Emulated: a bf16 product is a slow reference loop, timed at a small
+    # size only, and the float32 rate is the one the products run at (gemm_gflops).
+    fp32_rate = gemm_gflops(gemm_size, dtype=dtype, device=device) if native else None
+    bf16_rate = None if native or not bf16 else gemm_gflops(min(gemm_size, 256), repeats=2, dtype=torch.bfloat16,
+                                                            device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # A short matrix-rate probe before each fast step: on a machine whose speed drifts (shared cores, clock
     # changes) each step is compared with the rate of its own moment (``efficiency_paired``).
-    fast, other_fast, rates = _time(make_step(lambda m, x: m(x)), repeats, warmup, device,
-                                    probe=lambda: gemm_gflops(gemm_size, repeats=2, dtype=dtype, device=device))
+    fast_precision = "bf16" if bf16 else "fp32"
+    fast, other_fast, rates = _time(make_step(lambda m, x: m(x, precision=fast_precision)), repeats, warmup, device,
+                                    probe=lambda: gemm_gflops(gemm_size, repeats=2, dtype=rate_dtype, device=device))
     rss_fast = _peak_rss_gb()
+    fp32_times, other_fp32, _ = _time(make_step(lambda m, x: m(x)), repeats, warmup, device) if bf16 else ([], [], [])
     naive_times, other_naive, _ = _time(make_step(naive_forward), repeats, warmup, device) if naive else ([], [], [])
     # The rate drifts (clock, neighbours): measure again afterwards and take the better one.
-    gflops_after = gemm_gflops(gemm_size, dtype=dtype, device=device)
+    gflops_after = gemm_gflops(gemm_size, dtype=rate_dtype, device=device)
     gflops_before, gflops = gflops, max(gflops, gflops_after)
+    if native:
+        bf16_rate = gflops
+    elif bf16:
+        fp32_rate = gflops
 
     step_s = statistics.median(fast)
+    fp32_s = statistics.median(fp32_times) if fp32_times else None
     flops = step_flops(d, c, r, g, batch_size)
+    clusters = shape.clusters()
+    notes = {
+        "fp32": "float32 throughout",
+        "tf32": ("CUDA products in TF32 (torch.backends.cuda.matmul.allow_tf32)" if device.type == "cuda" else
+                 "TF32 is a CUDA setting: on the CPU this is the same as fp32"),
+        "bf16": ("products on bf16 operands with float32 accumulation; weights, softmax, losses, optimizer float32"
+                 if native else "this device has no bf16 matrix unit: the bf16 products run in float32 on "
+                 "bf16-rounded operands (no speed-up expected; bf16_gemm_gflops is the native bf16 kernel's rate)"),
+    }
     result: dict[str, Any] = {
         "preset": shape.name,
-        "shape": {**asdict(shape), "n_regions": r, "batch_size": batch_size,
-                  "cluster_sizes": [int(x.size) for x in shape.clusters()]},
+        "shape": {**asdict(shape), "n_clusters": len(clusters), "n_regions": r, "batch_size": batch_size,
+                  "cluster_sizes": [int(x.size) for x in clusters]},
         "mode": mode,
         "implementation": f"{model_class.__module__}.{model_class.__qualname__}",
         "dtype": str(dtype).replace("torch.", ""),
+        "precision": precision,
+        "precision_note": notes[precision],
         "device": str(device),
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -312,6 +421,14 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
         "efficiency": flops / (gflops * 1e9) / step_s,
         "efficiency_paired": statistics.median([flops / (rate * 1e9) / t for rate, t in zip(rates, fast, strict=True)]),
         "gemm_gflops_paired": rates,
+        "fp32_step_seconds": fp32_s,
+        "fp32_step_seconds_all": fp32_times,
+        "step_ratio_vs_fp32": step_s / fp32_s if fp32_s else None,
+        "fp32_gemm_gflops": fp32_rate,
+        "bf16_gemm_gflops": bf16_rate,
+        "bf16_native": native,
+        "relative_gradient_error": accuracy.get("relative_gradient_error"),
+        "relative_score_error": accuracy.get("relative_score_error"),
         "naive_step_seconds": statistics.median(naive_times) if naive_times else None,
         "naive_step_seconds_all": naive_times,
         "speedup": statistics.median(naive_times) / step_s if naive_times else None,
@@ -319,7 +436,7 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
         "peak_rss_gb": _peak_rss_gb(),
         "peak_device_memory_gb": (torch.cuda.max_memory_allocated(device) / 1024**3
                                   if device.type == "cuda" else None),
-        "other_cpu": {"gemm": other_gemm, "fast": other_fast, "naive": other_naive},
+        "other_cpu": {"gemm": other_gemm, "fast": other_fast, "fp32": other_fp32, "naive": other_naive},
         "loadavg_before": list(load_before),
         "loadavg_after": list(os.getloadavg()),
     }
@@ -339,6 +456,7 @@ def format_bench(result: dict[str, Any]) -> str:
                    f"Q={len(s['cluster_sizes'])})"),
         ("device", f"{result['device']} {result['dtype']}, {result['threads']} threads, "
                    f"torch {result['torch_version']}"),
+        ("precision", f"{result['precision']}: {result['precision_note']}"),
         ("fast step", f"{num(result['step_seconds'], '.3f')} s (median of {result['repeats']})"),
         ("naive step", f"{num(result['naive_step_seconds'], '.3f')} s"),
         ("speedup", f"{num(result['speedup'], '.2f')}x"),
@@ -351,8 +469,18 @@ def format_bench(result: dict[str, Any]) -> str:
         ("load average", " / ".join(f"{x:.2f}" for x in result["loadavg_before"]) + " before, "
                          + " / ".join(f"{x:.2f}" for x in result["loadavg_after"]) + " after"),
     ]
-    shares = [x for x in [result["other_cpu"]["gemm"], *result["other_cpu"]["fast"], *result["other_cpu"]["naive"]]
-              if x is not None]
+    if result["fp32_step_seconds"] is not None:
+        rows[4:4] = [
+            ("fp32 step", f"{result['fp32_step_seconds']:.3f} s (this run; {result['precision']} / fp32 = "
+                          f"{result['step_ratio_vs_fp32']:.2f})"),
+            ("vs float32", f"relative error of the gradients {num(result['relative_gradient_error'], '.2e')}, "
+                           f"of the scores {num(result['relative_score_error'], '.2e')}"),
+            ("matrix rates", f"fp32 {num(result['fp32_gemm_gflops'], '.1f')}, "
+                             f"bf16 {num(result['bf16_gemm_gflops'], '.1f')} GFLOP/s "
+                             f"(bf16 native: {result['bf16_native']})"),
+        ]
+    other = result["other_cpu"]
+    shares = [x for x in [other["gemm"], *other["fast"], *other.get("fp32", []), *other["naive"]] if x is not None]
     if shares:
         worst = max(shares)
         note = "  (timings disturbed: rerun on an idle machine)" if worst > 0.05 else ""

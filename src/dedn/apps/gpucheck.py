@@ -121,9 +121,10 @@ def _bench(scale: str, device: str) -> dict[str, Any]:
     for precision in ("fp32", "tf32", "bf16"):
         r = run_bench(shape, repeats=5 if scale == "full" else 2, naive=False, device=device, precision=precision,
                       gemm_size=4096 if scale == "full" else 256)
-        out[precision] = {k: r.get(k) for k in ("step_seconds", "fp32_step_seconds", "efficiency", "gemm_gflops",
-                                                "achieved_gflops", "peak_device_memory_gb", "precision_note")
-                          if r.get(k) is not None}
+        out[precision] = {k: r.get(k) for k in (
+            "step_seconds", "fp32_step_seconds", "step_ratio_vs_fp32", "efficiency", "gemm_gflops", "bf16_gemm_gflops",
+            "achieved_gflops", "bf16_native", "relative_gradient_error", "peak_device_memory_gb", "precision_note")
+            if r.get(k) is not None}
     return out
 
 

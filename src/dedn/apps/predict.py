@@ -48,6 +48,7 @@ from dedn.errors import CheckpointError, ConfigError, DataError
 from dedn.features.backbones import Backbone, get_backbone
 from dedn.features.extract import IMAGE_EXTENSIONS, load_image
 from dedn.models.dedn import DEDN
+from dedn.models.precision import run_precision
 from dedn.train.checkpoint import load_weights
 from dedn.train.rundir import CLASS_FILE, FEATURES_FILE, MODEL_FILE, read_class_file, read_json
 
@@ -168,6 +169,11 @@ def expand_image_paths(inputs: str | os.PathLike[str] | Iterable[str | os.PathLi
 
 
 # ---------------------------------------------------------------------------------------------- predictor
+def _model_dtype(model: DEDN) -> str:
+    """The model's weight dtype as ``train.dtype`` names it (``float32``, ``float64``)."""
+    return str(model.class_att.dtype).replace("torch.", "")
+
+
 def _dataset_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """Move the last (attribute) axis from cluster order to dataset order."""
     out = torch.empty_like(x)
@@ -191,6 +197,7 @@ class Predictor:
         image_size: the image size for ``backbone`` (default: the provenance's, else the backbone's).
         device: where the model (and backbone) run.
         run_dir: the run directory, for messages.
+        precision: of the model's feature products, ``fp32`` or ``bf16`` (:mod:`dedn.models.precision`).
     """
 
     def __init__(
@@ -208,8 +215,10 @@ class Predictor:
         image_size: int | None = None,
         device: str | torch.device = "cpu",
         run_dir: str | Path | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.device = torch.device(device)
+        self.precision = run_precision(precision, _model_dtype(model), "precision")
         self.model = model.to(self.device).eval()
         d = model.n_attributes
         own_classes = class_att is None
@@ -251,7 +260,7 @@ class Predictor:
     def from_run(cls, run_dir: str | Path, device: str | torch.device = "cpu", *,
                  backbone: Backbone | str | None = None,
                  backbone_weights: str | os.PathLike[str] | None = "auto",
-                 image_size: int | None = None) -> Predictor:
+                 image_size: int | None = None, precision: str | None = None) -> Predictor:
         """Load a trained run: ``model.safetensors``, ``classes.json``, ``features.json``, ``config.json``.
 
         Args:
@@ -262,6 +271,7 @@ class Predictor:
             backbone_weights: ``"auto"`` (the recorded weights when the recorded backbone is used, else
                 ``"imagenet"``), ``"imagenet"``, a local state-dict file, or None (random init).
             image_size: overrides the recorded image size.
+            precision: ``fp32`` or ``bf16`` (default: the run's ``train.precision``, else fp32).
 
         Raises:
             CheckpointError: no such folder, no ``model.safetensors`` in it, or unreadable run files.
@@ -278,12 +288,15 @@ class Predictor:
                                   "unfinished run has only checkpoints: finish or resume training first)")
         model = load_weights(weights, device=device)
         calibration = 0.0
+        recorded_precision = "fp32"
         if (run / "config.json").is_file():
             from dedn.train.rundir import load_run_config
 
             try:
-                value = load_run_config(run).eval.calibration
+                run_cfg = load_run_config(run)
+                value = run_cfg.eval.calibration
                 calibration = float(value) if value not in ("auto", "validated") else 0.0
+                recorded_precision = run_cfg.train.precision
             except ConfigError as exc:
                 log.warning("%s: config not used (%s)", run / "config.json", exc)
         names = attrs = None
@@ -316,7 +329,7 @@ class Predictor:
                 raise CheckpointError(f"{run / FEATURES_FILE}: expected a JSON object")
         return cls(model, names, attrs, None, None, calibration=calibration, feature_provenance=provenance,
                    backbone=backbone, backbone_weights=backbone_weights, image_size=image_size, device=device,
-                   run_dir=run)
+                   run_dir=run, precision=recorded_precision if precision is None else precision)
 
     def with_classes(self, class_names: Sequence[str], att: np.ndarray, include_trained: bool = True) -> Predictor:
         """A predictor over classes given at prediction time (``kind="new"``), the model weights unchanged.
@@ -352,7 +365,8 @@ class Predictor:
         Predictor.__init__(other, other.model, names, self.attribute_names, full, kinds,
                            calibration=self.calibration, feature_provenance=self.feature_provenance,
                            backbone=self._backbone or self._backbone_spec, backbone_weights=self._backbone_weights,
-                           image_size=self._image_size, device=self.device, run_dir=self.run_dir)
+                           image_size=self._image_size, device=self.device, run_dir=self.run_dir,
+                           precision=self.precision)
         return other
 
     # ------------------------------------------------------------------ features
@@ -390,7 +404,7 @@ class Predictor:
         """Predicted attribute scores (B, D) in dataset order: ``cexp``, ``fexp`` (those the model has) and
         ``mixed`` (``l_e * cexp + (1 - l_e) * fexp``), plus ``scores`` (B, K), the mixed class scores
         (reference calibration margin included, before calibrated stacking)."""
-        out = self.model(self._as_tensor(features))
+        out = self.model(self._as_tensor(features), precision=self.precision)
         l_e = self.model.l_e if l_e is None else float(l_e)
         order = self.model.attribute_order
         res: dict[str, np.ndarray] = {}

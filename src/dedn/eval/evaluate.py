@@ -57,20 +57,25 @@ def evaluate_model(
     progress: bool = False,
     l_rc: float | None = None,
     l_e: float | None = None,
+    precision: str = "fp32",
+    features: Any = None,
 ) -> Evaluation:
     """T, S, U, H of ``model`` on ``data``'s test split (which is the validation split of a validation task).
 
     ``gamma``: a :class:`~dedn.eval.calibration.Calibration`, a number (source ``config``), or ``"best"`` for the
     H-maximising value on these very scores (source ``validated`` on a validation task, else
-    ``oracle-on-test``).
+    ``oracle-on-test``). ``precision``: of the feature products, ``fp32`` or ``bf16`` (a run's
+    ``train.precision``). ``features``: the maps to read instead of ``data.features`` (the same maps, e.g.
+    a store's copy resident on the GPU).
     """
     if not isinstance(gamma, Calibration):
         on_val = data.provenance.get("split") == "validation"
         gamma = Calibration(gamma, (VALIDATED if on_val else ORACLE) if gamma == "best" else CONFIG)
-    seen = collect_outputs(model, data.features, data.test_seen_loc, data.labels, batch_size, device,
-                           progress, "test seen")
-    unseen = collect_outputs(model, data.features, data.test_unseen_loc, data.labels, batch_size, device,
-                             progress, "test unseen")
+    features = data.features if features is None else features
+    seen = collect_outputs(model, features, data.test_seen_loc, data.labels, batch_size, device,
+                           progress, "test seen", precision)
+    unseen = collect_outputs(model, features, data.test_unseen_loc, data.labels, batch_size, device,
+                             progress, "test unseen", precision)
     return evaluate_outputs(seen, unseen, data.seen_mask, gamma, model.l_rc if l_rc is None else l_rc,
                             model.l_e if l_e is None else l_e)
 

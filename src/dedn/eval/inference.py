@@ -89,8 +89,13 @@ class ModelOutputs:
 
 
 def _batches(features: Any, index: np.ndarray, batch_size: int):
+    """Feature maps of ``index`` batch by batch: read from an array or store, or gathered where a tensor
+    of all maps already lives (a store resident on the GPU)."""
     for s in range(0, index.size, batch_size):
-        yield read_features(features, index[s : s + batch_size])
+        if torch.is_tensor(features):
+            yield features[torch.as_tensor(index[s : s + batch_size], device=features.device)]
+        else:
+            yield read_features(features, index[s : s + batch_size])
 
 
 @torch.no_grad()
@@ -103,8 +108,14 @@ def collect_outputs(
     device: torch.device | str = "cpu",
     progress: bool = False,
     desc: str = "scoring",
+    precision: str = "fp32",
 ) -> ModelOutputs:
-    """Run ``model`` (in eval mode) over ``features[index]`` and keep every branch's attribute scores."""
+    """Run ``model`` (in eval mode) over ``features[index]`` and keep every branch's attribute scores.
+
+    ``features``: an (N, C, h, w) array or store, or a tensor of all maps (gathered on its own device).
+
+    ``precision``: of the model's feature products (``fp32`` or ``bf16``, :mod:`dedn.models.precision`).
+    """
     was_training = model.training
     model.eval()
     index = np.asarray(index, dtype=np.int64)
@@ -113,12 +124,16 @@ def collect_outputs(
     try:
         for start, chunk in zip(range(0, index.size, batch_size), _batches(features, index, batch_size),
                                 strict=True):
-            if not np.isfinite(chunk).all():  # name the images, not a downstream "scores contain NaN"
-                rows = ~np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
+            finite = bool(torch.isfinite(chunk).all()) if torch.is_tensor(chunk) else np.isfinite(chunk).all()
+            if not finite:  # name the images, not a downstream "scores contain NaN"
+                flat = chunk.reshape(chunk.shape[0], -1)
+                rows = ~(torch.isfinite(flat).all(1).cpu().numpy() if torch.is_tensor(flat)
+                         else np.isfinite(flat).all(axis=1))
                 bad = index[start : start + chunk.shape[0]][rows]
                 raise DataError(f"feature maps of images {bad[:5].tolist()} (dataset indices) hold NaN or infinite "
                                 "values; fix or re-extract those features")
-            out = model(torch.from_numpy(chunk).to(device))
+            x = chunk if torch.is_tensor(chunk) else torch.from_numpy(chunk)
+            out = model(x.to(device), precision=precision)
             for name, exp in (("cexp", out.cexp), ("fexp", out.fexp)):
                 if exp is None:
                     continue

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dedn.config import EXPERTS
+from dedn.models.precision import check_precision, product_dtype, round_bf16
 from dedn.models.settings import MethodSettings
 
 #: The experts a DEDN may hold, in the order they are built (their random init is drawn in this order).
@@ -168,10 +169,20 @@ class _ChannelAttention(torch.autograd.Function):
     (logits, then the attention-weighted sum U) and two backward (S = M3 F_b^T recomputed, then
     dM4 += dL F_b); dM3 = sum_b g_b U_b needs no large product. Only the attention A (B, D, C) is kept,
     and the softmax and its backward run in place. Features are frozen: no gradient flows to them.
+
+    bfloat16 features (float32 m3, m4) take the bf16 path (:meth:`_forward_bf16`): all images' channel
+    vectors as one (B C, R) matrix, so that the logits, S and dM4 are each one large product instead of B
+    small ones; products on bf16 operands, softmax and its backward in float32, gradients float32.
     """
+
+    #: Elements of the float32 softmax temporary per chunk of images on the bf16 path (64 MiB).
+    CHUNK_ELEMENTS = 1 << 24
 
     @staticmethod
     def forward(ctx, m3: Tensor, m4: Tensor, feats: Tensor) -> Tensor:  # type: ignore[override]
+        if feats.dtype == torch.bfloat16:
+            return _ChannelAttention._forward_bf16(ctx, m3, m4, feats)
+        ctx.bf16 = False
         b, c, r = feats.shape
         d = m3.shape[0]
         keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -190,6 +201,8 @@ class _ChannelAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        if ctx.bf16:
+            return _ChannelAttention._backward_bf16(ctx, grad_out)
         m3, feats, att, u, out = ctx.saved_tensors
         grad3 = torch.einsum("bd,bdr->dr", grad_out, u)
         grad4 = torch.zeros_like(m3)
@@ -199,6 +212,48 @@ class _ChannelAttention(torch.autograd.Function):
             torch.mm(m3, f.t(), out=s)  # S recomputed: cheaper than keeping a second (B, D, C) tensor
             s.sub_(out[i, :, None]).mul_(att[i]).mul_(grad_out[i, :, None])  # dL = A (S - O) g
             grad4.addmm_(s, f)
+        return grad3, grad4, None
+
+    @staticmethod
+    def _forward_bf16(ctx: Any, m3: Tensor, m4: Tensor, feats: Tensor) -> Tensor:
+        """The bf16 forward, transposed: A_b^T (C, D) of all images from one product (B C, R) x (R, D)."""
+        b, c, r = feats.shape
+        d = m3.shape[0]
+        keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        flat = feats.reshape(b * c, r)
+        m4b = m4.detach().to(torch.bfloat16)
+        step = max(1, _ChannelAttention.CHUNK_ELEMENTS // (c * d))
+        att = feats.new_empty(b if keep else min(step, b), c, d)  # A^T, bf16: the second product's operand
+        u = feats.new_empty(b, r, d)  # U_b^T = F_b^T A_b^T
+        for s in range(0, b, step):
+            e = min(s + step, b)
+            a = att[s:e] if keep else att[: e - s]
+            z = torch.mm(flat[s * c : e * c], m4b.t()).view(e - s, c, d).float()  # logits, softmax over C
+            z.sub_(z.amax(1, keepdim=True)).exp_()
+            a.copy_(z.div_(z.sum(1, keepdim=True)))
+            torch.bmm(feats[s:e].transpose(1, 2), a, out=u[s:e])
+        out = torch.einsum("dr,brd->bd", m3.detach(), u.float())
+        ctx.bf16 = True
+        if keep:
+            ctx.save_for_backward(m3, feats, att, u, out)
+        return out
+
+    @staticmethod
+    def _backward_bf16(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+        m3, feats, att, u, out = ctx.saved_tensors
+        b, c, r = feats.shape
+        d = m3.shape[0]
+        flat = feats.reshape(b * c, r)
+        grad3 = torch.einsum("bd,brd->dr", grad_out, u.float())
+        s_t = torch.mm(flat, m3.to(torch.bfloat16).t()).view(b, c, d)  # S^T recomputed, then dL^T in place
+        step = max(1, _ChannelAttention.CHUNK_ELEMENTS // (c * d))
+        for s in range(0, b, step):
+            e = min(s + step, b)
+            z = s_t[s:e].float()
+            z.sub_(out[s:e, None, :]).mul_(att[s:e]).mul_(grad_out[s:e, None, :])  # dL = A (S - O) g
+            s_t[s:e] = z
+        # dM4 = sum over images and channels at once: one product, float32 accumulation, one rounding
+        grad4 = torch.mm(s_t.view(b * c, d).t(), flat).float()
         return grad3, grad4, None
 
 
@@ -427,8 +482,13 @@ class DEDN(nn.Module):
         return margin * sign
 
     # ------------------------------------------------------------------ forward
-    def prepare_features(self, features: Tensor) -> Tensor:
-        """(B, C, h, w) or (B, C, R) -> (B, C, R) float, each region vector L2-normalised over C."""
+    def prepare_features(self, features: Tensor, precision: str = "fp32") -> Tensor:
+        """(B, C, h, w) or (B, C, R) -> (B, C, R), each region vector L2-normalised over C.
+
+        ``fp32``: in the model's dtype. ``bf16``: bfloat16, from maps of any float dtype (a float16 store's
+        go straight to bf16, with no float32 copy kept): the norm is accumulated in float32 and each value
+        divided in float32 and rounded once.
+        """
         if features.ndim == 4:
             features = features.flatten(2)
         if features.ndim != 3 or features.shape[1] != self.n_channels or features.shape[2] != self.n_regions:
@@ -436,12 +496,26 @@ class DEDN(nn.Module):
                 f"features must be (B, {self.n_channels}, h, w) with h*w = {self.n_regions}, "
                 f"got {tuple(features.shape)}"
             )
+        if check_precision(precision) == "bf16":
+            norm = torch.linalg.vector_norm(features, dim=1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12)
+            out = torch.empty(features.shape, dtype=torch.bfloat16, device=features.device)
+            return torch.div(features, norm, out=out)  # computed in float32, rounded to bf16 on the store
         dtype = self.class_att.dtype
         return F.normalize(features.to(dtype), dim=1, eps=1e-12)
 
-    def forward(self, features: Tensor) -> DEDNOutput:
-        """Both experts' attribute and class scores for a batch of feature maps."""
-        feats = self.prepare_features(features)
+    def forward(self, features: Tensor, precision: str = "fp32") -> DEDNOutput:
+        """Both experts' attribute and class scores for a batch of feature maps.
+
+        ``precision="bf16"`` (float32 models only) runs the products over the features on bf16 operands with
+        float32 accumulation (:mod:`dedn.models.precision`); everything else, the outputs included, stays
+        float32.
+        """
+        bf16 = check_precision(precision) == "bf16"
+        if bf16 and self.class_att.dtype != torch.float32:
+            raise ValueError(f"precision bf16 needs a float32 model, this one is {self.class_att.dtype}")
+        feats = self.prepare_features(features, precision)
+        # bf16 where the device multiplies bf16 natively, else float32 on the bf16-rounded values
+        compute = product_dtype(feats.device) if bf16 else feats.dtype
         experts = self.active_experts
         proj = {e: self.experts[e].projections() for e in experts}
         sizes = [proj[e]["m1"].shape[0] for e in experts]
@@ -450,13 +524,19 @@ class DEDN(nn.Module):
         # images side by side (C, B R) so that it is a single large matrix product.
         b, c, r = feats.shape
         m12 = torch.cat([proj[e]["m1"] for e in experts] + [proj[e]["m2"] for e in experts])
-        y = torch.mm(m12, feats.permute(1, 0, 2).reshape(c, b * r)).view(2 * d_all, b, r)
+        if bf16:  # bf16 operands, float32 accumulation; the softmax and the weighted sum in float32
+            y = torch.mm(round_bf16(m12, compute), feats.permute(1, 0, 2).reshape(c, b * r).to(compute))
+            y = y.float().view(2 * d_all, b, r)
+        else:
+            y = torch.mm(m12, feats.permute(1, 0, 2).reshape(c, b * r)).view(2 * d_all, b, r)
         o_r_all = (y[:d_all] * torch.softmax(y[d_all:], dim=-1)).sum(-1).t()
         o_c_all = None
         if self.channel_attention:
             m3 = torch.cat([proj[e]["m3"] for e in experts])
             m4 = torch.cat([proj[e]["m4"] for e in experts])
-            o_c_all = _ChannelAttention.apply(m3, m4, feats)
+            if bf16 and compute != torch.bfloat16:  # emulated: the float32 path on the bf16-rounded operands
+                m3, m4, feats = round_bf16(m3, compute), round_bf16(m4, compute), feats.to(compute)
+            o_c_all = _ChannelAttention.apply(m3, m4, feats)  # bf16 features: its bf16 path
         bias = self.calibration_bias()
         outputs: dict[str, ExpertOutput] = {}
         for e, o_r, o_c in zip(

@@ -47,6 +47,7 @@ from dedn.eval.evaluate import Evaluation, calibration_value, evaluate_model, wr
 from dedn.factory import build_model, dataset_name, load_data
 from dedn.models.dedn import DEDN
 from dedn.models.losses import dedn_loss
+from dedn.models.precision import run_precision
 from dedn.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from dedn.train.released import (
     ReleasedBatches,
@@ -359,14 +360,19 @@ class Trainer:
         the whole batch (default ``1 / world``). The loss is weighted by ``world * share`` so that
         DistributedDataParallel's gradient average is the gradient of the whole batch's mean loss, also
         when the shards are uneven (a batch of 50 on 4 ranks: 13/13/12/12).
+
+        With ``train.precision=bf16`` the maps keep their dtype here (a float16 store's go to bf16 in the
+        model's normalisation, without a float32 copy) and the model runs its bf16 products.
         """
         self.model.train()
-        x = (self._host_batch(index) if batch is None else batch).to(self.device, self.dtype)
+        precision = run_precision(self.cfg.train.precision, self.cfg.train.dtype)
+        x = self._host_batch(index) if batch is None else batch
+        x = x.to(self.device) if precision == "bf16" else x.to(self.device, self.dtype)
         if not torch.isfinite(x).all():
             self.data.check_features_finite(index)  # names the images
         y = torch.as_tensor(self.data.labels[index], device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.forward(x)
+        out = self.forward(x, precision=precision)
         terms = dedn_loss(out, y, self.seen_mask_t, self.cfg.loss, self.model.method, self.model.calibration_bias())
         finite = torch.isfinite(terms.total.detach()).to(torch.float32)
         if self.world > 1:  # every rank must stop together, or the others hang in the gradient all-reduce
@@ -392,8 +398,10 @@ class Trainer:
         """Called after each evaluation during :meth:`fit` (a hook for protocols and callbacks)."""
 
     def evaluate(self, progress: bool = False) -> Evaluation:
+        """Evaluate the model on the test (or validation) split, in the run's ``train.precision``."""
         return evaluate_model(self.model, self.data, self.calibration, self.cfg.eval.batch_size, self.device,
-                              progress)
+                              progress, precision=run_precision(self.cfg.train.precision, self.cfg.train.dtype),
+                              features=self.features if torch.is_tensor(self.features) else None)
 
     def fit(self) -> TrainResult:
         """Train through the schedule (from the resumed segment), evaluating and checkpointing.

@@ -1,0 +1,35 @@
+"""The prepared GPU check runs its sections on the CPU at small sizes and prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+
+from dedn.apps.gpucheck import run_gpu_check
+from tests.conftest import run_cli
+
+
+def test_small_check_runs_every_section_on_the_cpu(tmp_path) -> None:
+    summary = run_gpu_check("small", "cpu", workdir=tmp_path, run_tests=False)
+    assert summary["failed"] == [], {k: v for k, v in summary.items() if isinstance(v, dict) and "error" in v}
+    for skipped in ("cuda_tests", "ddp"):
+        assert summary[skipped]["status"] == "skipped" and summary[skipped]["reason"]
+    assert set(summary["bench"]) >= {"fp32", "tf32", "bf16", "status", "seconds"}
+    assert summary["bench"]["bf16"]["step_seconds"] > 0 and summary["bench"]["bf16"]["fp32_step_seconds"] > 0
+    assert summary["resident_store"]["resident"] is False and summary["resident_store"]["steps"] == 8  # 128 // 16
+    assert summary["extraction"]["finite"] and summary["extraction"]["images"] == 6
+    for precision in ("fp32", "bf16"):
+        run = summary[f"train_80_epochs_{precision}"]
+        assert (run["steps"], run["evaluations"], run["precision"]) == (12, 3, precision)
+        assert run["train_seconds"] > 0 and 0 <= run["H"] <= 100
+    json.dumps(summary)
+
+
+def test_the_command_prints_one_json_line(monkeypatch, capsys) -> None:
+    import dedn.apps.gpucheck as gpucheck
+
+    monkeypatch.setattr(gpucheck, "run_gpu_check", lambda scale, device: {"scale": scale, "failed": ["bench"]})
+    code, out, _ = run_cli(["gpu-check", "--small", "--device", "cpu"], monkeypatch, capsys)
+    assert code == 1 and len(out.strip().splitlines()) == 1
+    assert json.loads(out) == {"scale": "small", "failed": ["bench"]}
+    code, _, err = run_cli(["gpu-check", "--device", "tpu"], monkeypatch, capsys)
+    assert code == 2 and "--device" in err

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,6 +57,29 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
 @pytest.fixture
 def tiny_cfg(tiny_overrides: list[str]) -> RunConfig:
     return load_config(None, tiny_overrides)
+
+
+@contextlib.contextmanager
+def interrupted_at_step(monkeypatch, step: int, counts: Callable[[Any], bool] = lambda trainer: True):
+    """Inside the block, the ``step``-th training step (1-based, counting the trainers for which ``counts``
+    is true) raises KeyboardInterrupt, as Ctrl-C would; the block expects it. Steps train normally after."""
+    from dedn.train.trainer import Trainer
+
+    original, seen = Trainer.train_step, {"n": 0}
+
+    def train_step(self, index, batch=None, share=None):
+        if counts(self):
+            seen["n"] += 1
+            if seen["n"] == step:
+                raise KeyboardInterrupt
+        return original(self, index, batch, share)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(Trainer, "train_step", original)
 
 
 def run_cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:

@@ -12,9 +12,8 @@ import submitit
 from dedn.apps import experiments as E
 from dedn.config import load_config
 from dedn.errors import TrainingError
-from dedn.train.trainer import Trainer
 
-from .conftest import run_cli
+from .conftest import interrupted_at_step, run_cli
 
 SLURM = E.Launch("slurm", partition="gpu", gpus_per_job=2, cpus_per_job=8, mem_gb=32, time_min=90, max_running=3)
 SLURM_OPTIONS = ["--launcher", "slurm", "--partition", "gpu", "--gpus-per-job", "2", "--cpus-per-job", "8",
@@ -33,19 +32,9 @@ def test_local_launcher_resumes_a_killed_job_and_reuses_finished_ones(tiny_overr
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     overrides = [*tiny_overrides, "train.epochs=2"]
     out = tmp_path / "t1"
-    step, steps = Trainer.train_step, {"n": 0}
-
-    def dies_in_second_epoch(self, index, batch=None, share=None):  # seed 1, after epoch 0's checkpoint
-        if self.cfg.seed == 1:
-            steps["n"] += 1
-            if steps["n"] == 3 + 1:  # three iterations an epoch
-                raise KeyboardInterrupt
-        return step(self, index, batch, share)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    # Seed 1 dies in its second epoch (three iterations an epoch), after epoch 0's checkpoint.
+    with interrupted_at_step(monkeypatch, 3 + 1, counts=lambda trainer: trainer.cfg.seed == 1):
         E.table1(load_config(None, overrides), seeds=2, protocol="published", out_dir=out)
-    monkeypatch.setattr(Trainer, "train_step", step)
     killed = out / "runs/dedn/published/seed-1"
     assert (out / "runs/dedn/published/seed-0/done.json").exists() and not (killed / "done.json").exists()
     # What a killed process leaves: its lock files (the kernel released the lock itself) and a partial run.

@@ -177,3 +177,20 @@ def test_cli_eval_takes_the_runs_precision_or_the_option(tiny_overrides: list[st
         found[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert found["default"]["precision"] == "bf16" and found["fp32"]["precision"] == "fp32"
     assert abs(found["default"]["H"] - found["fp32"]["H"]) <= 10.0
+
+
+def test_bf16_runs_take_a_float16_store_batch_as_stored(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    from dedn.data.store import store_zsldata
+    from dedn.factory import load_data
+
+    store = store_zsldata(tmp_path / "store", load_data(tiny_cfg))
+    cfg = apply_overrides(tiny_cfg, ["data.source=store", f"data.path={tmp_path / 'store'}"])
+    index = np.array([7, 3, 3, 0])
+    half = Trainer(apply_overrides(cfg, ["train.precision=bf16"]))._host_batch(index)
+    assert half.dtype == torch.float16
+    np.testing.assert_array_equal(half.numpy().astype(np.float32), store[index])
+    assert Trainer(cfg)._host_batch(index).dtype == torch.float32
+    with pytest.raises(IndexError):
+        store.take(np.array([len(store)]))
+    trainer = Trainer(apply_overrides(cfg, ["train.precision=bf16"]))
+    assert np.isfinite(trainer.train_step(index)["loss"])

@@ -20,7 +20,7 @@ from dedn.factory import build_model, load_data
 from dedn.models.compat import reference_loss
 from dedn.train.released import released_schedule
 from dedn.train.trainer import Trainer
-from tests.conftest import run_cli
+from tests.conftest import interrupted_at_step, run_cli
 
 LAYOUTS = {"CUB": (312, 200, True), "SUN": (102, 717, False), "AWA2": (85, 50, True)}  # D, K, balanced
 SEED = 7
@@ -174,19 +174,8 @@ def test_a_replay_evaluates_on_the_released_schedule_and_resumes_exactly(tmp_pat
     rows = [h for h in full.history if "H" in h]
     assert best["H"]["H"] == max(r["H"] for r in rows) and best["T"]["T"] == max(r["T"] for r in rows)
 
-    calls = {"n": 0}
-    original = Trainer.train_step
-
-    def interrupted(self, index, batch=None, share=None):
-        calls["n"] += 1
-        if calls["n"] == 5:  # in the second segment, after the first was checkpointed
-            raise KeyboardInterrupt
-        return original(self, index, batch, share)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 5):  # in the second segment, after the first was checkpointed
         train(cfg, run_dir=tmp_path / "cut", data=data)
-    monkeypatch.setattr(Trainer, "train_step", original)
     resumed = train(cfg, run_dir=tmp_path / "cut", data=data, resume=True)
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k

@@ -15,6 +15,7 @@ from dedn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dedn.factory import build_model, load_data
 from dedn.train.checkpoint import load_checkpoint, load_weights
 from dedn.train.trainer import BatchSampler, Trainer, train
+from tests.conftest import interrupted_at_step
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -41,21 +42,10 @@ def test_resume_gives_the_same_weights(tiny_cfg: RunConfig, tmp_path: Path, monk
     data = load_data(tiny_cfg)
     full = train(tiny_cfg, run_dir=tmp_path / "full", data=data)
 
-    calls = {"n": 0}
-    original = Trainer.train_step
-
-    def interrupted(self, index, batch=None, share=None):
-        calls["n"] += 1
-        if calls["n"] == 2 * 3 + 2:  # in the third epoch, after two complete ones were checkpointed
-            raise KeyboardInterrupt
-        return original(self, index, batch, share)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 2 * 3 + 2):  # in the third epoch, after two were checkpointed
         train(tiny_cfg, run_dir=tmp_path / "cut", data=data)
     _, record = load_checkpoint(tmp_path / "cut" / "checkpoints")
     assert record["epoch"] == 1
-    monkeypatch.setattr(Trainer, "train_step", original)
     resumed = train(tiny_cfg, run_dir=tmp_path / "cut", data=data, resume=True)
     a, b = _weights(full.model), _weights(resumed.model)
     assert a.keys() == b.keys()
@@ -259,18 +249,8 @@ def test_a_run_folder_from_before_the_rng_and_precision_keys_resumes(tiny_cfg: R
                                                                      monkeypatch) -> None:
     data = load_data(tiny_cfg)
     full = train(tiny_cfg, run_dir=tmp_path / "full", data=data)
-    original, calls = Trainer.train_step, {"n": 0}
-
-    def interrupted(self, index, batch=None, share=None):
-        calls["n"] += 1
-        if calls["n"] == 3 + 2:  # in the second epoch
-            raise KeyboardInterrupt
-        return original(self, index, batch, share)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_step(monkeypatch, 3 + 2):  # in the second epoch
         train(tiny_cfg, run_dir=tmp_path / "old", data=data)
-    monkeypatch.setattr(Trainer, "train_step", original)
     # What the previous version wrote: a config without train.rng and train.precision.
     cfg_file = tmp_path / "old" / "config.json"
     old = json.loads(cfg_file.read_text())

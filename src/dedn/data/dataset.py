@@ -27,9 +27,14 @@ class FeatureArray(Protocol):
     def __len__(self) -> int: ...
 
 
-def read_features(features: FeatureArray, index: np.ndarray) -> np.ndarray:
-    """float32 feature maps of ``index`` in that order, read in sorted order (fast on stores and HDF5)."""
+def read_features(features: FeatureArray, index: np.ndarray, stored_dtype: bool = False) -> np.ndarray:
+    """float32 feature maps of ``index`` in that order, read in sorted order (fast on stores and HDF5).
+
+    ``stored_dtype``: a feature store's maps in its own dtype instead (float16 stays float16).
+    """
     index = np.asarray(index)
+    if stored_dtype and hasattr(features, "take"):
+        return features.take(index)
     order = np.argsort(index, kind="stable")
     chunk = np.asarray(features[index[order]], dtype=np.float32)
     out = np.empty_like(chunk)

@@ -378,13 +378,13 @@ class FeatureStore:
             _pread_into(self._read_fd(), out, start * self._row_bytes, self.path / FEATURES_BIN)
         return out
 
-    def _gather(self, flat: np.ndarray) -> np.ndarray:
-        """float32 maps of the in-range, non-negative indices ``flat`` (any order, duplicates allowed).
+    def _gather(self, flat: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """Maps of the in-range, non-negative indices ``flat`` (any order, duplicates allowed) as ``dtype``.
 
         Indices are visited in ascending order; rows that lie close together on disk are read in one go,
         in blocks of at most ``_READ_BLOCK_BYTES``, so memory beyond the result stays bounded.
         """
-        out = np.empty((flat.size, *self.shape[1:]), dtype=np.float32)
+        out = np.empty((flat.size, *self.shape[1:]), dtype=dtype)
         if not flat.size:
             return out
         row_bytes = self._row_bytes
@@ -405,6 +405,15 @@ class FeatureStore:
                 self.read_raw(lo, hi, out=buf[: hi - lo])
                 out[order[i0:i1]] = buf[srt[i0:i1] - lo]
         return out
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """The maps at the integer indices ``index`` (any order, duplicates) in the store's own dtype: a
+        float16 store's batch without a float32 copy (bf16 training converts it on the device)."""
+        flat = np.asarray(index, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if flat.size and (flat.min() < 0 or flat.max() >= n):
+            raise IndexError(f"index out of range for {n} feature maps")
+        return self._gather(flat, self.dtype)
 
     def __getitem__(self, index: Any) -> np.ndarray:
         """float32 copy of the maps at an int, a slice, or an int / bool array (any order, duplicates).

@@ -278,7 +278,8 @@ class Trainer:
         """The batch's feature maps: read from the store (in a worker thread) or gathered on the device."""
         if torch.is_tensor(self.features):
             return self.features[torch.as_tensor(index, device=self.features.device)]
-        return torch.from_numpy(read_features(self.features, index))
+        # bf16 runs take a float16 store's batch as it is stored: the model rounds it to bf16 on the device.
+        return torch.from_numpy(read_features(self.features, index, stored_dtype=self.cfg.train.precision == "bf16"))
 
     def resume(self) -> bool:
         """Continue from the run directory's last checkpoint; False when the run has not trained yet.

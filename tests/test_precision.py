@@ -194,3 +194,26 @@ def test_bf16_runs_take_a_float16_store_batch_as_stored(tiny_cfg: RunConfig, tmp
         store.take(np.array([len(store)]))
     trainer = Trainer(apply_overrides(cfg, ["train.precision=bf16"]))
     assert np.isfinite(trainer.train_step(index)["loss"])
+
+
+def test_channel_attention_batched_path_equals_the_loop_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched layout (what a GPU runs in float32, and bf16 everywhere) computes the per-image loop's
+    output and gradients; here both in float32 on the CPU."""
+    gen = torch.Generator().manual_seed(1)
+    b, c, r, d = 6, 24, 7, 10
+    feats = F.normalize(torch.rand(b, c, r, generator=gen), dim=1)
+    m3 = torch.randn(d, r, generator=gen, requires_grad=True)
+    m4 = (0.5 * torch.randn(d, r, generator=gen)).requires_grad_()
+    grad_out = torch.randn(b, d, generator=gen)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out = _ChannelAttention.apply(m3, m4, feats)
+        return (out.detach(), *torch.autograd.grad(out, (m3, m4), grad_out))
+
+    assert not _ChannelAttention.batched(feats)
+    loop = run()
+    monkeypatch.setattr(_ChannelAttention, "batched", staticmethod(lambda f: True))
+    monkeypatch.setattr(_ChannelAttention, "CHUNK_ELEMENTS", 2 * c * d)
+    for a, w in zip(run(), loop, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)

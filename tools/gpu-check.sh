@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check: every CUDA path of dedn once, timed; prints one JSON line (dedn.apps.gpucheck).
 #
-# On a CUDA machine, from the repository root:   bash tools/gpu-check.sh            (under 8 minutes)
+# On a CUDA machine, from the repository root:   bash tools/gpu-check.sh [--out FILE]   (under 8 minutes;
+# FILE is rewritten after every section, so a check cut short still leaves what it measured)
 # Without installing dedn: the source tree is put on PYTHONPATH. Where the machine lacks a dependency and has
 # no network, `make gpu-wheels` (on a machine with one) downloads the missing pure-Python wheels into .whl/,
 # which this script installs into /tmp/dedn-site first.

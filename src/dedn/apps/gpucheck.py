@@ -12,7 +12,9 @@ machine in well under 8 minutes:
   batch 50) on generated features from a resident store, evaluated every epoch, timed, in fp32 and bf16.
 
 Every section reports ``status`` (``ok``, ``failed`` with the error, or ``skipped`` with the reason) and its
-``seconds``; a failed section does not stop the others. ``--small`` runs the same code at small sizes, on
+``seconds``; a failed section does not stop the others. A section that would start after ``budget_s``
+seconds is skipped, so the check ends in time; with ``--out`` the summary so far is rewritten after every
+section, so a check cut short still leaves its results. ``--small`` runs the same code at small sizes, on
 the CPU when there is no GPU: that is how the tests run it.
 """
 
@@ -52,6 +54,8 @@ def _log(message: str) -> None:
 def _section(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run one section; its result with ``status`` and ``seconds``, or the error that stopped it."""
     _log(f"{name} ...")
+    if _deadline.get("at") is not None and time.perf_counter() > _deadline["at"]:
+        return {"status": "skipped", "reason": "the check's time budget was spent"}
     started = time.perf_counter()
     try:
         out = fn()
@@ -62,6 +66,9 @@ def _section(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     out["seconds"] = round(time.perf_counter() - started, 2)
     _log(f"{name}: {out['status']} in {out['seconds']} s")
     return out
+
+
+_deadline: dict[str, float | None] = {"at": None}
 
 
 def _synthetic_overrides(scale: str) -> list[str]:
@@ -170,7 +177,8 @@ def _ddp(store: Path, root: Path) -> dict[str, Any]:
 
 
 def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str | Path | None = None,
-                  run_tests: bool = True) -> dict[str, Any]:
+                  run_tests: bool = True, budget_s: float | None = 450.0,
+                  progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run every section and return the summary (what ``dedn gpu-check`` prints as one JSON line).
 
     Args:
@@ -178,6 +186,8 @@ def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str |
         device: ``cuda`` or ``cpu`` (default: CUDA when available).
         workdir: where stores and images are written (default: a temporary folder, removed afterwards).
         run_tests: run the CUDA tests (off inside the test suite itself).
+        budget_s: sections that would start later than this many seconds after the start are skipped.
+        progress: called with the summary so far after every section.
     """
     if scale not in TRAIN_SHAPES:
         raise ValueError(f"scale must be full or small, got {scale!r}")
@@ -191,11 +201,12 @@ def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str |
         summary["gpu"] = {"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
                           "count": torch.cuda.device_count()}
     started = time.perf_counter()
+    _deadline["at"] = None if budget_s is None else started + budget_s
     no_cuda = {"status": "skipped", "reason": "no CUDA device"}
     with tempfile.TemporaryDirectory(prefix="dedn-gpu-check-") as tmp:
         folder = Path(workdir) if workdir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        sections: dict[str, Any] = {}
+        sections: dict[str, Any] = _Sections(summary, progress)
         sections["cuda_tests"] = (_section("cuda_tests", lambda: _cuda_tests(root)) if cuda and run_tests
                                   else {"status": "skipped", "reason": "no CUDA device" if not cuda else "not asked"})
         sections["bench"] = _section("bench", lambda: _bench(scale, device))
@@ -223,11 +234,31 @@ def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str |
     return summary
 
 
-def gpu_check_command(small: bool = False, device: str | None = None, out: str | None = None) -> int:
-    """Run the check, print its one JSON line (and write it to ``out``); exit code 1 when a section failed."""
-    summary = run_gpu_check("small" if small else "full", device)
+class _Sections(dict):
+    """The sections' results; each one, once in, is also shown to ``progress`` with the summary so far."""
+
+    def __init__(self, summary: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None) -> None:
+        super().__init__()
+        self._summary, self._progress = summary, progress
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        if self._progress is not None:
+            self._progress({**self._summary, **self, "partial": True})
+
+
+def gpu_check_command(small: bool = False, device: str | None = None, out: str | None = None,
+                      budget_s: float | None = 450.0) -> int:
+    """Run the check, print its one JSON line (and keep ``out`` up to date with it); exit code 1 when a
+    section failed."""
+    from dedn.atomic import atomic_write_text
+
+    def write(summary: dict[str, Any]) -> None:
+        if out:
+            atomic_write_text(Path(out), json.dumps(summary) + "\n")
+
+    summary = run_gpu_check("small" if small else "full", device, budget_s=budget_s, progress=write)
     line = json.dumps(summary, sort_keys=False)
-    if out:
-        Path(out).write_text(line + "\n")
+    write(summary)
     print(line, flush=True)
     return 1 if summary["failed"] else 0

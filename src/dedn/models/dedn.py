@@ -170,9 +170,11 @@ class _ChannelAttention(torch.autograd.Function):
     dM4 += dL F_b); dM3 = sum_b g_b U_b needs no large product. Only the attention A (B, D, C) is kept,
     and the softmax and its backward run in place. Features are frozen: no gradient flows to them.
 
-    bfloat16 features (float32 m3, m4) take the bf16 path (:meth:`_forward_bf16`): all images' channel
-    vectors as one (B C, R) matrix, so that the logits, S and dM4 are each one large product instead of B
-    small ones; products on bf16 operands, softmax and its backward in float32, gradients float32.
+    bfloat16 features (float32 m3, m4), and any features on a GPU, take the batched path
+    (:meth:`_forward_batched`): all images' channel vectors as one (B C, R) matrix, so that the logits, S and
+    dM4 are each one large product instead of B small ones; products in the features' dtype, softmax and its
+    backward in float32, gradients float32. On a CPU the per-image loop is faster in float32 (fewer bytes
+    moved), and on a GPU B small products would each be a kernel launch.
     """
 
     #: Elements of the float32 softmax temporary per chunk of images on the bf16 path (64 MiB).
@@ -180,9 +182,9 @@ class _ChannelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, m3: Tensor, m4: Tensor, feats: Tensor) -> Tensor:  # type: ignore[override]
-        if feats.dtype == torch.bfloat16:
-            return _ChannelAttention._forward_bf16(ctx, m3, m4, feats)
-        ctx.bf16 = False
+        if _ChannelAttention.batched(feats):
+            return _ChannelAttention._forward_batched(ctx, m3, m4, feats)
+        ctx.batched = False
         b, c, r = feats.shape
         d = m3.shape[0]
         keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -201,8 +203,8 @@ class _ChannelAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        if ctx.bf16:
-            return _ChannelAttention._backward_bf16(ctx, grad_out)
+        if ctx.batched:
+            return _ChannelAttention._backward_batched(ctx, grad_out)
         m3, feats, att, u, out = ctx.saved_tensors
         grad3 = torch.einsum("bd,bdr->dr", grad_out, u)
         grad4 = torch.zeros_like(m3)
@@ -215,13 +217,18 @@ class _ChannelAttention(torch.autograd.Function):
         return grad3, grad4, None
 
     @staticmethod
-    def _forward_bf16(ctx: Any, m3: Tensor, m4: Tensor, feats: Tensor) -> Tensor:
-        """The bf16 forward, transposed: A_b^T (C, D) of all images from one product (B C, R) x (R, D)."""
+    def batched(feats: Tensor) -> bool:
+        """Whether ``feats`` take the batched path: bf16 features, or features on a GPU."""
+        return feats.dtype == torch.bfloat16 or feats.device.type == "cuda"
+
+    @staticmethod
+    def _forward_batched(ctx: Any, m3: Tensor, m4: Tensor, feats: Tensor) -> Tensor:
+        """The batched forward, transposed: A_b^T (C, D) of all images from one product (B C, R) x (R, D)."""
         b, c, r = feats.shape
         d = m3.shape[0]
         keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         flat = feats.reshape(b * c, r)
-        m4b = m4.detach().to(torch.bfloat16)
+        m4b = m4.detach().to(feats.dtype)
         step = max(1, _ChannelAttention.CHUNK_ELEMENTS // (c * d))
         att = feats.new_empty(b if keep else min(step, b), c, d)  # A^T, bf16: the second product's operand
         u = feats.new_empty(b, r, d)  # U_b^T = F_b^T A_b^T
@@ -233,19 +240,19 @@ class _ChannelAttention(torch.autograd.Function):
             a.copy_(z.div_(z.sum(1, keepdim=True)))
             torch.bmm(feats[s:e].transpose(1, 2), a, out=u[s:e])
         out = torch.einsum("dr,brd->bd", m3.detach(), u.float())
-        ctx.bf16 = True
+        ctx.batched = True
         if keep:
             ctx.save_for_backward(m3, feats, att, u, out)
         return out
 
     @staticmethod
-    def _backward_bf16(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
+    def _backward_batched(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
         m3, feats, att, u, out = ctx.saved_tensors
         b, c, r = feats.shape
         d = m3.shape[0]
         flat = feats.reshape(b * c, r)
         grad3 = torch.einsum("bd,brd->dr", grad_out, u.float())
-        s_t = torch.mm(flat, m3.to(torch.bfloat16).t()).view(b, c, d)  # S^T recomputed, then dL^T in place
+        s_t = torch.mm(flat, m3.to(feats.dtype).t()).view(b, c, d)  # S^T recomputed, then dL^T in place
         step = max(1, _ChannelAttention.CHUNK_ELEMENTS // (c * d))
         for s in range(0, b, step):
             e = min(s + step, b)

@@ -23,8 +23,8 @@ def _fit(cfg, device: str, precision: str = "fp32") -> Trainer:
     return trainer
 
 
-def test_training_on_cuda_follows_the_cpu(tiny_cfg) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False  # compare float32 with float32
+def test_training_on_cuda_follows_the_cpu(tiny_cfg, monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # compare float32 with float32
     cpu, gpu = _fit(tiny_cfg, "cpu"), _fit(tiny_cfg, "cuda")
     for (name, a), b in zip(cpu.model.state_dict().items(), gpu.model.state_dict().values(), strict=True):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-4, msg=name)

@@ -90,9 +90,9 @@ def test_bf16_features_from_float16_maps_are_rounded_once() -> None:
     assert torch.equal(model.prepare_features(x, "bf16"), model.prepare_features(x).to(torch.bfloat16))
 
 
-def test_channel_attention_bf16_path_matches_float32_and_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    gen = torch.Generator().manual_seed(0)
-    b, c, r, d = 7, 32, 5, 9
+def _channel_case(seed: int, b: int, c: int, r: int, d: int):
+    """Features, M3, M4, and ``run(features)``: the channel attention's output and its gradients for M3, M4."""
+    gen = torch.Generator().manual_seed(seed)
     feats = F.normalize(torch.rand(b, c, r, generator=gen), dim=1)
     m3 = torch.randn(d, r, generator=gen, requires_grad=True)
     m4 = (0.5 * torch.randn(d, r, generator=gen)).requires_grad_()
@@ -102,6 +102,12 @@ def test_channel_attention_bf16_path_matches_float32_and_chunks(monkeypatch: pyt
         out = _ChannelAttention.apply(m3, m4, f)
         return (out.detach(), *torch.autograd.grad(out, (m3, m4), grad_out))
 
+    return feats, m3, m4, run
+
+
+def test_channel_attention_bf16_path_matches_float32_and_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    c, d = 32, 9
+    feats, m3, m4, run = _channel_case(0, 7, c, 5, d)
     want = run(feats)
     one_chunk = run(feats.bfloat16())
     monkeypatch.setattr(_ChannelAttention, "CHUNK_ELEMENTS", 2 * c * d)  # two images per chunk
@@ -199,21 +205,12 @@ def test_bf16_runs_take_a_float16_store_batch_as_stored(tiny_cfg: RunConfig, tmp
 def test_channel_attention_batched_path_equals_the_loop_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     """The batched layout (what a GPU runs in float32, and bf16 everywhere) computes the per-image loop's
     output and gradients; here both in float32 on the CPU."""
-    gen = torch.Generator().manual_seed(1)
-    b, c, r, d = 6, 24, 7, 10
-    feats = F.normalize(torch.rand(b, c, r, generator=gen), dim=1)
-    m3 = torch.randn(d, r, generator=gen, requires_grad=True)
-    m4 = (0.5 * torch.randn(d, r, generator=gen)).requires_grad_()
-    grad_out = torch.randn(b, d, generator=gen)
-
-    def run() -> tuple[torch.Tensor, ...]:
-        out = _ChannelAttention.apply(m3, m4, feats)
-        return (out.detach(), *torch.autograd.grad(out, (m3, m4), grad_out))
-
+    c, d = 24, 10
+    feats, _, _, run = _channel_case(1, 6, c, 7, d)
     assert not _ChannelAttention.batched(feats)
-    loop = run()
+    loop = run(feats)
     monkeypatch.setattr(_ChannelAttention, "batched", staticmethod(lambda f: True))
     monkeypatch.setattr(_ChannelAttention, "CHUNK_ELEMENTS", 2 * c * d)
-    for a, w in zip(run(), loop, strict=True):
+    for a, w in zip(run(feats), loop, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)

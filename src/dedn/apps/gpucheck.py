@@ -20,6 +20,7 @@ the CPU when there is no GPU: that is how the tests run it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -54,8 +55,6 @@ def _log(message: str) -> None:
 def _section(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run one section; its result with ``status`` and ``seconds``, or the error that stopped it."""
     _log(f"{name} ...")
-    if _deadline.get("at") is not None and time.perf_counter() > _deadline["at"]:
-        return {"status": "skipped", "reason": "the check's time budget was spent"}
     started = time.perf_counter()
     try:
         out = fn()
@@ -66,9 +65,6 @@ def _section(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     out["seconds"] = round(time.perf_counter() - started, 2)
     _log(f"{name}: {out['status']} in {out['seconds']} s")
     return out
-
-
-_deadline: dict[str, float | None] = {"at": None}
 
 
 def _synthetic_overrides(scale: str) -> list[str]:
@@ -201,30 +197,44 @@ def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str |
         summary["gpu"] = {"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
                           "count": torch.cuda.device_count()}
     started = time.perf_counter()
-    _deadline["at"] = None if budget_s is None else started + budget_s
-    no_cuda = {"status": "skipped", "reason": "no CUDA device"}
+    deadline = None if budget_s is None else started + budget_s
+    sections: dict[str, Any] = {}
+
+    def record(name: str, result: dict[str, Any]) -> None:
+        sections[name] = result
+        if progress is not None:
+            progress({**summary, **sections, "partial": True})
+
+    def run(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        if deadline is not None and time.perf_counter() > deadline:
+            record(name, {"status": "skipped", "reason": "the check's time budget was spent"})
+        else:
+            record(name, _section(name, fn))
+
     with tempfile.TemporaryDirectory(prefix="dedn-gpu-check-") as tmp:
         folder = Path(workdir) if workdir is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        sections: dict[str, Any] = _Sections(summary, progress)
-        sections["cuda_tests"] = (_section("cuda_tests", lambda: _cuda_tests(root)) if cuda and run_tests
-                                  else {"status": "skipped", "reason": "no CUDA device" if not cuda else "not asked"})
-        sections["bench"] = _section("bench", lambda: _bench(scale, device))
-        store_box: dict[str, Path] = {}
 
-        def store() -> Path:
-            if "path" not in store_box:
-                store_box["path"] = _make_store(folder, scale)
-            return store_box["path"]
+        @functools.cache
+        def store() -> Path:  # made once, by the first section that needs it
+            return _make_store(folder, scale)
 
+        if cuda and run_tests:
+            run("cuda_tests", lambda: _cuda_tests(root))
+        else:
+            record("cuda_tests", {"status": "skipped", "reason": "not asked" if cuda else "no CUDA device"})
+        run("bench", lambda: _bench(scale, device))
         epochs, per_epoch, batch = TRAIN_SCHEDULE[scale]
-        sections["resident_store"] = _section("resident_store", lambda: {
+        run("resident_store", lambda: {
             **_train(store(), device, ["train.epochs=1", "train.max_iters=20", f"train.batch_size={batch}"]),
             **({} if cuda else {"note": "the CPU reads batches from the file; residency needs CUDA"})})
-        sections["extraction"] = _section("extraction", lambda: _extraction(folder, scale, device))
-        sections["ddp"] = _section("ddp", lambda: _ddp(store(), root)) if cuda else dict(no_cuda)
+        run("extraction", lambda: _extraction(folder, scale, device))
+        if cuda:
+            run("ddp", lambda: _ddp(store(), root))
+        else:
+            record("ddp", {"status": "skipped", "reason": "no CUDA device"})
         for precision in ("fp32", "bf16"):
-            sections[f"train_80_epochs_{precision}"] = _section(f"train_80_epochs_{precision}", lambda p=precision: {
+            run(f"train_80_epochs_{precision}", lambda p=precision: {
                 "epochs": epochs, "iters_per_epoch": per_epoch, "batch_size": batch, "precision": p,
                 **_train(store(), device, [f"train.epochs={epochs}", f"train.iters_per_epoch={per_epoch}",
                                            f"train.batch_size={batch}", f"train.precision={p}"])})
@@ -232,19 +242,6 @@ def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str |
     summary["failed"] = sorted(k for k, v in sections.items() if v.get("status") == "failed")
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
     return summary
-
-
-class _Sections(dict):
-    """The sections' results; each one, once in, is also shown to ``progress`` with the summary so far."""
-
-    def __init__(self, summary: dict[str, Any], progress: Callable[[dict[str, Any]], None] | None) -> None:
-        super().__init__()
-        self._summary, self._progress = summary, progress
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        super().__setitem__(key, value)
-        if self._progress is not None:
-            self._progress({**self._summary, **self, "partial": True})
 
 
 def gpu_check_command(small: bool = False, device: str | None = None, out: str | None = None,

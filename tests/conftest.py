@@ -92,3 +92,18 @@ def run_cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
         code = int(exc.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def run_trainer(cfg: RunConfig, run_dir: Path | None = None, data: Any = None, resume: bool = False,
+                callbacks: tuple = ()) -> Any:
+    """One trainer run as the protocols make it (resumed from ``run_dir``'s checkpoint with ``resume``)."""
+    from dedn.train.callbacks import BestOverTraining
+    from dedn.train.trainer import Trainer
+
+    trainer = Trainer(cfg, data=data, run_dir=run_dir, callbacks=[*callbacks, BestOverTraining()])
+    try:
+        if resume:
+            trainer.resume()
+        return trainer.fit()
+    finally:
+        trainer.close()

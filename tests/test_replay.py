@@ -160,7 +160,7 @@ def test_schedule_counts_and_places_the_evaluations() -> None:
 
 
 def test_a_replay_evaluates_on_the_released_schedule_and_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
-    from dedn.train.trainer import train
+    from tests.conftest import run_trainer as train
 
     cfg = _cfg("CUB", "train.epochs=2", "eval.plots=false")  # 360 trainval images: 14 iterations, period 7
     data = load_data(cfg)

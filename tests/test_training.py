@@ -14,8 +14,8 @@ from dedn.config import RunConfig, apply_overrides
 from dedn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dedn.factory import build_model, load_data
 from dedn.train.checkpoint import load_checkpoint, load_weights
-from dedn.train.trainer import BatchSampler, Trainer, train
-from tests.conftest import interrupted_at_step
+from dedn.train.trainer import BatchSampler, Trainer
+from tests.conftest import interrupted_at_step, run_trainer
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -40,13 +40,13 @@ def test_training_reduces_the_loss(tiny_cfg: RunConfig) -> None:
 
 def test_resume_gives_the_same_weights(tiny_cfg: RunConfig, tmp_path: Path, monkeypatch) -> None:
     data = load_data(tiny_cfg)
-    full = train(tiny_cfg, run_dir=tmp_path / "full", data=data)
+    full = run_trainer(tiny_cfg, run_dir=tmp_path / "full", data=data)
 
     with interrupted_at_step(monkeypatch, 2 * 3 + 2):  # in the third epoch, after two were checkpointed
-        train(tiny_cfg, run_dir=tmp_path / "cut", data=data)
+        run_trainer(tiny_cfg, run_dir=tmp_path / "cut", data=data)
     _, record = load_checkpoint(tmp_path / "cut" / "checkpoints")
     assert record["epoch"] == 1
-    resumed = train(tiny_cfg, run_dir=tmp_path / "cut", data=data, resume=True)
+    resumed = run_trainer(tiny_cfg, run_dir=tmp_path / "cut", data=data, resume=True)
     a, b = _weights(full.model), _weights(resumed.model)
     assert a.keys() == b.keys()
     for k in a:
@@ -59,7 +59,7 @@ def test_resume_gives_the_same_weights(tiny_cfg: RunConfig, tmp_path: Path, monk
 
 def test_run_directory_contents(tiny_cfg: RunConfig, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(tiny_cfg, run_dir=run)
+    run_trainer(tiny_cfg, run_dir=run)
     for name in ("config.json", "train.log", "history.jsonl", "metrics.json", "per_class.csv",
                  "model.safetensors", "seen_unseen_curve.png", "outputs_test_seen.npz"):
         assert (run / name).is_file(), name
@@ -73,7 +73,7 @@ def test_run_directory_contents(tiny_cfg: RunConfig, tmp_path: Path) -> None:
 
 def test_corrupt_and_missing_checkpoints(tiny_cfg: RunConfig, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(tiny_cfg, run_dir=run)
+    run_trainer(tiny_cfg, run_dir=run)
     folder = run / "checkpoints"
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "nowhere")
@@ -248,18 +248,59 @@ def test_checkpoints_of_the_earlier_layout_load_and_resume_exactly(tiny_cfg: Run
 def test_a_run_folder_from_before_the_rng_and_precision_keys_resumes(tiny_cfg: RunConfig, tmp_path: Path,
                                                                      monkeypatch) -> None:
     data = load_data(tiny_cfg)
-    full = train(tiny_cfg, run_dir=tmp_path / "full", data=data)
+    full = run_trainer(tiny_cfg, run_dir=tmp_path / "full", data=data)
     with interrupted_at_step(monkeypatch, 3 + 2):  # in the second epoch
-        train(tiny_cfg, run_dir=tmp_path / "old", data=data)
+        run_trainer(tiny_cfg, run_dir=tmp_path / "old", data=data)
     # What the previous version wrote: a config without train.rng and train.precision.
     cfg_file = tmp_path / "old" / "config.json"
     old = json.loads(cfg_file.read_text())
     del old["train"]["rng"], old["train"]["precision"]
     cfg_file.write_text(json.dumps(old, indent=2))
-    resumed = train(tiny_cfg, run_dir=tmp_path / "old", data=data, resume=True)
+    resumed = run_trainer(tiny_cfg, run_dir=tmp_path / "old", data=data, resume=True)
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     # A key at another value than the one earlier runs had is a real change.
     with pytest.raises(ConfigError, match="train.rng"):
         Trainer(apply_overrides(tiny_cfg, ["mode=reference", "train.rng=released", "eval.protocol=fixed",
                                            "train.iters_per_epoch=null"]), data=data, run_dir=tmp_path / "old")
+
+
+def test_callbacks_are_called_at_their_points_and_the_final_evaluation_can_be_switched_off(
+        tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    from dedn.train.callbacks import Callback
+
+    class Recorder(Callback):
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def on_segment_end(self, trainer, row):
+            self.calls.append(("segment", row["epoch"], "H" in row))
+
+        def on_evaluate(self, trainer, epoch, evaluation):
+            self.calls.append(("evaluate", epoch, round(evaluation.summary()["H"], 6)))
+
+        def on_checkpoint(self, trainer, epoch, name):
+            self.calls.append(("checkpoint", epoch, name))
+
+        def on_fit_end(self, trainer, record):
+            record["recorded"] = len(self.calls)
+
+    cfg = apply_overrides(tiny_cfg, ["train.eval_every=2", "train.checkpoint_every=0"])
+    rec = Recorder()
+    result = run_trainer(cfg, run_dir=tmp_path / "run", callbacks=(rec,))
+    assert rec.calls[0] == ("segment", 0, False)
+    kinds = [c[0] for c in rec.calls]
+    assert kinds == ["segment", "evaluate", "segment", "evaluate", "checkpoint", "segment"]
+    assert [c[1] for c in rec.calls] == [0, 1, 1, 2, 2, 2]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["recorded"] == len(rec.calls)
+    assert result.metrics["recorded"] == len(rec.calls)
+
+    quiet = Trainer(cfg, run_dir=tmp_path / "no-final")
+    try:
+        out = quiet.fit(final_evaluation=False)
+    finally:
+        quiet.close()
+    assert out.metrics == {} and len(out.history) == 3
+    assert not (tmp_path / "no-final" / "metrics.json").exists()
+    assert not (tmp_path / "no-final" / "model.safetensors").exists()
+    assert (tmp_path / "no-final" / "checkpoints" / "last.json").exists()

@@ -47,3 +47,13 @@ def process_rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def use_threads(threads: int | None) -> None:
+    """Set torch's CPU thread count for this process (``train.threads``); None keeps torch's default.
+
+    Process-wide, so the entry points that run a config call it, not the trainer: small models lose more to
+    thread synchronisation than they gain, and the demo runs one single-threaded run per process.
+    """
+    if threads:
+        torch.set_num_threads(threads)

@@ -69,12 +69,14 @@ from dedn.apps.results import ExperimentResult, Row, RunResult
 from dedn.atomic import atomic_write_text
 from dedn.config import VOLATILE_KEYS, RunConfig, apply_overrides, config_to_dict, diff_keys, load_config, without_keys
 from dedn.data.dataset import ZSLData
+from dedn.devices import use_threads
 from dedn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dedn.eval.calibration import CONFIG, VALIDATED, Calibration, config_calibration, parse_calibration
 from dedn.eval.evaluate import Evaluation, evaluate_outputs
 from dedn.eval.inference import ModelOutputs
 from dedn.eval.metrics import ausuc, seen_unseen_curve
 from dedn.factory import load_data, resolve_model_clusters
+from dedn.train.callbacks import BestOverTraining, Callback
 from dedn.train.rundir import lock_run_dir
 from dedn.train.trainer import Trainer, TrainResult
 
@@ -382,35 +384,29 @@ class Job:
                       "row": asdict(self.row)})
 
 
-class _SelectingTrainer(Trainer):
-    """A trainer that, at each epoch's evaluation (the :meth:`Trainer.on_evaluate` hook), scores extra
-    (l_rc, l_e) points from the same outputs (``grid.jsonl``) and keeps the outputs of the best epoch so far
-    (``selected/``)."""
+class _SelectOutputs(Callback):
+    """At each evaluation of a trainer run, score extra (l_rc, l_e) points from the same outputs (``grid.jsonl``)
+    and keep the outputs of the best epoch so far (``selected/``)."""
 
-    def __init__(self, cfg: RunConfig, data: ZSLData, run_dir: Path, points: list[tuple[float, float]],
-                 select: list[tuple[float, float]], calibration: Calibration) -> None:
-        super().__init__(cfg, data=data, run_dir=run_dir, calibration=calibration)
-        self.points, self.select = points, select
-        self.grid_file = run_dir / "grid.jsonl"
-        self.selected_dir = run_dir / "selected"
+    def __init__(self, points: list[tuple[float, float]], select: list[tuple[float, float]],
+                 calibration: Calibration) -> None:
+        self.points, self.select, self.calibration = points, select, calibration
 
-    def on_evaluate(self, epoch: int, evaluation: Evaluation) -> None:
-        self._record(epoch, evaluation)
-
-    def _record(self, epoch: int, ev: Evaluation) -> None:
+    def on_evaluate(self, trainer: Trainer, epoch: int, ev: Evaluation) -> None:
+        grid_file, selected_dir = trainer.run_dir / "grid.jsonl", trainer.run_dir / "selected"
         rows = [{"epoch": epoch, "l_rc": p[0], "l_e": p[1],
                  **_point(ev.seen, ev.unseen, ev.seen_mask, self.calibration, *p)} for p in self.points]
-        earlier = [r for r in read_grid(self.grid_file) if r["epoch"] < epoch]
-        with open(self.grid_file, "a", encoding="utf-8") as fh:
+        earlier = [r for r in read_grid(grid_file) if r["epoch"] < epoch]
+        with open(grid_file, "a", encoding="utf-8") as fh:
             fh.write("".join(json.dumps(r) + "\n" for r in rows))
         score = max(r["H"] for r in rows if (r["l_rc"], r["l_e"]) in self.select)
         best = max((r["H"] for r in earlier if (r["l_rc"], r["l_e"]) in self.select), default=None)
         if best is None or score > best:  # ties keep the earlier epoch (fewer epochs)
-            self.selected_dir.mkdir(exist_ok=True)
-            ev.seen.save(self.selected_dir / "outputs_seen.npz")
-            ev.unseen.save(self.selected_dir / "outputs_unseen.npz")
-            np.save(self.selected_dir / "seen_mask.npy", ev.seen_mask)
-            atomic_write_text(self.selected_dir / "epoch.json", json.dumps({"epoch": epoch}))
+            selected_dir.mkdir(exist_ok=True)
+            ev.seen.save(selected_dir / "outputs_seen.npz")
+            ev.unseen.save(selected_dir / "outputs_unseen.npz")
+            np.save(selected_dir / "seen_mask.npy", ev.seen_mask)
+            atomic_write_text(selected_dir / "epoch.json", json.dumps({"epoch": epoch}))
 
 
 def _point(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.ndarray, calibration: Calibration,
@@ -432,10 +428,11 @@ def read_grid(path: Path) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: r["epoch"])
 
 
-def _train_stage(cfg: RunConfig, data: ZSLData, run_dir: Path,
-                 make: Callable[[RunConfig, ZSLData, Path], Trainer] | None = None) -> tuple[TrainResult, Trainer]:
+def _train_stage(cfg: RunConfig, data: ZSLData, run_dir: Path, calibration: Calibration | None = None,
+                 callbacks: Sequence[Callback] = ()) -> tuple[TrainResult, Trainer]:
     """Train (or resume and finish) one trainer run in ``run_dir``."""
-    trainer = make(cfg, data, run_dir) if make else Trainer(cfg, data=data, run_dir=run_dir)
+    trainer = Trainer(cfg, data=data, run_dir=run_dir, calibration=calibration,
+                      callbacks=[*callbacks, BestOverTraining()])
     try:
         trainer.resume()
         return trainer.fit(), trainer
@@ -475,8 +472,7 @@ def _run_published(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
     sweep = _sweep_points(job.sweep, l_rc, l_e)
     points = list(dict.fromkeys([(l_rc, l_e)] + [(p[2], p[3]) for p in sweep]))
     run_dir = folder / "train"
-    result, trainer = _train_stage(scfg, data, run_dir,
-                                   lambda c, d, r: _SelectingTrainer(c, d, r, points, [(l_rc, l_e)], fixed))
+    result, trainer = _train_stage(scfg, data, run_dir, fixed, [_SelectOutputs(points, [(l_rc, l_e)], fixed)])
     grid = read_grid(run_dir / "grid.jsonl")
 
     def best(lrc: float, le: float, key: str) -> dict[str, Any]:
@@ -536,8 +532,7 @@ def _run_validated(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
     data = _load_data(fcfg)
     run_dir = folder / "final"
     chosen = Calibration(float(selection["gamma"]), CONFIG if fixed else VALIDATED)
-    result, trainer = _train_stage(fcfg, data, run_dir, lambda c, d, r: Trainer(c, data=d, run_dir=r,
-                                                                                calibration=chosen))
+    result, trainer = _train_stage(fcfg, data, run_dir, chosen)
     np.save(run_dir / "seen_mask.npy", data.seen_mask)
     metrics = {k: float(result.metrics[k]) for k in METRICS}
     outputs = {"seen": "final/outputs_test_seen.npz", "unseen": "final/outputs_test_unseen.npz",
@@ -574,8 +569,7 @@ def _validate_stage(job: Job, cfg: RunConfig, folder: Path, tune_points: list[tu
                                                       "eval.protocol": "validated"})
         data = _load_data(vcfg)
         run_dir = folder / stage
-        _train_stage(vcfg, data, run_dir,
-                     lambda c, d, r: _SelectingTrainer(c, d, r, tune_points, tune_points, calibration))
+        _train_stage(vcfg, data, run_dir, calibration, [_SelectOutputs(tune_points, tune_points, calibration)])
         rows = read_grid(run_dir / "grid.jsonl")
         order = {p: j for j, p in enumerate(tune_points)}
         # Highest validation H; ties: fewer epochs, then the earlier grid point.
@@ -635,6 +629,7 @@ def run_job(job: Job, device: str | None = None) -> RunResult:
     else:
         atomic_write_text(marker, json.dumps({"hash": h, "config": stable}, indent=2))
     cfg = job.config if device is None else _set(job.config, {"train.device": device})
+    use_threads(cfg.train.threads)
     runner = _run_validated if job.protocol == "validated" else _run_published
     started = time.perf_counter()
     with lock_run_dir(folder):  # one writer per job folder

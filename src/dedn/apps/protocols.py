@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from dedn.config import RunConfig, config_from_dict
+from dedn.devices import use_threads
 from dedn.errors import CheckpointError, ConfigError
+from dedn.train.callbacks import BestOverTraining
 from dedn.train.rundir import check_new_run_dir, load_run_config, lock_run_dir, new_run_dir
-from dedn.train.trainer import train as train_fixed
+from dedn.train.trainer import Trainer
 
 #: The model folder of each protocol, inside its run folder.
 MODEL_FOLDERS = {"validated": "final", "published": "train", "fixed": "."}
@@ -83,7 +85,14 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
 
 
 def _train_fixed(cfg: RunConfig, run_dir: Path, resume: bool) -> ProtocolResult:
-    result = train_fixed(cfg, run_dir=run_dir, resume=resume)
+    use_threads(cfg.train.threads)
+    trainer = Trainer(cfg, run_dir=run_dir, callbacks=[BestOverTraining()])
+    try:
+        if resume:
+            trainer.resume()
+        result = trainer.fit()
+    finally:
+        trainer.close()
     metrics = {k: result.metrics.get(k) for k in ("T", "S", "U", "H", "AUSUC", "gamma", "gamma_source")}
     oracle = result.metrics.get("oracle_on_test")
     if oracle:

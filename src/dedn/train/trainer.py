@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from dedn.factory import build_model, dataset_name, load_data
 from dedn.models.dedn import DEDN
 from dedn.models.losses import dedn_loss
 from dedn.models.precision import run_precision
+from dedn.train.callbacks import Callback
 from dedn.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from dedn.train.released import (
     ReleasedBatches,
@@ -56,7 +58,7 @@ from dedn.train.released import (
     released_generators,
     released_schedule,
 )
-from dedn.train.rundir import RunLock, check_new_run_dir, new_run_dir
+from dedn.train.rundir import RunLock
 from dedn.train.schedule import Segment, epoch_schedule
 
 log = logging.getLogger("dedn")
@@ -157,15 +159,14 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, data: ZSLData | None = None, run_dir: str | Path | None = None,
-                 model: DEDN | None = None, calibration: Calibration | None = None) -> None:
+                 model: DEDN | None = None, calibration: Calibration | None = None,
+                 callbacks: Sequence[Callback] = ()) -> None:
         self.cfg = cfg
         if cfg.train.tensorboard:
             _summary_writer_class()  # refused before any work when tensorboard is missing
-        if cfg.train.threads:
-            # Process-wide: small models lose more to thread synchronisation than they gain.
-            torch.set_num_threads(cfg.train.threads)
         self.data = data if data is not None else load_data(cfg)
         self.calibration = calibration if calibration is not None else calibration_value(cfg, self.data)
+        self.callbacks = list(callbacks)
         self.device = resolve_device(cfg.train.device)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.train.dtype)
         if self.dtype is None:
@@ -174,11 +175,7 @@ class Trainer:
         replay = cfg.train.rng == "released"
         if replay:
             check_replay_data(self.data, cfg.data.path)
-        if model is None:
-            model = build_model(cfg, self.data)
-            if replay:
-                draw_initial_weights(model, released_generators(cfg.seed)[0])
-        self.model = model.to(self.device, self.dtype)
+        self.model = self._initial_model(model, replay).to(self.device, self.dtype)
         join_process_group(self.device)
         self.rank, self.world = process_rank()
         self.forward = self.model
@@ -187,21 +184,9 @@ class Trainer:
 
             self.forward = DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        t = cfg.train
-        self.optimizer = torch.optim.RMSprop(params, lr=t.lr, alpha=t.alpha, eps=t.eps,
-                                             weight_decay=t.weight_decay, momentum=t.momentum)
-        self.sampler: BatchSampler | ReleasedBatches
-        self.iters_per_epoch = t.iters_per_epoch or max(self.data.trainval_loc.size // t.batch_size, 1)
-        self.schedule: list[Segment]
-        if replay:
-            self.sampler = ReleasedBatches(self.data.labels, self.data.trainval_loc, t.batch_size, t.balanced,
-                                           cfg.seed, self.model)
-            self.schedule = released_schedule(self.data.trainval_loc.size, t.epochs, t.batch_size)
-        else:
-            self.sampler = BatchSampler(self.data.labels, self.data.trainval_loc, t.batch_size, t.balanced,
-                                        cfg.seed)
-            self.schedule = epoch_schedule(t.epochs, self.iters_per_epoch, t.eval_every)
+        self.optimizer = self._optimizer()
+        self.iters_per_epoch = cfg.train.iters_per_epoch or max(self.data.trainval_loc.size // cfg.train.batch_size, 1)
+        self.sampler, self.schedule = self._batches_and_schedule(replay)
         # The released loop evaluates only on its schedule; dedn's also evaluates a run cut short by max_iters.
         self._evaluate_last = not replay
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -215,6 +200,31 @@ class Trainer:
         self.seen_mask_t = torch.as_tensor(self.data.seen_mask, device=self.device)
         if self.run_dir is not None and self.writer:
             self._open_run_dir()
+
+    def _initial_model(self, model: DEDN | None, replay: bool) -> DEDN:
+        """The given model, or one built from the config (with the released code's draws when replaying)."""
+        if model is not None:
+            return model
+        model = build_model(self.cfg, self.data)
+        if replay:
+            draw_initial_weights(model, released_generators(self.cfg.seed)[0])
+        return model
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.RMSprop(params, lr=t.lr, alpha=t.alpha, eps=t.eps, weight_decay=t.weight_decay,
+                                   momentum=t.momentum)
+
+    def _batches_and_schedule(self, replay: bool) -> tuple[BatchSampler | ReleasedBatches, list[Segment]]:
+        """dedn's sampler and epochs, or the released code's batches and iteration/evaluation schedule."""
+        t, data = self.cfg.train, self.data
+        if replay:
+            return (ReleasedBatches(data.labels, data.trainval_loc, t.batch_size, t.balanced, self.cfg.seed,
+                                    self.model),
+                    released_schedule(data.trainval_loc.size, t.epochs, t.batch_size))
+        return (BatchSampler(data.labels, data.trainval_loc, t.batch_size, t.balanced, self.cfg.seed),
+                epoch_schedule(t.epochs, self.iters_per_epoch, t.eval_every))
 
     # -------------------------------------------------------------------------- run directory
     def _open_run_dir(self) -> None:
@@ -351,6 +361,8 @@ class Trainer:
         state = {"epoch": epoch, "history": self.history, "losses": self.losses, "version": __version__,
                  **self.identity}
         save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, state, name=name)
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, epoch, name)
 
     # -------------------------------------------------------------------------- loop
     def train_step(self, index: np.ndarray, batch: torch.Tensor | None = None,
@@ -395,89 +407,104 @@ class Trainer:
             items["loss"] = float(loss)
         return items
 
-    def on_evaluate(self, epoch: int, evaluation: Evaluation) -> None:
-        """Called after each evaluation during :meth:`fit` (a hook for protocols and callbacks)."""
-
     def evaluate(self, progress: bool = False) -> Evaluation:
         """Evaluate the model on the test (or validation) split, in the run's ``train.precision``."""
         return evaluate_model(self.model, self.data, self.calibration, self.cfg.eval.batch_size, self.device,
                               progress, precision=run_precision(self.cfg.train.precision, self.cfg.train.dtype),
                               features=self.features if torch.is_tensor(self.features) else None)
 
-    def fit(self) -> TrainResult:
+    def fit(self, final_evaluation: bool = True) -> TrainResult:
         """Train through the schedule (from the resumed segment), evaluating and checkpointing.
 
         The schedule is ``train.epochs`` epochs, or with ``train.rng=released`` the released code's
-        iterations and evaluations; each segment of it is one history row.
+        iterations and evaluations; each segment of it is one history row. With ``final_evaluation`` (the
+        default) the trained model is evaluated once more when the last segment ended unevaluated, and its
+        weights, class file and metrics are written; without it training stops after the last checkpoint
+        (what a speed benchmark measures).
         """
         t = self.cfg.train
-        segments = self.schedule
-        total_iters = sum(s.steps for s in segments)
+        total_iters = sum(s.steps for s in self.schedule)
         if t.max_iters is not None:
             total_iters = min(total_iters, t.max_iters)
-        done = min(sum(s.steps for s in segments[: self.start_epoch]), total_iters)
+        done = min(sum(s.steps for s in self.schedule[: self.start_epoch]), total_iters)
         bar = tqdm(total=total_iters, initial=done, desc="training", unit="it",
                    disable=not (t.progress and self.writer), dynamic_ncols=True)
         pool = ThreadPoolExecutor(max_workers=1)  # reads the next batch while this one computes
         last_eval: Evaluation | None = None
         try:
-            for seg in segments[self.start_epoch :]:
+            for seg in self.schedule[self.start_epoch :]:
                 if done >= total_iters:
                     break
-                epoch = seg.index
-                batches = self.sampler.segment(seg)
-                n = min(len(batches), total_iters - done)
-                epoch_losses: list[float] = []
-                started = time.perf_counter()
-                sizes = [len(b) for b in batches]
-                batches = [b[self.rank :: self.world] for b in batches]  # this process's share of each batch
-                pending = pool.submit(self._host_batch, batches[0]) if n else None
-                for i in range(n):
-                    assert pending is not None
-                    x = pending.result()
-                    if i + 1 < n:
-                        pending = pool.submit(self._host_batch, batches[i + 1])
-                    try:
-                        items = self.train_step(batches[i], x, share=len(batches[i]) / sizes[i])
-                    except TrainingError as exc:
-                        saved = self.run_dir is not None and bool(self.history)
-                        where = f"; the last good checkpoint is in {self.run_dir}/checkpoints" if saved else ""
-                        raise TrainingError(f"epoch {epoch} iteration {i}: {exc}{where}") from None
-                    epoch_losses.append(items["loss"])
-                    done += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{items['loss']:.3f}", epoch=epoch)
-                mean_loss = float(np.mean(epoch_losses)) if epoch_losses else math.nan
-                self.losses.append(mean_loss)
-                row: dict[str, Any] = {"epoch": epoch, "iterations": done, "loss": mean_loss,
-                                       "seconds": round(time.perf_counter() - started, 3)}
-                final = seg is segments[-1] or done >= total_iters
-                last_eval = None  # the weights changed: an earlier evaluation no longer describes them
-                if self.writer and ((seg.evaluate and n == seg.steps) or (final and self._evaluate_last)):
-                    last_eval = self.evaluate()
-                    row.update(last_eval.summary())
-                    self.on_evaluate(epoch, last_eval)
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", H=f"{row['H']:.1f}", epoch=epoch)
-                self.history.append(row)
-                log.info(json.dumps(row))
-                if self.run_dir is not None and self.writer:
-                    with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                    self._write_epoch_logs(row)
-                if (t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0) or final:
-                    self._checkpoint(epoch)
-                if "H" in row and self._is_best(row):  # only a validation task's H may choose a checkpoint
-                    self._checkpoint(epoch, name="best")
+                n = min(seg.steps, total_iters - done)
+                final = seg is self.schedule[-1] or done + n >= total_iters
+                last_eval = self._run_segment(seg, n, done, final, (pool, bar))
+                done += n
             metrics: dict[str, Any] = {}
-            if self.writer:
-                if last_eval is None:
-                    last_eval = self.evaluate()
-                metrics = self._finish(last_eval)
+            if self.writer and final_evaluation:
+                metrics = self._finish(last_eval if last_eval is not None else self.evaluate())
         finally:
             bar.close()
             pool.shutdown(wait=True)
             self.close()
         return TrainResult(self.run_dir, self.model, self.history, metrics, self.losses)
+
+    def _run_segment(self, seg: Segment, n: int, done: int, final: bool,
+                     loop: tuple[ThreadPoolExecutor, Any]) -> Evaluation | None:
+        """Train the first ``n`` steps of one segment (``done`` steps came before it), evaluate when the schedule
+        says so, log and checkpoint. ``loop``: the batch reader's thread pool and the progress bar.
+
+        Returns the segment's evaluation, or None when it was not evaluated.
+        """
+        pool, bar = loop
+        epoch = seg.index
+        batches = self.sampler.segment(seg)
+        started = time.perf_counter()
+        sizes = [len(b) for b in batches]
+        batches = [b[self.rank :: self.world] for b in batches]  # this process's share of each batch
+        epoch_losses: list[float] = []
+        pending = pool.submit(self._host_batch, batches[0]) if n else None
+        for i in range(n):
+            assert pending is not None
+            x = pending.result()
+            if i + 1 < n:
+                pending = pool.submit(self._host_batch, batches[i + 1])
+            try:
+                items = self.train_step(batches[i], x, share=len(batches[i]) / sizes[i])
+            except TrainingError as exc:
+                saved = self.run_dir is not None and bool(self.history)
+                where = f"; the last good checkpoint is in {self.run_dir}/checkpoints" if saved else ""
+                raise TrainingError(f"epoch {epoch} iteration {i}: {exc}{where}") from None
+            epoch_losses.append(items["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{items['loss']:.3f}", epoch=epoch)
+        mean_loss = float(np.mean(epoch_losses)) if epoch_losses else math.nan
+        self.losses.append(mean_loss)
+        row: dict[str, Any] = {"epoch": epoch, "iterations": done + n, "loss": mean_loss,
+                               "seconds": round(time.perf_counter() - started, 3)}
+        evaluation = None  # the weights changed: an earlier evaluation no longer describes them
+        if self.writer and ((seg.evaluate and n == seg.steps) or (final and self._evaluate_last)):
+            evaluation = self.evaluate()
+            row.update(evaluation.summary())
+            for cb in self.callbacks:
+                cb.on_evaluate(self, epoch, evaluation)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", H=f"{row['H']:.1f}", epoch=epoch)
+        self._log_segment(row)
+        if (self.cfg.train.checkpoint_every and (epoch + 1) % self.cfg.train.checkpoint_every == 0) or final:
+            self._checkpoint(epoch)
+        if "H" in row and self._is_best(row):  # only a validation task's H may choose a checkpoint
+            self._checkpoint(epoch, name="best")
+        for cb in self.callbacks:
+            cb.on_segment_end(self, row)
+        return evaluation
+
+    def _log_segment(self, row: dict[str, Any]) -> None:
+        """Append the segment's row to the history, the log, ``history.jsonl`` and the epoch logs."""
+        self.history.append(row)
+        log.info(json.dumps(row))
+        if self.run_dir is not None and self.writer:
+            with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            self._write_epoch_logs(row)
 
     def close(self) -> None:
         """Detach the run's log file and release the run folder's lock (idempotent)."""
@@ -497,7 +524,7 @@ class Trainer:
 
     def _finish(self, ev: Evaluation) -> dict[str, Any]:
         """Final weights, class file, metrics and outputs (rank 0)."""
-        extra = self.report_extra(ev.gamma)
+        extra = self._final_record(ev.gamma)
         if ev.gamma_source != VALIDATED:
             extra["oracle_on_test"] = {"note": "diagnosis only, not a result: gamma chosen on these test scores",
                                        "H": ev.best.H * 100, "gamma": ev.best_gamma}
@@ -512,10 +539,9 @@ class Trainer:
         write_feature_provenance(self.run_dir, self.data.provenance)
         return write_evaluation(ev, self.run_dir, self.data.class_names, extra, plots=self.cfg.eval.plots)
 
-    def report_extra(self, last_gamma: float | None = None) -> dict[str, Any]:
-        best_h = max((h for h in self.history if "H" in h), key=lambda h: h["H"], default=None)
-        best_t = max((h for h in self.history if "T" in h), key=lambda h: h["T"], default=None)
-        return {
+    def _final_record(self, last_gamma: float | None) -> dict[str, Any]:
+        """What the final metrics record says about the run, with the callbacks' entries."""
+        record: dict[str, Any] = {
             "mode": self.cfg.mode,
             "split": self.cfg.data.split,
             "gamma": last_gamma,
@@ -523,32 +549,9 @@ class Trainer:
             "l_rc": self.model.l_rc,
             "l_e": self.model.l_e,
             "dataset": self.dataset,
-            "epochs_trained": len(self.history) + 0,
-            "best_over_training": {
-                "note": "best test-split values over evaluations (published protocol; not a tuned result)",
-                "H": best_h and {k: best_h[k] for k in ("epoch", "T", "S", "U", "H")},
-                "T": best_t and {"epoch": best_t["epoch"], "T": best_t["T"]},
-            },
-            "version": __version__,
+            "epochs_trained": len(self.history),
         }
-
-
-# ---------------------------------------------------------------------------------------------- API
-
-
-def train(cfg: RunConfig, run_dir: str | Path | None = None, data: ZSLData | None = None,
-          resume: bool = False) -> TrainResult:
-    """Train a model as ``cfg`` says; write to ``run_dir`` (a new folder under ``output_dir`` when None).
-
-    With ``resume`` the run continues from ``run_dir``'s last checkpoint.
-    """
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    if not resume:
-        check_new_run_dir(run_dir)
-    trainer = Trainer(cfg, data=data, run_dir=run_dir)
-    try:
-        if resume:
-            trainer.resume()
-        return trainer.fit()
-    finally:
-        trainer.close()
+        for cb in self.callbacks:
+            cb.on_fit_end(self, record)
+        record["version"] = __version__
+        return record

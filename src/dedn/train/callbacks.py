@@ -1,0 +1,50 @@
+"""Hooks into :meth:`dedn.train.trainer.Trainer.fit`, in the manner of Lightning's callbacks.
+
+A callback is handed to the trainer (``Trainer(..., callbacks=[...])``) and called at a few well-named points
+of the loop; each hook gets the trainer itself, so it can read the run's config, data, model and folder. The
+model-selection protocols use them to score extra settings at every evaluation and to keep the outputs of the
+best epoch; the trainer itself does not know which protocol it serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dedn.eval.evaluate import Evaluation
+
+
+class Callback:
+    """Base class: every hook does nothing; override the ones you need.
+
+    Hooks receive the :class:`~dedn.train.trainer.Trainer` (typed ``Any`` here: the trainer module imports this
+    one). They run on the process that writes the run folder (rank 0 under torchrun), except
+    :meth:`on_segment_end`, which every process calls.
+    """
+
+    def on_segment_end(self, trainer: Any, row: dict[str, Any]) -> None:
+        """After each segment of the schedule (dedn's epoch), once its history ``row`` is complete."""
+
+    def on_evaluate(self, trainer: Any, epoch: int, evaluation: Evaluation) -> None:
+        """After each evaluation during training (not the final one made when training ends unevaluated)."""
+
+    def on_checkpoint(self, trainer: Any, epoch: int, name: str) -> None:
+        """After checkpoint ``name`` (``last`` or ``best``) of ``epoch`` was written."""
+
+    def on_fit_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        """Before the final metrics are written: add entries to ``record`` (it becomes part of ``metrics.json``)."""
+
+
+class BestOverTraining(Callback):
+    """Adds ``best_over_training`` to the final record: the best H (with its T, S, U) and the best T over the
+    evaluations made during training. On the test split these are what the released code reports (the
+    published protocol); they are never a tuned result."""
+
+    def on_fit_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        history = trainer.history
+        best_h = max((h for h in history if "H" in h), key=lambda h: h["H"], default=None)
+        best_t = max((h for h in history if "T" in h), key=lambda h: h["T"], default=None)
+        record["best_over_training"] = {
+            "note": "best test-split values over evaluations (published protocol; not a tuned result)",
+            "H": best_h and {k: best_h[k] for k in ("epoch", "T", "S", "U", "H")},
+            "T": best_t and {"epoch": best_t["epoch"], "T": best_t["T"]},
+        }

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dedn"
 
 #: Layers, lowest first. A module may import modules of its own layer and of the layers below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("dedn", "dedn.errors", "dedn.atomic", "dedn.checks", "dedn.devices")),
+    ("foundation", ("dedn", "dedn.errors", "dedn.atomic", "dedn.checks", "dedn.devices", "dedn.runfolder")),
     ("data", ("dedn.data",)),
     ("config", ("dedn.config",)),
     ("features", ("dedn.features",)),
@@ -106,4 +106,30 @@ def test_every_module_is_in_a_layer_and_subpackages_exist() -> None:
     for sub in ("data", "features", "models", "eval", "train", "apps"):
         assert (SRC / sub / "__init__.py").is_file()
     assert not [p.name for p in SRC.glob("*.py")
-                if p.stem not in ("__init__", "errors", "atomic", "checks", "devices", "config", "factory", "cli")]
+                if p.stem not in ("__init__", "errors", "atomic", "checks", "devices", "runfolder", "config", "factory", "cli")]
+
+
+def _run_folder_names() -> set[str]:
+    """The file names :class:`dedn.runfolder.RunFolder` owns (those with a suffix: folder names are words)."""
+    tree = ast.parse((SRC / "runfolder.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RunFolder")
+    return {n.value.value for n in cls.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+            and isinstance(n.value.value, str) and "." in n.value.value}
+
+
+def test_run_folder_file_names_are_spelled_only_by_the_run_folder_module() -> None:
+    names = _run_folder_names()
+    assert {"config.json", "model.safetensors", "metrics.json", "job.json", "done.json"} <= names
+    found = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "runfolder.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                if node.value in names or any(node.value.endswith("/" + n) for n in names):
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno} {node.value!r}")
+    assert not found, "run-folder file names outside dedn.runfolder (use RunFolder):\n" + "\n".join(found)

@@ -122,7 +122,6 @@ def evaluate(
     overrides: Overrides = None,
 ) -> None:
     """Evaluate a trained run on its test split: T, U, S, H, AUSUC, per-class accuracy, seen-unseen curve."""
-    from dedn.apps.protocols import model_dir
     from dedn.checks import FRACTION, check_option, choice
     from dedn.config import PRECISIONS, apply_overrides
     from dedn.devices import resolve_device
@@ -130,22 +129,22 @@ def evaluate(
     from dedn.eval.evaluate import evaluate_model, write_evaluation
     from dedn.factory import load_data
     from dedn.models.precision import run_precision
+    from dedn.runfolder import RunFolder
     from dedn.train.checkpoint import load_weights
     from dedn.train.rundir import load_run_config, recorded_calibration
 
     check_option("--l-rc", l_rc, FRACTION)
     check_option("--l-e", l_e, FRACTION)
     check_option("--precision", precision, choice(*PRECISIONS))
-    folder_in = model_dir(checkpoint)
+    run = RunFolder(checkpoint).model_folder()
+    folder_in = run.path
     fixed = None if calibration == "auto" else Calibration(parse_calibration(calibration, "--calibration"), CONFIG)
-    cfg = apply_overrides(load_run_config(folder_in), overrides or [], f"{folder_in}/config.json")
+    cfg = apply_overrides(load_run_config(folder_in), overrides or [], str(run.config))
     folder = out or folder_in / "eval"
     if folder.resolve() == folder_in.resolve():
-        raise DednError(f"--out {out}: that is the run folder itself, whose metrics.json would be overwritten; "
+        raise DednError(f"--out {out}: that is the run folder itself, whose {RunFolder.METRICS} would be overwritten; "
                         "choose another folder")
-    weights = folder_in / "model.safetensors"
-    if not weights.exists() and (folder_in / "checkpoints" / "last.safetensors").exists():
-        weights = folder_in / "checkpoints" / "last.safetensors"
+    weights = run.weights()
     device = resolve_device(cfg.train.device)
     model = load_weights(weights, device=device)
     data = load_data(cfg)

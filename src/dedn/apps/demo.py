@@ -24,6 +24,7 @@ import torch
 from dedn.data.dataset import ZSLData
 from dedn.data.imagebench import ImageBenchmark, make_image_benchmark
 from dedn.features.imagebench_features import imagebench_data
+from dedn.runfolder import RunFolder
 
 
 # ---------------------------------------------------------------------------------------------- the demo
@@ -112,7 +113,7 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     # The full model: seen-unseen curve against the baseline, heatmaps and localisation.
     full = exp.runs_for("full", "validated")[0]
     final_dir = Path(full.folder) / "final"
-    model = load_weights(final_dir / "model.safetensors")
+    model = load_weights(final_dir / RunFolder.MODEL)
     seen_out, unseen_out, seen_mask = full.load_outputs()
     l_rc, l_e = full.choices.get("l_rc", model.l_rc), full.choices.get("l_e", model.l_e)
     _, s, u = seen_unseen_curve(seen_out.scores(l_rc, l_e), seen_out.labels, unseen_out.scores(l_rc, l_e),

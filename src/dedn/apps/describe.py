@@ -14,7 +14,8 @@ from typing import Any
 from dedn.apps.protocols import model_dir
 from dedn.data.imagebench_spec import group_definitions
 from dedn.errors import CheckpointError, ConfigError
-from dedn.train.rundir import CLASS_FILE, load_run_config, read_class_file, read_run_metrics
+from dedn.runfolder import RunFolder
+from dedn.train.rundir import load_run_config, read_class_file, read_run_metrics
 
 METRIC_KEYS = ("T", "U", "S", "H", "AUSUC")
 UNGROUPED = "(no group)"
@@ -43,7 +44,7 @@ def describe_run(run: str | Path) -> dict[str, Any]:
     folder = model_dir(run)
     rec = read_class_file(folder)
     if rec is None:
-        raise CheckpointError(f"{folder}: no {CLASS_FILE}; this run has no class record (finish training first)")
+        raise CheckpointError(f"{folder}: no {RunFolder.CLASSES}; this run has no class record (finish training first)")
     names, attrs, seen = rec["class_names"], rec["attribute_names"], rec["seen_mask"].tolist()
     class_att = rec["class_att"].tolist()
     try:

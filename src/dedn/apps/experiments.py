@@ -76,8 +76,8 @@ from dedn.eval.evaluate import Evaluation, evaluate_outputs
 from dedn.eval.inference import ModelOutputs
 from dedn.eval.metrics import ausuc, seen_unseen_curve
 from dedn.factory import load_data, resolve_model_clusters
+from dedn.runfolder import RunFolder
 from dedn.train.callbacks import BestOverTraining, Callback
-from dedn.train.rundir import lock_run_dir
 from dedn.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger("dedn")
@@ -632,7 +632,7 @@ def run_job(job: Job, device: str | None = None) -> RunResult:
     use_threads(cfg.train.threads)
     runner = _run_validated if job.protocol == "validated" else _run_published
     started = time.perf_counter()
-    with lock_run_dir(folder):  # one writer per job folder
+    with RunFolder(folder).lock():  # one writer per job folder
         result = runner(job, cfg, folder)
     result.folder = str(folder)
     result.seconds = round(time.perf_counter() - started, 1)

@@ -49,8 +49,9 @@ from dedn.features.backbones import Backbone, get_backbone
 from dedn.features.extract import IMAGE_EXTENSIONS, load_image
 from dedn.models.dedn import DEDN
 from dedn.models.precision import run_precision
+from dedn.runfolder import RunFolder
 from dedn.train.checkpoint import load_weights
-from dedn.train.rundir import CLASS_FILE, FEATURES_FILE, MODEL_FILE, read_class_file, read_json
+from dedn.train.rundir import read_class_file, read_json
 
 log = logging.getLogger(__name__)
 
@@ -282,14 +283,14 @@ class Predictor:
         if not run.is_dir():
             raise CheckpointError(f"{run}: no such run directory")
         run = model_dir(run)  # a protocol's run folder holds its reported model in final/ or train/
-        weights = run / MODEL_FILE
+        weights = run / RunFolder.MODEL
         if not weights.is_file():
-            raise CheckpointError(f"{run}: no trained model in this run directory (expected {MODEL_FILE}; an "
+            raise CheckpointError(f"{run}: no trained model in this run directory (expected {RunFolder.MODEL}; an "
                                   "unfinished run has only checkpoints: finish or resume training first)")
         model = load_weights(weights, device=device)
         calibration = 0.0
         recorded_precision = "fp32"
-        if (run / "config.json").is_file():
+        if (run / RunFolder.CONFIG).is_file():
             from dedn.train.rundir import load_run_config
 
             try:
@@ -298,9 +299,9 @@ class Predictor:
                 calibration = float(value) if value not in ("auto", "validated") else 0.0
                 recorded_precision = run_cfg.train.precision
             except ConfigError as exc:
-                log.warning("%s: config not used (%s)", run / "config.json", exc)
+                log.warning("%s: config not used (%s)", run / RunFolder.CONFIG, exc)
         names = attrs = None
-        class_file = run / CLASS_FILE
+        class_file = run / RunFolder.CLASSES
         rec = read_class_file(run)
         if rec is not None:
             names, attrs, att, seen = rec["class_names"], rec["attribute_names"], rec["class_att"], rec["seen_mask"]
@@ -321,12 +322,12 @@ class Predictor:
             if rec["calibration"] is not None:
                 calibration = rec["calibration"]
         else:
-            log.warning("%s: no %s; classes and attributes get generic names", run, CLASS_FILE)
+            log.warning("%s: no %s; classes and attributes get generic names", run, RunFolder.CLASSES)
         provenance = None
-        if (run / FEATURES_FILE).is_file():
-            provenance = read_json(run / FEATURES_FILE, "feature provenance")
+        if (run / RunFolder.FEATURES).is_file():
+            provenance = read_json(run / RunFolder.FEATURES, "feature provenance")
             if not isinstance(provenance, dict):
-                raise CheckpointError(f"{run / FEATURES_FILE}: expected a JSON object")
+                raise CheckpointError(f"{run / RunFolder.FEATURES}: expected a JSON object")
         return cls(model, names, attrs, None, None, calibration=calibration, feature_provenance=provenance,
                    backbone=backbone, backbone_weights=backbone_weights, image_size=image_size, device=device,
                    run_dir=run, precision=recorded_precision if precision is None else precision)

@@ -26,13 +26,10 @@ from typing import Any
 from dedn.config import RunConfig, config_from_dict
 from dedn.devices import use_threads
 from dedn.errors import CheckpointError, ConfigError
+from dedn.runfolder import RunFolder
 from dedn.train.callbacks import BestOverTraining
-from dedn.train.rundir import check_new_run_dir, load_run_config, lock_run_dir, new_run_dir
+from dedn.train.rundir import load_run_config
 from dedn.train.trainer import Trainer
-
-#: The model folder of each protocol, inside its run folder.
-MODEL_FOLDERS = {"validated": "final", "published": "train", "fixed": "."}
-JOB_RECORD = "job.json"
 
 
 @dataclass
@@ -63,9 +60,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     Raises:
         ConfigError: ``run_dir`` already holds something and ``resume`` is not set, or a bad setting.
     """
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else RunFolder.new(cfg.output_dir, cfg.name).path
     if not resume:
-        check_new_run_dir(run_dir)
+        RunFolder(run_dir).check_new()
     elif not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run folder to resume")
     protocol = cfg.eval.protocol
@@ -74,14 +71,14 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
         from dedn.apps.experiments import protocol_job
 
         job = protocol_job(cfg, run_dir)
-    with lock_run_dir(run_dir):  # one writer per run folder, for the whole protocol
+    with RunFolder(run_dir).lock():  # one writer per run folder, for the whole protocol
         if job is None:
             return _train_fixed(cfg, run_dir, resume)
         from dedn.apps.experiments import run_job
 
         run = run_job(job)
     metrics = {**run.metrics, "gamma": run.choices.get("gamma"), "gamma_source": run.choices.get("gamma_source")}
-    return ProtocolResult(protocol, run_dir, run_dir / MODEL_FOLDERS[protocol], metrics, run.choices)
+    return ProtocolResult(protocol, run_dir, run_dir / RunFolder.MODEL_FOLDERS[protocol], metrics, run.choices)
 
 
 def _train_fixed(cfg: RunConfig, run_dir: Path, resume: bool) -> ProtocolResult:
@@ -104,7 +101,7 @@ def _train_fixed(cfg: RunConfig, run_dir: Path, resume: bool) -> ProtocolResult:
 def load_protocol_config(run_dir: str | Path) -> RunConfig:
     """The config of a run folder written by :func:`train` (any protocol), for ``--resume``."""
     run_dir = Path(run_dir)
-    job = run_dir / JOB_RECORD
+    job = RunFolder(run_dir).job
     if job.is_file():
         try:
             record = json.loads(job.read_text())
@@ -120,14 +117,4 @@ def model_dir(run_dir: str | Path) -> Path:
     Raises:
         CheckpointError: neither the folder nor a protocol's model folder inside it is a finished run.
     """
-    run_dir = Path(run_dir)
-    if (run_dir / "config.json").is_file() or (run_dir / "model.safetensors").is_file():
-        return run_dir
-    for sub in (MODEL_FOLDERS["validated"], MODEL_FOLDERS["published"]):
-        if (run_dir / sub / "config.json").is_file():
-            return run_dir / sub
-    if (run_dir / JOB_RECORD).is_file():
-        raise CheckpointError(f"{run_dir}: this run has not finished training its reported model yet; continue it "
-                              f"with `dedn train --resume {run_dir}`")
-    raise CheckpointError(f"{run_dir}: not a dedn run folder (no model.safetensors or config.json here, and no "
-                          "final/ or train/ run inside)")
+    return RunFolder(run_dir).model_folder().path

@@ -19,6 +19,7 @@ from dedn.eval.calibration import CONFIG, MODE_DEFAULT, ORACLE, VALIDATED, Calib
 from dedn.eval.inference import ModelOutputs, collect_outputs
 from dedn.eval.metrics import GZSLResult, best_calibration, gzsl_metrics, seen_unseen_curve, write_metrics
 from dedn.models.dedn import DEDN
+from dedn.runfolder import RunFolder
 
 
 @dataclass
@@ -103,7 +104,8 @@ def evaluate_outputs(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.nda
 
 def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra: dict[str, Any],
                      prefix: str = "", plots: bool = True) -> dict[str, Any]:
-    """metrics.json, per_class.csv, seen_unseen_curve.csv/.png and the saved outputs, into ``folder``."""
+    """The evaluation record (metrics, per-class table, seen-unseen curve and plot, the saved outputs; the names
+    are :class:`~dedn.runfolder.RunFolder`'s), into ``folder``; ``metrics.json`` is written last."""
     from dedn.eval.metrics import plot_seen_unseen_curve
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,18 +115,18 @@ def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra
     buf = io.StringIO()
     np.savetxt(buf, np.column_stack([gammas, s * 100, u * 100]), delimiter=",", header="gamma,S,U", comments="",
                fmt="%.6g")
-    atomic_write_text(folder / f"{prefix}seen_unseen_curve.csv", buf.getvalue())
+    atomic_write_text(folder / f"{prefix}{RunFolder.CURVE_CSV}", buf.getvalue())
     if plots:
         r = ev.result
-        plot_seen_unseen_curve({"DEDN": (s, u)}, folder / f"{prefix}seen_unseen_curve.png",
+        plot_seen_unseen_curve({"DEDN": (s, u)}, folder / f"{prefix}{RunFolder.CURVE_PNG}",
                                title=f"test split, gamma from {ev.gamma_source}",
                                points={"DEDN": (r.S, r.U, ev.gamma)})
-    ev.seen.save(folder / f"{prefix}outputs_test_seen.npz")
-    ev.unseen.save(folder / f"{prefix}outputs_test_unseen.npz")
+    ev.seen.save(folder / f"{prefix}{RunFolder.OUTPUTS_SEEN}")
+    ev.unseen.save(folder / f"{prefix}{RunFolder.OUTPUTS_UNSEEN}")
     # metrics.json last: its presence marks a complete evaluation record.
-    write_metrics(ev.result, folder / f"{prefix}metrics.json", folder / f"{prefix}per_class.csv", class_names,
-                  extra=extra)
-    return json.loads((folder / f"{prefix}metrics.json").read_text())
+    write_metrics(ev.result, folder / f"{prefix}{RunFolder.METRICS}", folder / f"{prefix}{RunFolder.PER_CLASS}",
+                  class_names, extra=extra)
+    return json.loads((folder / f"{prefix}{RunFolder.METRICS}").read_text())
 
 
 def calibration_value(cfg: RunConfig, data: ZSLData) -> Calibration:

@@ -187,6 +187,11 @@ def _restore_optimizer(model: DEDN, optimizer: torch.optim.Optimizer, tensors: d
         optimizer.state[params[name]][field] = value.to(params[name].device)
 
 
+def checkpoint_record(folder: str | Path, name: str = "last") -> Path:
+    """The JSON record of checkpoint ``name`` in ``folder``: a checkpoint is complete when its record exists."""
+    return Path(folder) / f"{name}.json"
+
+
 def save_checkpoint(
     folder: str | Path,
     model: DEDN,
@@ -202,7 +207,7 @@ def save_checkpoint(
     save_weights(model, weights)
     _atomic_save_tensors(_optimizer_tensors(model, optimizer), optim, {"format": FORMAT})
     record = {"format": FORMAT, **state, "files": {weights.name: _sha256(weights), optim.name: _sha256(optim)}}
-    path = folder / f"{name}.json"
+    path = checkpoint_record(folder, name)
     atomic_write_text(path, json.dumps(record, indent=1))
     return path
 
@@ -220,7 +225,7 @@ def load_checkpoint(
         CheckpointError: a file is missing, or its hash disagrees with the record (corrupt or half written).
     """
     folder = Path(folder)
-    path = folder / f"{name}.json"
+    path = checkpoint_record(folder, name)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint here (expected {name}.json, {name}.safetensors and "
                               f"{name}-optim.safetensors)")

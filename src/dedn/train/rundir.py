@@ -1,141 +1,35 @@
-"""The run folder: its files (class file, feature provenance, model), where a new one goes, and its safety.
-
-Run folders are written by one process at a time, and never written over by accident.
-
-:func:`lock_run_dir` holds an exclusive lock (``RUN/.lock``, through filelock) for as long as a process
-writes a run folder; a second writer stops at once with a message that names the holder (from
-``RUN/.lock-owner.json``). The lock is re-entrant within one process, so a protocol that locks its run
-folder can hand it to a trainer that locks it again.
+"""The records in a run folder that need the run's config or data: its config, class file, feature provenance,
+metrics and the calibration it recorded. The folder's file names, its lock and which folder holds a model are
+:class:`dedn.runfolder.RunFolder`'s.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from datetime import datetime, timezone
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock, Timeout
 
 from dedn.atomic import atomic_write_text
 from dedn.config import RunConfig, config_from_dict
 from dedn.data.dataset import ZSLData
-from dedn.errors import CheckpointError, ConfigError, DataError
+from dedn.errors import CheckpointError, DataError
 from dedn.eval.calibration import GAMMA_SOURCES, Calibration
 from dedn.eval.evaluate import calibration_value
-
-LOCK_FILE = ".lock"
-OWNER_FILE = ".lock-owner.json"
-
-
-class RunLock:
-    """An exclusive, re-entrant (per process) lock on a run folder; :meth:`release` as often as acquired."""
-
-    def __init__(self, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"{self.run_dir}: cannot create the run folder ({exc.strerror or exc}); choose a "
-                              "writable output_dir or --run-dir") from None
-        self._lock = FileLock(str(self.run_dir.resolve() / LOCK_FILE), timeout=0, is_singleton=True,
-                              thread_local=False)
-
-    def acquire(self) -> RunLock:
-        """Take the lock now or raise :class:`~dedn.errors.ConfigError` naming the process that holds it."""
-        first = not self._lock.is_locked
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            raise ConfigError(f"{self.run_dir}: this run folder is being written by another process "
-                              f"({_owner(self.run_dir)}); wait for it to finish, or use another run folder") from None
-        except OSError as exc:
-            raise ConfigError(f"{self.run_dir}: cannot lock the run folder ({exc.strerror or exc}); choose a "
-                              "writable output_dir or --run-dir") from None
-        if first:
-            record = {"pid": os.getpid(), "host": socket.gethostname(),
-                      "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            try:
-                (self.run_dir / OWNER_FILE).write_text(json.dumps(record))
-            except OSError:  # the owner note is a courtesy; the lock itself is what protects the folder
-                pass
-        return self
-
-    def release(self) -> None:
-        if self._lock.is_locked:
-            self._lock.release()
-
-
-def _owner(run_dir: Path) -> str:
-    try:
-        rec = json.loads((run_dir / OWNER_FILE).read_text())
-        return f"pid {rec['pid']} on {rec['host']}, since {rec['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "owner unknown"
-
-
-@contextmanager
-def lock_run_dir(run_dir: str | Path) -> Iterator[RunLock]:
-    """Hold the run folder's lock for the ``with`` block."""
-    lock = RunLock(run_dir).acquire()
-    try:
-        yield lock
-    finally:
-        lock.release()
-
-
-def is_empty_or_missing(path: str | Path) -> bool:
-    """True when ``path`` does not exist or is an empty folder (ignoring a lock left by this module)."""
-    path = Path(path)
-    if not path.exists():
-        return True
-    if not path.is_dir():
-        return False
-    return not [p for p in path.iterdir() if p.name not in (LOCK_FILE, OWNER_FILE)]
-
-
-def check_new_run_dir(path: str | Path) -> None:
-    """Refuse to start a new run in a folder that already holds anything (a run, a store, other files)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{path}: the run folder is an existing file; choose a folder")
-    if not is_empty_or_missing(path):
-        raise ConfigError(f"{path}: the run folder already exists and is not empty; continue a run with "
-                          f"`dedn train --resume {path}`, or choose another --run-dir")
-
-
-def new_run_dir(cfg: RunConfig) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
-    path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    return path
+from dedn.runfolder import RunFolder
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved config of a run directory."""
-    path = Path(run_dir) / "config.json"
+    path = RunFolder(run_dir).config
     if not path.is_file():
-        raise CheckpointError(f"{run_dir}: not a dedn run directory (no config.json)")
+        raise CheckpointError(f"{run_dir}: not a dedn run directory (no {RunFolder.CONFIG})")
     try:
         return config_from_dict(json.loads(path.read_text()), str(path))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: unreadable ({exc})") from None
-
-
-CLASS_FILE = "classes.json"
-
-
-FEATURES_FILE = "features.json"
-
-
-MODEL_FILE = "model.safetensors"
 
 
 CLASS_FORMAT = "dedn-classes-1"
@@ -180,7 +74,7 @@ def write_class_file(run_dir: str | Path, data: Any, *, seen_mask: Any = None,
         "seen_mask": seen.tolist(),
         "calibration": None if calibration is None else float(calibration),
     }
-    path = Path(run_dir) / CLASS_FILE
+    path = RunFolder(run_dir) / RunFolder.CLASSES
     atomic_write_text(path, json.dumps(record) + "\n")
     return path
 
@@ -199,7 +93,7 @@ def write_feature_provenance(run_dir: str | Path, provenance: Mapping[str, Any])
         # run works on feature maps and asks for --backbone only when it is given images.
         record.update(backbone=None, image_size=record.get("image_size"),
                       note="precomputed features: no backbone recorded; pass --backbone to use images")
-    path = Path(run_dir) / FEATURES_FILE
+    path = RunFolder(run_dir) / RunFolder.FEATURES
     atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")
     return path
 
@@ -218,7 +112,7 @@ def read_class_file(run_dir: str | Path) -> dict[str, Any] | None:
     Returns ``class_names``, ``attribute_names`` (lists), ``class_att`` (K x D float32), ``seen_mask`` (K bool)
     and ``calibration`` (float or None).
     """
-    path = Path(run_dir) / CLASS_FILE
+    path = RunFolder(run_dir) / RunFolder.CLASSES
     if not path.is_file():
         return None
     rec = read_json(path, "class file")
@@ -239,7 +133,7 @@ def read_class_file(run_dir: str | Path) -> dict[str, Any] | None:
 
 def read_run_metrics(run_dir: str | Path) -> dict[str, Any]:
     """``RUN/metrics.json`` ({} when the run has not been evaluated); CheckpointError when unreadable."""
-    path = Path(run_dir) / "metrics.json"
+    path = RunFolder(run_dir).metrics
     if not path.is_file():
         return {}
     metrics = read_json(path, "metrics file")

@@ -49,8 +49,9 @@ from dedn.factory import build_model, dataset_name, load_data
 from dedn.models.dedn import DEDN
 from dedn.models.losses import dedn_loss
 from dedn.models.precision import run_precision
+from dedn.runfolder import RunFolder, RunLock
 from dedn.train.callbacks import Callback
-from dedn.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from dedn.train.checkpoint import checkpoint_record, load_checkpoint, save_checkpoint, save_weights
 from dedn.train.released import (
     ReleasedBatches,
     check_replay_data,
@@ -58,7 +59,6 @@ from dedn.train.released import (
     released_generators,
     released_schedule,
 )
-from dedn.train.rundir import RunLock
 from dedn.train.schedule import Segment, epoch_schedule
 
 log = logging.getLogger("dedn")
@@ -235,14 +235,14 @@ class Trainer:
         try:
             self._write_run_files()
             if self.cfg.train.tensorboard:
-                self._tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
+                self._tensorboard = _tensorboard_writer(self.run_dir / RunFolder.TENSORBOARD)
         except BaseException:
             self.close()
             raise
 
     def _write_run_files(self) -> None:
         assert self.run_dir is not None
-        cfg_file = self.run_dir / "config.json"
+        cfg_file = self.run_dir / RunFolder.CONFIG
         resolved = config_to_dict(self.cfg)
         if cfg_file.exists():
             old = json.loads(cfg_file.read_text())
@@ -255,7 +255,7 @@ class Trainer:
                 atomic_write_text(cfg_file, json.dumps(resolved, indent=2))
         else:
             atomic_write_text(cfg_file, json.dumps(resolved, indent=2))
-        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler = logging.FileHandler(self.run_dir / RunFolder.LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -300,14 +300,14 @@ class Trainer:
         """
         if self.run_dir is None:
             return False
-        folder = self.run_dir / "checkpoints"
-        history_file = self.run_dir / "history.jsonl"
-        if not (folder / "last.json").exists():
+        folder = self.run_dir / RunFolder.CHECKPOINTS
+        history_file = self.run_dir / RunFolder.HISTORY
+        if not checkpoint_record(folder).exists():
             trained = (history_file.exists() and history_file.stat().st_size > 0) or (
                 folder.is_dir() and any(p.name.startswith("last") for p in folder.iterdir()))
             if trained:
-                raise CheckpointError(f"{folder / 'last.json'}: the checkpoint record is missing, so this run cannot "
-                                      "be resumed exactly; restore it, or start a new run in another folder")
+                raise CheckpointError(f"{checkpoint_record(folder)}: the checkpoint record is missing, so this run "
+                                      "cannot be resumed exactly; restore it, or start a new run in another folder")
             return False
         _, record = load_checkpoint(folder, optimizer_for=self.model, optimizer=self.optimizer,
                                     device=self.device)
@@ -315,7 +315,7 @@ class Trainer:
                                 "splits or semantic side)"),
                                ("config_hash", self.identity["config_hash"], "the resolved config")):
             if key in record and record[key] != now:
-                raise CheckpointError(f"{folder / 'last.json'}: {what} changed since this checkpoint was written; "
+                raise CheckpointError(f"{checkpoint_record(folder)}: {what} changed since this checkpoint was written; "
                                       "resuming would mix two runs: restore them, or start a new run in another "
                                       "folder")
         self.start_epoch = int(record["epoch"]) + 1
@@ -348,7 +348,7 @@ class Trainer:
         w.writerow(keys)
         for h in self.history:
             w.writerow(["" if h.get(k) is None else h.get(k) for k in keys])
-        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+        atomic_write_text(self.run_dir / RunFolder.METRICS_CSV, buf.getvalue())
         if self._tensorboard is not None:
             for k in ("loss", "T", "U", "S", "H", "AUSUC", "gamma"):
                 if isinstance(row.get(k), (int, float)):
@@ -360,7 +360,7 @@ class Trainer:
             return
         state = {"epoch": epoch, "history": self.history, "losses": self.losses, "version": __version__,
                  **self.identity}
-        save_checkpoint(self.run_dir / "checkpoints", self.model, self.optimizer, state, name=name)
+        save_checkpoint(self.run_dir / RunFolder.CHECKPOINTS, self.model, self.optimizer, state, name=name)
         for cb in self.callbacks:
             cb.on_checkpoint(self, epoch, name)
 
@@ -502,7 +502,7 @@ class Trainer:
         self.history.append(row)
         log.info(json.dumps(row))
         if self.run_dir is not None and self.writer:
-            with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as fh:
+            with open(self.run_dir / RunFolder.HISTORY, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
             self._write_epoch_logs(row)
 
@@ -534,7 +534,7 @@ class Trainer:
             return out
         from dedn.train.rundir import write_class_file, write_feature_provenance
 
-        save_weights(self.model, self.run_dir / "model.safetensors", record_hash=True)
+        save_weights(self.model, self.run_dir / RunFolder.MODEL, record_hash=True)
         write_class_file(self.run_dir, self.data, calibration=ev.gamma)
         write_feature_provenance(self.run_dir, self.data.provenance)
         return write_evaluation(ev, self.run_dir, self.data.class_names, extra, plots=self.cfg.eval.plots)

@@ -67,7 +67,9 @@ def _main(
 
 def _print_metrics(metrics: dict, title: str) -> None:
     """T U S H and AUSUC in percent, with the calibration gamma and where it came from."""
-    keys = [k for k in ("T", "U", "S", "H", "AUSUC") if metrics.get(k) is not None]
+    from dedn.eval.metrics import METRIC_ORDER
+
+    keys = [k for k in METRIC_ORDER if metrics.get(k) is not None]
     typer.echo(title)
     typer.echo("  " + "  ".join(f"{k:>6}" for k in keys))
     gamma = metrics.get("gamma")
@@ -125,7 +127,7 @@ def evaluate(
     from dedn.checks import FRACTION, check_option, choice
     from dedn.config import PRECISIONS, apply_overrides
     from dedn.devices import resolve_device
-    from dedn.eval.calibration import CONFIG, Calibration, parse_calibration
+    from dedn.eval.calibration import Calibration, GammaSource, parse_calibration
     from dedn.eval.evaluate import evaluate_model, write_evaluation
     from dedn.factory import load_data
     from dedn.models.precision import run_precision
@@ -138,7 +140,8 @@ def evaluate(
     check_option("--precision", precision, choice(*PRECISIONS))
     run = RunFolder(checkpoint).model_folder()
     folder_in = run.path
-    fixed = None if calibration == "auto" else Calibration(parse_calibration(calibration, "--calibration"), CONFIG)
+    fixed = (None if calibration == "auto"
+             else Calibration(parse_calibration(calibration, "--calibration"), GammaSource.CONFIG))
     cfg = apply_overrides(load_run_config(folder_in), overrides or [], str(run.config))
     folder = out or folder_in / "eval"
     if folder.resolve() == folder_in.resolve():

@@ -11,13 +11,12 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from dedn.apps.protocols import model_dir
 from dedn.data.imagebench_spec import group_definitions
 from dedn.errors import CheckpointError, ConfigError
+from dedn.eval.metrics import METRIC_ORDER
 from dedn.runfolder import RunFolder
 from dedn.train.rundir import load_run_config, read_class_file, read_run_metrics
 
-METRIC_KEYS = ("T", "U", "S", "H", "AUSUC")
 UNGROUPED = "(no group)"
 EXAMPLE_CLASS = "example_new_class"
 
@@ -41,7 +40,7 @@ def attribute_groups(attribute_names: list[str], imagebench_n_colors: int | None
 
 def describe_run(run: str | Path) -> dict[str, Any]:
     """A JSON-ready description of the run in ``run`` (a run folder of any protocol)."""
-    folder = model_dir(run)
+    folder = RunFolder(run).model_folder().path
     rec = read_class_file(folder)
     if rec is None:
         raise CheckpointError(f"{folder}: no {RunFolder.CLASSES}; this run has no class record (finish training first)")
@@ -66,7 +65,7 @@ def describe_run(run: str | Path) -> dict[str, Any]:
         "attribute_groups": attribute_groups(attrs, n_colors),
         "gamma": metrics.get("gamma"),
         "gamma_source": metrics.get("gamma_source"),
-        "metrics": {k: metrics.get(k) for k in METRIC_KEYS},
+        "metrics": {k: metrics.get(k) for k in METRIC_ORDER},
         "_class_att": class_att,
     }
 
@@ -98,7 +97,7 @@ def format_description(desc: dict[str, Any]) -> str:
         lines.append(f"calibration: gamma = {desc['gamma']:.4g} ({desc['gamma_source'] or 'source unknown'})")
     else:
         lines.append("calibration: no metrics.json (the run has not been evaluated)")
-    keys = [k for k in METRIC_KEYS if desc["metrics"].get(k) is not None]
+    keys = [k for k in METRIC_ORDER if desc["metrics"].get(k) is not None]
     if keys:
         lines.append("results (%): " + "  ".join(f"{k} {desc['metrics'][k]:.2f}" for k in keys))
     return "\n".join(lines)

@@ -71,7 +71,7 @@ from dedn.config import VOLATILE_KEYS, RunConfig, apply_overrides, config_to_dic
 from dedn.data.dataset import ZSLData
 from dedn.devices import use_threads
 from dedn.errors import CheckpointError, ConfigError, DataError, TrainingError
-from dedn.eval.calibration import CONFIG, VALIDATED, Calibration, config_calibration, parse_calibration
+from dedn.eval.calibration import Calibration, GammaSource, config_calibration, parse_calibration
 from dedn.eval.evaluate import Evaluation, evaluate_outputs
 from dedn.eval.inference import ModelOutputs
 from dedn.eval.metrics import ausuc, seen_unseen_curve
@@ -512,8 +512,8 @@ def _check_selected(run_dir: Path, epoch: int) -> None:
 
 def _run_validated(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
     fixed = cfg.eval.calibration not in ("auto", "validated")
-    calibration = (Calibration(parse_calibration(cfg.eval.calibration), CONFIG) if fixed
-                   else Calibration("best", VALIDATED))
+    calibration = (Calibration(parse_calibration(cfg.eval.calibration), GammaSource.CONFIG) if fixed
+                   else Calibration("best", GammaSource.VALIDATED))
     lrcs = job.eval_grid.get("model.l_rc", [cfg.model.l_rc])
     les = job.eval_grid.get("model.l_e", [cfg.model.l_e])
     tune_points = [(float(a), float(b)) for a, b in itertools.product(lrcs, les)]
@@ -531,7 +531,7 @@ def _run_validated(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
         "model.l_rc": float(selection["l_rc"]), "model.l_e": float(selection["l_e"])})
     data = _load_data(fcfg)
     run_dir = folder / "final"
-    chosen = Calibration(float(selection["gamma"]), CONFIG if fixed else VALIDATED)
+    chosen = Calibration(float(selection["gamma"]), GammaSource.CONFIG if fixed else GammaSource.VALIDATED)
     result, trainer = _train_stage(fcfg, data, run_dir, chosen)
     np.save(run_dir / "seen_mask.npy", data.seen_mask)
     metrics = {k: float(result.metrics[k]) for k in METRICS}

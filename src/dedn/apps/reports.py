@@ -33,7 +33,7 @@ import numpy as np
 
 from dedn import __version__
 from dedn.data.benchmarks import BENCHMARKS
-from dedn.eval.metrics import ausuc
+from dedn.eval.metrics import METRIC_ORDER, ausuc
 
 if TYPE_CHECKING:
     from dedn.apps.results import ExperimentResult, RunResult
@@ -76,7 +76,6 @@ PROTOCOL_NOTES = {
                   "only for comparison with published numbers"),
 }
 
-TABLE_METRICS = ("T", "U", "S", "H", "AUSUC")  # the paper's column order, then AUSUC
 
 
 # ============================================================================================ basics
@@ -105,7 +104,7 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
 
 
-def summarize(runs: Sequence[RunResult], metrics: Sequence[str] = TABLE_METRICS) -> dict[str, Any]:
+def summarize(runs: Sequence[RunResult], metrics: Sequence[str] = METRIC_ORDER) -> dict[str, Any]:
     """``{"n_seeds": n, "T": {"mean": m, "std": s}, ...}`` over the runs of one row and protocol."""
     out: dict[str, Any] = {"n_seeds": len(runs)}
     for m in metrics:
@@ -228,29 +227,29 @@ def _metric_report(exp: ExperimentResult, title: str, published: Mapping[str, Ma
     paper_cols = [f"paper {m}" for m in "TUSH"] if published else []
     md = _header(exp, title)
     md += [f"## Results (mean ± std over {len(exp.seeds)} seed(s), %)", ""]
-    md.append(_md_table(["setting", "protocol", *TABLE_METRICS, "seeds", *paper_cols],
-                        [[s["label"], s["protocol"], *(_fmt(s[m]["mean"], s[m]["std"]) for m in TABLE_METRICS),
+    md.append(_md_table(["setting", "protocol", *METRIC_ORDER, "seeds", *paper_cols],
+                        [[s["label"], s["protocol"], *(_fmt(s[m]["mean"], s[m]["std"]) for m in METRIC_ORDER),
                           s["n_seeds"], *((_fmt(s["paper"][m]) if s["paper"] else "") for m in "TUSH" if published)]
                          for s in summary]))
     if published:
         md += ["", published_note]
     md += ["", "## Per seed", ""]
-    md.append(_md_table(["setting", "protocol", "seed", *TABLE_METRICS, "choices"],
-                        [[r.label, r.protocol, r.seed, *(_fmt(r.metrics.get(m, math.nan)) for m in TABLE_METRICS),
+    md.append(_md_table(["setting", "protocol", "seed", *METRIC_ORDER, "choices"],
+                        [[r.label, r.protocol, r.seed, *(_fmt(r.metrics.get(m, math.nan)) for m in METRIC_ORDER),
                           _choices_text(r)] for r in exp.runs]))
     md += ["", *extra_md, *([""] + [f"- {n}" for n in notes] if notes else [])]
     files = [out / f"{exp.name}.md"]
     files[0].write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
     files.append(_write_csv(out / f"{exp.name}.csv",
                             ["row", "label", "protocol", "n_seeds",
-                             *(f"{m}_{k}" for m in TABLE_METRICS for k in ("mean", "std")),
+                             *(f"{m}_{k}" for m in METRIC_ORDER for k in ("mean", "std")),
                              *(f"paper_{m}" for m in "TUSH")],
                             [[s["row"], s["label"], s["protocol"], s["n_seeds"],
-                              *(s[m][k] for m in TABLE_METRICS for k in ("mean", "std")),
+                              *(s[m][k] for m in METRIC_ORDER for k in ("mean", "std")),
                               *((s["paper"] or {}).get(m) for m in "TUSH")] for s in summary]))
     files.append(_write_csv(out / f"{exp.name}_seeds.csv",
-                            ["row", "label", "protocol", "seed", *TABLE_METRICS, "choices", "folder"],
-                            [[r.row, r.label, r.protocol, r.seed, *(r.metrics.get(m) for m in TABLE_METRICS),
+                            ["row", "label", "protocol", "seed", *METRIC_ORDER, "choices", "folder"],
+                            [[r.row, r.label, r.protocol, r.seed, *(r.metrics.get(m) for m in METRIC_ORDER),
                               _choices_text(r), str(Path(r.folder).relative_to(out.resolve()))
                               if Path(r.folder).is_relative_to(out.resolve()) else r.folder] for r in exp.runs]))
     record = {**_base_json(exp, title), "summary": summary, "runs": [r.to_dict() for r in exp.runs],
@@ -377,7 +376,7 @@ def report_table1(exp: ExperimentResult) -> list[Path]:
     files, summary = _metric_report(
         exp, f"Table 1: DEDN on {exp.dataset}", published,
         f"Paper columns: DEDN on {ds} as published (paper Table 1), obtained with the published protocol.")
-    files.append(_table_plot(exp, summary, ("T", "U", "S", "H"), exp.out_dir / "table1.png"))
+    files.append(_table_plot(exp, summary, METRIC_ORDER[:4], exp.out_dir / "table1.png"))
     return files
 
 
@@ -388,7 +387,7 @@ def report_table3(exp: ExperimentResult) -> list[Path]:
     files, summary = _metric_report(
         exp, f"Table 3: ablations on {exp.dataset}", published,
         f"Paper columns: paper Table 3, {ds} (published protocol).")
-    files.append(_table_plot(exp, summary, ("T", "U", "S", "H"), exp.out_dir / "table3.png"))
+    files.append(_table_plot(exp, summary, METRIC_ORDER[:4], exp.out_dir / "table3.png"))
     return files
 
 

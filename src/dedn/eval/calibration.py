@@ -2,7 +2,7 @@
 
 Calibrated stacking subtracts gamma from every seen class's score before the argmax over all classes. An H is
 only meaningful next to its gamma, so every evaluation carries a :class:`Calibration`: the value and its
-source, one of :data:`GAMMA_SOURCES`:
+source, a :class:`GammaSource`:
 
 - ``validated``: chosen (H-maximising) on the validation task, never on test images;
 - ``config``: a number given in ``eval.calibration`` or on the command line;
@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 from dedn.config import LossConfig
 from dedn.errors import ConfigError
 from dedn.models.settings import resolve_method
 
-VALIDATED = "validated"
-CONFIG = "config"
-MODE_DEFAULT = "mode default"
-ORACLE = "oracle-on-test"
-GAMMA_SOURCES = (VALIDATED, CONFIG, MODE_DEFAULT, ORACLE)
+
+class GammaSource(str, Enum):
+    """Where an evaluation's gamma came from; the value is what records and printouts say."""
+
+    VALIDATED = "validated"
+    CONFIG = "config"
+    MODE_DEFAULT = "mode default"
+    ORACLE = "oracle-on-test"
+
+    def __str__(self) -> str:  # the value in f-strings too (Python 3.11 formats mixed-in enums by name)
+        return self.value
 
 
 def mode_default_gamma(mode: str, margin: float) -> float:
@@ -42,11 +49,10 @@ class Calibration:
     """A calibration request: a number, or ``"best"`` (H-maximising on the scores evaluated), and its source."""
 
     value: float | str
-    source: str
+    source: GammaSource
 
     def __post_init__(self) -> None:
-        if self.source not in GAMMA_SOURCES:
-            raise ValueError(f"unknown gamma source {self.source!r}")
+        object.__setattr__(self, "source", GammaSource(self.source))  # ValueError on an unknown source
         if self.value != "best" and not (isinstance(self.value, (int, float)) and math.isfinite(self.value)):
             raise ConfigError(f"calibration must be a finite number or 'best', got {self.value!r}")
 
@@ -71,9 +77,9 @@ def config_calibration(value: str, mode: str, margin: float, on_validation_task:
     """
     if value in ("auto", "validated"):
         if on_validation_task:
-            return Calibration("best", VALIDATED)
+            return Calibration("best", GammaSource.VALIDATED)
         if value == "validated":
             raise ConfigError("eval.calibration=validated needs the value chosen on the validation task: run "
                               "the validated protocol (eval.protocol=validated) or give a number")
-        return Calibration(mode_default_gamma(mode, margin), MODE_DEFAULT)
-    return Calibration(parse_calibration(value), CONFIG)
+        return Calibration(mode_default_gamma(mode, margin), GammaSource.MODE_DEFAULT)
+    return Calibration(parse_calibration(value), GammaSource.CONFIG)

@@ -15,7 +15,7 @@ import torch
 from dedn.atomic import atomic_write_text
 from dedn.config import RunConfig
 from dedn.data.dataset import ZSLData
-from dedn.eval.calibration import CONFIG, MODE_DEFAULT, ORACLE, VALIDATED, Calibration, config_calibration
+from dedn.eval.calibration import Calibration, GammaSource, config_calibration
 from dedn.eval.inference import ModelOutputs, collect_outputs
 from dedn.eval.metrics import GZSLResult, best_calibration, gzsl_metrics, seen_unseen_curve, write_metrics
 from dedn.models.dedn import DEDN
@@ -37,14 +37,14 @@ class Evaluation:
     gamma: float
     best_gamma: float
     best: GZSLResult
-    gamma_source: str = MODE_DEFAULT
+    gamma_source: GammaSource = GammaSource.MODE_DEFAULT
 
     def summary(self) -> dict[str, Any]:
         r = self.result.to_dict(percent=True)
         out: dict[str, Any] = {"T": r["T"], "S": r["S"], "U": r["U"], "H": r["H"], "gamma": self.gamma,
                                "gamma_source": self.gamma_source,
                                "AUSUC": self.best.ausuc * 100 if self.best.ausuc is not None else float("nan")}
-        if self.gamma_source != VALIDATED:  # the best gamma on these scores is an oracle, never a result
+        if self.gamma_source != GammaSource.VALIDATED:  # the best gamma on these scores is an oracle, not a result
             out.update({"oracle_H": self.best.H * 100, "oracle_gamma": self.best_gamma})
         return out
 
@@ -71,7 +71,8 @@ def evaluate_model(
     """
     if not isinstance(gamma, Calibration):
         on_val = data.provenance.get("split") == "validation"
-        gamma = Calibration(gamma, (VALIDATED if on_val else ORACLE) if gamma == "best" else CONFIG)
+        source = (GammaSource.VALIDATED if on_val else GammaSource.ORACLE) if gamma == "best" else GammaSource.CONFIG
+        gamma = Calibration(gamma, source)
     features = data.features if features is None else features
     seen = collect_outputs(model, features, data.test_seen_loc, data.labels, batch_size, device,
                            progress, "test seen", precision)
@@ -89,7 +90,7 @@ def evaluate_outputs(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.nda
     :class:`~dedn.eval.calibration.Calibration` to say otherwise.
     """
     if not isinstance(gamma, Calibration):
-        gamma = Calibration(gamma, ORACLE if gamma == "best" else CONFIG)
+        gamma = Calibration(gamma, GammaSource.ORACLE if gamma == "best" else GammaSource.CONFIG)
     s_scores, u_scores = seen.scores(l_rc, l_e), unseen.scores(l_rc, l_e)
     assert seen.labels is not None and unseen.labels is not None
     best_gamma, best = best_calibration(s_scores, seen.labels, u_scores, unseen.labels, seen_mask)

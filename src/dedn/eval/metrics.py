@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,52 @@ def calibrated_predictions(scores: np.ndarray, seen_mask: np.ndarray, gamma: flo
         return cols[scores[:, cols].argmax(axis=1)]
     # float64 so that predictions agree with the breakpoints of seen_unseen_curve to rounding level
     return (scores - np.where(seen_mask, float(gamma), 0.0)).argmax(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------- the record
+#: The order of every table, CSV and printout: the paper's columns T, U, S, H, then AUSUC.
+METRIC_ORDER = ("T", "U", "S", "H", "AUSUC")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The reported numbers of one model, in percent, and the calibration that produced them: an H is never
+    reported without its gamma and where gamma came from, and AUSUC stands beside it.
+
+    Attributes:
+        T, U, S, H, AUSUC: percent (``nan`` where not measured).
+        gamma: the calibrated-stacking value behind S, U and H (None where none was used).
+        gamma_source: where gamma came from (a :class:`~dedn.eval.calibration.GammaSource` value).
+    """
+
+    T: float
+    U: float
+    S: float
+    H: float
+    AUSUC: float = math.nan
+    gamma: float | None = None
+    gamma_source: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Metrics:
+        """From a record holding at least T, U, S, H (a ``metrics.json``, a job result); other keys are ignored."""
+        def number(key: str) -> float:
+            v = values.get(key)
+            return math.nan if v is None else float(v)
+
+        gamma = values.get("gamma")
+        source = values.get("gamma_source")
+        return cls(*(number(k) for k in METRIC_ORDER), gamma=None if gamma is None else float(gamma),
+                   gamma_source=None if source is None else str(source))
+
+    def values(self) -> tuple[float, ...]:
+        """T, U, S, H, AUSUC in :data:`METRIC_ORDER`."""
+        return tuple(getattr(self, k) for k in METRIC_ORDER)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, metrics in :data:`METRIC_ORDER`, then gamma and its source."""
+        return {**dict(zip(METRIC_ORDER, self.values(), strict=True)), "gamma": self.gamma,
+                "gamma_source": self.gamma_source}
 
 
 # ---------------------------------------------------------------------------------------------- T/S/U/H

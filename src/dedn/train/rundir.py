@@ -16,7 +16,7 @@ from dedn.atomic import atomic_write_text
 from dedn.config import RunConfig, config_from_dict
 from dedn.data.dataset import ZSLData
 from dedn.errors import CheckpointError, DataError
-from dedn.eval.calibration import GAMMA_SOURCES, Calibration
+from dedn.eval.calibration import Calibration, GammaSource
 from dedn.eval.evaluate import calibration_value
 from dedn.runfolder import RunFolder
 
@@ -146,6 +146,6 @@ def recorded_calibration(run_dir: str | Path, cfg: RunConfig, data: ZSLData) -> 
     """The calibration a run used, as its ``metrics.json`` records it (gamma and source); a run without that
     record gets what its config asks for (:func:`dedn.eval.evaluate.calibration_value`)."""
     rec = read_run_metrics(run_dir)
-    if isinstance(rec.get("gamma"), (int, float)) and rec.get("gamma_source") in GAMMA_SOURCES:
+    if isinstance(rec.get("gamma"), (int, float)) and rec.get("gamma_source") in [s.value for s in GammaSource]:
         return Calibration(float(rec["gamma"]), rec["gamma_source"])
     return calibration_value(cfg, data)

@@ -43,8 +43,9 @@ from dedn.config import RunConfig, config_to_dict, diff_keys, without_keys
 from dedn.data.dataset import ZSLData, data_fingerprint, read_features
 from dedn.devices import join_process_group, process_rank, resolve_device
 from dedn.errors import CheckpointError, ConfigError, TrainingError
-from dedn.eval.calibration import VALIDATED, Calibration
+from dedn.eval.calibration import Calibration, GammaSource
 from dedn.eval.evaluate import Evaluation, calibration_value, evaluate_model, write_evaluation
+from dedn.eval.metrics import METRIC_ORDER
 from dedn.factory import build_model, dataset_name, load_data
 from dedn.models.dedn import DEDN
 from dedn.models.losses import dedn_loss
@@ -342,7 +343,7 @@ class Trainer:
         """``metrics.csv`` (one row per epoch, rewritten whole so a resumed run has no duplicates) and, with
         ``train.tensorboard``, the same scalars for TensorBoard."""
         assert self.run_dir is not None
-        keys = ["epoch", "loss", "seconds", "T", "U", "S", "H", "AUSUC", "gamma", "gamma_source"]
+        keys = ["epoch", "loss", "seconds", *METRIC_ORDER, "gamma", "gamma_source"]
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(keys)
@@ -350,7 +351,7 @@ class Trainer:
             w.writerow(["" if h.get(k) is None else h.get(k) for k in keys])
         atomic_write_text(self.run_dir / RunFolder.METRICS_CSV, buf.getvalue())
         if self._tensorboard is not None:
-            for k in ("loss", "T", "U", "S", "H", "AUSUC", "gamma"):
+            for k in ("loss", *METRIC_ORDER, "gamma"):
                 if isinstance(row.get(k), (int, float)):
                     self._tensorboard.add_scalar(k, row[k], row["epoch"])
             self._tensorboard.flush()
@@ -525,7 +526,7 @@ class Trainer:
     def _finish(self, ev: Evaluation) -> dict[str, Any]:
         """Final weights, class file, metrics and outputs (rank 0)."""
         extra = self._final_record(ev.gamma)
-        if ev.gamma_source != VALIDATED:
+        if ev.gamma_source != GammaSource.VALIDATED:
             extra["oracle_on_test"] = {"note": "diagnosis only, not a result: gamma chosen on these test scores",
                                        "H": ev.best.H * 100, "gamma": ev.best_gamma}
         if self.run_dir is None:

@@ -1,4 +1,4 @@
-"""The prepared GPU check (``tools/gpu_check.py``) runs its sections on the CPU at small sizes and prints one JSON line."""
+"""The prepared GPU check (``tools/gpu_check.py``) runs its sections on the CPU at small sizes, prints one JSON line."""
 
 from __future__ import annotations
 

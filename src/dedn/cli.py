@@ -283,7 +283,7 @@ def store_info(
     prov = s.provenance
     source = {k.removeprefix("source_"): prov[k] for k in ("source_file", "source_bytes", "source_mtime_ns",
                                                           "source_dtype", "source_fingerprint") if k in prov}
-    header = "checked" if s.has_header_hash else "none recorded (store written by an older dedn)"
+    header = "checked"  # FeatureStore.open refuses a store whose header hash is absent or does not match
     info = {"path": str(s.path), "shape": list(s.shape), "dtype": str(s.dtype),
             "complete": s.complete, "chunks": s.n_chunks, "chunks_complete": len(s.completed_chunks),
             "header_hash": header, "source": source or None, "provenance": prov}

@@ -271,7 +271,8 @@ def _merged(base: RunConfig | type[RunConfig], origin: str, values: Any, overrid
     """The one load sequence: the structured ``base``, ``values`` (a YAML file's or a dict) merged over it, then
     the ``dotted.key=value`` overrides, turned into a :class:`RunConfig` and checked (:func:`_check`).
 
-    Errors name ``origin`` (``+ overrides`` once the overrides are being merged) and the offending full key.
+    Errors name ``origin`` (``+ overrides`` once the overrides are being merged); OmegaConf's own ones give the
+    first line of its message.
     """
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -294,7 +295,7 @@ def _merged(base: RunConfig | type[RunConfig], origin: str, values: Any, overrid
 
 
 def _first_line(exc: Exception) -> str:
-    # OmegaConf names the offending full key in its first line; the rest is its own context.
+    # OmegaConf's first line says what is wrong; the rest is its own context (full_key, object_type).
     return str(exc).splitlines()[0]
 
 

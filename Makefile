@@ -23,7 +23,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests tools
 
 # The pure-Python dependencies a bare CUDA machine without network may lack, as wheels in .whl/ for the
 # GPU check, tools/gpu-check.sh (which installs them first when .whl/ has any, then runs tools/gpu_check.py).

@@ -23,10 +23,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests tools
 
-# The pure-Python dependencies a bare CUDA machine without network may lack, as wheels in .whl/ for
-# tools/gpu-check.sh (which installs them first when .whl/ has any).
+# The pure-Python dependencies a bare CUDA machine without network may lack, as wheels in .whl/ for the
+# GPU check, tools/gpu-check.sh (which installs them first when .whl/ has any, then runs tools/gpu_check.py).
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 		omegaconf==2.4.0 submitit==1.5.4 efficientnet-lite-pytorch==0.1.0

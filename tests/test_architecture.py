@@ -106,7 +106,8 @@ def test_every_module_is_in_a_layer_and_subpackages_exist() -> None:
     for sub in ("data", "features", "models", "eval", "train", "apps"):
         assert (SRC / sub / "__init__.py").is_file()
     assert not [p.name for p in SRC.glob("*.py")
-                if p.stem not in ("__init__", "errors", "atomic", "checks", "devices", "runfolder", "config", "factory", "cli")]
+                if p.stem not in ("__init__", "errors", "atomic", "checks", "devices", "runfolder", "config", "factory",
+                                  "cli")]
 
 
 def _run_folder_names() -> set[str]:

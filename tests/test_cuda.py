@@ -1,4 +1,4 @@
-"""The CUDA paths against the CPU (run on a GPU machine by ``dedn gpu-check``; skipped elsewhere)."""
+"""The CUDA paths against the CPU (run on a GPU machine by ``tools/gpu-check.sh``; skipped elsewhere)."""
 
 from __future__ import annotations
 

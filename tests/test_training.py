@@ -245,26 +245,6 @@ def test_checkpoints_of_the_earlier_layout_load_and_resume_exactly(tiny_cfg: Run
         assert torch.equal(_weights(resumed)[k], v), k
 
 
-def test_a_run_folder_from_before_the_rng_and_precision_keys_resumes(tiny_cfg: RunConfig, tmp_path: Path,
-                                                                     monkeypatch) -> None:
-    data = load_data(tiny_cfg)
-    full = run_trainer(tiny_cfg, run_dir=tmp_path / "full", data=data)
-    with interrupted_at_step(monkeypatch, 3 + 2):  # in the second epoch
-        run_trainer(tiny_cfg, run_dir=tmp_path / "old", data=data)
-    # What the previous version wrote: a config without train.rng and train.precision.
-    cfg_file = tmp_path / "old" / "config.json"
-    old = json.loads(cfg_file.read_text())
-    del old["train"]["rng"], old["train"]["precision"]
-    cfg_file.write_text(json.dumps(old, indent=2))
-    resumed = run_trainer(tiny_cfg, run_dir=tmp_path / "old", data=data, resume=True)
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
-        assert torch.equal(a, b), k
-    # A key at another value than the one earlier runs had is a real change.
-    with pytest.raises(ConfigError, match="train.rng"):
-        Trainer(apply_overrides(tiny_cfg, ["mode=reference", "train.rng=released", "eval.protocol=fixed",
-                                           "train.iters_per_epoch=null"]), data=data, run_dir=tmp_path / "old")
-
-
 def test_callbacks_are_called_at_their_points_and_the_final_evaluation_can_be_switched_off(
         tiny_cfg: RunConfig, tmp_path: Path) -> None:
     from dedn.train.callbacks import Callback

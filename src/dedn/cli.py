@@ -192,24 +192,6 @@ def bench(
     bench_command(preset, json_out=as_json, repeats=repeats, naive=naive, precision=precision)
 
 
-@app.command("gpu-check")
-def gpu_check(
-    small: Annotated[bool, typer.Option("--small", help="the same sections at small sizes (on the CPU without a GPU)")] = False,  # noqa: E501
-    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: CUDA when available)")] = None,  # noqa: UP045
-    out: Annotated[Optional[Path], typer.Option(help="also keep the JSON line in this file, rewritten after every section")] = None,  # noqa: UP045,E501
-    budget_s: Annotated[float, typer.Option(help="skip sections that would start later than this many seconds in")] = 450.0,  # noqa: E501
-) -> None:
-    """Run every CUDA path once (tests, bench, resident store, extraction, DDP, an 80-epoch CUB-shaped
-    training), timed; print one JSON line. Exit code 1 when a section failed."""
-    from dedn.apps.gpucheck import gpu_check_command
-    from dedn.checks import DEVICE, POSITIVE, check_option
-
-    if device is not None:
-        check_option("--device", device, DEVICE)
-    check_option("--budget-s", budget_s, POSITIVE)
-    raise typer.Exit(gpu_check_command(small=small, device=device, out=str(out) if out else None, budget_s=budget_s))
-
-
 # ---------------------------------------------------------------------------------------------- features
 @app.command()
 def extract(
@@ -303,7 +285,7 @@ def store_info(
     prov = s.provenance
     source = {k.removeprefix("source_"): prov[k] for k in ("source_file", "source_bytes", "source_mtime_ns",
                                                           "source_dtype", "source_fingerprint") if k in prov}
-    header = "checked" if s.has_header_hash else "none recorded (store written by an older dedn)"
+    header = "checked"  # FeatureStore.open refuses a store whose header hash is absent or does not match
     info = {"path": str(s.path), "shape": list(s.shape), "dtype": str(s.dtype),
             "complete": s.complete, "chunks": s.n_chunks, "chunks_complete": len(s.completed_chunks),
             "header_hash": header, "source": source or None, "provenance": prov}

@@ -6,9 +6,12 @@ and a value of the wrong type are refused with the key's full name before any wo
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -209,17 +212,10 @@ RULES: tuple[tuple[str, Rule], ...] = (
 )
 
 
-def _value(cfg: RunConfig, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
 def _check(cfg: RunConfig, origin: str) -> RunConfig:
     """``cfg`` if every value passes :data:`RULES` (and the image benchmark's own checks), else ConfigError."""
     for key, rule in RULES:
-        check(key, _value(cfg, key), rule, origin)
+        check(key, get_key(cfg, key), rule, origin)
     _check_replay(cfg, origin)
     try:
         cfg.data.imagebench.validate()
@@ -258,30 +254,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     Raises:
         ConfigError: the file is missing or unreadable, a key is unknown, a value has the wrong type.
     """
-    base = OmegaConf.structured(RunConfig)
-    origin = "defaults"
+    if path is None:
+        return _merged(RunConfig, "defaults", None, overrides)
     try:
-        if path is not None:
-            origin = str(path)
-            merged = OmegaConf.merge(base, _read_yaml(path))
-        else:
-            merged = base
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} must look like dotted.key=value")
-        if overrides:
-            origin = f"{origin} + overrides"
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.to_object(merged)
+        values = _read_yaml(path)
     except ConfigError:
         raise
     except OmegaConfBaseException as exc:
-        # OmegaConf names the offending full key; keep only its first line, which is the useful one.
-        raise ConfigError(f"{origin}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: {_first_line(exc)}") from None
     except Exception as exc:  # YAML syntax errors and the like
-        raise ConfigError(f"{origin}: cannot read config: {exc}") from None
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    return _merged(RunConfig, str(path), values, overrides)
+
+
+def _merged(base: RunConfig | type[RunConfig], origin: str, values: Any, overrides: Sequence[str]) -> RunConfig:
+    """The one load sequence: the structured ``base``, ``values`` (a YAML file's or a dict) merged over it, then
+    the ``dotted.key=value`` overrides, turned into a :class:`RunConfig` and checked (:func:`_check`).
+
+    Errors name ``origin`` (``+ overrides`` once the overrides are being merged); OmegaConf's own ones give the
+    first line of its message.
+    """
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} must look like dotted.key=value")
+    where = origin
+    try:
+        merged = OmegaConf.structured(base)
+        if values is not None:
+            merged = OmegaConf.merge(merged, values)
+        if overrides:
+            where = f"{origin} + overrides"
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {_first_line(exc)}") from None
+    except Exception as exc:  # values OmegaConf cannot take at all
+        raise ConfigError(f"{where}: cannot read config: {exc}") from None
     assert isinstance(cfg, RunConfig)
-    return _check(cfg, origin)
+    return _check(cfg, where)
+
+
+def _first_line(exc: Exception) -> str:
+    # OmegaConf's first line says what is wrong; the rest is its own context (full_key, object_type).
+    return str(exc).splitlines()[0]
 
 
 def _read_yaml(path: str | Path, chain: tuple[Path, ...] = ()) -> Any:
@@ -299,19 +314,10 @@ def _read_yaml(path: str | Path, chain: tuple[Path, ...] = ()) -> Any:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str] | tuple[str, ...], origin: str = "config") -> RunConfig:
-    """``cfg`` with ``dotted.key=value`` overrides applied and checked."""
+    """``cfg`` with ``dotted.key=value`` overrides applied and checked (``cfg`` itself when there are none)."""
     if not overrides:
         return cfg
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} must look like dotted.key=value")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
-        out = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{origin} + overrides: {str(exc).splitlines()[0]}") from None
-    assert isinstance(out, RunConfig)
-    return _check(out, f"{origin} + overrides")
+    return _merged(cfg, origin, None, overrides)
 
 
 def find_config(path: str | Path) -> Path:
@@ -336,13 +342,7 @@ def find_config(path: str | Path) -> Path:
 
 def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> RunConfig:
     """Build a checked :class:`RunConfig` from a plain dict (for example a checkpoint's config.json)."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(data))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{origin}: {str(exc).splitlines()[0]}") from None
-    assert isinstance(cfg, RunConfig)
-    return _check(cfg, origin)
+    return _merged(RunConfig, origin, data, ())
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -358,33 +358,86 @@ def config_to_yaml(cfg: RunConfig) -> str:
 VOLATILE_KEYS = ("train.device", "train.progress", "train.threads", "train.tensorboard")
 
 
-#: Keys added after run folders were first written, with the value every run before them had. A config
-#: holding one at that value compares (and hashes) equal to a record written before the key existed, so
-#: older runs, checkpoints and experiment jobs still resume and are still reused.
-ADDED_KEYS: dict[str, Any] = {"train.rng": "dedn", "train.precision": "fp32"}
-
-
 def without_keys(cfg_dict: Mapping[str, Any], drop: Sequence[str] = VOLATILE_KEYS) -> dict[str, Any]:
-    """A deep copy of a config dict without the ``drop`` keys (dotted), nor the :data:`ADDED_KEYS` that hold
-    the value runs had before those keys existed: what two configs are compared and hashed by."""
+    """A deep copy of a config dict without the ``drop`` keys (dotted; absent ones are skipped)."""
     out = json.loads(json.dumps(cfg_dict))
-    at_default = [k for k, v in ADDED_KEYS.items() if _dotted_get(out, k) == v]
-    for dotted in (*drop, *at_default):
-        node = out
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(last, None)
+    for dotted in drop:
+        parent, _, last = dotted.rpartition(".")
+        with contextlib.suppress(KeyError):
+            node = get_key(out, parent) if parent else out
+            if isinstance(node, dict):
+                node.pop(last, None)
     return out
 
 
-def _dotted_get(values: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = values
+def config_hash(cfg: RunConfig, drop: Sequence[str] = VOLATILE_KEYS, extra: Mapping[str, Any] | None = None,
+                length: int = 32) -> str:
+    """The first ``length`` hex digits of the sha256 of ``cfg`` as a sorted JSON dict, without the ``drop`` keys.
+
+    What is left out, and why: ``drop`` defaults to :data:`VOLATILE_KEYS`, the settings that do not change a
+    run's result (device, threads, progress bar, TensorBoard), so a run resumed on another device keeps its
+    identity; callers that identify a job rather than a run also drop where it is written (``name``,
+    ``output_dir``) or the seed. Every other key counts, at any value. With ``extra``, what is hashed is
+    ``{"config": <cfg without drop>, **extra}`` (a job's protocol and grids beside its config); values JSON
+    cannot hold are hashed as their ``str``.
+    """
+    content: dict[str, Any] = {"config": without_keys(config_to_dict(cfg), drop)}
+    if extra is None:
+        content = content["config"]
+    elif "config" in extra:
+        raise ValueError("extra cannot hold a 'config' entry: that is where the config itself goes")
+    else:
+        content.update(extra)
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:length]
+
+
+# ---------------------------------------------------------------------------------------------- dotted keys
+def get_key(source: Any, dotted: str) -> Any:
+    """The value at ``dotted`` (``train.lr``) in a config (or any of its parts) or in a nested dict.
+
+    Raises:
+        KeyError: ``dotted`` names no value there (the message is the dotted key).
+    """
+    node: Any = source
     for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif is_dataclass(node) and not isinstance(node, type) and hasattr(node, part):
+            node = getattr(node, part)
+        else:
+            raise KeyError(dotted)
     return node
+
+
+def has_key(dotted: str) -> bool:
+    """Whether ``dotted`` names a leaf setting of :class:`RunConfig` (``train.lr``, not ``train``)."""
+    node: Any = RunConfig
+    for part in dotted.split("."):
+        if not (isinstance(node, type) and is_dataclass(node)):
+            return False
+        hints = typing.get_type_hints(node)  # annotations are strings under ``from __future__``
+        if part not in hints:
+            return False
+        node = hints[part]
+    return not (isinstance(node, type) and is_dataclass(node))
+
+
+def set_keys(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
+    """A copy of ``cfg`` with typed values set by dotted key (no parsing, no checks: the caller's own values).
+
+    ``cfg`` itself is left as it is: every dataclass on the path to a changed value is replaced.
+    """
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        nodes: list[Any] = [cfg]
+        for p in parents:
+            nodes.append(getattr(nodes[-1], p))
+        new = replace(nodes[-1], **{last: value})
+        for node, name in zip(reversed(nodes[:-1]), reversed(parents), strict=True):
+            new = replace(node, **{name: new})
+        cfg = new
+    return cfg
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -121,21 +121,15 @@ def _source_identity(path: Path, f: Any, head: Mapping[str, Any]) -> dict[str, A
 
 def _check_same_import(store: FeatureStore, prov: Mapping[str, Any], h5_path: Path, shape: tuple[int, ...],
                        dtype: str) -> None:
-    """Refuse to resume (or to call complete) a store that was imported from another file or with other settings.
-
-    Stores imported before source fingerprints existed are compared by resolved path, size and splits.
-    """
+    """Refuse to resume (or to call complete) a store that was imported from another file or with other settings."""
     theirs = store.provenance
-    if "source_fingerprint" in theirs:
-        keys = ["source_fingerprint", "source_bytes", "source_mtime_ns"]
-    else:
-        keys = ["source_file", "source_bytes", "split_hash"]
 
     def show(key: str, v: Any) -> str:  # fingerprints shortened: the first digits tell them apart
         return repr(v[:12] + "...") if key == "source_fingerprint" and isinstance(v, str) else repr(v)
 
     diff = [f"{k}: store has {show(k, theirs.get(k))}, {h5_path.name} has {show(k, prov.get(k))}"
-            for k in (*keys, "backbone", "image_size") if theirs.get(k) != prov.get(k)]
+            for k in ("source_fingerprint", "source_bytes", "source_mtime_ns", "backbone", "image_size")
+            if theirs.get(k) != prov.get(k)]
     if store.shape != shape or store.dtype != np.dtype(dtype):
         diff.append(f"layout: store holds {store.shape} {store.dtype}, this import {shape} {dtype}")
     if not diff:

@@ -149,15 +149,12 @@ class VerifyReport:
     path: Path
     n_chunks: int
     verified: int
-    unchecked: list[int] = field(default_factory=list)
     missing: list[int] = field(default_factory=list)
     semantics: str = ""
 
     def summary(self) -> str:
         """One line for the command line."""
         parts = [f"{self.verified}/{self.n_chunks} chunks match their checksums"]
-        if self.unchecked:
-            parts.append(f"{len(self.unchecked)} written before checksums were recorded (not checked)")
         if self.missing:
             parts.append(f"{len(self.missing)} not written yet")
         return f"OK: {self.path}: {', '.join(parts)}; {self.semantics}"
@@ -182,7 +179,7 @@ class FeatureStore:
         self._labels: np.ndarray | None = None
         marks, sums = self._rank_marks()
         self._completed = set(int(i) for i in info["complete_chunks"]) | marks
-        self._checksums: dict[int, str] = {int(k): v for k, v in info.get("chunk_checksums", {}).items()} | sums
+        self._checksums: dict[int, str] = {int(k): v for k, v in info["chunk_checksums"].items()} | sums
 
     # ------------------------------------------------------------------ creation and opening
     @classmethod
@@ -293,19 +290,13 @@ class FeatureStore:
         return int(self._info["features_bytes"])
 
     @property
-    def has_header_hash(self) -> bool:
-        """Whether ``store.json`` records a header hash (checked at :meth:`open`); older stores have none."""
-        return HEADER_HASH in self._info
-
-    @property
     def identity(self) -> str:
         """A short text that changes when the stored features change: header hash, shape and chunk checksums
         (a run records it and refuses to resume on other features)."""
-        fields = {"header": self._info.get(HEADER_HASH), "shape": list(self.shape), "dtype": str(self.dtype),
+        # "features_mtime_ns" is always None now; it stays in the hashed fields so that identities already
+        # recorded by runs keep their value.
+        fields = {"header": self._info[HEADER_HASH], "shape": list(self.shape), "dtype": str(self.dtype),
                   "chunks": sorted(self._checksums.items()), "features_mtime_ns": None}
-        if not fields["chunks"]:  # a legacy store without checksums: fall back on the file's size and mtime
-            st = (self.path / FEATURES_BIN).stat()
-            fields["features_mtime_ns"] = [st.st_size, st.st_mtime_ns]
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
     @property
@@ -543,7 +534,7 @@ class FeatureStore:
         self._checksums[i] = digest
         if rank is None:
             self._info["complete_chunks"] = sorted(set(self._info["complete_chunks"]) | {i})
-            self._info["chunk_checksums"] = _checksum_json({**self._info.get("chunk_checksums", {}), str(i): digest})
+            self._info["chunk_checksums"] = _checksum_json({**self._info["chunk_checksums"], str(i): digest})
             _atomic_write_json(self.path / STORE_JSON, self._info)
         else:
             f = self.path / f"{_RANK_PREFIX}{int(rank)}.json"
@@ -568,7 +559,7 @@ class FeatureStore:
         marks, sums = self._rank_marks()
         self._info["complete_chunks"] = sorted(set(self._info["complete_chunks"]) | marks)
         self._info["chunk_checksums"] = _checksum_json(
-            {**self._info.get("chunk_checksums", {}), **{str(k): v for k, v in sums.items()}})
+            {**self._info["chunk_checksums"], **{str(k): v for k, v in sums.items()}})
         _atomic_write_json(self.path / STORE_JSON, self._info)
         for f in files:
             f.unlink(missing_ok=True)
@@ -579,11 +570,12 @@ class FeatureStore:
         """Re-read the completion state from disk (other processes may have written chunks)."""
         try:
             info = json.loads((self.path / STORE_JSON).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"{self.path / STORE_JSON} is unreadable ({exc})") from exc
-        self._info["complete_chunks"] = info.get("complete_chunks", [])
-        self._info["chunk_checksums"] = info.get("chunk_checksums", {})
-        self._info["provenance"] = info.get("provenance", {})
+            complete, sums, provenance = info["complete_chunks"], info["chunk_checksums"], info["provenance"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DataError(f"{self.path / STORE_JSON} is unreadable ({type(exc).__name__}: {exc})") from exc
+        self._info["complete_chunks"] = complete
+        self._info["chunk_checksums"] = sums
+        self._info["provenance"] = provenance
         marks, sums = self._rank_marks()
         self._completed = set(self._info["complete_chunks"]) | marks
         self._checksums = {int(k): v for k, v in self._info["chunk_checksums"].items()} | sums
@@ -620,21 +612,15 @@ class FeatureStore:
 
         Also reads ``labels.npy`` and ``meta.npz`` whole (a damaged one raises), and requires the semantic
         side of an imported store. Raises :class:`DataError` naming the first bad chunks (image ranges),
-        or an incomplete store when ``require_complete``. Chunks of a store written before checksums existed
-        (no header hash) are reported as unchecked rather than bad.
+        or an incomplete store when ``require_complete``.
         """
-        strict = self.has_header_hash  # made by a dedn that records a checksum for every chunk
         bad: list[str] = []
-        unchecked: list[int] = []
         verified = 0
         for i in self.completed_chunks:
             want = self._checksums.get(i)
             s, e = self.chunk_range(i)
             if want is None:
-                if strict:
-                    bad.append(f"chunk {i} (images {s} to {e - 1}) is marked complete without a checksum")
-                else:
-                    unchecked.append(i)
+                bad.append(f"chunk {i} (images {s} to {e - 1}) is marked complete without a checksum")
             elif self.chunk_checksum(i) != want:
                 bad.append(f"chunk {i} (images {s} to {e - 1})")
             else:
@@ -655,7 +641,7 @@ class FeatureStore:
             self.require_complete()
         semantics = "labels and semantic side readable" if labels is not None and not missing else (
             "labels readable, no semantic side" if labels is not None else "no labels")
-        return VerifyReport(self.path, self.n_chunks, verified, unchecked, self.missing_chunks(), semantics)
+        return VerifyReport(self.path, self.n_chunks, verified, self.missing_chunks(), semantics)
 
     def _rebuild_hint(self, damaged: Path | None) -> str:
         """What to run to rebuild a damaged store: re-import from the recorded source, else re-extract."""
@@ -781,7 +767,7 @@ def _check_info(info: Any, meta_file: Path, fix: str) -> None:
     if info.get("version") != VERSION:
         raise DataError(f"{meta_file}: store format version {info.get('version')} is not supported (this "
                         f"dedn reads version {VERSION}); {fix}")
-    want = info.get(HEADER_HASH)  # absent in stores written before the hash existed: accepted as they are
+    want = info.get(HEADER_HASH)  # absent: refused below, once the rest is known to be sound
     if want is not None and want != header_hash(info):
         raise DataError(f"{meta_file} was edited: its header hash does not match (shape, dtype, size or chunk "
                         "fields changed since the store was written); re-import or re-extract the store")
@@ -793,22 +779,35 @@ def _check_info(info: Any, meta_file: Path, fix: str) -> None:
         ok = (n >= 1 and len(shape) == 3 and min(shape) >= 1 and dtype in DTYPES and chunk >= 1
               and n_chunks == -(-n // chunk) and nbytes == n * int(np.prod(shape)) * np.dtype(dtype).itemsize
               and all(0 <= c < n_chunks for c in done) and isinstance(info["provenance"], dict))
-        sums = info.get("chunk_checksums", {})
-        ok = ok and isinstance(sums, dict) and all(
-            0 <= int(c) < n_chunks and isinstance(d, str) and d.startswith(f"{_CHUNK_HASH}:") for c, d in sums.items())
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{meta_file} is corrupt (missing or malformed entry {exc}); {fix}") from exc
     if not ok:
         raise DataError(f"{meta_file} is corrupt (inconsistent sizes or chunk list); {fix}")
+    absent = [k for k in (HEADER_HASH, "chunk_checksums") if k not in info]
+    if absent:  # every store is written with both; one without was made before they existed
+        raise DataError(f"{meta_file.parent}: this feature store was written by an earlier dedn ({meta_file.name} has "
+                        f"no {' and no '.join(absent)}); re-create it with `dedn extract` or `dedn store import` "
+                        "(--overwrite replaces it)")
+    if not _checksums_ok(info["chunk_checksums"], n_chunks):
+        raise DataError(f"{meta_file} is corrupt (malformed chunk checksums); {fix}")
     info["shape"] = shape
 
 
+def _checksums_ok(sums: Any, n_chunks: int) -> bool:
+    """Whether ``sums`` maps chunk indices (as text) of this store to ``blake2b:`` checksums."""
+    try:
+        return isinstance(sums, dict) and all(0 <= int(c) < n_chunks and isinstance(d, str)
+                                              and d.startswith(f"{_CHUNK_HASH}:") for c, d in sums.items())
+    except (TypeError, ValueError):
+        return False
+
+
 def _read_rank_file(f: Path) -> tuple[list[int], dict[int, str]]:
-    """The chunks a rank marked complete and their checksums (files from before checksums have none)."""
+    """The chunks a rank marked complete and their checksums."""
     try:
         obj = json.loads(f.read_text())
         chunks = [int(c) for c in obj["chunks"]]
-        sums = {int(c): str(d) for c, d in obj.get("checksums", {}).items()}
+        sums = {int(c): str(d) for c, d in obj["checksums"].items()}
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DataError(f"{f} is corrupt ({exc}); delete it (its chunks will be extracted again)") from exc
     return chunks, sums

@@ -1,9 +1,11 @@
 """The prepared GPU check: every CUDA path of dedn run once, timed, summarised in one JSON line.
 
-``dedn gpu-check`` (or ``tools/gpu-check.sh`` on a machine where dedn is not installed) runs, on a CUDA
+A repository tool, not part of the installed package: it runs the repository's own CUDA tests. From the
+repository root, ``python tools/gpu_check.py [--small] [--device cpu|cuda] [--out FILE] [--budget-s S]`` with
+dedn importable (installed, or ``src`` on ``PYTHONPATH``, which ``tools/gpu-check.sh`` does), on a CUDA
 machine in well under 8 minutes:
 
-- ``cuda_tests``: the test suite's CUDA tests (``pytest -m cuda``);
+- ``cuda_tests``: the repository's CUDA tests (``pytest -m cuda tests``);
 - ``bench``: the CUB-shaped training step in fp32, tf32 and bf16 (:func:`dedn.apps.bench.run_bench`);
 - ``resident_store``: training from a float16 feature store kept resident on the GPU;
 - ``extraction``: autocast feature extraction of generated images into a store;
@@ -15,11 +17,13 @@ Every section reports ``status`` (``ok``, ``failed`` with the error, or ``skippe
 ``seconds``; a failed section does not stop the others. A section that would start after ``budget_s``
 seconds is skipped, so the check ends in time; with ``--out`` the summary so far is rewritten after every
 section, so a check cut short still leaves its results. ``--small`` runs the same code at small sizes, on
-the CPU when there is no GPU: that is how the tests run it.
+the CPU when there is no GPU: that is how the tests run it. Exit code 1 when a section failed, 2 for a bad
+option.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -36,6 +40,12 @@ import numpy as np
 import torch
 
 from dedn import __version__
+from dedn.atomic import atomic_write_text
+from dedn.checks import DEVICE, POSITIVE, Rule, check
+from dedn.errors import ConfigError
+
+#: The repository this script belongs to: its tests and its ``src`` folder are found from here.
+ROOT = Path(__file__).resolve().parents[1]
 
 #: The generated CUB-shaped benchmark of the 80-epoch run (full) and its small stand-in (tests, CPU).
 TRAIN_SHAPES: dict[str, dict[str, int]] = {
@@ -175,7 +185,7 @@ def _ddp(store: Path, root: Path) -> dict[str, Any]:
 def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str | Path | None = None,
                   run_tests: bool = True, budget_s: float | None = 450.0,
                   progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run every section and return the summary (what ``dedn gpu-check`` prints as one JSON line).
+    """Run every section and return the summary (what the script prints as one JSON line).
 
     Args:
         scale: ``full`` (the CUB-shaped check, for a CUDA machine) or ``small`` (the same code at small sizes).
@@ -189,7 +199,6 @@ def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str |
         raise ValueError(f"scale must be full or small, got {scale!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
-    root = Path(__file__).resolve().parents[3]
     summary: dict[str, Any] = {"check": "dedn gpu-check", "version": __version__, "scale": scale, "device": device,
                                "torch": torch.__version__}
     if cuda:
@@ -220,7 +229,7 @@ def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str |
             return _make_store(folder, scale)
 
         if cuda and run_tests:
-            run("cuda_tests", lambda: _cuda_tests(root))
+            run("cuda_tests", lambda: _cuda_tests(ROOT))
         else:
             record("cuda_tests", {"status": "skipped", "reason": "not asked" if cuda else "no CUDA device"})
         run("bench", lambda: _bench(scale, device))
@@ -230,7 +239,7 @@ def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str |
             **({} if cuda else {"note": "the CPU reads batches from the file; residency needs CUDA"})})
         run("extraction", lambda: _extraction(folder, scale, device))
         if cuda:
-            run("ddp", lambda: _ddp(store(), root))
+            run("ddp", lambda: _ddp(store(), ROOT))
         else:
             record("ddp", {"status": "skipped", "reason": "no CUDA device"})
         for precision in ("fp32", "bf16"):
@@ -246,16 +255,48 @@ def run_gpu_check(scale: str = "full", device: str | None = None, workdir: str |
 
 def gpu_check_command(small: bool = False, device: str | None = None, out: str | None = None,
                       budget_s: float | None = 450.0) -> int:
-    """Run the check, print its one JSON line (and keep ``out`` up to date with it); exit code 1 when a
-    section failed."""
-    from dedn.atomic import atomic_write_text
+    """Run the check, print its one JSON line (and keep ``out`` up to date with it); 1 when a section failed."""
 
     def write(summary: dict[str, Any]) -> None:
         if out:
             atomic_write_text(Path(out), json.dumps(summary) + "\n")
 
     summary = run_gpu_check("small" if small else "full", device, budget_s=budget_s, progress=write)
-    line = json.dumps(summary, sort_keys=False)
     write(summary)
-    print(line, flush=True)
+    print(json.dumps(summary), flush=True)
     return 1 if summary["failed"] else 0
+
+
+def _option(name: str, rule: Rule, convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` that checks a value against one of dedn's rules (a bad one: usage error, exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects {rule.expects}, got {text!r}") from None
+        try:
+            check(name, value, rule)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: parse the options, run the check; the exit code."""
+    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true",
+                        help="the same sections at small sizes (on the CPU without a GPU)")
+    parser.add_argument("--device", type=_option("--device", DEVICE, str),
+                        help="cuda or cpu (default: CUDA when available)")
+    parser.add_argument("--out", help="also keep the JSON line in this file, rewritten after every section")
+    parser.add_argument("--budget-s", type=_option("--budget-s", POSITIVE, float), default=450.0,
+                        help="skip sections that would start later than this many seconds in (default: 450)")
+    args = parser.parse_args(argv)
+    return gpu_check_command(small=args.small, device=args.device, out=args.out, budget_s=args.budget_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from dedn import __version__
 from dedn.atomic import atomic_write_text
-from dedn.config import RunConfig, config_to_dict, diff_keys, without_keys
+from dedn.config import RunConfig, config_hash, config_to_dict, diff_keys, without_keys
 from dedn.data.dataset import ZSLData, data_fingerprint, read_features
 from dedn.devices import join_process_group, process_rank, resolve_device
 from dedn.errors import CheckpointError, ConfigError, TrainingError
@@ -116,13 +116,6 @@ def _summary_writer_class() -> Any:
 def _tensorboard_writer(folder: Path) -> Any:
     """A TensorBoard writer on ``folder``."""
     return _summary_writer_class()(str(folder))
-
-
-def _config_hash(cfg: RunConfig) -> str:
-    """Hash of the resolved config without the settings a resumed run may change."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(without_keys(config_to_dict(cfg)), sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -330,7 +323,7 @@ class Trainer:
     @functools.cached_property
     def identity(self) -> dict[str, str]:
         """What a checkpoint records so that resume can refuse other data or another config (computed once)."""
-        return {"data_fingerprint": data_fingerprint(self.data), "config_hash": _config_hash(self.cfg)}
+        return {"data_fingerprint": data_fingerprint(self.data), "config_hash": config_hash(self.cfg)}
 
     def _is_best(self, row: dict[str, Any]) -> bool:
         """Whether ``row`` has the best validation H so far (ties keep the earlier epoch); never on test data."""

@@ -103,17 +103,22 @@ def test_fixed_run_reports_mode_default_and_labels_the_oracle(tmp_path: Path) ->
     assert metrics["oracle_on_test"]["H"] >= metrics["H"] - 1e-9  # the oracle is optimistic by construction
 
 
-def test_calibration_values_are_checked() -> None:
-    from dedn.eval.calibration import config_calibration, parse_calibration
+def test_calibration_values_are_parsed_once_and_checked() -> None:
+    from dedn.checks import GammaChoice, parse_calibration
+    from dedn.eval.calibration import config_calibration
 
-    assert config_calibration("auto", "paper", 1.0, on_validation_task=False).value == 2.0
-    assert config_calibration("auto", "paper", 1.0, on_validation_task=True).value == "best"
-    assert config_calibration("0.3", "reference", 1.0, on_validation_task=False).source == "config"
-    for bad in ("nan", "abc", "inf"):
-        with pytest.raises(ConfigError, match="finite number"):
+    assert parse_calibration("auto") is GammaChoice.AUTO and parse_calibration("validated") is GammaChoice.VALIDATED
+    assert parse_calibration("0.3") == 0.3 and parse_calibration(2) == 2.0
+    assert load_config(None, ["eval.calibration=0.25"]).eval.gamma == 0.25
+    assert load_config(None, []).eval.gamma is GammaChoice.AUTO
+    assert config_calibration(GammaChoice.AUTO, "paper", 1.0, on_validation_task=False).value == 2.0
+    assert config_calibration(GammaChoice.AUTO, "paper", 1.0, on_validation_task=True).value == "best"
+    assert config_calibration(0.3, "reference", 1.0, on_validation_task=False).source == "config"
+    for bad in ("nan", "abc", "inf", True):
+        with pytest.raises(ConfigError, match="eval.calibration must be auto, validated or a finite number"):
             parse_calibration(bad)
     with pytest.raises(ConfigError, match="validated protocol"):
-        config_calibration("validated", "paper", 1.0, on_validation_task=False)
+        config_calibration(GammaChoice.VALIDATED, "paper", 1.0, on_validation_task=False)
 
 
 # ---------------------------------------------------------------------------------------------- protocols

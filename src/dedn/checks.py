@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
@@ -83,13 +84,41 @@ def _is_device(value: Any) -> bool:
     return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
 
 
-def _is_calibration(value: Any) -> bool:
-    if value in ("auto", "validated"):
-        return True
+class GammaChoice(str, Enum):
+    """The words ``eval.calibration`` accepts besides a number."""
+
+    AUTO = "auto"  # chosen on the validation task under the validated protocol, else the mode's default
+    VALIDATED = "validated"  # the value the validated protocol chose (refused where none was chosen)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_calibration(value: Any, what: str = "eval.calibration") -> GammaChoice | float:
+    """``eval.calibration`` (or a CLI option) as one parsed value: :class:`GammaChoice` or a finite number.
+
+    Raises:
+        ConfigError: naming ``what``, when the value is neither a word above nor a finite number.
+    """
+    if isinstance(value, GammaChoice):
+        return value
+    if value in [c.value for c in GammaChoice]:
+        return GammaChoice(value)
     try:
-        return math.isfinite(float(value))  # float("nan") parses; a NaN calibration makes every score NaN
+        number = float(value)
     except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):  # float("nan") parses; NaN makes every score NaN
+        raise ConfigError(f"{what} must be {CALIBRATION.expects}, got {value!r}")
+    return number
+
+
+def _is_calibration(value: Any) -> bool:
+    try:
+        parse_calibration(value)
+    except ConfigError:
         return False
+    return True
 
 
 def _is_image_size(value: Any) -> bool:

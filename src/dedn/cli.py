@@ -124,10 +124,10 @@ def evaluate(
     overrides: Overrides = None,
 ) -> None:
     """Evaluate a trained run on its test split: T, U, S, H, AUSUC, per-class accuracy, seen-unseen curve."""
-    from dedn.checks import FRACTION, check_option, choice
+    from dedn.checks import FRACTION, GammaChoice, check_option, choice, parse_calibration
     from dedn.config import PRECISIONS, apply_overrides
     from dedn.devices import resolve_device
-    from dedn.eval.calibration import Calibration, GammaSource, parse_calibration
+    from dedn.eval.calibration import Calibration, GammaSource
     from dedn.eval.evaluate import evaluate_model, write_evaluation
     from dedn.factory import load_data
     from dedn.models.precision import run_precision
@@ -140,8 +140,10 @@ def evaluate(
     check_option("--precision", precision, choice(*PRECISIONS))
     run = RunFolder(checkpoint).model_folder()
     folder_in = run.path
-    fixed = (None if calibration == "auto"
-             else Calibration(parse_calibration(calibration, "--calibration"), GammaSource.CONFIG))
+    setting = parse_calibration(calibration, "--calibration")
+    if setting is GammaChoice.VALIDATED:
+        raise DednError("--calibration validated: give auto (the run's recorded gamma) or a number")
+    fixed = None if setting is GammaChoice.AUTO else Calibration(setting, GammaSource.CONFIG)
     cfg = apply_overrides(load_run_config(folder_in), overrides or [], str(run.config))
     folder = out or folder_in / "eval"
     if folder.resolve() == folder_in.resolve():

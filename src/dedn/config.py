@@ -28,12 +28,14 @@ from dedn.checks import (
     NON_NEGATIVE_COUNT,
     OPEN_FRACTION,
     POSITIVE,
+    GammaChoice,
     Rule,
     check,
     choice,
     integer,
     number,
     optional,
+    parse_calibration,
 )
 from dedn.data.imagebench import ImageBenchConfig
 from dedn.data.synthetic import SyntheticConfig
@@ -132,6 +134,11 @@ class EvalConfig:
     batch_size: int = 200
     protocol: str = "validated"  # validated | published | fixed (see dedn.apps.protocols)
     plots: bool = True  # write the seen-unseen curve PNG of each run
+
+    @property
+    def gamma(self) -> GammaChoice | float:
+        """``calibration`` parsed: :class:`~dedn.checks.GammaChoice` (auto, validated) or a number."""
+        return parse_calibration(self.calibration)
 
 
 @dataclass

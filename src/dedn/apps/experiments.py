@@ -67,11 +67,12 @@ from dedn import __version__
 from dedn.apps import reports
 from dedn.apps.results import ExperimentResult, Row, RunResult
 from dedn.atomic import atomic_write_text
+from dedn.checks import parse_calibration
 from dedn.config import VOLATILE_KEYS, RunConfig, apply_overrides, config_to_dict, diff_keys, load_config, without_keys
 from dedn.data.dataset import ZSLData
 from dedn.devices import use_threads
 from dedn.errors import CheckpointError, ConfigError, DataError, TrainingError
-from dedn.eval.calibration import Calibration, GammaSource, config_calibration, parse_calibration
+from dedn.eval.calibration import Calibration, GammaSource, config_calibration
 from dedn.eval.evaluate import Evaluation, evaluate_outputs
 from dedn.eval.inference import ModelOutputs
 from dedn.eval.metrics import ausuc, seen_unseen_curve
@@ -460,13 +461,13 @@ def _sweep_points(sweep: Mapping[str, Sequence[float]], l_rc: float,
 
 
 def _run_published(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
-    calib = cfg.eval.calibration if cfg.eval.calibration not in ("auto", "validated") else "auto"
+    calib = cfg.eval.calibration if isinstance(cfg.eval.gamma, float) else "auto"
     scfg = _stage_config(cfg, job, "train", (), {"data.split": "test", "train.eval_every": 1,
                                                  "eval.protocol": "published", "eval.calibration": calib})
     data = _load_data(scfg)
     # A fixed calibration, as the released code: the configured number, else the mode's default (2 eps in
     # paper mode, the margin of eq. 14; 0 in reference mode, whose margin is inside the scores).
-    fixed = config_calibration(calib, cfg.mode, cfg.loss.margin, on_validation_task=False)
+    fixed = config_calibration(parse_calibration(calib), cfg.mode, cfg.loss.margin, on_validation_task=False)
     gamma = float(fixed.value)
     l_rc, l_e = cfg.model.l_rc, cfg.model.l_e
     sweep = _sweep_points(job.sweep, l_rc, l_e)
@@ -511,8 +512,8 @@ def _check_selected(run_dir: Path, epoch: int) -> None:
 
 
 def _run_validated(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
-    fixed = cfg.eval.calibration not in ("auto", "validated")
-    calibration = (Calibration(parse_calibration(cfg.eval.calibration), GammaSource.CONFIG) if fixed
+    fixed = isinstance(cfg.eval.gamma, float)
+    calibration = (Calibration(cfg.eval.gamma, GammaSource.CONFIG) if fixed
                    else Calibration("best", GammaSource.VALIDATED))
     lrcs = job.eval_grid.get("model.l_rc", [cfg.model.l_rc])
     les = job.eval_grid.get("model.l_e", [cfg.model.l_e])

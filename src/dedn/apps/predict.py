@@ -295,8 +295,8 @@ class Predictor:
 
             try:
                 run_cfg = load_run_config(run)
-                value = run_cfg.eval.calibration
-                calibration = float(value) if value not in ("auto", "validated") else 0.0
+                gamma = run_cfg.eval.gamma
+                calibration = gamma if isinstance(gamma, float) else 0.0
                 recorded_precision = run_cfg.train.precision
             except ConfigError as exc:
                 log.warning("%s: config not used (%s)", run / RunFolder.CONFIG, exc)

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from dedn.checks import GammaChoice
 from dedn.config import LossConfig
 from dedn.errors import ConfigError
 from dedn.models.settings import resolve_method
@@ -57,29 +58,19 @@ class Calibration:
             raise ConfigError(f"calibration must be a finite number or 'best', got {self.value!r}")
 
 
-def parse_calibration(text: str, what: str = "eval.calibration") -> float:
-    """A calibration number given as text; ConfigError naming ``what`` unless it is a finite number."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be auto or a finite number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{what} must be auto or a finite number, got {text!r}")
-    return value
-
-
-def config_calibration(value: str, mode: str, margin: float, on_validation_task: bool) -> Calibration:
-    """What ``eval.calibration`` asks for on the data at hand.
+def config_calibration(setting: GammaChoice | float, mode: str, margin: float,
+                       on_validation_task: bool) -> Calibration:
+    """What an ``eval.calibration`` setting (parsed: :attr:`dedn.config.EvalConfig.gamma`) asks for on the data at hand.
 
     ``auto`` (and ``validated``) on a validation task: the H-maximising value on its scores (that *is* the
     validation choice). ``auto`` on the test split: the mode default. A number: that number. ``validated``
     on the test split needs a value chosen by the validated protocol and is refused here.
     """
-    if value in ("auto", "validated"):
+    if setting is GammaChoice.AUTO or setting is GammaChoice.VALIDATED:
         if on_validation_task:
             return Calibration("best", GammaSource.VALIDATED)
-        if value == "validated":
+        if setting is GammaChoice.VALIDATED:
             raise ConfigError("eval.calibration=validated needs the value chosen on the validation task: run "
                               "the validated protocol (eval.protocol=validated) or give a number")
         return Calibration(mode_default_gamma(mode, margin), GammaSource.MODE_DEFAULT)
-    return Calibration(parse_calibration(value), GammaSource.CONFIG)
+    return Calibration(float(setting), GammaSource.CONFIG)

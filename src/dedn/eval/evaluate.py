@@ -132,5 +132,5 @@ def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra
 
 def calibration_value(cfg: RunConfig, data: ZSLData) -> Calibration:
     """The calibration ``eval.calibration`` asks for on ``data`` (:func:`~dedn.eval.calibration.config_calibration`)."""
-    return config_calibration(cfg.eval.calibration, cfg.mode, cfg.loss.margin,
+    return config_calibration(cfg.eval.gamma, cfg.mode, cfg.loss.margin,
                               data.provenance.get("split") == "validation")

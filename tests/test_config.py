@@ -88,3 +88,10 @@ def test_every_way_in_names_its_origin_and_key() -> None:
         config_from_dict({"train": {"nope": 1}}, "old/config.json")
     assert config_from_dict(config_to_dict(load_config("demo")), "x") == load_config("demo")
     assert apply_overrides(RunConfig(), []) == RunConfig()
+
+
+def test_every_data_source_has_one_loader() -> None:
+    from dedn.config import DATA_SOURCES
+    from dedn.factory import DATA_LOADERS
+
+    assert tuple(DATA_LOADERS) == DATA_SOURCES

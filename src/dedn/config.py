@@ -41,6 +41,8 @@ from dedn.data.imagebench import ImageBenchConfig
 from dedn.data.synthetic import SyntheticConfig
 from dedn.errors import ConfigError
 
+#: Where a run's features come from (each has a loader in :data:`dedn.factory.DATA_LOADERS`).
+DATA_SOURCES = ("synthetic", "store", "hdf5", "imagebench")
 MODES = ("paper", "reference")
 EXPERTS = ("both", "cexp", "fexp")
 #: Precision of the products over the features (docs/precision.md): float32, or bf16 operands with float32
@@ -52,7 +54,7 @@ PRECISIONS = ("fp32", "bf16")
 class DataConfig:
     """Where features and semantics come from."""
 
-    source: str = "synthetic"  # synthetic | store | hdf5 | imagebench
+    source: str = "synthetic"  # one of DATA_SOURCES
     path: str | None = None  # feature store folder or DAZLE-layout HDF5 file
     dataset: str | None = None  # CUB | SUN | AWA2: picks the built-in clusters and checks counts
     semantic_dir: str | None = None  # xlsa17 folder with att_splits.mat and the word-vector pickle
@@ -162,7 +164,7 @@ class RunConfig:
 RULES: tuple[tuple[str, Rule], ...] = (
     ("mode", choice(*MODES)),
     ("seed", NON_NEGATIVE_COUNT),
-    ("data.source", choice("synthetic", "store", "hdf5", "imagebench")),
+    ("data.source", choice(*DATA_SOURCES)),
     ("data.split", choice("test", "validation")),
     ("data.expect_image_size", optional(integer(32))),
     ("data.val_seen_fraction", OPEN_FRACTION),

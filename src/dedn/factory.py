@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +25,50 @@ def dataset_name(cfg: RunConfig, data: ZSLData | None = None) -> str | None:
     return canonical_dataset(name) or name
 
 
+def _synthetic(cfg: RunConfig) -> ZSLData:
+    from dedn.data.synthetic import make_synthetic
+
+    return make_synthetic(cfg.data.synthetic)
+
+
+def _feature_file(cfg: RunConfig, what: str) -> Path:
+    """``data.path``, which must name an existing ``what``; refused before anything is read."""
+    if not cfg.data.path:
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path (the {what})")
+    if not Path(cfg.data.path).exists():
+        raise DataError(f"{cfg.data.path}: no such {what}")
+    return Path(cfg.data.path)
+
+
+def _store(cfg: RunConfig) -> ZSLData:
+    from dedn.data.store import check_provenance, load_zsldata
+
+    data = load_zsldata(_feature_file(cfg, "feature store folder"), name=cfg.data.dataset)
+    check_provenance(data, cfg.data.expect_backbone, cfg.data.expect_image_size)
+    return data
+
+
+def _hdf5(cfg: RunConfig) -> ZSLData:
+    from dedn.data.hdf5 import load_hdf5_zsldata
+    from dedn.data.store import check_provenance
+
+    data = load_hdf5_zsldata(_feature_file(cfg, "HDF5 file"), name=cfg.data.dataset)
+    check_provenance(data, cfg.data.expect_backbone, cfg.data.expect_image_size)
+    return data
+
+
+def _imagebench(cfg: RunConfig) -> ZSLData:
+    from dedn.features.imagebench_features import imagebench_data
+
+    return imagebench_data(cfg)
+
+
+#: ``data.source`` -> the loader of that source's features and semantic side (names: :data:`dedn.config.DATA_SOURCES`).
+DATA_LOADERS: dict[str, Callable[[RunConfig], ZSLData]] = {
+    "synthetic": _synthetic, "store": _store, "hdf5": _hdf5, "imagebench": _imagebench,
+}
+
+
 def load_data(cfg: RunConfig) -> ZSLData:
     """Load (or generate) the dataset a config names, checked, and cut to the validation task if asked.
 
@@ -32,35 +76,10 @@ def load_data(cfg: RunConfig) -> ZSLData:
         ConfigError: the source needs a path that is not given.
         DataError: the files are missing or inconsistent.
     """
-    dc = cfg.data
-    if dc.source == "synthetic":
-        from dedn.data.synthetic import make_synthetic
-
-        data = make_synthetic(dc.synthetic)
-    elif dc.source in ("store", "hdf5"):
-        if not dc.path:
-            raise ConfigError(f"data.source={dc.source} needs data.path (the feature "
-                              f"{'store folder' if dc.source == 'store' else 'HDF5 file'})")
-        if not Path(dc.path).exists():
-            raise DataError(f"{dc.path}: no such {'feature store' if dc.source == 'store' else 'HDF5 file'}")
-        from dedn.data.hdf5 import load_hdf5_zsldata
-        from dedn.data.store import check_provenance, load_zsldata
-
-        if dc.source == "store":
-            data = load_zsldata(dc.path, name=dc.dataset)
-        else:
-            data = load_hdf5_zsldata(dc.path, name=dc.dataset)
-        check_provenance(data, dc.expect_backbone, dc.expect_image_size)
-    elif dc.source == "imagebench":
-        from dedn.features.imagebench_features import imagebench_data
-
-        data = imagebench_data(cfg)
-    else:  # pragma: no cover - rejected by config checks
-        raise ConfigError(f"unknown data.source {dc.source!r}")
-    data = _apply_semantics(cfg, data)
+    data = _apply_semantics(cfg, DATA_LOADERS[cfg.data.source](cfg))
     data.validate()
-    if dc.split == "validation":
-        data = data.validation_split(dc.val_seen_fraction, seed=cfg.seed)
+    if cfg.data.split == "validation":
+        data = data.validation_split(cfg.data.val_seen_fraction, seed=cfg.seed)
     return data
 
 

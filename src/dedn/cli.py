@@ -236,12 +236,12 @@ def extract(
     check_option("--dtype", dtype, choice(*DTYPES))
 
     from dedn.features.backbones import get_backbone
-    from dedn.features.extract import extract_features, extract_folder
+    from dedn.features.extract import ExtractOptions, extract_features, extract_folder
 
     bb = get_backbone(backbone, weights=weights)
     common = dict(batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, overwrite=overwrite)
     if xlsa17 is None:
-        store = extract_folder(images, out, bb, image_size, **common)
+        store = extract_folder(images, out, bb, ExtractOptions(image_size=image_size, **common))
     else:
         from dedn.data.benchmarks import BENCHMARKS, find_benchmark
         from dedn.data.xlsa17 import canonical_dataset, read_semantic_dir, resolve_image_paths
@@ -252,7 +252,8 @@ def extract(
         name = canonical_dataset(dataset or sem.name) or sem.name
         size = image_size or (find_benchmark(name) or BENCHMARKS["CUB"]).image_size  # other datasets: CUB's
         paths = resolve_image_paths(sem.image_files, images, name)
-        store = extract_features(paths, sem.labels, out, bb, size, provenance_extra={"dataset": name}, **common)
+        store = extract_features(paths, sem.labels, out, bb,
+                                 ExtractOptions(image_size=size, provenance_extra={"dataset": name}, **common))
         store.save_semantics(att=sem.att, w2v=sem.w2v, trainval_loc=sem.trainval_loc, test_seen_loc=sem.test_seen_loc,
                              test_unseen_loc=sem.test_unseen_loc, class_names=list(sem.class_names),
                              attribute_names=list(sem.attribute_names), original_att=sem.original_att,

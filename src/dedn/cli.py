@@ -485,12 +485,12 @@ def explain(
     check_option("--top", top, COUNT)
     check_output_folder("--out", out)
 
-    from dedn.apps.explain import explain_image
+    from dedn.apps.explain import ExplainOptions, explain_image
     from dedn.apps.predict import Predictor
 
     predictor = Predictor.from_run(run, backbone=backbone)
-    paths = explain_image(predictor, image, attributes=attribute, top=top, out_dir=out, class_name=class_name,
-                          true_class=true_class)
+    paths = explain_image(predictor, image, out_dir=out, options=ExplainOptions(
+        attributes=attribute, top=top, class_name=class_name, true_class=true_class))
     for p in paths:
         typer.echo(str(p))
 

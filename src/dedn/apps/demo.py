@@ -69,7 +69,7 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     import time
 
     from dedn.apps.experiments import table3
-    from dedn.apps.explain import explain_image
+    from dedn.apps.explain import ExplainOptions, explain_image
     from dedn.config import find_config, load_config
     from dedn.eval.baselines import eszsl_validated
     from dedn.eval.metrics import ausuc, plot_seen_unseen_curve, seen_unseen_curve
@@ -140,8 +140,8 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     example = int(data.test_unseen_loc[0])
     image_path = out / "example_unseen.png"
     bench.image(example).save(image_path)
-    heatmaps = explain_image(final_dir, image_path, top=4, out_dir=out / "heatmaps",
-                             true_class=data.class_names[int(data.labels[example])])
+    heatmaps = explain_image(final_dir, image_path, out_dir=out / "heatmaps", options=ExplainOptions(
+        top=4, true_class=data.class_names[int(data.labels[example])]))
 
     result = {
         "benchmark": "imagebench (built-in, rendered)",

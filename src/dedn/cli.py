@@ -271,9 +271,9 @@ def store_import(
                                             help="replace an existing store imported from another file")] = False,
 ) -> None:
     """Import an HDF5 feature file into a float16 store, in bounded memory (resumes from the same file only)."""
-    from dedn.data.hdf5 import import_hdf5
+    from dedn.data.hdf5 import ImportOptions, import_hdf5
 
-    store = import_hdf5(h5, out, dtype=dtype, name=name, overwrite=overwrite, report=typer.echo)
+    store = import_hdf5(h5, out, ImportOptions(dtype=dtype, name=name, overwrite=overwrite), report=typer.echo)
     typer.echo(f"feature store {out}: {len(store)} images, shape {tuple(store.shape[1:])}")
 
 

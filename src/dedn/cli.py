@@ -226,7 +226,7 @@ def extract(
 ) -> None:
     """Extract frozen-backbone region feature maps into a feature store (resumable; torchrun to shard)."""
     from dedn.checks import COUNT, DEVICE, IMAGE_SIZE, NON_NEGATIVE_COUNT, check_option, choice
-    from dedn.data.store import DTYPES
+    from dedn.data.store import DTYPES, SemanticSide
 
     # Before the backbone is built (and its weights downloaded).
     check_option("--image-size", image_size, IMAGE_SIZE)
@@ -254,10 +254,11 @@ def extract(
         paths = resolve_image_paths(sem.image_files, images, name)
         store = extract_features(paths, sem.labels, out, bb,
                                  ExtractOptions(image_size=size, provenance_extra={"dataset": name}, **common))
-        store.save_semantics(att=sem.att, w2v=sem.w2v, trainval_loc=sem.trainval_loc, test_seen_loc=sem.test_seen_loc,
-                             test_unseen_loc=sem.test_unseen_loc, class_names=list(sem.class_names),
-                             attribute_names=list(sem.attribute_names), original_att=sem.original_att,
-                             val_classes=sem.val_classes, image_files=list(sem.image_files), name=name)
+        store.save_semantics(SemanticSide(
+            att=sem.att, w2v=sem.w2v, trainval_loc=sem.trainval_loc, test_seen_loc=sem.test_seen_loc,
+            test_unseen_loc=sem.test_unseen_loc, class_names=list(sem.class_names),
+            attribute_names=list(sem.attribute_names), original_att=sem.original_att, val_classes=sem.val_classes,
+            image_files=list(sem.image_files), name=name))
     typer.echo(f"feature store {out}: {len(store)} images, shape {tuple(store.shape[1:])}")
 
 

@@ -21,6 +21,7 @@ from dedn.data.store import (
     META_NPZ,
     STORE_JSON,
     FeatureStore,
+    SemanticSide,
     _as_index_array,
     _str_list,
     load_zsldata,
@@ -177,9 +178,10 @@ def _repair_semantics(store: FeatureStore, head: Mapping[str, Any], name: str | 
 
 
 def _save_head_semantics(store: FeatureStore, head: Mapping[str, Any], name: str | None, replace: bool) -> None:
-    store.save_semantics(replace=replace, att=head["att"], w2v=head["w2v"], original_att=head.get("original_att"),
-                         **{k: head[k] for k in _SPLITS}, class_names=head["class_names"],
-                         attribute_names=head["attribute_names"], val_classes=head["val_classes"], name=name)
+    side = SemanticSide(att=head["att"], w2v=head["w2v"], original_att=head.get("original_att"),
+                        **{k: head[k] for k in _SPLITS}, class_names=head["class_names"],
+                        attribute_names=head["attribute_names"], val_classes=head["val_classes"], name=name)
+    store.save_semantics(side, replace=replace)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dedn.data.store import STORE_JSON, FeatureStore
+from dedn.data.store import STORE_JSON, FeatureStore, SemanticSide
 from dedn.devices import join_process_group, resolve_device
 from dedn.errors import DataError
 from dedn.features.backbones import Backbone, get_backbone, to_rgb
@@ -317,7 +317,7 @@ class _Extraction:
                 store = FeatureStore.create(self.store_path, self.n, self.fshape, dtype=o.dtype,
                                             chunk_size=o.chunk_size, provenance=self.provenance,
                                             overwrite=o.overwrite, labels=self.labels)
-                store.save_semantics(image_files=self.paths)
+                store.save_semantics(SemanticSide(image_files=self.paths))
             else:
                 store = existing
                 if self.world_size == 1:
@@ -462,5 +462,5 @@ def extract_folder(
     store = extract_features(paths, labels, store_path, backbone, options)
     rank, _ = _dist_env(options.rank, options.world_size)
     if rank == 0:
-        store.save_semantics(class_names=classes)
+        store.save_semantics(SemanticSide(class_names=classes))
     return store

@@ -11,7 +11,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from dedn.apps.explain import channel_attention, channel_summary, explain_image, region_attention
+from dedn.apps.explain import (
+    ExplainOptions,
+    channel_attention,
+    channel_summary,
+    explain_image,
+    region_attention,
+)
 from dedn.apps.predict import Predictor
 from dedn.errors import CheckpointError, DataError
 from dedn.eval.localisation import attention_in_mask_share
@@ -121,7 +127,7 @@ def _check_png(path: Path) -> tuple[int, int]:
 def test_explain_features_default_attributes(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "explain"
     x = feats(1, seed=3)
-    paths = explain_image(run, x, top=3, out_dir=out)
+    paths = explain_image(run, x, out_dir=out, options=ExplainOptions(top=3))
     assert [p.name for p in paths] == ["features-regions.png", "features-channels.png", "features-explain.json"]
     width, height = _check_png(paths[0])
     assert width > height  # three columns, two rows
@@ -165,8 +171,8 @@ def test_explain_image_named_attributes(run: Path, tmp_path: Path) -> None:
     Image.fromarray(np.random.default_rng(4).integers(0, 255, (90, 70, 3), dtype=np.uint8)).save(img)
     pred = Predictor.from_run(run, backbone=TinyBackbone())
     chosen = ["leg_color::grey", "bill_shape::hooked"]
-    paths = explain_image(pred, img, attributes=chosen, out_dir=tmp_path / "out", class_name="egret", n_channels=4,
-                          true_class="bunting")
+    paths = explain_image(pred, img, out_dir=tmp_path / "out", options=ExplainOptions(
+        attributes=chosen, class_name="egret", n_channels=4, true_class="bunting"))
     assert [p.name for p in paths] == ["bird-regions.png", "bird-channels.png", "bird-explain.json"]
     for p in paths[:2]:
         _check_png(p)
@@ -185,8 +191,8 @@ def test_explain_image_named_attributes(run: Path, tmp_path: Path) -> None:
 def test_explain_bare_model_single_expert_without_channels(tmp_path: Path) -> None:
     model = make_model(experts="fexp", channel_attention=False)
     bg = np.random.default_rng(0).integers(0, 255, (50, 60, 3), dtype=np.uint8)
-    paths = explain_image(model, feats(1)[0], top=2, out_dir=tmp_path, attribute_names=ATTRS, background=bg,
-                          stem="single")
+    paths = explain_image(model, feats(1)[0], out_dir=tmp_path,
+                          options=ExplainOptions(top=2, background=bg, stem="single"), attribute_names=ATTRS)
     assert [p.name for p in paths] == ["single-regions.png", "single-explain.json"]
     _check_png(paths[0])
     report = json.loads(paths[1].read_text())
@@ -204,7 +210,7 @@ def test_near_uniform_channel_attention_is_stated_not_drawn(tmp_path: Path) -> N
                              np.array(SEEN)).eval()  # as initialised: every attention uniform
     x = feats(1)
     assert all(np.allclose(v, 1 / C) for v in channel_attention(model, x).values())
-    paths = explain_image(model, x, top=2, out_dir=tmp_path, attribute_names=ATTRS)
+    paths = explain_image(model, x, out_dir=tmp_path, options=ExplainOptions(top=2), attribute_names=ATTRS)
     assert [p.name for p in paths] == ["features-regions.png", "features-explain.json"]  # no misleading bars
     report = json.loads(paths[1].read_text())
     spread = report["channel_attention"]
@@ -216,9 +222,9 @@ def test_near_uniform_channel_attention_is_stated_not_drawn(tmp_path: Path) -> N
 
 def test_explain_errors(run: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="'wing_colour::blue'.*did you mean 'wing_color::blue'"):
-        explain_image(run, feats(1), attributes=["wing_colour::blue"], out_dir=tmp_path)
+        explain_image(run, feats(1), out_dir=tmp_path, options=ExplainOptions(attributes=["wing_colour::blue"]))
     with pytest.raises(DataError, match="unknown class 'egrett'.*'egret'"):
-        explain_image(run, feats(1), class_name="egrett", out_dir=tmp_path)
+        explain_image(run, feats(1), out_dir=tmp_path, options=ExplainOptions(class_name="egrett"))
     with pytest.raises(DataError, match="one feature map at a time"):
         explain_image(run, feats(2), out_dir=tmp_path)
     no_ckpt = tmp_path / "unfinished"

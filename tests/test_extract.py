@@ -18,7 +18,7 @@ from torch import nn
 from dedn.data.store import FeatureStore
 from dedn.errors import DataError
 from dedn.features.backbones import Backbone, ResNet101Backbone
-from dedn.features.extract import extract_features, extract_folder, list_image_folder, read_image
+from dedn.features.extract import ExtractOptions, extract_features, extract_folder, list_image_folder, read_image
 
 SIZE = 64
 
@@ -103,7 +103,7 @@ def resnet() -> ResNet101Backbone:
 
 def _run(paths, labels, store, backbone, **kw):
     args = dict(image_size=SIZE, batch_size=4, num_workers=0, progress=False, chunk_size=4, device="cpu")
-    return extract_features(paths, labels, store, backbone, **{**args, **kw})
+    return extract_features(paths, labels, store, backbone, ExtractOptions(**{**args, **kw}))
 
 
 def test_image_modes_and_exif(image_root):
@@ -134,8 +134,8 @@ def test_folder_listing(image_root, tmp_path):
 
 def test_bad_images_reported_by_path_before_writing(image_root, tmp_path, resnet):
     with pytest.raises(DataError) as info:
-        extract_folder(image_root, tmp_path / "store", resnet, SIZE, batch_size=4, num_workers=0,
-                       progress=False, chunk_size=4, device="cpu")
+        extract_folder(image_root, tmp_path / "store", resnet, ExtractOptions(
+            image_size=SIZE, batch_size=4, num_workers=0, progress=False, chunk_size=4, device="cpu"))
     msg = str(info.value)
     assert "2 images cannot be read" in msg
     assert str(image_root / "dog" / "truncated.jpg") in msg and "truncated" in msg

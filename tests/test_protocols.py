@@ -156,7 +156,7 @@ def _write_h5(path: Path) -> ZSLData:
 
 
 def test_hdf5_import_train_eval_explain(tmp_path: Path, monkeypatch, capsys) -> None:
-    from dedn.apps.explain import explain_image
+    from dedn.apps.explain import ExplainOptions, explain_image
 
     data = _write_h5(tmp_path / "feats.h5")
     store, run = tmp_path / "store", tmp_path / "run"
@@ -178,7 +178,7 @@ def test_hdf5_import_train_eval_explain(tmp_path: Path, monkeypatch, capsys) -> 
     assert provenance["backbone"] is None and "precomputed" in provenance["note"]
     # Feature maps explain without a backbone; an image asks for one in one clear line.
     x = torch.as_tensor(np.asarray(data.features[np.array([0])], dtype=np.float32))
-    paths = explain_image(run / "published", x, top=2, out_dir=tmp_path / "explain")
+    paths = explain_image(run / "published", x, out_dir=tmp_path / "explain", options=ExplainOptions(top=2))
     assert any(p.suffix == ".png" for p in paths)
     Image.new("RGB", (32, 32), (120, 80, 40)).save(tmp_path / "img.png")
     code, _, err = run_cli(["explain", "--run", str(run / "fixed"), str(tmp_path / "img.png"), "--out",

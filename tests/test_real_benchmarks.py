@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dedn.config import load_config
-from dedn.data.store import FeatureStore
+from dedn.data.store import FeatureStore, SemanticSide
 from dedn.data.xlsa17 import read_semantic_dir
 from dedn.factory import build_model, load_data
 from dedn.train.trainer import Trainer
@@ -35,9 +35,10 @@ def _real_store(tmp_path: Path, ds: str) -> Path:
         lo, hi = c * store.chunk_size, min((c + 1) * store.chunk_size, n)
         block = protos[sem.labels[lo:hi]] + 0.3 * rng.random((hi - lo, 8, 2, 2), dtype=np.float32)
         store.write_chunk(c, block)
-    store.save_semantics(att=sem.att, w2v=sem.w2v, trainval_loc=sem.trainval_loc, test_seen_loc=sem.test_seen_loc,
-                         test_unseen_loc=sem.test_unseen_loc, class_names=list(sem.class_names),
-                         attribute_names=list(sem.attribute_names), val_classes=sem.val_classes, name=ds)
+    store.save_semantics(SemanticSide(
+        att=sem.att, w2v=sem.w2v, trainval_loc=sem.trainval_loc, test_seen_loc=sem.test_seen_loc,
+        test_unseen_loc=sem.test_unseen_loc, class_names=list(sem.class_names),
+        attribute_names=list(sem.attribute_names), val_classes=sem.val_classes, name=ds))
     return path
 
 

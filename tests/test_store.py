@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dedn.data.dataset import ZSLData
-from dedn.data.hdf5 import export_hdf5, import_hdf5, load_hdf5_zsldata, open_hdf5_lazily
+from dedn.data.hdf5 import ImportOptions, export_hdf5, import_hdf5, load_hdf5_zsldata, open_hdf5_lazily
 from dedn.data.store import FeatureStore, check_provenance, load_zsldata, store_from_array, store_zsldata
 from dedn.errors import DataError
 
@@ -192,8 +192,8 @@ def test_zsldata_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------- HDF5
 def test_hdf5_import_export_round_trip(tmp_path):
     keys = _write_dazle(tmp_path / "f.h5")
-    store = import_hdf5(tmp_path / "f.h5", tmp_path / "s", chunk_size=4, block_size=3, progress=False,
-                        provenance={"backbone": "resnet101", "image_size": 448})
+    store = import_hdf5(tmp_path / "f.h5", tmp_path / "s", ImportOptions(
+        chunk_size=4, block_size=3, progress=False, provenance={"backbone": "resnet101", "image_size": 448}))
     assert store.complete and store.provenance["backbone"] == "resnet101"
     np.testing.assert_array_equal(store[:], keys["feature_map"].astype(np.float16).astype(np.float32))
     out = export_hdf5(store, tmp_path / "out" / "g.h5", block_size=4, progress=False)
@@ -205,7 +205,7 @@ def test_hdf5_import_export_round_trip(tmp_path):
             np.testing.assert_array_equal(f[k][()], keys[k])
         np.testing.assert_allclose(f["original_att"][()], keys["original_att"])
         np.testing.assert_allclose(f["w2v_att"][()], keys["w2v_att"])
-    again = import_hdf5(out, tmp_path / "s2", chunk_size=5, progress=False)
+    again = import_hdf5(out, tmp_path / "s2", ImportOptions(chunk_size=5, progress=False))
     np.testing.assert_array_equal(again[:], store[:])
     assert load_zsldata(again.path).class_names == load_zsldata(store.path).class_names
 
@@ -223,28 +223,28 @@ def test_hdf5_import_resumes_after_interruption(tmp_path, monkeypatch):
 
     monkeypatch.setattr(FeatureStore, "write_rows", failing)
     with pytest.raises(KeyboardInterrupt):
-        import_hdf5(tmp_path / "f.h5", tmp_path / "s", chunk_size=4, block_size=2, progress=False)
+        import_hdf5(tmp_path / "f.h5", tmp_path / "s", ImportOptions(chunk_size=4, block_size=2, progress=False))
     monkeypatch.setattr(FeatureStore, "write_rows", original)
     partial = FeatureStore.open(tmp_path / "s")
     assert partial.completed_chunks == [0] and not partial.complete
     written = []
     monkeypatch.setattr(FeatureStore, "write_rows",
                         lambda self, s, a: (written.append(s), original(self, s, a)))
-    resumed = import_hdf5(tmp_path / "f.h5", tmp_path / "s", chunk_size=4, block_size=2, progress=False)
+    resumed = import_hdf5(tmp_path / "f.h5", tmp_path / "s", ImportOptions(chunk_size=4, block_size=2, progress=False))
     assert written == [4, 6, 8]  # only the chunks that were missing
     assert resumed.complete
     np.testing.assert_array_equal(resumed[:], keys["feature_map"].astype(np.float16).astype(np.float32))
     # A different source file is refused rather than mixed in (or silently ignored once complete).
     _write_dazle(tmp_path / "g.h5", labels=np.array([1, 1, 2, 0, 1, 2, 0, 3, 4, 3]))
     with pytest.raises(DataError, match="already a complete import of .*f\\.h5.*--overwrite"):
-        import_hdf5(tmp_path / "g.h5", tmp_path / "s", chunk_size=4, progress=False)
+        import_hdf5(tmp_path / "g.h5", tmp_path / "s", ImportOptions(chunk_size=4, progress=False))
 
 
 @pytest.mark.parametrize("drop", ["feature_map", "labels", "test_unseen_loc", "att", "w2v_att"])
 def test_hdf5_missing_key(tmp_path, drop):
     _write_dazle(tmp_path / "f.h5", drop=drop)
     with pytest.raises(DataError, match=rf"f\.h5: key '{drop}' is missing"):
-        import_hdf5(tmp_path / "f.h5", tmp_path / "s", progress=False)
+        import_hdf5(tmp_path / "f.h5", tmp_path / "s", ImportOptions(progress=False))
     assert not (tmp_path / "s").exists()  # nothing written before the checks pass
 
 
@@ -252,19 +252,19 @@ def test_hdf5_bad_counts_and_shapes(tmp_path):
     _write_dazle(tmp_path / "a.h5", features=_features()[:8])
     with pytest.raises(DataError, match=r"a\.h5: key 'feature_map' holds 8 feature maps but key 'labels' "
                                         r"holds 10"):
-        import_hdf5(tmp_path / "a.h5", tmp_path / "s", progress=False)
+        import_hdf5(tmp_path / "a.h5", tmp_path / "s", ImportOptions(progress=False))
     _write_dazle(tmp_path / "b.h5", features=_features()[:, 0])
     with pytest.raises(DataError, match=r"b\.h5: key 'feature_map' must have shape \(N, C, h, w\)"):
-        import_hdf5(tmp_path / "b.h5", tmp_path / "s", progress=False)
+        import_hdf5(tmp_path / "b.h5", tmp_path / "s", ImportOptions(progress=False))
     _write_dazle(tmp_path / "c.h5", labels=np.array([1, 2, 3, 1, 2, 3, 1, 4, 5, 4]))
     with pytest.raises(DataError, match=r"c\.h5: key 'labels' .* 0-based"):
-        import_hdf5(tmp_path / "c.h5", tmp_path / "s", progress=False)
+        import_hdf5(tmp_path / "c.h5", tmp_path / "s", ImportOptions(progress=False))
     with h5py.File(tmp_path / "a.h5", "a") as f:
         del f["feature_map"], f["w2v_att"]
         f["feature_map"] = _features()
         f["w2v_att"] = np.zeros((D + 1, G))
     with pytest.raises(DataError, match=r"a\.h5: key 'w2v_att' has shape \(5, 7\) but 'att' has 4 "):
-        import_hdf5(tmp_path / "a.h5", tmp_path / "s", progress=False)
+        import_hdf5(tmp_path / "a.h5", tmp_path / "s", ImportOptions(progress=False))
 
 
 def test_hdf5_lazy_view(tmp_path):

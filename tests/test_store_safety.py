@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dedn.atomic import temporary_name
-from dedn.data.hdf5 import import_hdf5
+from dedn.data.hdf5 import ImportOptions, import_hdf5
 from dedn.data.store import FeatureStore, load_zsldata
 
 from .conftest import run_cli
@@ -47,7 +47,7 @@ def _write_h5(path: Path, seed: int = 0) -> np.ndarray:
 
 
 def _import(h5: Path, store: Path) -> FeatureStore:
-    return import_hdf5(h5, store, chunk_size=CHUNK, block_size=32, progress=False)
+    return import_hdf5(h5, store, ImportOptions(chunk_size=CHUNK, block_size=32, progress=False))
 
 
 def _snapshot(*roots: Path) -> dict[str, str]:

@@ -145,7 +145,7 @@ def _extraction(folder: Path, scale: str, device: str) -> dict[str, Any]:
     from PIL import Image
 
     from dedn.features.backbones import get_backbone
-    from dedn.features.extract import extract_features
+    from dedn.features.extract import ExtractOptions, extract_features
 
     n, size = (64, 224) if scale == "full" else (6, 64)
     rng = np.random.default_rng(0)
@@ -158,8 +158,9 @@ def _extraction(folder: Path, scale: str, device: str) -> dict[str, Any]:
         paths.append(p)
     backbone = get_backbone("resnet101", weights=None)  # random weights: the path is timed, not the features
     started = time.perf_counter()
-    store = extract_features(paths, np.zeros(n, dtype=np.int64), folder / "extracted", backbone, image_size=size,
-                             batch_size=16, num_workers=2, device=device, progress=False, check_images=False)
+    options = ExtractOptions(image_size=size, batch_size=16, num_workers=2, device=device, progress=False,
+                             check_images=False)
+    store = extract_features(paths, np.zeros(n, dtype=np.int64), folder / "extracted", backbone, options)
     seconds = time.perf_counter() - started
     sample = store[np.arange(min(n, 4))]
     return {"images": n, "image_size": size, "images_per_second": round(n / seconds, 1),

@@ -212,7 +212,7 @@ def extract(
 ) -> None:
     """Extract frozen-backbone region feature maps into a feature store (resumable; torchrun to shard)."""
     from dedn.checks import COUNT, DEVICE, IMAGE_SIZE, NON_NEGATIVE_COUNT, check_option, choice
-    from dedn.data.store import DTYPES
+    from dedn.data.store import DTYPES, SemanticSide
 
     # Before the backbone is built (and its weights downloaded).
     check_option("--image-size", image_size, IMAGE_SIZE)
@@ -222,12 +222,12 @@ def extract(
     check_option("--dtype", dtype, choice(*DTYPES))
 
     from dedn.features.backbones import get_backbone
-    from dedn.features.extract import extract_features, extract_folder
+    from dedn.features.extract import ExtractOptions, extract_features, extract_folder
 
     bb = get_backbone(backbone, weights=weights)
     common = dict(batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, overwrite=overwrite)
     if xlsa17 is None:
-        store = extract_folder(images, out, bb, image_size, **common)
+        store = extract_folder(images, out, bb, ExtractOptions(image_size=image_size, **common))
     else:
         from dedn.data.benchmarks import BENCHMARKS, find_benchmark
         from dedn.data.xlsa17 import canonical_dataset, read_semantic_dir, resolve_image_paths
@@ -238,11 +238,13 @@ def extract(
         name = canonical_dataset(dataset or sem.name) or sem.name
         size = image_size or (find_benchmark(name) or BENCHMARKS["CUB"]).image_size  # other datasets: CUB's
         paths = resolve_image_paths(sem.image_files, images, name)
-        store = extract_features(paths, sem.labels, out, bb, size, provenance_extra={"dataset": name}, **common)
-        store.save_semantics(att=sem.att, w2v=sem.w2v, trainval_loc=sem.trainval_loc, test_seen_loc=sem.test_seen_loc,
-                             test_unseen_loc=sem.test_unseen_loc, class_names=list(sem.class_names),
-                             attribute_names=list(sem.attribute_names), original_att=sem.original_att,
-                             val_classes=sem.val_classes, image_files=list(sem.image_files), name=name)
+        store = extract_features(paths, sem.labels, out, bb,
+                                 ExtractOptions(image_size=size, provenance_extra={"dataset": name}, **common))
+        store.save_semantics(SemanticSide(
+            att=sem.att, w2v=sem.w2v, trainval_loc=sem.trainval_loc, test_seen_loc=sem.test_seen_loc,
+            test_unseen_loc=sem.test_unseen_loc, class_names=list(sem.class_names),
+            attribute_names=list(sem.attribute_names), original_att=sem.original_att, val_classes=sem.val_classes,
+            image_files=list(sem.image_files), name=name))
     typer.echo(f"feature store {out}: {len(store)} images, shape {tuple(store.shape[1:])}")
 
 
@@ -256,9 +258,9 @@ def store_import(
                                             help="replace an existing store imported from another file")] = False,
 ) -> None:
     """Import an HDF5 feature file into a float16 store, in bounded memory (resumes from the same file only)."""
-    from dedn.data.hdf5 import import_hdf5
+    from dedn.data.hdf5 import ImportOptions, import_hdf5
 
-    store = import_hdf5(h5, out, dtype=dtype, name=name, overwrite=overwrite, report=typer.echo)
+    store = import_hdf5(h5, out, ImportOptions(dtype=dtype, name=name, overwrite=overwrite), report=typer.echo)
     typer.echo(f"feature store {out}: {len(store)} images, shape {tuple(store.shape[1:])}")
 
 
@@ -470,12 +472,12 @@ def explain(
     check_option("--top", top, COUNT)
     check_output_folder("--out", out)
 
-    from dedn.apps.explain import explain_image
+    from dedn.apps.explain import ExplainOptions, explain_image
     from dedn.apps.predict import Predictor
 
     predictor = Predictor.from_run(run, backbone=backbone)
-    paths = explain_image(predictor, image, attributes=attribute, top=top, out_dir=out, class_name=class_name,
-                          true_class=true_class)
+    paths = explain_image(predictor, image, out_dir=out, options=ExplainOptions(
+        attributes=attribute, top=top, class_name=class_name, true_class=true_class))
     for p in paths:
         typer.echo(str(p))
 

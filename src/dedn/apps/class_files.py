@@ -59,6 +59,56 @@ def _rows_from_named(path: Path, rows: list[tuple[str, dict[str, Any]]], attribu
     return att
 
 
+def _csv_rows(path: Path, text: str, attribute_names: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """``(class, {attribute: cell})`` rows of a CSV class file (empty cells left out)."""
+    table = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
+    if len(table) < 2:
+        raise DataError(f"{path}: expected a header row (class, attribute names...) and one row per class")
+    header = [h.strip() for h in table[0][1:]]
+    if not header:
+        raise DataError(f"{path}: no attribute columns (header: class name, then attribute names)")
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise DataError(f"{path}: attribute columns given twice: {', '.join(map(repr, dup))}")
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for n, r in enumerate(table[1:], start=2):
+        if len(r) != len(header) + 1:
+            raise DataError(f"{path}: line {n} has {len(r)} cells, the header has {len(header) + 1}")
+        rows.append((r[0].strip(), {h: c for h, c in zip(header, r[1:], strict=True) if c.strip() != ""}))
+    # A column header that names no attribute is an error even if all its cells are empty.
+    unknown = [h for h in header if h not in set(attribute_names)]
+    if unknown:
+        raise DataError(f"{path}: unknown attribute names {unknown_attribute_message(unknown, attribute_names)}")
+    return rows
+
+
+def _json_rows(path: Path, text: str, d: int) -> tuple[list[tuple[str, dict[str, Any]]], dict[int, np.ndarray]]:
+    """Rows of a JSON class file: ``(class, {attribute: value})``, and the full vectors by row (their rows: {})."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict) or not obj:
+        raise DataError(f'{path}: expected an object {{"class": {{"attribute": value, ...}}}} or '
+                        f'{{"class": [{d} values]}}')
+    rows: list[tuple[str, dict[str, Any]]] = []
+    vectors: dict[int, np.ndarray] = {}
+    for i, (cls, value) in enumerate(obj.items()):
+        if isinstance(value, dict):
+            rows.append((str(cls), value))
+        elif isinstance(value, list):
+            if len(value) != d:
+                raise DataError(f"{path}: class {cls!r} has {len(value)} values, expected {d} (one per "
+                                "attribute, in the model's attribute order)")
+            vectors[i] = np.array([_to_float(v, f"{path}: class {cls!r}, value {j}")
+                                   for j, v in enumerate(value)])
+            rows.append((str(cls), {}))
+        else:
+            raise DataError(f"{path}: class {cls!r} must map to an object of attribute values or a list of "
+                            f"{d} values, got {type(value).__name__}")
+    return rows, vectors
+
+
 def load_class_definitions(path: str | Path, attribute_names: Sequence[str],
                            fill: float | None = None) -> tuple[list[str], np.ndarray]:
     """Read classes defined by attribute vectors, for recognising classes given at prediction time.
@@ -89,51 +139,15 @@ def load_class_definitions(path: str | Path, attribute_names: Sequence[str],
         raise DataError(f"{path}: class definition file not found")
     d = len(attribute_names)
     suffix = path.suffix.lower()
-    rows: list[tuple[str, dict[str, Any]]] = []
-    vectors: dict[int, np.ndarray] = {}
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the class definitions ({exc})") from None
+    vectors: dict[int, np.ndarray] = {}
     if suffix == ".csv":
-        table = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)]
-        if len(table) < 2:
-            raise DataError(f"{path}: expected a header row (class, attribute names...) and one row per class")
-        header = [h.strip() for h in table[0][1:]]
-        if not header:
-            raise DataError(f"{path}: no attribute columns (header: class name, then attribute names)")
-        dup = sorted({h for h in header if header.count(h) > 1})
-        if dup:
-            raise DataError(f"{path}: attribute columns given twice: {', '.join(map(repr, dup))}")
-        for n, r in enumerate(table[1:], start=2):
-            if len(r) != len(header) + 1:
-                raise DataError(f"{path}: line {n} has {len(r)} cells, the header has {len(header) + 1}")
-            rows.append((r[0].strip(), {h: c for h, c in zip(header, r[1:], strict=True) if c.strip() != ""}))
-        # A column header that names no attribute is an error even if all its cells are empty.
-        unknown = [h for h in header if h not in set(attribute_names)]
-        if unknown:
-            raise DataError(f"{path}: unknown attribute names {unknown_attribute_message(unknown, attribute_names)}")
+        rows = _csv_rows(path, text, attribute_names)
     elif suffix == ".json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(obj, dict) or not obj:
-            raise DataError(f'{path}: expected an object {{"class": {{"attribute": value, ...}}}} or '
-                            f'{{"class": [{d} values]}}')
-        for i, (cls, value) in enumerate(obj.items()):
-            if isinstance(value, dict):
-                rows.append((str(cls), value))
-            elif isinstance(value, list):
-                if len(value) != d:
-                    raise DataError(f"{path}: class {cls!r} has {len(value)} values, expected {d} (one per "
-                                    "attribute, in the model's attribute order)")
-                vectors[i] = np.array([_to_float(v, f"{path}: class {cls!r}, value {j}")
-                                       for j, v in enumerate(value)])
-                rows.append((str(cls), {}))
-            else:
-                raise DataError(f"{path}: class {cls!r} must map to an object of attribute values or a list of "
-                                f"{d} values, got {type(value).__name__}")
+        rows, vectors = _json_rows(path, text, d)
     else:
         raise DataError(f"{path}: unknown class definition format {suffix or '(no extension)'}; use .csv or .json")
     names = [r[0] for r in rows]

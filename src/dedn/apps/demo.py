@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,14 @@ from dedn.data.dataset import ZSLData
 from dedn.data.imagebench import ImageBenchmark, make_image_benchmark
 from dedn.features.imagebench_features import imagebench_data
 from dedn.runfolder import RunFolder
+
+if TYPE_CHECKING:
+    from dedn.apps.results import ExperimentResult, RunResult
+    from dedn.config import RunConfig
+    from dedn.models.dedn import DEDN
+
+#: The closed-form baseline's row in the demo's table.
+_ESZSL_ROW = "ESZSL (pooled features)"
 
 
 # ---------------------------------------------------------------------------------------------- the demo
@@ -64,26 +72,10 @@ def localisation(model, data: ZSLData, bench: ImageBenchmark, index: np.ndarray,
     return out
 
 
-def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-             out_dir: str | Path = "runs/demo", progress: bool = True) -> dict[str, Any]:
-    """The whole demo; returns (and writes to ``out_dir/metrics.json``) every row's T, U, S, H in percent."""
-    import time
-
+def _train_rows(cfg: RunConfig, out: Path, progress: bool) -> tuple[ExperimentResult, dict[str, dict[str, Any]]]:
+    """Train and validate the demo's rows (cached runs reused); the experiment and each row's test figures."""
     from dedn.apps.experiments import table3
-    from dedn.apps.explain import explain_image
-    from dedn.config import find_config, load_config
-    from dedn.eval.baselines import eszsl_validated
-    from dedn.eval.metrics import ausuc, plot_seen_unseen_curve, seen_unseen_curve
     from dedn.eval.uncertainty import bootstrap_interval
-    from dedn.train.checkpoint import load_weights
-
-    started = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(find_config(config or "demo"), list(overrides))
-    bench = make_image_benchmark(cfg.data.imagebench)
-    data = imagebench_data(cfg, progress=progress)
-    t_features = time.perf_counter() - started
 
     # Independent runs go to one single-threaded worker process per core (train.threads=1 in the demo
     # config): small models scale better over processes than over threads.
@@ -106,20 +98,20 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
         rows[row.label] = {**{k: float(run.metrics[k]) for k in ("T", "U", "S", "H", "AUSUC")},
                            "gamma": float(run.choices["gamma"]), "gamma_source": run.choices["gamma_source"],
                            "H_interval": list(ci["H"])}
-    base, choice = eszsl_validated(data, seed=cfg.seed)
-    rows["ESZSL (pooled features)"] = {**{k: v for k, v in base.to_dict().items() if k in ("T", "U", "S", "H")},
-                                       "gamma": float(choice["calibration"]), "gamma_source": "validated"}
+    return exp, rows
 
-    # The full model: seen-unseen curve against the baseline, heatmaps and localisation.
-    full = exp.runs_for("full", "validated")[0]
-    final_dir = Path(full.folder) / "final"
-    model = load_weights(final_dir / RunFolder.MODEL)
+
+def _plot_curves(full: RunResult, model: DEDN, data: ZSLData, rows: dict[str, dict[str, Any]], choice: dict[str, Any],
+                 out: Path) -> None:
+    """The full model's seen-unseen curve against the baseline's; adds the baseline's AUSUC and H interval."""
+    from dedn.eval.baselines import ESZSL, pooled_features  # the baseline's curve at its chosen regularisers
+    from dedn.eval.metrics import ausuc, plot_seen_unseen_curve, seen_unseen_curve
+    from dedn.eval.uncertainty import bootstrap_interval
+
     seen_out, unseen_out, seen_mask = full.load_outputs()
     l_rc, l_e = full.choices.get("l_rc", model.l_rc), full.choices.get("l_e", model.l_e)
     _, s, u = seen_unseen_curve(seen_out.scores(l_rc, l_e), seen_out.labels, unseen_out.scores(l_rc, l_e),
                                 unseen_out.labels, seen_mask)
-    from dedn.eval.baselines import ESZSL, pooled_features  # the baseline's curve at its chosen regularisers
-
     esz = ESZSL(choice["gamma_reg"], choice["lambda_reg"]).fit(
         pooled_features(data.features, data.trainval_loc), data.labels[data.trainval_loc], data.att)
     # The baseline's test scores, once: for its curve, its AUSUC and its interval.
@@ -127,22 +119,59 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     esz_unseen = esz.scores(pooled_features(data.features, data.test_unseen_loc), data.att)
     labels_seen, labels_unseen = data.labels[data.test_seen_loc], data.labels[data.test_unseen_loc]
     _, bs, bu = seen_unseen_curve(esz_seen, labels_seen, esz_unseen, labels_unseen, data.seen_mask)
-    rows["ESZSL (pooled features)"]["AUSUC"] = ausuc(bs, bu) * 100
-    rows["ESZSL (pooled features)"]["H_interval"] = list(bootstrap_interval(
+    rows[_ESZSL_ROW]["AUSUC"] = ausuc(bs, bu) * 100
+    rows[_ESZSL_ROW]["H_interval"] = list(bootstrap_interval(
         esz_seen, labels_seen, esz_unseen, labels_unseen, data.seen_mask, float(choice["calibration"]))["H"])
-    full_row, eszsl_row = rows[full.label], rows["ESZSL (pooled features)"]
-    plot_seen_unseen_curve({"DEDN": (s, u), "ESZSL": (bs, bu)}, out / "seen_unseen_curve.png",
+    full_row, eszsl_row = rows[full.label], rows[_ESZSL_ROW]
+    plot_seen_unseen_curve({"DEDN": (s, u), "ESZSL": (bs, bu)}, out / RunFolder.CURVE_PNG,
                            title="built-in benchmark, test split", protocol="validated",
                            points={"DEDN": (full_row["S"] / 100, full_row["U"] / 100, full_row["gamma"]),
                                    "ESZSL": (eszsl_row["S"] / 100, eszsl_row["U"] / 100, eszsl_row["gamma"])})
+
+
+def _localise_and_explain(model: DEDN, data: ZSLData, bench: ImageBenchmark, final_dir: Path,
+                          out: Path) -> tuple[dict[str, Any], Path, list[Path]]:
+    """Localisation over test images, and heatmaps of one unseen example: (localisation, image, files)."""
+    from dedn.apps.explain import ExplainOptions, explain_image
 
     test = np.concatenate([data.test_seen_loc, data.test_unseen_loc])
     loc = localisation(model, data, bench, np.sort(test)[:: max(1, test.size // 400)])
     example = int(data.test_unseen_loc[0])
     image_path = out / "example_unseen.png"
     bench.image(example).save(image_path)
-    heatmaps = explain_image(final_dir, image_path, top=4, out_dir=out / "heatmaps",
-                             true_class=data.class_names[int(data.labels[example])])
+    heatmaps = explain_image(final_dir, image_path, out_dir=out / "heatmaps", options=ExplainOptions(
+        top=4, true_class=data.class_names[int(data.labels[example])]))
+    return loc, image_path, heatmaps
+
+
+def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+             out_dir: str | Path = "runs/demo", progress: bool = True) -> dict[str, Any]:
+    """The whole demo; returns (and writes to ``out_dir/metrics.json``) every row's T, U, S, H in percent."""
+    import time
+
+    from dedn.config import find_config, load_config
+    from dedn.eval.baselines import eszsl_validated
+    from dedn.train.checkpoint import load_weights
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(find_config(config or "demo"), list(overrides))
+    bench = make_image_benchmark(cfg.data.imagebench)
+    data = imagebench_data(cfg, progress=progress)
+    t_features = time.perf_counter() - started
+
+    exp, rows = _train_rows(cfg, out, progress)
+    base, choice = eszsl_validated(data, seed=cfg.seed)
+    rows[_ESZSL_ROW] = {**{k: v for k, v in base.to_dict().items() if k in ("T", "U", "S", "H")},
+                       "gamma": float(choice["calibration"]), "gamma_source": "validated"}
+
+    # The full model: seen-unseen curve against the baseline, heatmaps and localisation.
+    full = exp.runs_for("full", "validated")[0]
+    final_dir = RunFolder(full.folder).model_folder().path
+    model = load_weights(final_dir / RunFolder.MODEL)
+    _plot_curves(full, model, data, rows, choice, out)
+    loc, image_path, heatmaps = _localise_and_explain(model, data, bench, final_dir, out)
 
     result = {
         "benchmark": "imagebench (built-in, rendered)",
@@ -162,11 +191,11 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
         "features": {"backbone": data.provenance.get("backbone"), "shape": list(data.feature_shape),
                      "store": data.source},
         "channel_attention": _channel_summary(heatmaps),
-        "files": {"curve": str(out / "seen_unseen_curve.png"), "heatmaps": [str(p) for p in heatmaps],
+        "files": {"curve": str(out / RunFolder.CURVE_PNG), "heatmaps": [str(p) for p in heatmaps],
                   "experiment": str(exp.out_dir)},
         "seconds": {"features": round(t_features, 1), "total": round(time.perf_counter() - started, 1)},
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    (out / RunFolder.METRICS).write_text(json.dumps(result, indent=2, default=float))
     return result
 
 

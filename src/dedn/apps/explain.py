@@ -31,6 +31,7 @@ import math
 import os
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from dedn.apps.predict import Predictor, load_image
+from dedn.apps.predict import ClassScore, Prediction, Predictor, load_image
 from dedn.checks import check_output_folder
 from dedn.errors import DataError
 from dedn.features.backbones import to_rgb
@@ -176,132 +177,150 @@ def _as_predictor(source: Any, attribute_names: Sequence[str] | None, class_name
 
 
 # ---------------------------------------------------------------------------------------------- explain
-def explain_image(
-    source: Predictor | DEDN | str | os.PathLike[str],
-    image: str | os.PathLike[str] | np.ndarray | torch.Tensor,
-    attributes: Sequence[str] | None = None,
-    top: int = 4,
-    out_dir: str | os.PathLike[str] = ".",
-    *,
-    class_name: str | None = None,
-    true_class: str | None = None,
-    background: Any = None,
-    l_e: float | None = None,
-    gamma: float | None = None,
-    n_channels: int = 12,
-    stem: str | None = None,
-    attribute_names: Sequence[str] | None = None,
-    class_names: Sequence[str] | None = None,
-    device: str | torch.device = "cpu",
-    dpi: int = 110,
-) -> list[Path]:
-    """Draw both experts' attention for chosen attributes of one image (paper Figure 4) and save the numbers.
+@dataclass(frozen=True)
+class ExplainOptions:
+    """What :func:`explain_image` shows, and how.
 
-    Args:
-        source: a :class:`Predictor`, a run directory, or a bare :class:`DEDN` (then ``attribute_names`` and
-            ``class_names`` name its attributes and classes; generic names otherwise).
-        image: an image file (needs a predictor with a backbone), or one feature map (C, h, w) / (1, C, h, w).
+    Attributes:
         attributes: attribute names to show (dataset names); default: the ``top`` attributes contributing
             most to the explained class.
         top: how many attributes when ``attributes`` is None.
-        out_dir: folder for the files (created; an existing file there is a ConfigError).
         class_name: explain this candidate class instead of the predicted one.
         true_class: the image's true class, when known: named in the figure titles, and each attribute's
             value for it is reported (``true_class_value``) beside the explained class's.
         background: an image (path, PIL image or HxWx3 uint8 array) to draw under the heat maps when
-            ``image`` is a feature map; without one the maps are drawn alone.
+            the image is a feature map; without one the maps are drawn alone.
         l_e, gamma: expert mix and calibration for the prediction (defaults: the model's and the run's).
         n_channels: channels shown per channel-attention panel.
         stem: file name stem (default: the image file's stem, or ``features``).
-
-    Returns:
-        The written paths: region PNG, channel PNG (only with channel attention), JSON.
-
-    Raises:
-        DataError: unknown attribute or class name (close matches suggested), unreadable image, features of
-            the wrong shape. CheckpointError: a run directory without a trained model.
+        dpi: resolution of the PNGs.
     """
-    check_output_folder("out_dir", out_dir)  # before any work: mkdir fails on a file, after all the drawing
-    predictor = _as_predictor(source, attribute_names, class_names, device)
+
+    attributes: Sequence[str] | None = None
+    top: int = 4
+    class_name: str | None = None
+    true_class: str | None = None
+    background: Any = None
+    l_e: float | None = None
+    gamma: float | None = None
+    n_channels: int = 12
+    stem: str | None = None
+    dpi: int = 110
+
+
+@dataclass(frozen=True)
+class _View:
+    """The explained input: one feature map on the model's device, and what the figures show of it."""
+
+    x: torch.Tensor
+    hw: tuple[int, int]
+    shown: np.ndarray | None  # the image under the heat maps (None: the maps alone)
+    label: str  # the image path, or "features"
+    stem: str
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """The prediction, the class explained (and the true one), and the attributes shown."""
+
+    pred: Prediction  # over every class
+    explained: ClassScore
+    truth: ClassScore | None
+    scores: dict[str, np.ndarray]
+    contrib: np.ndarray
+    chosen: list[int]
+
+
+def _view(predictor: Predictor, image: Any, options: ExplainOptions) -> _View:
+    """Features of ``image`` (an image file, or one feature map) and the picture drawn under the maps."""
     model = predictor.model
-    out = Path(out_dir)
     if isinstance(image, (str, os.PathLike)):
         feats = predictor.image_features([image])
         size = predictor.image_size
         shown = _display_image(image, size)
         label = str(image)
-        stem = stem or Path(image).stem
+        stem = options.stem or Path(image).stem
     else:
         feats, (h, w) = _features_tensor(model, image)
         if feats.shape[0] != 1:
             raise DataError(f"explain_image explains one feature map at a time, got a batch of {feats.shape[0]}")
         label = "features"
-        stem = stem or "features"
+        stem = options.stem or "features"
         shown = None
-        if background is not None:
-            shown = _display_image(background, 32 * max(h, w))  # backbones' stride 32
-    x, (h, w) = _features_tensor(model, feats)
+        if options.background is not None:
+            shown = _display_image(options.background, 32 * max(h, w))  # backbones' stride 32
+    x, hw = _features_tensor(model, feats)
+    return _View(x, hw, shown, label, stem)
 
+
+def _choose(predictor: Predictor, view: _View, options: ExplainOptions) -> _Choice:
+    """Predict, pick the explained class and the attributes to show."""
     # Rank every class: the explained class may be any of them.
-    pred = predictor.predict_features(x, top_k=predictor.n_classes, l_e=l_e, gamma=gamma, n_attributes=0,
-                                      sources=[label])[0]
-    k = predictor.class_index(class_name) if class_name is not None else pred.top[0].index
+    pred = predictor.predict_features(view.x, top_k=predictor.n_classes, l_e=options.l_e, gamma=options.gamma,
+                                      n_attributes=0, sources=[view.label])[0]
+    k = predictor.class_index(options.class_name) if options.class_name is not None else pred.top[0].index
     explained = next(c for c in pred.top if c.index == k)
-    truth = next(c for c in pred.top if c.index == predictor.class_index(true_class)) if true_class else None
-    scores = predictor.attribute_scores(x, pred.l_e)
+    truth = (next(c for c in pred.top if c.index == predictor.class_index(options.true_class))
+             if options.true_class else None)
+    scores = predictor.attribute_scores(view.x, pred.l_e)
     contrib = predictor.contributions(scores["mixed"], k)[0]
-    if attributes is None:
-        chosen = [int(j) for j in np.argsort(-contrib, kind="stable")[: max(int(top), 1)]]
+    if options.attributes is None:
+        chosen = [int(j) for j in np.argsort(-contrib, kind="stable")[: max(int(options.top), 1)]]
     else:
-        if not attributes:
+        if not options.attributes:
             raise DataError("no attributes given")
-        chosen = [predictor.attribute_index(a) for a in attributes]
-    experts = model.active_experts
-    regions = region_attention(model, x)
-    channels = channel_attention(model, x)
-    class_att = predictor.normalized_class_att()
-    abar = class_att[k]
+        chosen = [predictor.attribute_index(a) for a in options.attributes]
+    return _Choice(pred, explained, truth, scores, contrib, chosen)
 
+
+def _records(predictor: Predictor, view: _View, choice: _Choice,
+             n_channels: int) -> tuple[list[dict[str, Any]], bool]:
+    """One record per shown attribute (values, each expert's maps), and whether the model has channel attention."""
+    model = predictor.model
+    regions = region_attention(model, view.x)
+    channels = channel_attention(model, view.x)
+    class_att = predictor.normalized_class_att()
+    abar = class_att[choice.explained.index]
     records = []
-    for j in chosen:
+    for j in choice.chosen:
         rec: dict[str, Any] = {
-            "name": predictor.attribute_names[j], "index": j, "predicted": float(scores["mixed"][0, j]),
-            "class_value": float(abar[j]), "contribution": float(contrib[j]), "experts": {},
+            "name": predictor.attribute_names[j], "index": j, "predicted": float(choice.scores["mixed"][0, j]),
+            "class_value": float(abar[j]), "contribution": float(choice.contrib[j]), "experts": {},
         }
-        if truth is not None:
-            rec["true_class_value"] = float(class_att[truth.index][j])
-        for e in experts:
+        if choice.truth is not None:
+            rec["true_class_value"] = float(class_att[choice.truth.index][j])
+        for e in model.active_experts:
             m = regions[e][0, j]
             peak = np.unravel_index(int(np.argmax(m)), m.shape)
             rec["experts"][e] = {
-                "score": float(scores[e][0, j]),
+                "score": float(choice.scores[e][0, j]),
                 "region_attention": m.tolist(),
                 "peak_region": [int(peak[0]), int(peak[1])],
                 "peak_vs_uniform": float(m.max() * m.size),
                 "channel_attention": channel_summary(channels[e][0, j], n_channels) if e in channels else None,
             }
         records.append(rec)
+    return records, bool(channels)
 
-    out.mkdir(parents=True, exist_ok=True)
-    title = (f"{Path(label).name if label != 'features' else label}: predicted {pred.top[0].name} "
-             f"(p = {pred.top[0].probability:.2f})" +
-             (f"; true {truth.name}" + (" (correct)" if truth.index == pred.top[0].index else " (wrong)")
-              if truth is not None else "") +
-             (f"; explaining {explained.name}" if explained.index != pred.top[0].index else ""))
-    region_png = out / f"{stem}-regions.png"
-    _draw_regions(region_png, records, experts, shown, (h, w), title, dpi)
-    paths = [region_png]
-    channel_png = None
-    spread = _channel_spread(records, experts) if channels else None
-    if spread and not all(spread[e]["near_uniform"] for e in experts):
-        channel_png = out / f"{stem}-channels.png"
-        _draw_channels(channel_png, records, experts, title, dpi, spread)
-        paths.append(channel_png)
-    elif spread:
-        spread["chart"] = ("not drawn: every expert's channel attention is near uniform (mean entropy > "
-                           f"{NEAR_UNIFORM:g} ln C), so bars of its weights would show only the uniform level")
-    report = {
-        "source": label,
+
+def _title(view: _View, choice: _Choice) -> str:
+    """The figures' title: the input, the prediction, the true class and the explained one."""
+    top, truth, explained = choice.pred.top[0], choice.truth, choice.explained
+    return (f"{Path(view.label).name if view.label != 'features' else view.label}: predicted {top.name} "
+            f"(p = {top.probability:.2f})" +
+            (f"; true {truth.name}" + (" (correct)" if truth.index == top.index else " (wrong)")
+             if truth is not None else "") +
+            (f"; explaining {explained.name}" if explained.index != top.index else ""))
+
+
+def _report(predictor: Predictor, view: _View, choice: _Choice, records: list[dict[str, Any]],
+            spread: dict[str, Any] | None, channel_png: Path | None) -> dict[str, Any]:
+    """The numbers behind the figures (the JSON file)."""
+    model, pred, explained, truth = predictor.model, choice.pred, choice.explained, choice.truth
+    experts = model.active_experts
+    h, w = view.hw
+    return {
+        "source": view.label,
         "run_dir": str(predictor.run_dir) if predictor.run_dir else None,
         "explained_class": {"name": explained.name, "index": explained.index, "kind": explained.kind,
                             "score": explained.score, "probability": explained.probability},
@@ -313,21 +332,74 @@ def explain_image(
         "gamma": pred.gamma,
         "experts": experts,
         "feature_shape": [int(model.n_channels), h, w],
-        "image_size": None if shown is None else int(shown.shape[0]),
+        "image_size": None if view.shown is None else int(view.shown.shape[0]),
         "attributes": records,
         "region_scale": {"unit": "attention / uniform level 1/(h*w)", "max": _shared_max(records, experts),
                          "peak_vs_uniform": "largest cell of a map divided by the uniform level 1/(h*w)"},
         "channel_attention": spread,
         "panels": {
             "regions": {"rows": len(experts), "cols": len(records), "count": len(experts) * len(records)},
-            "input_panel": shown is not None,  # the image itself, before the attention panels
+            "input_panel": view.shown is not None,  # the image itself, before the attention panels
             "channels": ({"rows": len(experts), "cols": len(records), "count": len(experts) * len(records)}
                          if channel_png else None),
         },
-        "files": {"regions": region_png.name, "channels": channel_png.name if channel_png else None,
-                  "json": f"{stem}-explain.json"},
+        "files": {"regions": f"{view.stem}-regions.png", "channels": channel_png.name if channel_png else None,
+                  "json": f"{view.stem}-explain.json"},
     }
-    json_path = out / f"{stem}-explain.json"
+
+
+def explain_image(
+    source: Predictor | DEDN | str | os.PathLike[str],
+    image: str | os.PathLike[str] | np.ndarray | torch.Tensor,
+    out_dir: str | os.PathLike[str] = ".",
+    options: ExplainOptions | None = None,
+    *,
+    attribute_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[Path]:
+    """Draw both experts' attention for chosen attributes of one image (paper Figure 4) and save the numbers.
+
+    Args:
+        source: a :class:`Predictor`, a run directory, or a bare :class:`DEDN` (then ``attribute_names`` and
+            ``class_names`` name its attributes and classes; generic names otherwise).
+        image: an image file (needs a predictor with a backbone), or one feature map (C, h, w) / (1, C, h, w).
+        out_dir: folder for the files (created; an existing file there is a ConfigError).
+        options: what to show (default: :class:`ExplainOptions` ()).
+        device: where a bare model or a run directory's model runs.
+
+    Returns:
+        The written paths: region PNG, channel PNG (only with channel attention), JSON.
+
+    Raises:
+        DataError: unknown attribute or class name (close matches suggested), unreadable image, features of
+            the wrong shape. CheckpointError: a run directory without a trained model.
+    """
+    check_output_folder("out_dir", out_dir)  # before any work: mkdir fails on a file, after all the drawing
+    options = options or ExplainOptions()
+    predictor = _as_predictor(source, attribute_names, class_names, device)
+    view = _view(predictor, image, options)
+    choice = _choose(predictor, view, options)
+    records, has_channels = _records(predictor, view, choice, options.n_channels)
+    experts = predictor.model.active_experts
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = _title(view, choice)
+    region_png = out / f"{view.stem}-regions.png"
+    _draw_regions(region_png, records, experts, view.shown, view.hw, title, options.dpi)
+    paths = [region_png]
+    channel_png = None
+    spread = _channel_spread(records, experts) if has_channels else None
+    if spread and not all(spread[e]["near_uniform"] for e in experts):
+        channel_png = out / f"{view.stem}-channels.png"
+        _draw_channels(channel_png, records, experts, title, options.dpi, spread)
+        paths.append(channel_png)
+    elif spread:
+        spread["chart"] = ("not drawn: every expert's channel attention is near uniform (mean entropy > "
+                           f"{NEAR_UNIFORM:g} ln C), so bars of its weights would show only the uniform level")
+    json_path = out / f"{view.stem}-explain.json"
+    report = _report(predictor, view, choice, records, spread, channel_png)
     json_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     paths.append(json_path)
     return paths

@@ -182,6 +182,25 @@ def _dataset_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class ImageSettings:
+    """How a :class:`Predictor` turns images into features.
+
+    Attributes:
+        feature_provenance: the ``features.json`` record (backbone, weights, image size) of the training
+            features.
+        backbone: a ready :class:`Backbone` or a backbone name (overrides the provenance's), or None.
+        backbone_weights: ``"auto"`` (the recorded weights when the recorded backbone is used, else
+            ``"imagenet"``), ``"imagenet"``, a local state-dict file, or None (random init).
+        image_size: the image size for the backbone (default: the provenance's, else the backbone's).
+    """
+
+    feature_provenance: Mapping[str, Any] | None = None
+    backbone: Backbone | str | None = None
+    backbone_weights: str | os.PathLike[str] | None = "auto"
+    image_size: int | None = None
+
+
 class Predictor:
     """A trained DEDN ready to classify feature maps or images and to explain its choices.
 
@@ -193,9 +212,7 @@ class Predictor:
         class_att: (K, D) class attributes in dataset order (default: the model's own class set).
         kinds: K of ``seen`` / ``unseen`` / ``new`` (default: from the model's seen mask).
         calibration: default calibrated-stacking ``gamma`` (subtracted from seen-class scores).
-        feature_provenance: the ``features.json`` record (backbone, weights, image size), for images.
-        backbone: a ready :class:`Backbone` (overrides the provenance's), or None.
-        image_size: the image size for ``backbone`` (default: the provenance's, else the backbone's).
+        images: how images become features (default: no backbone; feature maps only).
         device: where the model (and backbone) run.
         run_dir: the run directory, for messages.
         precision: of the model's feature products, ``fp32`` or ``bf16`` (:mod:`dedn.models.precision`).
@@ -210,10 +227,7 @@ class Predictor:
         kinds: Sequence[str] | None = None,
         *,
         calibration: float = 0.0,
-        feature_provenance: Mapping[str, Any] | None = None,
-        backbone: Backbone | str | None = None,
-        backbone_weights: str | os.PathLike[str] | None = "auto",
-        image_size: int | None = None,
+        images: ImageSettings | None = None,
         device: str | torch.device = "cpu",
         run_dir: str | Path | None = None,
         precision: str = "fp32",
@@ -249,12 +263,13 @@ class Predictor:
             model.set_classes(class_att, self.seen_mask)
             model.class_att = model.class_att.to(dtype)  # set_classes makes float32; keep the model's dtype
         self.calibration = float(calibration)
-        self.feature_provenance = dict(feature_provenance) if feature_provenance else None
+        images = images or ImageSettings()
+        self.feature_provenance = dict(images.feature_provenance) if images.feature_provenance else None
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self._backbone_spec = backbone
-        self._backbone_weights = backbone_weights
-        self._backbone: Backbone | None = backbone if isinstance(backbone, Backbone) else None
-        self._image_size = image_size
+        self._backbone_spec = images.backbone
+        self._backbone_weights = images.backbone_weights
+        self._backbone: Backbone | None = images.backbone if isinstance(images.backbone, Backbone) else None
+        self._image_size = images.image_size
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -328,8 +343,8 @@ class Predictor:
             provenance = read_json(run / RunFolder.FEATURES, "feature provenance")
             if not isinstance(provenance, dict):
                 raise CheckpointError(f"{run / RunFolder.FEATURES}: expected a JSON object")
-        return cls(model, names, attrs, None, None, calibration=calibration, feature_provenance=provenance,
-                   backbone=backbone, backbone_weights=backbone_weights, image_size=image_size, device=device,
+        images = ImageSettings(provenance, backbone, backbone_weights, image_size)
+        return cls(model, names, attrs, None, None, calibration=calibration, images=images, device=device,
                    run_dir=run, precision=recorded_precision if precision is None else precision)
 
     def with_classes(self, class_names: Sequence[str], att: np.ndarray, include_trained: bool = True) -> Predictor:
@@ -363,10 +378,10 @@ class Predictor:
             full = np.concatenate([self.class_att, att])
         other = copy.copy(self)
         other.model = copy.deepcopy(self.model)
+        images = ImageSettings(self.feature_provenance, self._backbone or self._backbone_spec,
+                               self._backbone_weights, self._image_size)
         Predictor.__init__(other, other.model, names, self.attribute_names, full, kinds,
-                           calibration=self.calibration, feature_provenance=self.feature_provenance,
-                           backbone=self._backbone or self._backbone_spec, backbone_weights=self._backbone_weights,
-                           image_size=self._image_size, device=self.device, run_dir=self.run_dir,
+                           calibration=self.calibration, images=images, device=self.device, run_dir=self.run_dir,
                            precision=self.precision)
         return other
 

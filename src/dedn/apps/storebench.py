@@ -185,7 +185,7 @@ def build_store(
     Raises:
         DataError: ``path`` holds another store (or other files), or the disk is too small.
     """
-    from dedn.data.store import STORE_JSON, FeatureStore
+    from dedn.data.store import STORE_JSON, FeatureStore, SemanticSide
     from dedn.data.synthetic import make_synthetic
 
     started = time.perf_counter()
@@ -207,10 +207,7 @@ def build_store(
                                     provenance={**data.provenance, "dataset": data.name,
                                                 "made_by": "dedn.apps.storebench"})
     if "att" not in store.meta():  # new, or interrupted before its semantic side was written
-        store.save_semantics(att=data.att, w2v=data.w2v, trainval_loc=data.trainval_loc,
-                             test_seen_loc=data.test_seen_loc, test_unseen_loc=data.test_unseen_loc,
-                             class_names=data.class_names, attribute_names=data.attribute_names,
-                             val_classes=data.val_classes, clusters=data.clusters, name=data.name)
+        store.save_semantics(SemanticSide.of(data))
     todo = store.missing_chunks()
     total = sum(store.chunk_range(i)[1] - store.chunk_range(i)[0] for i in todo)
     writing = time.perf_counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from dedn.data.store import (
     META_NPZ,
     STORE_JSON,
     FeatureStore,
+    SemanticSide,
     _as_index_array,
     _str_list,
     load_zsldata,
@@ -170,26 +172,46 @@ def _repair_semantics(store: FeatureStore, head: Mapping[str, Any], name: str | 
 
 
 def _save_head_semantics(store: FeatureStore, head: Mapping[str, Any], name: str | None, replace: bool) -> None:
-    store.save_semantics(replace=replace, att=head["att"], w2v=head["w2v"], original_att=head.get("original_att"),
-                         **{k: head[k] for k in _SPLITS}, class_names=head["class_names"],
-                         attribute_names=head["attribute_names"], val_classes=head["val_classes"], name=name)
+    side = SemanticSide(att=head["att"], w2v=head["w2v"], original_att=head.get("original_att"),
+                        **{k: head[k] for k in _SPLITS}, class_names=head["class_names"],
+                        attribute_names=head["attribute_names"], val_classes=head["val_classes"], name=name)
+    store.save_semantics(side, replace=replace)
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """How :func:`import_hdf5` writes the store.
+
+    Attributes:
+        dtype: the store's dtype, ``"float16"`` (default) or ``"float32"``.
+        chunk_size: images per chunk (the unit of resumption).
+        block_size: images read from the file at a time (memory stays bounded by one block).
+        provenance: what the file holds, e.g. ``{"backbone": "resnet101", "image_size": 448}``; the DAZLE
+            layout itself does not record it.
+        name: the dataset name (CUB, SUN, AWA2), recorded in the store.
+        resume: continue an existing store imported from the same file with the same settings.
+        overwrite: replace an existing store (imported from another file or with other settings).
+        progress: show a progress bar.
+    """
+
+    dtype: str = "float16"
+    chunk_size: int = 256
+    block_size: int = 64
+    provenance: Mapping[str, Any] | None = None
+    name: str | None = None
+    resume: bool = True
+    overwrite: bool = False
+    progress: bool = True
 
 
 def import_hdf5(
     h5_path: str | os.PathLike[str],
     store_path: str | os.PathLike[str],
+    options: ImportOptions | None = None,
     *,
-    dtype: str = "float16",
-    chunk_size: int = 256,
-    block_size: int = 64,
-    provenance: Mapping[str, Any] | None = None,
-    name: str | None = None,
-    resume: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
     report: Callable[[str], None] | None = None,
 ) -> FeatureStore:
-    """Import a DAZLE/DEDN HDF5 feature file into a store, streamed in blocks of ``block_size`` images.
+    """Import a DAZLE/DEDN HDF5 feature file into a store, streamed in blocks of ``options.block_size`` images.
 
     Memory stays bounded by one block. The store records its source's identity (``source_file``,
     ``source_bytes``, ``source_mtime_ns``, ``source_fingerprint``; see :func:`_source_identity` for what the
@@ -198,28 +220,29 @@ def import_hdf5(
     finished, a complete one is left as it is (a no-op); another file is refused, unless ``overwrite=True``
     replaces the store. The semantic side (labels, ``meta.npz``) is written before any chunk, and a resumed
     import writes it again when it is missing or damaged, so a store is never complete without it.
-    ``provenance`` may say what the file holds, e.g. ``{"backbone": "resnet101", "image_size": 448}``;
-    the DAZLE layout itself does not record it. ``report`` receives one-line status messages.
+    ``options``: see :class:`ImportOptions` (default: its defaults). ``report`` receives one-line status
+    messages.
     """
+    o = options or ImportOptions()
     h5_path, store_path = Path(h5_path), Path(store_path)
     say = report or (lambda _msg: None)
     with _open_h5(h5_path) as f:
         head = _hdf5_header(f, h5_path)
         n, shape = head["n"], head["feature_shape"]
-        prov = {"backbone": None, "image_size": None, "source": "hdf5", "dataset": name,
-                "split_hash": split_hash(head["labels"], *(head[k] for k in _SPLITS)), **(provenance or {}),
+        prov = {"backbone": None, "image_size": None, "source": "hdf5", "dataset": o.name,
+                "split_hash": split_hash(head["labels"], *(head[k] for k in _SPLITS)), **(o.provenance or {}),
                 **_source_identity(h5_path, f, head)}
         store = None
-        if resume and not overwrite and (store_path / STORE_JSON).exists():
+        if o.resume and not o.overwrite and (store_path / STORE_JSON).exists():
             store = FeatureStore.open(store_path)
-            _check_same_import(store, prov, h5_path, (n, *shape), dtype)
-            if _repair_semantics(store, head, name):
+            _check_same_import(store, prov, h5_path, (n, *shape), o.dtype)
+            if _repair_semantics(store, head, o.name):
                 say(f"{store_path}: wrote the missing or damaged semantic side ({LABELS_NPY}, {META_NPZ}) "
                     f"from {h5_path}")
         if store is None:
-            store = FeatureStore.create(store_path, n, shape, dtype=dtype, chunk_size=chunk_size,
-                                        provenance=prov, overwrite=overwrite, labels=head["labels"])
-            _save_head_semantics(store, head, name, replace=True)  # before any chunk: complete implies semantics
+            store = FeatureStore.create(store_path, n, shape, dtype=o.dtype, chunk_size=o.chunk_size,
+                                        provenance=prov, overwrite=o.overwrite, labels=head["labels"])
+            _save_head_semantics(store, head, o.name, replace=True)  # before any chunk: complete implies semantics
         todo = store.missing_chunks()
         if not todo:
             say(f"{store_path}: already imported from {h5_path}; nothing to do")
@@ -227,7 +250,7 @@ def import_hdf5(
         if len(todo) < store.n_chunks:
             say(f"{store_path}: resuming the import from {h5_path}: {len(todo)} of {store.n_chunks} chunks left")
         ds = f["feature_map"]
-        store.fill_missing(lambda s, e: ds[s:e], block_size, desc=f"import {h5_path.name}", progress=progress)
+        store.fill_missing(lambda s, e: ds[s:e], o.block_size, desc=f"import {h5_path.name}", progress=o.progress)
     return store
 
 

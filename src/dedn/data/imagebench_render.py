@@ -42,8 +42,75 @@ class _Layer:
     dots: list[tuple[float, float, float]] = field(default_factory=list)  # (x, y, r) dark dots (eyes)
 
 
+def _wing(shape: str, at: np.ndarray, angle: float, length: float, scale: float) -> np.ndarray:
+    """One wing polygon from ``at`` along ``angle``: an ellipse (``rounded``) or a pointed quadrilateral."""
+    d, nrm = _unit(angle)
+    length = length * scale
+    if shape == "rounded":
+        c = at + d * length / 2
+        return _ellipse(c[0], c[1], length / 2, 0.085 * scale, angle)
+    return np.stack([at + nrm * 0.075 * scale, at + d * 0.55 * length + nrm * 0.06 * scale,
+                     at + d * 1.2 * length, at - nrm * 0.045 * scale])
+
+
+def _legs(leg_length: str, a: float, b: float, jit: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """Two legs, from inside the body downwards, each with a small foot pointing forwards."""
+    leg_len = (0.09 if leg_length == "short" else 0.21) * rng.uniform(0.9, 1.1)
+    legs = []
+    for x0 in (0.35 * a, -0.3 * a):
+        d, nrm = _unit(np.pi / 2 + rng.normal(0, 0.5 * jit))
+        top = np.array([x0, 0.6 * b])
+        end = top + d * (leg_len + 0.4 * b)
+        w = 0.018
+        legs.append(np.stack([top + nrm * w, end + nrm * w, end - nrm * w, top - nrm * w]))
+        legs.append(np.stack([end + np.array([-0.015, -0.012]), end + np.array([0.06, -0.012]),
+                              end + np.array([0.06, 0.012]), end + np.array([-0.015, 0.012])]))
+    return legs
+
+
+def _tail(tail_shape: str, a: float, b: float, jit: float, rng: np.random.Generator) -> np.ndarray:
+    """The tail polygon at the back end of the body."""
+    d, nrm = _unit(np.pi + np.deg2rad(-15) + rng.normal(0, 0.7 * jit))
+    t0 = np.array([-0.9 * a, -0.1 * b])
+    if tail_shape == "fan":
+        tail = [t0 + nrm * 0.035, t0 - nrm * 0.035, t0 + d * 0.22 - nrm * 0.12, t0 + d * 0.24,
+                t0 + d * 0.22 + nrm * 0.12]
+    elif tail_shape == "straight":
+        tail = [t0 + nrm * 0.028, t0 - nrm * 0.028, t0 + d * 0.33 - nrm * 0.022, t0 + d * 0.33 + nrm * 0.022]
+    else:  # forked: a V opening backwards
+        tail = [t0 + nrm * 0.035, t0 + d * 0.27 + nrm * 0.13, t0 + d * 0.15, t0 + d * 0.27 - nrm * 0.13,
+                t0 - nrm * 0.035]
+    return np.stack(tail)
+
+
+def _head(shape: str, a: float, b: float,
+          rng: np.random.Generator) -> tuple[list[np.ndarray], tuple[float, float, float]]:
+    """Head polygons at the front end, a little raised, and its eye (x, y, r)."""
+    r = 0.105 * rng.uniform(0.92, 1.08)
+    hx, hy = 0.9 * a + 0.45 * r, -0.55 * b
+    if shape == "round":
+        head = [_ellipse(hx, hy, r, r)]
+    elif shape == "pointed":  # round back half, drawn out into a point at the front
+        t = np.linspace(np.pi / 2, 3 * np.pi / 2, 20)
+        back = np.stack([hx + r * np.cos(t), hy + r * np.sin(t)], axis=1)
+        head = [np.vstack([back, [[hx + 1.9 * r, hy + 0.15 * r]]])]
+    elif shape == "square":
+        head = [_ellipse(hx, hy, 1.25 * r, 1.25 * r, np.pi / 4 + rng.normal(0, 0.15), n=4)]
+    else:  # crested: round head with three spikes on top
+        head = [_ellipse(hx, hy, r, r)]
+        for k, off in enumerate((-0.55, 0.0, 0.55)):
+            base = np.array([hx + off * r, hy - 0.6 * r])
+            tip = np.array([hx + off * r * 1.6 - 0.15 * r, hy - (1.75 if k == 1 else 1.5) * r])
+            head.append(np.stack([base + [-0.3 * r, 0.0], tip, base + [0.3 * r, 0.0]]))
+    return head, (hx + 0.4 * r, hy - 0.2 * r, 0.2 * r)
+
+
 def _creature_layers(v: dict[str, str], cfg: ImageBenchConfig, rng: np.random.Generator) -> list[_Layer]:
-    """The creature's shapes in local units (body centred at 0, head towards +x, y down), back to front."""
+    """The creature's shapes in local units (body centred at 0, head towards +x, y down), back to front.
+
+    The random draws happen in a fixed order (size, colours, wings, legs, tail, head): a benchmark's images
+    depend on it.
+    """
     jit = np.deg2rad(cfg.pose_jitter_deg)
     part = {p: i for i, p in enumerate(PART_NAMES)}
 
@@ -60,68 +127,15 @@ def _creature_layers(v: dict[str, str], cfg: ImageBenchConfig, rng: np.random.Ge
     wing_len = rng.uniform(0.30, 0.36)
     wing_angle = np.deg2rad(-135) + rng.normal(0, 0.6 * jit)
     anchor = np.array([-0.1 * a, -0.45 * b])
-
-    def wing(at: np.ndarray, angle: float, scale: float) -> np.ndarray:
-        d, nrm = _unit(angle)
-        length = wing_len * scale
-        if v["wing_shape"] == "rounded":
-            c = at + d * length / 2
-            return _ellipse(c[0], c[1], length / 2, 0.085 * scale, angle)
-        return np.stack([at + nrm * 0.075 * scale, at + d * 0.55 * length + nrm * 0.06 * scale,
-                         at + d * 1.2 * length, at - nrm * 0.045 * scale])
-
-    far = wing(anchor + np.array([0.07, -0.02]), wing_angle - np.deg2rad(22), 0.85)
+    far = _wing(v["wing_shape"], anchor + np.array([0.07, -0.02]), wing_angle - np.deg2rad(22), wing_len, 0.85)
     layers.append(_Layer(part["wings"], [far], wing_col * 0.72, v["wing_pattern"], wing_angle))
-
-    # Legs: two, from inside the body downwards, with a small foot pointing forwards.
-    leg_len = (0.09 if v["leg_length"] == "short" else 0.21) * rng.uniform(0.9, 1.1)
-    legs = []
-    for x0 in (0.35 * a, -0.3 * a):
-        d, nrm = _unit(np.pi / 2 + rng.normal(0, 0.5 * jit))
-        top = np.array([x0, 0.6 * b])
-        end = top + d * (leg_len + 0.4 * b)
-        w = 0.018
-        legs.append(np.stack([top + nrm * w, end + nrm * w, end - nrm * w, top - nrm * w]))
-        legs.append(np.stack([end + np.array([-0.015, -0.012]), end + np.array([0.06, -0.012]),
-                              end + np.array([0.06, 0.012]), end + np.array([-0.015, 0.012])]))
-    layers.append(_Layer(part["legs"], legs, leg_col))
-
-    # Tail at the back end of the body.
-    d, nrm = _unit(np.pi + np.deg2rad(-15) + rng.normal(0, 0.7 * jit))
-    t0 = np.array([-0.9 * a, -0.1 * b])
-    if v["tail_shape"] == "fan":
-        tail = [t0 + nrm * 0.035, t0 - nrm * 0.035, t0 + d * 0.22 - nrm * 0.12, t0 + d * 0.24,
-                t0 + d * 0.22 + nrm * 0.12]
-    elif v["tail_shape"] == "straight":
-        tail = [t0 + nrm * 0.028, t0 - nrm * 0.028, t0 + d * 0.33 - nrm * 0.022, t0 + d * 0.33 + nrm * 0.022]
-    else:  # forked: a V opening backwards
-        tail = [t0 + nrm * 0.035, t0 + d * 0.27 + nrm * 0.13, t0 + d * 0.15, t0 + d * 0.27 - nrm * 0.13,
-                t0 - nrm * 0.035]
-    layers.append(_Layer(part["tail"], [np.stack(tail)], tail_col))
-
+    layers.append(_Layer(part["legs"], _legs(v["leg_length"], a, b, jit, rng), leg_col))
+    layers.append(_Layer(part["tail"], [_tail(v["tail_shape"], a, b, jit, rng)], tail_col))
     layers.append(_Layer(part["body"], [_ellipse(0, 0, a, b)], body_col, v["body_pattern"], 0.0))
-
-    # Head at the front end, a little raised; an eye makes the facing direction readable.
-    r = 0.105 * rng.uniform(0.92, 1.08)
-    hx, hy = 0.9 * a + 0.45 * r, -0.55 * b
-    shape = v["head_shape"]
-    if shape == "round":
-        head = [_ellipse(hx, hy, r, r)]
-    elif shape == "pointed":  # round back half, drawn out into a point at the front
-        t = np.linspace(np.pi / 2, 3 * np.pi / 2, 20)
-        back = np.stack([hx + r * np.cos(t), hy + r * np.sin(t)], axis=1)
-        head = [np.vstack([back, [[hx + 1.9 * r, hy + 0.15 * r]]])]
-    elif shape == "square":
-        head = [_ellipse(hx, hy, 1.25 * r, 1.25 * r, np.pi / 4 + rng.normal(0, 0.15), n=4)]
-    else:  # crested: round head with three spikes on top
-        head = [_ellipse(hx, hy, r, r)]
-        for k, off in enumerate((-0.55, 0.0, 0.55)):
-            base = np.array([hx + off * r, hy - 0.6 * r])
-            tip = np.array([hx + off * r * 1.6 - 0.15 * r, hy - (1.75 if k == 1 else 1.5) * r])
-            head.append(np.stack([base + [-0.3 * r, 0.0], tip, base + [0.3 * r, 0.0]]))
-    layers.append(_Layer(part["head"], head, head_col, dots=[(hx + 0.4 * r, hy - 0.2 * r, 0.2 * r)]))
-
-    near = wing(anchor, wing_angle, 1.0)
+    # An eye makes the facing direction readable.
+    head, eye = _head(v["head_shape"], a, b, rng)
+    layers.append(_Layer(part["head"], head, head_col, dots=[eye]))
+    near = _wing(v["wing_shape"], anchor, wing_angle, wing_len, 1.0)
     layers.append(_Layer(part["wings"], [near], wing_col, v["wing_pattern"], wing_angle))
     return layers
 

@@ -142,6 +142,42 @@ def _str_list(values: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- the store
+@dataclass(frozen=True)
+class SemanticSide:
+    """Entries of a store's semantic side (``meta.npz``) for :meth:`FeatureStore.save_semantics`; None: not given.
+
+    Attributes:
+        att, w2v, original_att: (K, D) class attributes, (D, G) attribute vectors, the unnormalised attributes.
+        trainval_loc, test_seen_loc, test_unseen_loc: 0-based image indices of the splits.
+        class_names, attribute_names: K and D names.
+        val_classes: class indices of the validation split's classes.
+        clusters: attribute clusters (name -> attribute indices); replace every stored cluster.
+        image_files: one image path per feature map.
+        name: the dataset name.
+    """
+
+    att: np.ndarray | None = None
+    w2v: np.ndarray | None = None
+    trainval_loc: np.ndarray | None = None
+    test_seen_loc: np.ndarray | None = None
+    test_unseen_loc: np.ndarray | None = None
+    class_names: list[str] | None = None
+    attribute_names: list[str] | None = None
+    original_att: np.ndarray | None = None
+    val_classes: np.ndarray | None = None
+    clusters: Mapping[str, np.ndarray] | None = None
+    image_files: list[str] | None = None
+    name: str | None = None
+
+    @classmethod
+    def of(cls, data: ZSLData) -> SemanticSide:
+        """The semantic side of a benchmark: everything but its features and labels."""
+        return cls(att=data.att, w2v=data.w2v, trainval_loc=data.trainval_loc, test_seen_loc=data.test_seen_loc,
+                   test_unseen_loc=data.test_unseen_loc, class_names=data.class_names,
+                   attribute_names=data.attribute_names, val_classes=data.val_classes, clusters=data.clusters,
+                   name=data.name)
+
+
 @dataclass
 class VerifyReport:
     """What :meth:`FeatureStore.verify` checked (it raises instead of returning when something is bad)."""
@@ -653,23 +689,7 @@ class FeatureStore:
         return "re-extract or re-import the store (with --overwrite)"
 
     # ------------------------------------------------------------------ semantics
-    def save_semantics(
-        self,
-        *,
-        replace: bool = False,
-        att: np.ndarray | None = None,
-        w2v: np.ndarray | None = None,
-        trainval_loc: np.ndarray | None = None,
-        test_seen_loc: np.ndarray | None = None,
-        test_unseen_loc: np.ndarray | None = None,
-        class_names: list[str] | None = None,
-        attribute_names: list[str] | None = None,
-        original_att: np.ndarray | None = None,
-        val_classes: np.ndarray | None = None,
-        clusters: Mapping[str, np.ndarray] | None = None,
-        image_files: list[str] | None = None,
-        name: str | None = None,
-    ) -> None:
+    def save_semantics(self, side: SemanticSide, *, replace: bool = False) -> None:
         """Store the semantic side in ``meta.npz``; given entries replace stored ones, others are kept.
 
         ``replace=True`` starts from nothing instead of the stored entries (and so never reads a damaged
@@ -677,22 +697,23 @@ class FeatureStore:
         provenance (``split_hash``).
         """
         meta = {} if replace else self.meta()
-        floats = {"att": att, "w2v": w2v, "original_att": original_att}
-        ints = {"trainval_loc": trainval_loc, "test_seen_loc": test_seen_loc,
-                "test_unseen_loc": test_unseen_loc, "val_classes": val_classes}
-        strs = {"class_names": class_names, "attribute_names": attribute_names, "image_files": image_files}
+        floats = {"att": side.att, "w2v": side.w2v, "original_att": side.original_att}
+        ints = {"trainval_loc": side.trainval_loc, "test_seen_loc": side.test_seen_loc,
+                "test_unseen_loc": side.test_unseen_loc, "val_classes": side.val_classes}
+        strs = {"class_names": side.class_names, "attribute_names": side.attribute_names,
+                "image_files": side.image_files}
         meta.update({k: np.asarray(v, dtype=np.float32) for k, v in floats.items() if v is not None})
         meta.update({k: _as_index_array(v, f"{self.path} {k}") for k, v in ints.items() if v is not None})
         meta.update({k: np.asarray([str(s) for s in v], dtype=str) for k, v in strs.items() if v is not None})
-        if image_files is not None and len(image_files) != len(self):
-            raise DataError(f"{self.path}: {len(image_files)} image files for {len(self)} feature maps")
-        if name is not None:
-            meta["name"] = np.asarray(name)
-        if clusters is not None:
+        if side.image_files is not None and len(side.image_files) != len(self):
+            raise DataError(f"{self.path}: {len(side.image_files)} image files for {len(self)} feature maps")
+        if side.name is not None:
+            meta["name"] = np.asarray(side.name)
+        if side.clusters is not None:
             for k in [k for k in meta if k.startswith("cluster_")]:
                 del meta[k]
-            meta["cluster_names"] = np.asarray(list(clusters), dtype=str)
-            for j, idx in enumerate(clusters.values()):
+            meta["cluster_names"] = np.asarray(list(side.clusters), dtype=str)
+            for j, idx in enumerate(side.clusters.values()):
                 meta[f"cluster_{j}"] = np.asarray(idx, dtype=np.int64)
         buf = io.BytesIO()
         np.savez(buf, **meta)
@@ -911,10 +932,7 @@ def store_zsldata(
     store = store_from_array(path, data.features, labels=data.labels, dtype=dtype, chunk_size=chunk_size,
                              provenance={**data.provenance, "dataset": data.name, **(provenance or {})},
                              overwrite=overwrite)
-    store.save_semantics(att=data.att, w2v=data.w2v, trainval_loc=data.trainval_loc,
-                         test_seen_loc=data.test_seen_loc, test_unseen_loc=data.test_unseen_loc,
-                         class_names=data.class_names, attribute_names=data.attribute_names,
-                         val_classes=data.val_classes, clusters=data.clusters, name=data.name)
+    store.save_semantics(SemanticSide.of(data))
     return store
 
 

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dedn.data.store import STORE_JSON, FeatureStore
+from dedn.data.store import STORE_JSON, FeatureStore, SemanticSide
 from dedn.devices import join_process_group, resolve_device
 from dedn.errors import DataError
 from dedn.features.backbones import Backbone, get_backbone, to_rgb
@@ -191,33 +192,11 @@ def _autocast(device: torch.device, amp: bool) -> tuple[contextlib.AbstractConte
     return torch.autocast("cuda", dtype=dtype), f"{str(dtype).removeprefix('torch.')} autocast"
 
 
-def extract_features(
-    image_paths: Sequence[str | os.PathLike[str]],
-    labels: Sequence[int] | np.ndarray,
-    store_path: str | os.PathLike[str],
-    backbone: Backbone | str,
-    image_size: int | None = None,
-    batch_size: int = 32,
-    num_workers: int = 2,
-    device: str | torch.device = "auto",
-    resume: bool = True,
-    progress: bool = True,
-    provenance_extra: Mapping[str, Any] | None = None,
-    *,
-    dtype: str = "float16",
-    chunk_size: int = 256,
-    overwrite: bool = False,
-    check_images: bool = True,
-    amp: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> FeatureStore:
-    """Extract the feature maps of ``image_paths`` into a feature store at ``store_path``.
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How :func:`extract_features` runs: every setting besides the images, the store and the backbone.
 
-    Args:
-        image_paths, labels: one 0-based class label per image.
-        store_path: the store folder (created, or resumed when it exists and ``resume`` is true).
-        backbone: a :class:`Backbone`, or a registered name (built with its default pretrained weights).
+    Attributes:
         image_size: input size in pixels (default: the backbone's ``default_image_size``).
         batch_size, num_workers: DataLoader settings (workers decode and transform images).
         device: ``"auto"`` (CUDA when available; under torchrun ``cuda:LOCAL_RANK``), ``"cpu"``, ...
@@ -232,16 +211,30 @@ def extract_features(
             extra decoding pass). With ``False`` a bad image stops the run when it is reached (resumable).
         amp: autocast on CUDA (ignored on the CPU).
         rank, world_size: shard of the work (default: env ``RANK`` / ``WORLD_SIZE``, else 0 / 1).
-
-    Returns:
-        The store, complete once every rank has finished.
     """
-    paths = [os.fspath(p) for p in image_paths]
-    labels_arr = np.asarray(labels)
+
+    image_size: int | None = None
+    batch_size: int = 32
+    num_workers: int = 2
+    device: str | torch.device = "auto"
+    resume: bool = True
+    progress: bool = True
+    provenance_extra: Mapping[str, Any] | None = None
+    dtype: str = "float16"
+    chunk_size: int = 256
+    overwrite: bool = False
+    check_images: bool = True
+    amp: bool = True
+    rank: int | None = None
+    world_size: int | None = None
+
+
+def _check_inputs(paths: list[str], labels: np.ndarray, batch_size: int) -> None:
+    """Refuse an empty image list, mismatched labels, missing files and a bad batch size before any work."""
     if len(paths) == 0:
         raise DataError("no images to extract features from")
-    if labels_arr.shape != (len(paths),):
-        raise DataError(f"{len(paths)} images but labels of shape {labels_arr.shape}")
+    if labels.shape != (len(paths),):
+        raise DataError(f"{len(paths)} images but labels of shape {labels.shape}")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{len(missing)} image files do not exist: " + ", ".join(missing[:10])
@@ -249,91 +242,117 @@ def extract_features(
     if int(batch_size) < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
 
-    rank, world_size = _dist_env(rank, world_size)
+
+def _rank_device(device: str | torch.device, rank: int, world_size: int) -> torch.device:
+    """The device of this rank (under torchrun ``"auto"`` means the rank's own GPU), made current on CUDA."""
     if isinstance(device, str) and device == "auto" and world_size > 1 and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % torch.cuda.device_count()))}"
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)  # NCCL and pinned-memory copies use the current device
-    started_group = world_size > 1 and join_process_group(dev)
-    try:
-        if isinstance(backbone, str):
-            backbone = get_backbone(backbone, device=dev)
-        backbone = backbone.to(dev)
-        if dev.type == "cuda":
-            backbone = backbone.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-        size = int(image_size or backbone.default_image_size)
-        autocast, precision = _autocast(dev, amp)
-        provenance = {**backbone.provenance(size), "image_list_hash": _image_list_hash(paths, labels_arr),
-                      "precision": precision, **(provenance_extra or {})}
-        n = len(paths)
+    return dev
 
-        # 1. What is left to do (read-only look at an existing store).
-        store_file = Path(store_path) / STORE_JSON
+
+def _ready_backbone(backbone: Backbone | str, dev: torch.device) -> Backbone:
+    """The backbone built (from a registered name) and moved to ``dev``."""
+    if isinstance(backbone, str):
+        backbone = get_backbone(backbone, device=dev)
+    backbone = backbone.to(dev)
+    if dev.type == "cuda":
+        backbone = backbone.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    return backbone
+
+
+class _Extraction:
+    """One rank's extraction, step by step: plan, check images, open the store, extract, merge marks."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, store_path: str | os.PathLike[str],
+                 backbone: Backbone, options: ExtractOptions, shard: tuple[int, int], dev: torch.device) -> None:
+        self.paths, self.labels, self.store_path = paths, labels, store_path
+        self.backbone, self.options, self.dev = backbone, options, dev
+        self.rank, self.world_size = shard
+        self.size = int(options.image_size or backbone.default_image_size)
+        self.autocast, precision = _autocast(dev, options.amp)
+        self.provenance = {**backbone.provenance(self.size), "image_list_hash": _image_list_hash(paths, labels),
+                           "precision": precision, **(options.provenance_extra or {})}
+        self.n = len(paths)
+        self.store_file = Path(store_path) / STORE_JSON
+        self.fshape: tuple[int, ...] = ()
+
+    def plan(self) -> tuple[FeatureStore | None, list[int]]:
+        """The existing store to resume (None: a new one) and this rank's chunks left to do (read-only)."""
+        o = self.options
         existing = None
-        if store_file.exists() and resume and not overwrite:
-            existing = FeatureStore.open(store_path)
-            _check_resumable(existing, provenance, n, dtype)
+        if self.store_file.exists() and o.resume and not o.overwrite:
+            existing = FeatureStore.open(self.store_path)
+            _check_resumable(existing, self.provenance, self.n, o.dtype)
             todo = existing.missing_chunks()
-        elif store_file.exists() and not overwrite:
-            raise DataError(f"a feature store already exists at {store_path}; pass resume=True to continue "
+        elif self.store_file.exists() and not o.overwrite:
+            raise DataError(f"a feature store already exists at {self.store_path}; pass resume=True to continue "
                             "it or overwrite=True (--overwrite) to replace it")
         else:
-            todo = list(range(-(-n // chunk_size)))
-        mine = [i for i in todo if i % world_size == rank]
-        fshape = backbone.feature_shape(size)
+            todo = list(range(-(-self.n // o.chunk_size)))
+        mine = [i for i in todo if i % self.world_size == self.rank]
+        self.fshape = self.backbone.feature_shape(self.size)
         if existing is not None:
-            _check_resumable(existing, provenance, n, dtype, fshape)
+            _check_resumable(existing, self.provenance, self.n, o.dtype, self.fshape)
+        return existing, mine
 
-        # 2. Decode every image of the work left before writing anything.
-        if check_images:
-            cs = existing.chunk_size if existing is not None else chunk_size  # a resumed store keeps its own
-            ranges = [(i * cs, min((i + 1) * cs, n)) for i in mine]
-            bad = _gather_lists(find_bad_images([p for s, e in ranges for p in paths[s:e]], num_workers,
-                                                progress and rank == 0))
-            if bad:
-                raise DataError(f"{len(bad)} images cannot be read (truncated, corrupt or not an image); fix "
-                                "or remove them and run again:\n  " + "\n  ".join(bad))
+    def check_images(self, existing: FeatureStore | None, mine: list[int]) -> None:
+        """Decode every image of the work left (all ranks') and report every bad one before writing anything."""
+        cs = existing.chunk_size if existing is not None else self.options.chunk_size  # a resumed store keeps its own
+        ranges = [(i * cs, min((i + 1) * cs, self.n)) for i in mine]
+        bad = _gather_lists(find_bad_images([p for s, e in ranges for p in self.paths[s:e]], self.options.num_workers,
+                                            self.options.progress and self.rank == 0))
+        if bad:
+            raise DataError(f"{len(bad)} images cannot be read (truncated, corrupt or not an image); fix "
+                            "or remove them and run again:\n  " + "\n  ".join(bad))
 
-        # 3. Rank 0 creates the store (or merges leftover rank marks); the others wait, then open it.
+    def open_store(self, existing: FeatureStore | None) -> FeatureStore:
+        """Rank 0 creates the store (or merges leftover rank marks); the others wait, then open it."""
+        o = self.options
         _barrier()  # every rank has finished looking at the old store before rank 0 may replace it
-        if rank == 0:
+        if self.rank == 0:
             if existing is None:
-                store = FeatureStore.create(store_path, n, fshape, dtype=dtype, chunk_size=chunk_size,
-                                            provenance=provenance, overwrite=overwrite, labels=labels_arr)
-                store.save_semantics(image_files=paths)
+                store = FeatureStore.create(self.store_path, self.n, self.fshape, dtype=o.dtype,
+                                            chunk_size=o.chunk_size, provenance=self.provenance,
+                                            overwrite=o.overwrite, labels=self.labels)
+                store.save_semantics(SemanticSide(image_files=self.paths))
             else:
                 store = existing
-                if world_size == 1:
+                if self.world_size == 1:
                     store.merge_rank_marks()  # marks left by an earlier sharded run
         _barrier()
-        if rank != 0:
-            if not store_file.exists():
-                raise DataError(f"{store_path}: rank {rank} found no feature store; rank 0 creates it first")
-            store = FeatureStore.open(store_path)
-            _check_resumable(store, provenance, n, dtype, fshape)
+        if self.rank != 0:
+            if not self.store_file.exists():
+                raise DataError(f"{self.store_path}: rank {self.rank} found no feature store; rank 0 creates it "
+                                "first")
+            store = FeatureStore.open(self.store_path)
+            _check_resumable(store, self.provenance, self.n, o.dtype, self.fshape)
+        return store
 
-        # 4. Extract this rank's missing chunks.
-        mine = [i for i in store.missing_chunks() if i % world_size == rank]
-        batches = _batches(store, mine, int(batch_size))
+    def extract(self, store: FeatureStore) -> None:
+        """Compute and write this rank's missing chunks, marking each one complete once all its rows are in."""
+        o, dev = self.options, self.dev
+        mine = [i for i in store.missing_chunks() if i % self.world_size == self.rank]
+        batches = _batches(store, mine, int(o.batch_size))
         remaining = {i: store.chunk_range(i)[1] - store.chunk_range(i)[0] for i in mine}
         chunk_of = {b[0]: b[0] // store.chunk_size for b in batches}
-        loader = DataLoader(ImageDataset(paths, backbone.transform(size)), batch_sampler=batches,
-                            num_workers=num_workers, pin_memory=dev.type == "cuda")
-        out_dtype = torch.float16 if dtype == "float16" else torch.float32
-        mark_rank = rank if world_size > 1 else None
-        total = sum(remaining.values())
+        loader = DataLoader(ImageDataset(self.paths, self.backbone.transform(self.size)), batch_sampler=batches,
+                            num_workers=o.num_workers, pin_memory=dev.type == "cuda")
+        out_dtype = torch.float16 if o.dtype == "float16" else torch.float32
+        mark_rank = self.rank if self.world_size > 1 else None
         old_benchmark = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True  # one fixed input size: let cuDNN pick the fastest kernels
         try:
-            with tqdm(total=total, unit="img", desc=f"extract {backbone.name}@{size}",
-                      disable=not progress or rank != 0) as bar:
+            with tqdm(total=sum(remaining.values()), unit="img", desc=f"extract {self.backbone.name}@{self.size}",
+                      disable=not o.progress or self.rank != 0) as bar:
                 for images, index in loader:
                     x = images.to(dev, non_blocking=True)
                     if dev.type == "cuda":
                         x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast:
-                        feats = backbone(x)
+                    with self.autocast:
+                        feats = self.backbone(x)
                     start = int(index[0])
                     store.write_rows(start, feats.to(out_dtype).contiguous().cpu().numpy())
                     chunk = chunk_of[start]
@@ -344,12 +363,49 @@ def extract_features(
         finally:
             torch.backends.cudnn.benchmark = old_benchmark
 
-        # 5. Everyone done: rank 0 folds the per-rank marks into store.json.
+    def finish(self, store: FeatureStore) -> None:
+        """Everyone done: rank 0 folds the per-rank marks into store.json."""
         _barrier()
-        if rank == 0 and _distributed():
+        if self.rank == 0 and _distributed():
             store.merge_rank_marks()
         _barrier()
         store.refresh()
+
+
+def extract_features(
+    image_paths: Sequence[str | os.PathLike[str]],
+    labels: Sequence[int] | np.ndarray,
+    store_path: str | os.PathLike[str],
+    backbone: Backbone | str,
+    options: ExtractOptions | None = None,
+) -> FeatureStore:
+    """Extract the feature maps of ``image_paths`` into a feature store at ``store_path``.
+
+    Args:
+        image_paths, labels: one 0-based class label per image.
+        store_path: the store folder (created, or resumed when it exists and ``options.resume`` is true).
+        backbone: a :class:`Backbone`, or a registered name (built with its default pretrained weights).
+        options: how to run (default: :class:`ExtractOptions` ()).
+
+    Returns:
+        The store, complete once every rank has finished.
+    """
+    options = options or ExtractOptions()
+    paths = [os.fspath(p) for p in image_paths]
+    labels_arr = np.asarray(labels)
+    _check_inputs(paths, labels_arr, options.batch_size)
+    rank, world_size = _dist_env(options.rank, options.world_size)
+    dev = _rank_device(options.device, rank, world_size)
+    started_group = world_size > 1 and join_process_group(dev)
+    try:
+        run = _Extraction(paths, labels_arr, store_path, _ready_backbone(backbone, dev), options,
+                          (rank, world_size), dev)
+        existing, mine = run.plan()
+        if options.check_images:
+            run.check_images(existing, mine)
+        store = run.open_store(existing)
+        run.extract(store)
+        run.finish(store)
         return store
     finally:
         if started_group:
@@ -397,14 +453,14 @@ def extract_folder(
     image_root: str | os.PathLike[str],
     store_path: str | os.PathLike[str],
     backbone: Backbone | str,
-    image_size: int | None = None,
+    options: ExtractOptions | None = None,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
-    **kwargs: Any,
 ) -> FeatureStore:
     """:func:`extract_features` over a folder of class subfolders; class names go into the store's meta."""
+    options = options or ExtractOptions()
     paths, labels, classes = list_image_folder(image_root, extensions)
-    store = extract_features(paths, labels, store_path, backbone, image_size, **kwargs)
-    rank, _ = _dist_env(kwargs.get("rank"), kwargs.get("world_size"))
+    store = extract_features(paths, labels, store_path, backbone, options)
+    rank, _ = _dist_env(options.rank, options.world_size)
     if rank == 0:
-        store.save_semantics(class_names=classes)
+        store.save_semantics(SemanticSide(class_names=classes))
     return store

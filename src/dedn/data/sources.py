@@ -87,6 +87,14 @@ class ArrayFeatures(FeatureSource):
     def __getitem__(self, index: Any) -> np.ndarray:
         return self.array[index]
 
+    def read(self, index: np.ndarray, stored_dtype: bool = False) -> torch.Tensor:
+        """float32 maps of ``index`` in that order; each row is read once, in ascending order (an h5py dataset
+        takes nothing else)."""
+        import torch
+
+        rows, inverse = np.unique(np.asarray(index), return_inverse=True)
+        return torch.from_numpy(np.asarray(self.array[rows], dtype=np.float32)[inverse.reshape(-1)])
+
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         return np.asarray(self.array, dtype=dtype)
 

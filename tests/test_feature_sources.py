@@ -119,3 +119,23 @@ def test_zsldata_wraps_an_array_once_and_it_still_behaves_as_one(tmp_path: Path)
     assert data_fingerprint(_dataset(store)) != data_fingerprint(data)  # the store's identity counts
     with pytest.raises(DataError, match=r"toy\.h5: feature maps must be an \(N, C, h, w\) array"):
         _dataset([[0.0]])
+
+
+def test_the_trainer_reads_and_evaluates_a_resident_copy_like_the_host(tiny_cfg) -> None:
+    from dedn.train.trainer import Trainer
+
+    trainer = Trainer(tiny_cfg)
+    host = trainer.evaluate().result.to_dict()
+    index = np.array([4, 1, 1, 0])
+    want = trainer._host_batch(index)
+    # What resident_copy gives on a GPU, here on the CPU.
+    trainer.features = DeviceFeatures(trainer.data.features.read(np.arange(trainer.data.n_images)))
+    got = trainer._host_batch(index)
+    assert got.dtype == want.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert trainer.evaluate().result.to_dict() == host
+    bad = trainer.features.tensor.clone()
+    bad[trainer.data.test_seen_loc[0]] = float("nan")
+    trainer.features = DeviceFeatures(bad)  # the evaluation reads the resident copy, not the host's maps
+    with pytest.raises(DataError, match=rf"images \[{trainer.data.test_seen_loc[0]}\]"):
+        trainer.evaluate()

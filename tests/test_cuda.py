@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dedn.config import apply_overrides
+from dedn.data.sources import DeviceFeatures
 from dedn.data.store import store_zsldata
 from dedn.factory import load_data
 from dedn.train.trainer import Trainer
@@ -41,5 +42,5 @@ def test_training_from_a_resident_store(tiny_cfg, tmp_path: Path) -> None:
     store_zsldata(tmp_path / "store", load_data(tiny_cfg))
     cfg = apply_overrides(tiny_cfg, ["data.source=store", f"data.path={tmp_path / 'store'}"])
     trainer = _fit(cfg, "cuda")
-    assert torch.is_tensor(trainer.features) and trainer.features.device.type == "cuda"
+    assert isinstance(trainer.features, DeviceFeatures) and trainer.features.device.type == "cuda"
     assert "H" in trainer.history[-1]

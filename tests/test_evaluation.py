@@ -229,20 +229,23 @@ def test_write_metrics_and_plot(tmp_path):
 
 
 def test_evaluation_reads_a_tensor_of_all_maps_like_the_array(tiny_cfg) -> None:
-    """A store resident on the GPU is evaluated from its tensor; here the same path on the CPU."""
+    """A store resident on the GPU is evaluated from its tensor, as stored; here the same path on the CPU."""
+    from dataclasses import replace
+
     import torch
 
+    from dedn.data.sources import DeviceFeatures
     from dedn.eval.evaluate import evaluate_model
     from dedn.factory import build_model, load_data
 
     data = load_data(tiny_cfg)
     model = build_model(tiny_cfg, data)
     resident = torch.as_tensor(np.asarray(data.features[np.arange(data.n_images)], dtype=np.float32)).half()
-    a = evaluate_model(model, data, 1.0, batch_size=50, features=resident)
-    b = evaluate_model(model, data.__class__(**{**data.__dict__, "features": resident.float().numpy()}), 1.0,
-                       batch_size=50)
+    a = evaluate_model(model, replace(data, features=DeviceFeatures(resident)), 1.0, batch_size=50,
+                       stored_dtype=True)
+    b = evaluate_model(model, replace(data, features=resident.float().numpy()), 1.0, batch_size=50)
     assert a.result.to_dict() == b.result.to_dict()
     bad = resident.clone()
     bad[data.test_seen_loc[3], 0, 0, 0] = float("nan")
     with pytest.raises(DataError, match=rf"images \[{data.test_seen_loc[3]}\]"):
-        evaluate_model(model, data, 1.0, batch_size=50, features=bad)
+        evaluate_model(model, replace(data, features=DeviceFeatures(bad)), 1.0, batch_size=50, stored_dtype=True)

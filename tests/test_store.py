@@ -75,7 +75,7 @@ def test_fancy_indexing_any_order_and_duplicates(tmp_path):
     assert store[np.array([], dtype=int)].shape == (0, C, H, W)
     with pytest.raises(IndexError):
         store[np.array([0, N])]
-    assert store.to_torch("cpu") is None  # GPU residency only; CPU users read the memory map
+    assert store.resident_copy("cpu") is None  # GPU residency only; CPU users read the file
     # A store handed to DataLoader workers is pickled without its memory map.
     clone = pickle.loads(pickle.dumps(store))
     np.testing.assert_array_equal(clone[idx], x[idx])
@@ -285,12 +285,14 @@ def test_hdf5_lazy_view(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-def test_to_torch_keeps_the_store_on_the_gpu(tmp_path):
+def test_resident_copy_keeps_the_store_on_the_gpu(tmp_path):
     import torch
 
     x = _features()
     store = store_from_array(tmp_path / "s", x, chunk_size=3)
-    t = store.to_torch("cuda", reserve_bytes=0)
+    resident = store.resident_copy("cuda", reserve_bytes=0)
+    t = resident.tensor
     assert t.device.type == "cuda" and t.dtype == torch.float16 and t.shape == (N, C, H, W)
+    assert resident.identity == store.identity and resident.dtype == store.dtype
     np.testing.assert_array_equal(t.float().cpu().numpy(), store[:])
-    assert store.to_torch("cuda", reserve_bytes=10**15) is None  # does not fit
+    assert store.resident_copy("cuda", reserve_bytes=10**15) is None  # does not fit

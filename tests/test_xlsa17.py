@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+from dedn.data.sources import FeatureSource
 from dedn.data.xlsa17 import (
     EXPECTED_COUNTS,
     canonical_dataset,
@@ -24,14 +25,13 @@ from dedn.errors import DataError
 from .conftest import shared_dir
 
 
-class LazyFeatures:
+class LazyFeatures(FeatureSource):
     """Feature maps of the right shape that never hold the real (gigabyte) data."""
+
+    dtype = np.dtype(np.float32)
 
     def __init__(self, n: int, shape=(8, 2, 2)):
         self.shape = (n, *shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
 
     def __getitem__(self, index):
         return np.zeros((len(np.atleast_1d(index)), *self.shape[1:]), dtype=np.float32)

@@ -97,6 +97,7 @@ def _make_store(folder: Path, scale: str) -> Path:
 def _train(store: Path, device: str, overrides: list[str]) -> dict[str, Any]:
     """Train a fixed-protocol run from ``store``; its timing, the last row and whether the store was resident."""
     from dedn.config import load_config
+    from dedn.data.sources import DeviceFeatures
     from dedn.train.trainer import Trainer
 
     cfg = load_config(None, ["data.source=store", f"data.path={store}", f"train.device={device}",
@@ -108,7 +109,7 @@ def _train(store: Path, device: str, overrides: list[str]) -> dict[str, Any]:
     last = result.history[-1] if result.history else {}
     steps = int(last.get("iterations", 0))  # a fresh run: the iterations done are the steps taken
     train_seconds = sum(h["seconds"] for h in result.history)
-    return {"resident": torch.is_tensor(trainer.features), "steps": steps, "wall_seconds": round(wall, 2),
+    return {"resident": isinstance(trainer.features, DeviceFeatures), "steps": steps, "wall_seconds": round(wall, 2),
             "train_seconds": round(train_seconds, 2), "eval_seconds": round(wall - train_seconds, 2),
             "steps_per_second": round(steps / train_seconds, 1) if train_seconds else None,
             "evaluations": sum("H" in h for h in result.history),

@@ -1,45 +1,21 @@
 """The dataset container every part of dedn works on, its checks, and the honest validation split.
 
-A :class:`ZSLData` holds one benchmark: region feature maps (any array-like with numpy fancy
-indexing: an in-memory ``numpy`` array or a :class:`dedn.data.store.FeatureStore` read from disk), labels,
-the xlsa17 split locations, class attributes and attribute semantic vectors. Readers of real files
-(:mod:`dedn.data.xlsa17`, :mod:`dedn.data.store`), the generated benchmarks (:mod:`dedn.data.synthetic`,
-:mod:`dedn.data.imagebench`) all produce one.
+A :class:`ZSLData` holds one benchmark: region feature maps (a :class:`dedn.data.sources.FeatureSource`: a
+:class:`dedn.data.store.FeatureStore` read from disk, an HDF5 file, generated maps, or an in-memory array,
+wrapped when the dataset is made), labels, the xlsa17 split locations, class attributes and attribute semantic
+vectors. Readers of real files (:mod:`dedn.data.xlsa17`, :mod:`dedn.data.store`), the generated benchmarks
+(:mod:`dedn.data.synthetic`, :mod:`dedn.data.imagebench`) all produce one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from dedn.data.sources import ArrayFeatures, FeatureSource
 from dedn.errors import DataError
-
-
-class FeatureArray(Protocol):
-    """Anything that stores N feature maps (N, C, h, w) and returns a float array for an index array."""
-
-    shape: tuple[int, ...]
-
-    def __getitem__(self, index: Any) -> np.ndarray: ...
-
-    def __len__(self) -> int: ...
-
-
-def read_features(features: FeatureArray, index: np.ndarray, stored_dtype: bool = False) -> np.ndarray:
-    """float32 feature maps of ``index`` in that order, read in sorted order (fast on stores and HDF5).
-
-    ``stored_dtype``: a feature store's maps in its own dtype instead (float16 stays float16).
-    """
-    index = np.asarray(index)
-    if stored_dtype and hasattr(features, "take"):
-        return features.take(index)
-    order = np.argsort(index, kind="stable")
-    chunk = np.asarray(features[index[order]], dtype=np.float32)
-    out = np.empty_like(chunk)
-    out[order] = chunk
-    return out
 
 
 def data_fingerprint(data: ZSLData) -> str:
@@ -56,7 +32,7 @@ def data_fingerprint(data: ZSLData) -> str:
         a = np.ascontiguousarray(arr)
         h.update(str((a.dtype.str, a.shape)).encode())
         h.update(a.tobytes())
-    h.update(json.dumps([list(data.features.shape), str(getattr(data.features, "identity", None)),
+    h.update(json.dumps([list(data.features.shape), str(data.features.identity),
                          data.provenance.get("generator"), data.provenance.get("config")],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
@@ -68,7 +44,8 @@ class ZSLData:
 
     Attributes:
         name: dataset name (``"CUB"``, ``"SUN"``, ``"AWA2"``, ``"synthetic"``, ...).
-        features: (N, C, h, w) feature maps; ``features[idx]`` returns a numpy array for an index array.
+        features: (N, C, h, w) feature maps, a :class:`~dedn.data.sources.FeatureSource`; a numpy array or an
+            h5py dataset given here is wrapped once in an :class:`~dedn.data.sources.ArrayFeatures`.
         labels: (N,) int64 class index of each image, 0-based.
         att: (K, D) float32 class attributes in dataset attribute order (xlsa17 ``att`` transposed).
         w2v: (D, G) float32 semantic vector of each attribute.
@@ -85,7 +62,7 @@ class ZSLData:
     """
 
     name: str
-    features: FeatureArray
+    features: FeatureSource
     labels: np.ndarray
     att: np.ndarray
     w2v: np.ndarray
@@ -99,6 +76,10 @@ class ZSLData:
     source: str = "<memory>"
     provenance: dict[str, Any] = field(default_factory=dict)
     class_ids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.features, FeatureSource):
+            self.features = ArrayFeatures(self.features, where=self.source)
 
     # ------------------------------------------------------------------ derived facts
     @property

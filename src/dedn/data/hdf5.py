@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from dedn.atomic import atomic_write
 from dedn.data.dataset import ZSLData
+from dedn.data.sources import FeatureSource
 from dedn.data.store import (
     _SPLITS,
     LABELS_NPY,
@@ -320,8 +321,9 @@ def export_hdf5(store: FeatureStore | str | os.PathLike[str], path: str | os.Pat
     return path
 
 
-class HDF5Features:
-    """A read-only FeatureArray over ``feature_map`` of an HDF5 file, read on demand (no import).
+class HDF5Features(FeatureSource):
+    """A read-only :class:`~dedn.data.sources.FeatureSource` over ``feature_map`` of an HDF5 file, read on demand
+    (no import).
 
     ``features[idx]`` returns float32 for an int, a slice or an int array (any order, duplicates): the
     indices are sorted and de-duplicated for h5py, then put back in the asked order. Safe to hand to
@@ -387,7 +389,7 @@ class HDF5Features:
 
 
 def open_hdf5_lazily(path: str | os.PathLike[str], key: str = "feature_map") -> HDF5Features:
-    """A FeatureArray view of an existing HDF5 file's feature maps, without importing it."""
+    """A FeatureSource view of an existing HDF5 file's feature maps, without importing it."""
     return HDF5Features(path, key)
 
 

@@ -382,10 +382,6 @@ def to_zsldata(bench: ImageBenchmark, features: Any, source: str = "imagebench",
     :meth:`ImageBenchmark.semantic_vectors`, and the benchmark's own clusters and validation classes
     are set.
     """
-    shape = tuple(getattr(features, "shape", ()))
-    if len(shape) != 4 or shape[0] != len(bench):
-        raise DataError(f"{source}: features must have shape ({len(bench)}, C, h, w) for the {len(bench)} "
-                        f"benchmark images, got {shape}")
     att = bench.class_att.astype(np.float32)
     att = normalize_rows(att)
     data = ZSLData(
@@ -404,6 +400,10 @@ def to_zsldata(bench: ImageBenchmark, features: Any, source: str = "imagebench",
         source=source,
         provenance={"generator": "dedn.data.imagebench", "imagebench": asdict(bench.config)},
     )
+    shape = tuple(data.features.shape)
+    if len(shape) != 4 or shape[0] != len(bench):
+        raise DataError(f"{source}: features must have shape ({len(bench)}, C, h, w) for the {len(bench)} "
+                        f"benchmark images, got {shape}")
     data.validate()
     return data
 

@@ -44,13 +44,17 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dedn.atomic import atomic_write_bytes
 from dedn.data.dataset import ZSLData
+from dedn.data.sources import DeviceFeatures, FeatureSource
 from dedn.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "dedn-feature-store"
 VERSION = 1
@@ -196,14 +200,15 @@ class VerifyReport:
         return f"OK: {self.path}: {', '.join(parts)}; {self.semantics}"
 
 
-class FeatureStore:
+class FeatureStore(FeatureSource):
     """N feature maps (N, C, h, w) in a folder on disk; see the module docstring for the layout.
 
     Build one with :meth:`create` (then :meth:`write_chunk`) or open one with :meth:`open`.
     Reading (``store[idx]``) returns float32 numpy arrays for an int, a slice or an int array (any order,
-    duplicates allowed), so a store can be a :class:`dedn.data.dataset.ZSLData`'s ``features``. Reads do not check
-    completeness (a chunk not yet written reads as zeros); :func:`load_zsldata`, :meth:`to_torch` and
-    :func:`export_hdf5` refuse an incomplete store.
+    duplicates allowed); as a :class:`~dedn.data.sources.FeatureSource` a store is a
+    :class:`dedn.data.dataset.ZSLData`'s ``features``. Reads do not check completeness (a chunk not yet written
+    reads as zeros); :func:`load_zsldata`, :meth:`resident_copy` and :func:`export_hdf5` refuse an incomplete
+    store.
     """
 
     def __init__(self, path: str | os.PathLike[str], info: dict[str, Any]) -> None:
@@ -322,7 +327,7 @@ class FeatureStore:
 
     @property
     def nbytes(self) -> int:
-        """Size of the feature maps on disk (and on a GPU, see :meth:`to_torch`)."""
+        """Size of the feature maps on disk (and on a GPU, see :meth:`resident_copy`)."""
         return int(self._info["features_bytes"])
 
     @property
@@ -441,6 +446,14 @@ class FeatureStore:
         if flat.size and (flat.min() < 0 or flat.max() >= n):
             raise IndexError(f"index out of range for {n} feature maps")
         return self._gather(flat, self.dtype)
+
+    def read(self, index: np.ndarray, stored_dtype: bool = False) -> torch.Tensor:
+        """float32 maps of ``index`` as a CPU tensor; with ``stored_dtype`` in the store's dtype (:meth:`take`)."""
+        if not stored_dtype:
+            return super().read(index)
+        import torch
+
+        return torch.from_numpy(self.take(index))
 
     def __getitem__(self, index: Any) -> np.ndarray:
         """float32 copy of the maps at an int, a slice, or an int / bool array (any order, duplicates).
@@ -733,13 +746,13 @@ class FeatureStore:
             raise DataError(f"{f} is corrupt ({type(exc).__name__}: {exc}); {self._rebuild_hint(f)}") from exc
 
     # ------------------------------------------------------------------ GPU residency
-    def to_torch(self, device: Any = "cuda", reserve_bytes: int | None = None):
+    def resident_copy(self, device: Any = "cuda", reserve_bytes: int | None = None) -> DeviceFeatures | None:
         """The whole store as one tensor (N, C, h, w) in the store dtype on a CUDA device, or ``None``.
 
         ``None`` when ``device`` is not CUDA or the maps do not fit in the device's free memory minus
         ``reserve_bytes`` (default: the larger of 1 GiB and 10 % of the device's memory, for the model and
         its activations); the caller then reads batches from the file instead. Copies in blocks of
-        about 256 MiB, so host memory stays bounded.
+        about 256 MiB, so host memory stays bounded. The copy carries the store's :attr:`identity`.
         """
         import torch
 
@@ -756,7 +769,7 @@ class FeatureStore:
         rows = max(1, (256 << 20) // self._row_bytes)
         for s in range(0, len(self), rows):
             out[s:s + rows].copy_(torch.from_numpy(self.read_raw(s, min(s + rows, len(self)))))
-        return out
+        return DeviceFeatures(out, identity=self.identity)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -910,13 +923,13 @@ def store_from_array(
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> FeatureStore:
-    """Write an (N, C, h, w) array (or any FeatureArray) into a new store, chunk by chunk (tests, benches)."""
+    """Write an (N, C, h, w) array (or any FeatureSource) into a new store, chunk by chunk (tests, benches)."""
     shape = tuple(int(s) for s in array.shape)
     if len(shape) != 4:
         raise DataError(f"{path}: expected an (N, C, h, w) array, got shape {shape}")
     store = FeatureStore.create(path, shape[0], shape[1:], dtype=dtype, chunk_size=chunk_size,
                                 provenance=provenance, overwrite=overwrite, labels=labels)
-    store.fill_missing(lambda s, e: np.asarray(array[np.arange(s, e)]))  # the FeatureArray contract: index arrays
+    store.fill_missing(lambda s, e: np.asarray(array[np.arange(s, e)]))  # arrays and FeatureSources: index arrays
     return store
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from dedn.data.benchmarks import BENCHMARKS, FEATURE_CHANNELS, WORD_VECTOR_DIM, Benchmark
 from dedn.data.dataset import ZSLData
+from dedn.data.sources import FeatureSource
 from dedn.errors import ConfigError, DataError
 
 
@@ -159,7 +160,7 @@ class ImageLatents:
     object_map: np.ndarray
 
 
-class SyntheticFeatures:
+class SyntheticFeatures(FeatureSource):
     """Lazy (N, C, h, w) float32 feature maps, generated per image from ``(seed, index)``.
 
     Indexing follows numpy: an int gives one (C, h, w) map; a slice, an int array or a bool mask gives

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.io
 
 from dedn.data.benchmarks import BENCHMARKS, find_benchmark
-from dedn.data.dataset import FeatureArray, ZSLData
+from dedn.data.dataset import ZSLData
 from dedn.data.semantics import load_word_vectors
 from dedn.errors import DataError
 
@@ -633,8 +633,9 @@ def _image_fix(ds: str | None, root: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- container
-def to_zsldata(semantics: XLSA17Semantics, features: FeatureArray, source: str | Path) -> ZSLData:
-    """Join the semantics with N feature maps (any :class:`FeatureArray`, in res101.mat image order).
+def to_zsldata(semantics: XLSA17Semantics, features: Any, source: str | Path) -> ZSLData:
+    """Join the semantics with N feature maps (a :class:`~dedn.data.sources.FeatureSource`,
+    an array or an h5py dataset, in res101.mat image order).
 
     Raises:
         DataError: no labels or word vectors in the semantics, a count mismatch, or any check of
@@ -647,10 +648,6 @@ def to_zsldata(semantics: XLSA17Semantics, features: FeatureArray, source: str |
     if semantics.w2v is None:
         raise DataError(f"{semantics.source}: no attribute word vectors; put the dataset's "
                         f"{semantics.name}_attribute.pkl in the folder or give a word-vector file")
-    shape = tuple(features.shape)
-    if len(shape) != 4 or shape[0] != semantics.labels.size:
-        raise DataError(f"{src}: feature maps of shape {shape} do not fit {semantics.labels.size} images "
-                        f"of {semantics.source}; expected ({semantics.labels.size}, C, h, w)")
     data = ZSLData(
         name=semantics.name,
         features=features,
@@ -666,5 +663,9 @@ def to_zsldata(semantics: XLSA17Semantics, features: FeatureArray, source: str |
         source=src,
         provenance={"semantics": semantics.source, **{f"file_{k}": v for k, v in semantics.files.items()}},
     )
+    shape = tuple(data.features.shape)
+    if len(shape) != 4 or shape[0] != semantics.labels.size:
+        raise DataError(f"{src}: feature maps of shape {shape} do not fit {semantics.labels.size} images "
+                        f"of {semantics.source}; expected ({semantics.labels.size}, C, h, w)")
     data.validate()
     return data

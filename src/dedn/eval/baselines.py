@@ -9,21 +9,21 @@ parts buy. Its two regularisers and the calibration are chosen on the validation
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from dedn.data.dataset import ZSLData, read_features
+from dedn.data.dataset import ZSLData
 from dedn.data.semantics import normalize_rows
+from dedn.data.sources import FeatureSource
 from dedn.eval.metrics import GZSLResult, best_calibration, gzsl_metrics
 
 
-def pooled_features(features: Any, index: np.ndarray, batch: int = 512) -> np.ndarray:
+def pooled_features(features: FeatureSource, index: np.ndarray, batch: int = 512) -> np.ndarray:
     """(n, C) global-average-pooled, L2-normalised feature vectors of ``features[index]``."""
     out = []
     index = np.asarray(index)
     for s in range(0, index.size, batch):
-        chunk = read_features(features, index[s : s + batch])
+        chunk = features.read(index[s : s + batch]).cpu().numpy()
         out.append(chunk.reshape(chunk.shape[0], chunk.shape[1], -1).mean(-1))
     x = np.concatenate(out)
     return normalize_rows(x)

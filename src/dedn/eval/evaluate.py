@@ -59,25 +59,24 @@ def evaluate_model(
     l_rc: float | None = None,
     l_e: float | None = None,
     precision: str = "fp32",
-    features: Any = None,
+    stored_dtype: bool = False,
 ) -> Evaluation:
     """T, S, U, H of ``model`` on ``data``'s test split (which is the validation split of a validation task).
 
     ``gamma``: a :class:`~dedn.eval.calibration.Calibration`, a number (source ``config``), or ``"best"`` for the
     H-maximising value on these very scores (source ``validated`` on a validation task, else
     ``oracle-on-test``). ``precision``: of the feature products, ``fp32`` or ``bf16`` (a run's
-    ``train.precision``). ``features``: the maps to read instead of ``data.features`` (the same maps, e.g.
-    a store's copy resident on the GPU).
+    ``train.precision``). ``stored_dtype``: read ``data.features`` as they are kept where the source hands that
+    out (a store, a copy resident on the GPU: :meth:`~dedn.data.sources.FeatureSource.read`), else in float32.
     """
     if not isinstance(gamma, Calibration):
         on_val = data.provenance.get("split") == "validation"
         source = (GammaSource.VALIDATED if on_val else GammaSource.ORACLE) if gamma == "best" else GammaSource.CONFIG
         gamma = Calibration(gamma, source)
-    features = data.features if features is None else features
-    seen = collect_outputs(model, features, data.test_seen_loc, data.labels, batch_size, device,
-                           progress, "test seen", precision)
-    unseen = collect_outputs(model, features, data.test_unseen_loc, data.labels, batch_size, device,
-                             progress, "test unseen", precision)
+    seen = collect_outputs(model, data.features, data.test_seen_loc, data.labels, batch_size, device,
+                           progress, "test seen", precision, stored_dtype)
+    unseen = collect_outputs(model, data.features, data.test_unseen_loc, data.labels, batch_size, device,
+                             progress, "test unseen", precision, stored_dtype)
     return evaluate_outputs(seen, unseen, data.seen_mask, gamma, model.l_rc if l_rc is None else l_rc,
                             model.l_e if l_e is None else l_e)
 

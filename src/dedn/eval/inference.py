@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dedn.atomic import atomic_write_bytes
-from dedn.data.dataset import read_features
+from dedn.data.sources import FeatureSource
 from dedn.errors import DataError
 from dedn.models.dedn import DEDN
 
@@ -88,20 +88,10 @@ class ModelOutputs:
             )
 
 
-def _batches(features: Any, index: np.ndarray, batch_size: int):
-    """Feature maps of ``index`` batch by batch: read from an array or store, or gathered where a tensor
-    of all maps already lives (a store resident on the GPU)."""
-    for s in range(0, index.size, batch_size):
-        if torch.is_tensor(features):
-            yield features[torch.as_tensor(index[s : s + batch_size], device=features.device)]
-        else:
-            yield read_features(features, index[s : s + batch_size])
-
-
 @torch.no_grad()
 def collect_outputs(
     model: DEDN,
-    features: Any,
+    features: FeatureSource,
     index: np.ndarray,
     labels: np.ndarray | None = None,
     batch_size: int = 200,
@@ -109,10 +99,13 @@ def collect_outputs(
     progress: bool = False,
     desc: str = "scoring",
     precision: str = "fp32",
+    stored_dtype: bool = False,
 ) -> ModelOutputs:
     """Run ``model`` (in eval mode) over ``features[index]`` and keep every branch's attribute scores.
 
-    ``features``: an (N, C, h, w) array or store, or a tensor of all maps (gathered on its own device).
+    ``features``: the maps, read batch by batch (:meth:`~dedn.data.sources.FeatureSource.read`; a resident copy
+    gathers them on its own device). ``stored_dtype``: read them in the dtype they are kept in where the source
+    hands that out (see ``read``), else float32.
 
     ``precision``: of the model's feature products (``fp32`` or ``bf16``, :mod:`dedn.models.precision`).
     """
@@ -122,18 +115,14 @@ def collect_outputs(
     parts: dict[str, list[np.ndarray]] = {}
     bar = tqdm(total=index.size, desc=desc, unit="img", disable=not progress, leave=False)
     try:
-        for start, chunk in zip(range(0, index.size, batch_size), _batches(features, index, batch_size),
-                                strict=True):
-            finite = bool(torch.isfinite(chunk).all()) if torch.is_tensor(chunk) else np.isfinite(chunk).all()
-            if not finite:  # name the images, not a downstream "scores contain NaN"
-                flat = chunk.reshape(chunk.shape[0], -1)
-                rows = ~(torch.isfinite(flat).all(1).cpu().numpy() if torch.is_tensor(flat)
-                         else np.isfinite(flat).all(axis=1))
+        for start in range(0, index.size, batch_size):
+            chunk = features.read(index[start : start + batch_size], stored_dtype=stored_dtype)
+            if not bool(torch.isfinite(chunk).all()):  # name the images, not a downstream "scores contain NaN"
+                rows = ~torch.isfinite(chunk.reshape(chunk.shape[0], -1)).all(1).cpu().numpy()
                 bad = index[start : start + chunk.shape[0]][rows]
                 raise DataError(f"feature maps of images {bad[:5].tolist()} (dataset indices) hold NaN or infinite "
                                 "values; fix or re-extract those features")
-            x = chunk if torch.is_tensor(chunk) else torch.from_numpy(chunk)
-            out = model(x.to(device), precision=precision)
+            out = model(chunk.to(device), precision=precision)
             for name, exp in (("cexp", out.cexp), ("fexp", out.fexp)):
                 if exp is None:
                     continue

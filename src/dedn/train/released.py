@@ -144,8 +144,7 @@ def check_replay_data(data: ZSLData, path: str | None) -> None:
     Raises:
         DataError: the features are stored in float16.
     """
-    dtype = getattr(data.features, "dtype", None)
-    if dtype is not None and np.dtype(dtype) == np.float16:
+    if data.features.dtype == np.float16:
         raise DataError(f"{path or data.source}: a float16 feature store cannot replay a released run "
                         "(train.rng=released): the released code trains on the HDF5 file's float32 feature maps; "
                         "import the file with `dedn store import --dtype float32`, or read it directly with "

@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from dedn import __version__
 from dedn.atomic import atomic_write_text
 from dedn.config import RunConfig, config_hash, config_to_dict, diff_keys, without_keys
-from dedn.data.dataset import ZSLData, data_fingerprint, read_features
+from dedn.data.dataset import ZSLData, data_fingerprint
+from dedn.data.sources import ArrayFeatures, FeatureSource
 from dedn.devices import join_process_group, process_rank, resolve_device
 from dedn.errors import CheckpointError, ConfigError, TrainingError
 from dedn.eval.calibration import Calibration, GammaSource
@@ -261,7 +262,7 @@ class Trainer:
         from dedn.data.store import FeatureStore
 
         feats = self.data.features
-        if not isinstance(feats, (np.ndarray, FeatureStore)):
+        if not isinstance(feats, (ArrayFeatures, FeatureStore)):
             return
         if int(np.prod(feats.shape)) * 4 > limit_bytes:
             return
@@ -269,21 +270,20 @@ class Trainer:
         for s in range(0, used.size, 512):
             self.data.check_features_finite(used[s : s + 512])
 
-    def _features_on_device(self) -> Any:
-        """Keep a feature store resident on the GPU when it fits; otherwise read batches from the host."""
-        if self.device.type == "cuda" and hasattr(self.data.features, "to_torch"):
-            resident = self.data.features.to_torch(self.device)
+    def _features_on_device(self) -> FeatureSource:
+        """Keep the features resident on the GPU when the source can and they fit (a feature store); otherwise
+        read batches from the host."""
+        if self.device.type == "cuda":
+            resident = self.data.features.resident_copy(self.device)
             if resident is not None:
                 log.info("feature store resident on %s", self.device)
                 return resident
         return self.data.features
 
     def _host_batch(self, index: np.ndarray) -> torch.Tensor:
-        """The batch's feature maps: read from the store (in a worker thread) or gathered on the device."""
-        if torch.is_tensor(self.features):
-            return self.features[torch.as_tensor(index, device=self.features.device)]
+        """The batch's feature maps: read from the source (in a worker thread) or gathered on the device."""
         # bf16 runs take a float16 store's batch as it is stored: the model rounds it to bf16 on the device.
-        return torch.from_numpy(read_features(self.features, index, stored_dtype=self.cfg.train.precision == "bf16"))
+        return self.features.read(index, stored_dtype=self.cfg.train.precision == "bf16")
 
     def resume(self) -> bool:
         """Continue from the run directory's last checkpoint; False when the run has not trained yet.
@@ -402,10 +402,16 @@ class Trainer:
         return items
 
     def evaluate(self, progress: bool = False) -> Evaluation:
-        """Evaluate the model on the test (or validation) split, in the run's ``train.precision``."""
-        return evaluate_model(self.model, self.data, self.calibration, self.cfg.eval.batch_size, self.device,
+        """Evaluate the model on the test (or validation) split, in the run's ``train.precision``.
+
+        A copy resident on the GPU is evaluated from there, its batches in the stored dtype (the model converts
+        them on the device); maps read from the host arrive in float32.
+        """
+        resident = self.features is not self.data.features
+        data = replace(self.data, features=self.features) if resident else self.data
+        return evaluate_model(self.model, data, self.calibration, self.cfg.eval.batch_size, self.device,
                               progress, precision=run_precision(self.cfg.train.precision, self.cfg.train.dtype),
-                              features=self.features if torch.is_tensor(self.features) else None)
+                              stored_dtype=resident)
 
     def fit(self, final_evaluation: bool = True) -> TrainResult:
         """Train through the schedule (from the resumed segment), evaluating and checkpointing.

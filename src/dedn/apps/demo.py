@@ -114,7 +114,7 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     final_dir = Path(full.folder) / "final"
     model = load_weights(final_dir / "model.safetensors")
     seen_out, unseen_out, seen_mask = full.load_outputs()
-    l_rc, l_e = full.choices.get("l_rc", model.l_rc), full.choices.get("l_e", model.l_e)
+    l_rc, l_e = full.choices.get("l_rc", model.config.l_rc), full.choices.get("l_e", model.config.l_e)
     _, s, u = seen_unseen_curve(seen_out.scores(l_rc, l_e), seen_out.labels, unseen_out.scores(l_rc, l_e),
                                 unseen_out.labels, seen_mask)
     from dedn.eval.baselines import ESZSL, pooled_features  # the baseline's curve at its chosen regularisers

@@ -107,3 +107,11 @@ def test_every_module_is_in_a_layer_and_subpackages_exist() -> None:
         assert (SRC / sub / "__init__.py").is_file()
     assert not [p.name for p in SRC.glob("*.py")
                 if p.stem not in ("__init__", "errors", "atomic", "checks", "devices", "config", "factory", "cli")]
+
+
+def test_the_models_do_not_import_the_run_config() -> None:
+    """A method reads the run's settings by attribute (:mod:`dedn.models.registry`): nothing under
+    ``dedn/models/`` imports :mod:`dedn.config` (nor, through it, the image benchmark)."""
+    found = sorted(f"{m} imports dedn.config" for m, deps in GRAPH.items()
+                   if (m == "dedn.models" or m.startswith("dedn.models.")) and "dedn.config" in deps)
+    assert not found, "\n".join(found)

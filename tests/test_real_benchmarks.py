@@ -50,17 +50,17 @@ def test_real_semantics_train_and_evaluate(tmp_path: Path, ds: str, mode: str) -
     path = _real_store(tmp_path, ds)
     cfg = load_config(None, [
         "data.source=store", f"data.path={path}", f"data.dataset={ds}", f"mode={mode}", "train.epochs=1",
-        "train.iters_per_epoch=2", "train.progress=false", "eval.batch_size=2048", "model.low_rank=4",
+        "train.iters_per_epoch=2", "train.progress=false", "eval.batch_size=2048", "model.config.low_rank=4",
         "loss.lamb=0.1"])
     data = load_data(cfg)
     n, k, d, q = EXPECTED[ds]
     assert (data.n_images, data.n_classes, data.n_attributes) == (n, k, d)
     model = build_model(cfg, data)
-    assert model.n_clusters == q
+    assert model.config.n_clusters == q
     if ds == "SUN" and mode == "reference":
-        assert model.cluster_sizes == [64, 27, 9, 2] and model.low_rank == 4
+        assert model.config.cluster_sizes == [64, 27, 9, 2] and model.config.low_rank == 4
     if ds == "AWA2" and mode == "reference":
-        assert model.clip_negative_att
+        assert model.config.method.clip_negative_attributes
     result = Trainer(cfg, data, run_dir=tmp_path / "run").fit()
     m = result.metrics
     assert all(0.0 <= m[key] <= 100.0 for key in ("T", "S", "U", "H"))

@@ -50,7 +50,7 @@ def test_real_semantics_train_and_evaluate(tmp_path: Path, ds: str, mode: str) -
     path = _real_store(tmp_path, ds)
     cfg = load_config(None, [
         "data.source=store", f"data.path={path}", f"data.dataset={ds}", f"mode={mode}", "train.epochs=1",
-        "train.iters_per_epoch=2", "train.progress=false", "eval.batch_size=2048", "model.config.low_rank=4",
+        "train.iters_per_epoch=2", "train.progress=false", "eval.batch_size=2048", "model.low_rank=4",
         "loss.lamb=0.1"])
     data = load_data(cfg)
     n, k, d, q = EXPECTED[ds]

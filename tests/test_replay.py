@@ -35,7 +35,7 @@ def _cfg(dataset: str, *extra: str):
         f"data.synthetic.n_images={3 * k}", f"data.synthetic.n_channels={C}", f"data.synthetic.height={H}",
         f"data.synthetic.width={W}", f"data.synthetic.semantic_dim={G}", "model.clusters=reference",
         f"train.balanced={str(balanced).lower()}", "train.progress=false", "eval.batch_size=512",
-        *([f"model.config.low_rank={LOW_RANK}"] if dataset == "SUN" else []), *extra])
+        *([f"model.low_rank={LOW_RANK}"] if dataset == "SUN" else []), *extra])
 
 
 def _released_init(dataset: str, cluster_sizes: list[int]) -> list[torch.Tensor]:

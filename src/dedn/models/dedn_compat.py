@@ -147,7 +147,6 @@ class _Released:
     gnet: dict[str, Tensor]  # cExp's SubNet; its V in dataset order
     snets: list[dict[str, Tensor]]  # fExp's SubNets, in cluster order
     att: Tensor  # (K, D) cluster-ordered, row-normalised
-    bias: float | None  # the calibration margin, None when the model has none (the released is_bias off)
     rank: int | None  # SUN's W1 rank
 
     @property
@@ -191,13 +190,13 @@ def from_reference_state_dict(
         raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(_HPARAMS)}")
     chk = _Checker(_strip_prefix(state_dict))
     released = _read_subnets(chk, ds, hparams.get("low_rank"))
-    seen = _read_class_side(chk, released, seen_classes)
-    settings = {**_preset(ds, released.bias), **hparams}
+    seen, bias = _read_class_side(chk, released, seen_classes)
+    settings = {**_preset(ds, bias), **hparams}
     if ds == "SUN":
         settings["low_rank"] = released.rank
     loss = ReleasedLoss(beta=float(settings["beta"]), gamma=float(settings["gamma"]),
                         margin=float(settings["margin"]), mal=bool(settings["mal"]), lamb=float(settings["lamb"]),
-                        calibration_margin=released.bias or 0.0)
+                        calibration_margin=bias or 0.0)
     d, g, c, r = released.shape
     config = DEDNConfig(
         n_attributes=d, semantic_dim=g, n_channels=c, n_regions=r, clusters=tuple(released.clusters),
@@ -233,7 +232,7 @@ def _read_subnets(chk: _Checker, ds: str, wanted_rank: int | None) -> _Released:
     dims = (g, c, r, rank)
     return _Released(dataset=ds, clusters=clusters, gnet=_subnet(chk, "GNet", d, dims),
                      snets=[_subnet(chk, f"Snet{q}", idx.size, dims) for q, idx in enumerate(clusters)],
-                     att=chk.get("att", (None, d)), bias=None, rank=rank)
+                     att=chk.get("att", (None, d)), rank=rank)
 
 
 def _subnet(chk: _Checker, prefix: str, n: int, dims: tuple[int, int, int, int | None]) -> dict[str, Tensor]:
@@ -255,18 +254,19 @@ def _subnet(chk: _Checker, prefix: str, n: int, dims: tuple[int, int, int, int |
     return out
 
 
-def _read_class_side(chk: _Checker, released: _Released, seen_classes: Any) -> np.ndarray:
-    """The seen mask, with ``bias``, ``mask_bias`` and ``weight_ce`` checked against it (``released.bias`` is
-    set here); then no key may be left unread."""
+def _read_class_side(chk: _Checker, released: _Released, seen_classes: Any) -> tuple[np.ndarray, float | None]:
+    """The seen mask and the calibration margin ``bias`` (None: the model has none, the released ``is_bias``
+    off), with ``mask_bias`` and ``weight_ce`` checked against them; then no key may be left unread."""
     state = chk.state
     k = released.att.shape[0]
+    bias: float | None = None
     if "bias" in state:
         bias_t = chk.get("bias")
         if bias_t.numel() != 1:
             raise CheckpointError(f"reference state dict: 'bias' has shape {_shape(bias_t)}, expected a scalar")
-        released.bias = float(bias_t.reshape(()))
+        bias = float(bias_t.reshape(()))
     seen = _seen_mask(seen_classes, k)
-    if released.bias is not None:
+    if bias is not None:
         mask_bias = chk.get("mask_bias", (1, k)).reshape(-1).double().cpu().numpy()
         if not np.array_equal(mask_bias, np.where(seen, -1.0, 1.0)):
             raise CheckpointError("reference state dict: 'mask_bias' (-1 on seen, +1 on unseen classes) disagrees "
@@ -281,7 +281,7 @@ def _read_class_side(chk: _Checker, released: _Released, seen_classes: Any) -> n
         raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in all); "
                               f"the released {released.dataset} model has GNet and "
                               f"Snet0..Snet{len(released.clusters) - 1}")
-    return seen
+    return seen, bias
 
 
 def _preset(ds: str, bias: float | None) -> dict[str, Any]:

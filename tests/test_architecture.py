@@ -134,3 +134,11 @@ def test_run_folder_file_names_are_spelled_only_by_the_run_folder_module() -> No
                 if node.value in names or any(node.value.endswith("/" + n) for n in names):
                     found.append(f"{path.relative_to(SRC)}:{node.lineno} {node.value!r}")
     assert not found, "run-folder file names outside dedn.runfolder (use RunFolder):\n" + "\n".join(found)
+
+
+def test_the_models_do_not_import_the_run_config() -> None:
+    """A method reads the run's settings by attribute (:mod:`dedn.models.registry`): nothing under
+    ``dedn/models/`` imports :mod:`dedn.config` (nor, through it, the image benchmark)."""
+    found = sorted(f"{m} imports dedn.config" for m, deps in GRAPH.items()
+                   if (m == "dedn.models" or m.startswith("dedn.models.")) and "dedn.config" in deps)
+    assert not found, "\n".join(found)

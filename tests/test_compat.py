@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from dedn.data.clusters import builtin_clusters
-from dedn.errors import CheckpointError
+from dedn.errors import CheckpointError, ConfigError
 from dedn.models.compat import (
-    ReferenceSettings,
     from_reference_state_dict,
     load_reference_checkpoint,
     reference_loss,
     reference_scores,
 )
+from dedn.models.dedn_compat import ReferenceSettings
 
 G, C, HW, R, RANK, K, B = 8, 16, 2, 4, 3, 20, 5
 DT = torch.float64
@@ -214,8 +214,8 @@ def test_scores_and_loss_match_released(dataset: str, bias: int, hparams: dict, 
     state = reference_state(dataset, seen, bias)
     ref = ReleasedDEDN(dataset, state, seen, *released)
     model = from_reference_state_dict(state, dataset, np.flatnonzero(seen), **hparams)
-    assert model.class_att.dtype == DT and model.mode == "reference"
-    assert (model.low_rank == RANK) if dataset == "SUN" else model.low_rank is None
+    assert model.class_att.dtype == DT and model.config.method.mode == "reference"
+    assert (model.config.low_rank == RANK) if dataset == "SUN" else model.config.low_rank is None
     x, labels = batch()
     model.eval()
     for training in (True, False):
@@ -240,12 +240,12 @@ def test_loss_gradients_reach_every_parameter() -> None:
 def test_seen_mask_forms_and_settings() -> None:
     seen = seen_mask()
     state = reference_state("AWA2", seen, 2)
-    a = from_reference_state_dict(state, "AWA2", seen)  # bool mask
+    a = from_reference_state_dict(state, "AWA2", seen, model="dedn")  # bool mask; the method named
     b = from_reference_state_dict(state, "awa2", torch.as_tensor(np.flatnonzero(seen)), l_e=0.7, beta=0.0)
     assert torch.equal(a.seen_mask, torch.as_tensor(seen)) and torch.equal(b.seen_mask, a.seen_mask)
     assert isinstance(a.reference_settings, ReferenceSettings)
     assert a.reference_settings.loss.margin == 2.0 and a.reference_settings.loss.lamb == pytest.approx(0.11)
-    assert a.l_e == 0.5 and b.l_e == 0.7 and b.reference_settings.loss.beta == 0.0
+    assert a.config.l_e == 0.5 and b.config.l_e == 0.7 and b.reference_settings.loss.beta == 0.0
     assert_close(a.calibration_bias(), state["mask_bias"].reshape(-1).to(DT) * 2)
 
 
@@ -279,6 +279,10 @@ def test_errors_name_key_and_shapes() -> None:
     _expect(r"missing key 'Snet1\.H_5'", sun, "SUN")
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         from_reference_state_dict(good, "CUB", np.flatnonzero(seen), l_rcc=0.5)
+    with pytest.raises(ConfigError, match="model must be one of {dedn}, got 'dazle'"):
+        from_reference_state_dict(good, "CUB", np.flatnonzero(seen), model="dazle")
+    with pytest.raises(TypeError, match="Linear is not a model of a registered method"):
+        reference_scores(torch.nn.Linear(2, 2), torch.zeros(1, 2), training=False)
 
 
 def test_load_reference_checkpoint(tmp_path) -> None:
@@ -291,7 +295,7 @@ def test_load_reference_checkpoint(tmp_path) -> None:
     want = ReleasedDEDN("CUB", state, seen, 0.8, 0.0).forward(x, training=False)
     assert_close(reference_scores(model, x, training=False)[0], want["c"][0])
     torch.save({"state_dict": state}, tmp_path / "wrapped.pth")
-    assert load_reference_checkpoint(tmp_path / "wrapped.pth", "CUB", seen).n_attributes == 312
+    assert load_reference_checkpoint(tmp_path / "wrapped.pth", "CUB", seen).config.n_attributes == 312
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_reference_checkpoint(tmp_path / "missing.pth", "CUB", seen)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")

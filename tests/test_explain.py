@@ -73,7 +73,7 @@ def run(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     run.mkdir()
     model = make_model()
-    save_weights(model, run / "model.safetensors")
+    save_weights(model, run / "model.safetensors", record_hash=True)
     att = np.random.default_rng(0).random((len(CLASSES), len(ATTRS)))
     write_class_file(run, {"class_names": CLASSES, "attribute_names": ATTRS, "class_att": att, "seen_mask": SEEN})
     return run

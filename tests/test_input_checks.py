@@ -47,7 +47,7 @@ def make_run(folder: Path) -> Path:
                              np.array([True, True, False]))
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config_to_dict(load_config())))
-    save_weights(model, folder / "model.safetensors")
+    save_weights(model, folder / "model.safetensors", record_hash=True)
     write_class_file(folder, {"class_names": CLASSES, "attribute_names": ATTRS,
                               "class_att": rng.random((len(CLASSES), len(ATTRS))), "seen_mask": [True, True, False]})
     return folder

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dedn.config import LossConfig, ModelConfig, load_config
+from dedn.config import LossConfig, load_config
 from dedn.models.dedn import DEDNOutput, ExpertOutput
 from dedn.models.losses import (
     dedn_loss,
@@ -17,7 +17,7 @@ from dedn.models.losses import (
     margin_aware_loss,
     self_calibration_loss,
 )
-from dedn.models.settings import MethodSettings, legacy_settings, resolve_method
+from dedn.models.settings import MethodSettings, resolve_method
 
 
 def _softmax(v: list[float]) -> np.ndarray:
@@ -91,13 +91,13 @@ def test_target_margin_switch() -> None:
 
 
 def test_method_settings_of_each_mode() -> None:
-    loss, model = LossConfig(lamb=0.11, calibration_margin=0.7), ModelConfig(low_rank=4)
-    paper = resolve_method("paper", "AWA2", loss, model)
-    assert paper == MethodSettings(mode="paper", target_margin=2.0) == resolve_method("paper")
+    loss = LossConfig(lamb=0.11, calibration_margin=0.7)
+    paper = resolve_method("paper", "AWA2", loss, low_rank=4)
+    assert paper == MethodSettings(mode="paper", target_margin=2.0) == resolve_method("paper", None, LossConfig())
     assert (paper.calibration_margin, paper.self_calibration, paper.low_rank, paper.discrepancy) == (0.0, 0.0, None,
                                                                                                        "paper")
     assert not paper.sum_branches_in_training and not paper.clip_negative_attributes
-    ref = resolve_method("reference", "AWA2", loss, model)
+    ref = resolve_method("reference", "AWA2", loss, low_rank=4)
     assert ref == MethodSettings(mode="reference", target_margin=1.0, calibration_margin=0.7,
                                  sum_branches_in_training=True, clip_negative_attributes=True,
                                  discrepancy="reference", self_calibration=0.11, low_rank=4, default_gamma=0.0,
@@ -107,22 +107,12 @@ def test_method_settings_of_each_mode() -> None:
     assert not resolve_method("reference", "CUB", loss).clip_negative_attributes
     assert not resolve_method("reference", None, loss).clip_negative_attributes
     assert MethodSettings.from_dict(ref.to_dict()) == ref
-    with pytest.raises(ValueError, match="mode must be one of"):
-        resolve_method("released")
+    with pytest.raises(ValueError, match="mode must be paper or reference"):
+        resolve_method("released", None, loss)
     with pytest.raises(ValueError, match="discrepancy"):
         MethodSettings(discrepancy="cubic")
     with pytest.raises(ValueError, match="low_rank"):
         MethodSettings(low_rank=0)
-
-
-def test_legacy_settings_keep_the_earlier_constructor_meaning() -> None:
-    # The earlier DEDN(..., mode=, calibration_margin=, clip_negative_att=, low_rank=): the margin counted only in
-    # reference mode; clipping and the low rank applied as given.
-    assert legacy_settings("paper", calibration_margin=1.0) == MethodSettings()
-    assert legacy_settings("paper", clip_negative_att=True, low_rank=3) == MethodSettings(
-        clip_negative_attributes=True, low_rank=3)
-    assert legacy_settings("reference", calibration_margin=0.5, low_rank=0) == resolve_method(
-        "reference", None, LossConfig(calibration_margin=0.5))
 
 
 def test_self_calibration_by_hand() -> None:
@@ -186,7 +176,8 @@ def test_readings_are_paper_mode_switches() -> None:
 
     method = resolve_method("paper", "CUB", LossConfig(divergence="symmetric_kl", squared_error="sum"))
     assert (method.divergence, method.squared_error) == ("symmetric_kl", "sum")
-    assert (resolve_method("paper").divergence, resolve_method("paper").squared_error) == ("jsd", "mean")
+    default = resolve_method("paper", None, LossConfig())
+    assert (default.divergence, default.squared_error) == ("jsd", "mean")
     with pytest.raises(ConfigError, match="reference mode computes the released"):
         resolve_method("reference", "CUB", LossConfig(divergence="symmetric_kl"))
     with pytest.raises(ConfigError, match="loss.squared_error must be one of"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dedn.config import LossConfig, ModelConfig
+from dedn.config import LossConfig
 from dedn.data.clusters import builtin_clusters
 from dedn.models.dedn import DEDN, DEDNConfig
 from dedn.models.losses import dedn_loss
@@ -21,7 +21,7 @@ def _small(semantic: np.ndarray, att: np.ndarray, clusters: list, seen: np.ndarr
            mode: str = "paper", **kw) -> DEDN:
     """A model of the given semantics and classes; ``kw`` are DEDNConfig fields."""
     config = DEDNConfig(n_attributes=semantic.shape[0], semantic_dim=semantic.shape[1], n_channels=c, n_regions=r,
-                        clusters=tuple(clusters), method=resolve_method(mode), **kw)
+                        clusters=tuple(clusters), method=resolve_method(mode, None, LossConfig()), **kw)
     return DEDN.from_config(config, semantic, att, seen)
 
 
@@ -34,7 +34,7 @@ def _model(dataset: str, mode: str, dtype: torch.dtype, low_rank: int | None = N
     seen[:8] = True
     torch.manual_seed(1)
     config = DEDNConfig(n_attributes=d, semantic_dim=6, n_channels=10, n_regions=4, clusters=tuple(clusters.values()),
-                        method=resolve_method(mode, dataset, LOSS, ModelConfig(low_rank=low_rank)), **kw)
+                        method=resolve_method(mode, dataset, LOSS, low_rank), **kw)
     model = DEDN.from_config(config, rng.normal(size=(d, 6)), rng.random((k, d)), seen).to(dtype)
     with torch.no_grad():  # move W2 and W4 off zero so the attention is not uniform
         for p in model.parameters():
@@ -45,7 +45,7 @@ def _model(dataset: str, mode: str, dtype: torch.dtype, low_rank: int | None = N
 def _run(model: DEDN, forward, x: torch.Tensor, y: torch.Tensor):
     model.zero_grad()
     out = forward(x)
-    terms = dedn_loss(out, y, model.seen_mask, LOSS, model.method, model.calibration_bias())
+    terms = dedn_loss(out, y, model.seen_mask, LOSS, model.config.method, model.calibration_bias())
     terms.total.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     values = {k: v.detach() for k, v in terms.terms.items()}
@@ -160,7 +160,7 @@ def test_set_classes_and_bad_shapes() -> None:
 def test_expert_layout_and_state_dict_names() -> None:
     rng = np.random.default_rng(6)
     model = _small(rng.normal(size=(5, 3)), rng.random((4, 5)), [[3, 1], [0, 2, 4]], np.array([1, 1, 0, 0], bool), 6, 4)
-    assert list(model.experts) == model.active_experts == ["cexp", "fexp"]
+    assert list(model.experts) == model.config.active_experts == ["cexp", "fexp"]
     assert model.experts["cexp"].cluster_sizes == [5] and model.experts["fexp"].cluster_sizes == [2, 3]
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {
@@ -176,7 +176,7 @@ def test_expert_layout_and_state_dict_names() -> None:
     assert {k: tuple(v.shape) for k, v in low.named_parameters()} == {
         "experts.fexp.V": (5, 3), "experts.fexp.H1": (2, 3, 2), "experts.fexp.H3": (2, 2, 6),
         "experts.fexp.W2": (2, 3, 6)}
-    assert low.low_rank == 2 and not low.channel_attention and low.active_experts == ["fexp"]
+    assert low.config.low_rank == 2 and not low.config.channel_attention and list(low.experts) == ["fexp"]
 
 
 #: W1 and W3 of ``_tiny()`` (seed 0) as the code before the Expert module drew them, under their names of then

@@ -14,6 +14,7 @@ from torch import nn
 
 from dedn.apps.class_files import load_class_definitions
 from dedn.apps.predict import Predictor, format_table, predictions_to_json
+from dedn.config import LossConfig
 from dedn.errors import CheckpointError, DataError
 from dedn.features import backbones
 from dedn.features.backbones import Backbone
@@ -62,7 +63,7 @@ def make_model(mode: str = "paper", **kw) -> DEDN:
     rng = np.random.default_rng(1)
     torch.manual_seed(0)
     config = DEDNConfig(n_attributes=len(ATTRS), semantic_dim=4, n_channels=C, n_regions=H * W,
-                        clusters=tuple(CLUSTERS), l_e=0.6, method=resolve_method(mode), **kw)
+                        clusters=tuple(CLUSTERS), l_e=0.6, method=resolve_method(mode, None, LossConfig()), **kw)
     model = DEDN.from_config(config, rng.normal(size=(len(ATTRS), 4)), class_att(), np.array(SEEN))
     with torch.no_grad():  # move W2 / W4 off zero so the attention is not uniform
         for p in model.parameters():
@@ -74,7 +75,7 @@ def make_run(tmp_path: Path, mode: str = "paper", features_json: bool = True, **
     run = tmp_path / "run"
     run.mkdir()
     model = make_model(mode, **kw)
-    save_weights(model, run / "model.safetensors")
+    save_weights(model, run / "model.safetensors", record_hash=True)
     write_class_file(run, {"class_names": CLASSES, "attribute_names": ATTRS, "class_att": class_att(),
                            "seen_mask": SEEN})
     if features_json:

@@ -57,11 +57,11 @@ def test_real_semantics_train_and_evaluate(tmp_path: Path, ds: str, mode: str) -
     n, k, d, q = EXPECTED[ds]
     assert (data.n_images, data.n_classes, data.n_attributes) == (n, k, d)
     model = build_model(cfg, data)
-    assert model.n_clusters == q
+    assert model.config.n_clusters == q
     if ds == "SUN" and mode == "reference":
-        assert model.cluster_sizes == [64, 27, 9, 2] and model.low_rank == 4
+        assert model.config.cluster_sizes == [64, 27, 9, 2] and model.config.low_rank == 4
     if ds == "AWA2" and mode == "reference":
-        assert model.clip_negative_att
+        assert model.config.method.clip_negative_attributes
     result = Trainer(cfg, data, run_dir=tmp_path / "run").fit()
     m = result.metrics
     assert all(0.0 <= m[key] <= 100.0 for key in ("T", "S", "U", "H"))

@@ -63,16 +63,16 @@ def _model_draws(model, dataset: str) -> list[torch.Tensor]:
 def test_initial_weights_follow_the_released_draw_order(dataset: str) -> None:
     trainer = Trainer(_cfg(dataset))
     model = trainer.model
-    expected = _released_init(dataset, model.cluster_sizes)
+    expected = _released_init(dataset, model.config.cluster_sizes)
     got = _model_draws(model, dataset)
-    assert len(got) == len(expected) == (3 if dataset == "SUN" else 2) * (1 + len(model.cluster_sizes))
+    assert len(got) == len(expected) == (3 if dataset == "SUN" else 2) * (1 + len(model.config.cluster_sizes))
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a.detach(), b)
     for name in ("cexp", "fexp"):  # W2, W4 start at zero, V at the normalised semantic vectors
         e = model.experts[name]
         assert not e.W2.detach().any() and not e.W4.detach().any()
     if dataset == "CUB":  # the released clusters: seven sub-networks drawn, cExp and six of fExp
-        assert model.cluster_sizes == [112, 87, 24, 40, 15, 34]
+        assert model.config.cluster_sizes == [112, 87, 24, 40, 15, 34]
 
 
 @pytest.mark.parametrize("dataset", sorted(LAYOUTS))
@@ -93,7 +93,7 @@ def test_first_batches_are_the_released_draws(dataset: str) -> None:
             want.append(tv[np.concatenate([np.random.choice(np.where(tv_labels == classes[c])[0], per)
                                            for c in picked])])
     else:  # plain: torch.randperm on the generator that drew the initial weights
-        _released_init(dataset, trainer.model.cluster_sizes)
+        _released_init(dataset, trainer.model.config.cluster_sizes)
         want = [tv[torch.randperm(tv.size)[:b].numpy()] for _ in range(5)]
     for a, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, w)
@@ -114,7 +114,7 @@ def test_parameters_after_steps_are_the_released_run(dataset: str) -> None:
     data = load_data(cfg)
     model = build_model(cfg, data)
     with torch.no_grad():
-        for t, v in zip(_model_draws(model, dataset), _released_init(dataset, model.cluster_sizes), strict=True):
+        for t, v in zip(_model_draws(model, dataset), _released_init(dataset, model.config.cluster_sizes), strict=True):
             t.copy_(v)
     tv = data.trainval_loc
     b = cfg.train.batch_size

@@ -148,101 +148,42 @@ def test_balanced_batches() -> None:
     assert np.array_equal(plain.epoch(3, 2)[1], plain.epoch(3, 2)[1])
 
 
-# ---------------------------------------------------------------------------------------------- earlier layout
-def _earlier_name(name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """The earlier parameter layout, written out: ``experts.cexp.W1`` (1, G, C) was ``cexp_W1`` (G, C) (cExp
-    had no cluster axis), ``experts.fexp.W1`` (Q, G, C) was ``fexp_W1``; V and the buffers were the same."""
-    if not name.startswith("experts."):
-        return name, value
-    _, expert, param = name.split(".")
-    if expert == "cexp" and param != "V" and value.ndim == 3:
-        value = value[0]
-    return f"{expert}_{param}", value
-
-
-def _write_earlier_checkpoint(folder: Path, model, optimizer: torch.optim.Optimizer, cfg: RunConfig) -> None:
-    """A checkpoint as the code before the Expert module wrote it: old names and shapes, ``hparams`` metadata."""
+# ---------------------------------------------------------------------------------------------- model files
+def test_model_files_record_their_method_and_need_their_hash(tiny_cfg: RunConfig, tmp_path: Path) -> None:
     import hashlib
 
-    from safetensors.torch import save_file
-
-    folder.mkdir()
-    order, clusters = model.attribute_order.tolist(), []
-    for size in model.cluster_sizes:
-        clusters.append(order[:size])
-        order = order[size:]
-    reference = cfg.mode == "reference"
-    hparams = {"n_attributes": model.n_attributes, "semantic_dim": model.semantic_dim,
-               "n_classes": int(model.class_att.shape[0]), "clusters": clusters, "n_channels": model.n_channels,
-               "n_regions": model.n_regions, "mode": cfg.mode, "l_rc": cfg.model.l_rc, "l_e": cfg.model.l_e,
-               "low_rank": cfg.model.low_rank if reference else None,
-               "channel_attention": cfg.model.channel_attention, "experts": cfg.model.experts,
-               "calibration_margin": cfg.loss.calibration_margin if reference else 0.0, "clip_negative_att": False}
-    weights = dict(_earlier_name(k, v.detach().clone()) for k, v in model.state_dict().items())
-    save_file(weights, str(folder / "last.safetensors"),
-              metadata={"format": "dedn-checkpoint-1", "hparams": json.dumps(hparams)})
-    names = {id(p): n for n, p in model.named_parameters()}
-    optim = {}
-    for p, state in optimizer.state.items():
-        for key, value in state.items():
-            name, value = _earlier_name(names[id(p)], value.detach().clone())
-            optim[f"{name}/{key}"] = value
-    save_file(optim, str(folder / "last-optim.safetensors"), metadata={"format": "dedn-checkpoint-1"})
-    files = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest()
-             for f in ("last.safetensors", "last-optim.safetensors")}
-    (folder / "last.json").write_text(json.dumps({"format": "dedn-checkpoint-1", "epoch": 0, "files": files}))
-
-
-@pytest.mark.parametrize("overrides", [[], ["mode=reference", "model.low_rank=2", "loss.calibration_margin=0.5"]])
-def test_checkpoints_of_the_earlier_layout_load_and_resume_exactly(tiny_cfg: RunConfig, tmp_path: Path,
-                                                                    overrides: list[str]) -> None:
     from safetensors import safe_open
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from dedn.models.dedn import DEDNConfig
-    from dedn.models.losses import dedn_loss
     from dedn.train.checkpoint import save_weights
 
-    cfg = apply_overrides(tiny_cfg, overrides)
-    data = load_data(cfg)
-    x = torch.as_tensor(np.asarray(data.features[data.trainval_loc[:8]], dtype=np.float32))
-    y = torch.as_tensor(data.labels[data.trainval_loc[:8]])
-    seen = torch.as_tensor(data.seen_mask)
-
-    def step(model, optimizer) -> None:
-        model.train()
-        optimizer.zero_grad()
-        dedn_loss(model(x), y, seen, cfg.loss, model.method, model.calibration_bias()).total.backward()
-        optimizer.step()
-
-    def rmsprop(model) -> torch.optim.Optimizer:
-        return torch.optim.RMSprop(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-4)
-
-    model = build_model(cfg, data)
-    opt = rmsprop(model)
-    step(model, opt)
-    _write_earlier_checkpoint(tmp_path / "old", model, opt, cfg)
-    assert {"cexp_V", "cexp_W2", "fexp_W2"} <= set(load_file(str(tmp_path / "old" / "last.safetensors")))
-
-    loaded = load_weights(tmp_path / "old" / "last.safetensors")
-    assert loaded.config == model.config  # here the mode's defaults are the loss settings the run used
-    assert _weights(loaded).keys() == _weights(model).keys()
+    model = build_model(tiny_cfg, load_data(tiny_cfg))
+    path = tmp_path / "model.safetensors"
+    save_weights(model, path, record_hash=True)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["model"] == "dedn" and DEDNConfig.from_dict(json.loads(meta["config"])) == model.config
+    loaded = load_weights(path)
+    assert type(loaded) is type(model) and loaded.config == model.config
     for k, v in _weights(model).items():
         assert torch.equal(_weights(loaded)[k], v), k
 
-    save_weights(loaded, tmp_path / "new.safetensors")  # written again: the config as JSON, current names
-    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
-        meta, keys = f.metadata(), set(f.keys())
-    assert "hparams" not in meta and DEDNConfig.from_dict(json.loads(meta["config"])) == model.config
-    assert keys == set(_weights(model))
+    def rewritten(name: str, **changes: str | None) -> Path:
+        """The model file with its metadata changed (None drops a key), with a matching .sha256."""
+        out = tmp_path / name
+        save_file(load_file(str(path)), str(out),
+                  metadata={k: v for k, v in {**meta, **changes}.items() if v is not None})
+        (tmp_path / f"{name}.sha256").write_text(f"{hashlib.sha256(out.read_bytes()).hexdigest()}  {name}\n")
+        return out
 
-    resumed = build_model(cfg, data, seed=cfg.seed + 1)  # other weights: the checkpoint must replace them all
-    resumed_opt = rmsprop(resumed)
-    load_checkpoint(tmp_path / "old", optimizer_for=resumed, optimizer=resumed_opt)
-    step(model, opt)
-    step(resumed, resumed_opt)
-    for k, v in _weights(model).items():
-        assert torch.equal(_weights(resumed)[k], v), k
+    with pytest.raises(CheckpointError, match=r"other\.safetensors: a model of method 'dazle', which this version"):
+        load_weights(rewritten("other.safetensors", model="dazle"))
+    with pytest.raises(CheckpointError, match=r"unnamed\.safetensors: not a dedn model file"):
+        load_weights(rewritten("unnamed.safetensors", model=None))
+    (tmp_path / "model.safetensors.sha256").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: no model\.safetensors\.sha256 beside it"):
+        load_weights(path)
 
 
 def test_callbacks_are_called_at_their_points_and_the_final_evaluation_can_be_switched_off(
@@ -284,3 +225,14 @@ def test_callbacks_are_called_at_their_points_and_the_final_evaluation_can_be_sw
     assert not (tmp_path / "no-final" / "metrics.json").exists()
     assert not (tmp_path / "no-final" / "model.safetensors").exists()
     assert (tmp_path / "no-final" / "checkpoints" / "last.json").exists()
+
+
+def test_the_method_and_its_options_are_checked_before_work(tiny_cfg: RunConfig) -> None:
+    with pytest.raises(ConfigError, match=r"model\.name must be one of \{dedn\}, got 'dazle'"):
+        load_data(apply_overrides(tiny_cfg, ["model.name=dazle"]))  # before any data is read
+    data = load_data(tiny_cfg)
+    with pytest.raises(ConfigError, match=r"model\.name must be one of \{dedn\}"):
+        build_model(apply_overrides(tiny_cfg, ["model.name=dazle"]), data)
+    with pytest.raises(ConfigError, match=r"model\.experts must be one of \{both, cexp, fexp\}, got 'gexp'"):
+        Trainer(apply_overrides(tiny_cfg, ["model.experts=gexp"]), data)
+

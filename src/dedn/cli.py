@@ -125,8 +125,8 @@ def evaluate(
 ) -> None:
     """Evaluate a trained run on its test split: T, U, S, H, AUSUC, per-class accuracy, seen-unseen curve."""
     from dedn.checks import FRACTION, GammaChoice, check_option, choice, parse_calibration
-    from dedn.config import PRECISIONS, apply_overrides
-    from dedn.devices import resolve_device
+    from dedn.config import apply_overrides
+    from dedn.devices import PRECISIONS, resolve_device
     from dedn.eval.calibration import Calibration, GammaSource
     from dedn.eval.evaluate import evaluate_model, write_evaluation
     from dedn.factory import load_data
@@ -159,8 +159,8 @@ def evaluate(
     ev = evaluate_model(model, data, gamma, cfg.eval.batch_size, device, progress=True, l_rc=l_rc, l_e=l_e,
                         precision=precision)
     metrics = write_evaluation(ev, folder, data.class_names, {
-        "mode": cfg.mode, "split": cfg.data.split, "l_rc": l_rc if l_rc is not None else model.l_rc,
-        "l_e": l_e if l_e is not None else model.l_e, "gamma_source": ev.gamma_source,
+        "mode": cfg.mode, "split": cfg.data.split, "l_rc": l_rc if l_rc is not None else model.config.l_rc,
+        "l_e": l_e if l_e is not None else model.config.l_e, "gamma_source": ev.gamma_source,
         "checkpoint": str(weights), "precision": precision, "version": __version__})
     metrics.update({k: v for k, v in ev.summary().items() if k.startswith("oracle_")})
     _print_metrics(metrics, f"DEDN ({cfg.mode} mode), {cfg.data.split} split, run {folder_in}; written to {folder}")
@@ -434,7 +434,7 @@ def predict(
 ) -> None:
     """Top-k classes for images, each with the attributes that contributed most."""
     from dedn.checks import ATTRIBUTE_VALUE, COUNT, FINITE, FRACTION, check_option, choice
-    from dedn.config import PRECISIONS
+    from dedn.devices import PRECISIONS
 
     # Before the run is loaded; --l-e is model.l_e and --gamma eval.calibration, with the config's rules.
     check_option("--top-k", top_k, COUNT)

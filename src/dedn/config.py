@@ -39,15 +39,12 @@ from dedn.checks import (
 )
 from dedn.data.imagebench import ImageBenchConfig
 from dedn.data.synthetic import SyntheticConfig
+from dedn.devices import PRECISIONS
 from dedn.errors import ConfigError
 
 #: Where a run's features come from (each has a loader in :data:`dedn.factory.DATA_LOADERS`).
 DATA_SOURCES = ("synthetic", "store", "hdf5", "imagebench")
 MODES = ("paper", "reference")
-EXPERTS = ("both", "cexp", "fexp")
-#: Precision of the products over the features (docs/precision.md): float32, or bf16 operands with float32
-#: accumulation (weights, softmax, losses and the optimizer stay float32).
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -72,8 +69,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The DEDN model (docs/method.md, "The model" and "Attribute clusters")."""
+    """The model: which registered method (:mod:`dedn.models.registry`), and DEDN's options (docs/method.md,
+    "The model" and "Attribute clusters").
 
+    The method checks its own options when it is built (``model.experts`` by DEDN), before any training: the
+    config may not import the models, which own those facts.
+    """
+
+    name: str = "dedn"  # the registered method (dedn.models.registry.model_names())
     clusters: str = "auto"  # auto | paper | reference | half | kmeans | none | PATH to a cluster file
     n_clusters: int | None = None  # Q for kmeans
     l_rc: float = 0.8  # region/channel mix at inference
@@ -186,7 +189,6 @@ RULES: tuple[tuple[str, Rule], ...] = (
     # ImageBenchConfig.validate (called by _check) checks the ranges; its `< 0` tests let NaN through.
     *((f"data.imagebench.{k}", NON_NEGATIVE) for k in (
         "pose_jitter_deg", "scale_jitter", "color_jitter", "lighting_jitter", "clutter", "noise")),
-    ("model.experts", choice(*EXPERTS)),
     ("model.n_clusters", optional(COUNT)),
     ("model.l_rc", FRACTION),
     ("model.l_e", FRACTION),

@@ -12,6 +12,11 @@ import torch
 
 from dedn.errors import ConfigError
 
+#: Precision of the products over the features (docs/precision.md): float32, or bf16 operands with float32
+#: accumulation (weights, softmax, losses and the optimizer stay float32). Here because the config checks a
+#: run's choice and the model computes with it, and the config may not import the models.
+PRECISIONS = ("fp32", "bf16")
+
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``auto``: the CUDA device of this process (under torchrun its ``LOCAL_RANK`` GPU) when CUDA is there,

@@ -1,20 +1,22 @@
-"""Turn a :class:`~dedn.config.RunConfig` into the objects a run needs: the dataset and the model."""
+"""Turn a :class:`~dedn.config.RunConfig` into the objects a run needs: the dataset and the model.
+
+The model is the method ``model.name`` names, built through the registry (:mod:`dedn.models.registry`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
+from torch import nn
 
 from dedn.config import RunConfig
-from dedn.data.clusters import resolve_clusters
 from dedn.data.dataset import ZSLData
 from dedn.errors import ConfigError, DataError
-from dedn.models.dedn import DEDN, DEDNConfig
-from dedn.models.settings import resolve_method
+from dedn.models.dedn_method import method_settings, model_clusters
+from dedn.models.registry import create_model, model_entry
 
 
 def dataset_name(cfg: RunConfig, data: ZSLData | None = None) -> str | None:
@@ -76,6 +78,7 @@ def load_data(cfg: RunConfig) -> ZSLData:
         ConfigError: the source needs a path that is not given.
         DataError: the files are missing or inconsistent.
     """
+    model_entry(cfg.model.name)  # an unknown model.name is refused before any data is read
     data = _apply_semantics(cfg, DATA_LOADERS[cfg.data.source](cfg))
     data.validate()
     if cfg.data.split == "validation":
@@ -113,44 +116,16 @@ def _apply_semantics(cfg: RunConfig, data: ZSLData) -> ZSLData:
 
 
 def resolve_model_clusters(cfg: RunConfig, data: ZSLData) -> dict[str, np.ndarray]:
-    """The attribute clusters of fExp that ``cfg.model.clusters`` asks for, checked against ``data``."""
-    return resolve_clusters(
-        cfg.model.clusters,
-        dataset_name(cfg, data),
-        resolve_method(cfg.mode, dataset_name(cfg, data), cfg.loss, cfg.model).cluster_variant,
-        data.w2v,
-        data.attribute_names,
-        n_clusters=cfg.model.n_clusters,
-        own=data.clusters,
-    )
+    """The attribute clusters of DEDN's fExp that ``cfg.model.clusters`` asks for, checked against ``data``."""
+    dataset = dataset_name(cfg, data)
+    return model_clusters(cfg, data, dataset, method_settings(cfg, dataset))
 
 
-def build_model(
-    cfg: RunConfig,
-    data: ZSLData,
-    clusters: Mapping[str, np.ndarray] | None = None,
-    seed: int | None = None,
-) -> DEDN:
-    """A freshly initialised DEDN for ``data`` (initialisation seeded by ``seed``, default ``cfg.seed``).
+def build_model(cfg: RunConfig, data: ZSLData, seed: int | None = None) -> nn.Module:
+    """A freshly initialised model of the method ``cfg.model.name`` for ``data`` (initialisation seeded by
+    ``seed``, default ``cfg.seed``).
 
-    ``cfg.mode`` and the dataset become the model's method settings
-    (:func:`~dedn.models.settings.resolve_method`); the reference-only options, ``model.low_rank`` among
-    them, take effect only in reference mode.
+    Raises:
+        ConfigError: ``model.name`` names no registered method, or the method refuses one of its options.
     """
-    clusters = resolve_model_clusters(cfg, data) if clusters is None else clusters
-    c, h, w = data.feature_shape
-    d, g = np.shape(data.w2v)
-    config = DEDNConfig(
-        n_attributes=d,
-        semantic_dim=g,
-        n_channels=c,
-        n_regions=h * w,
-        clusters=tuple(clusters.values()),
-        experts=cfg.model.experts,
-        channel_attention=cfg.model.channel_attention,
-        l_rc=cfg.model.l_rc,
-        l_e=cfg.model.l_e,
-        method=resolve_method(cfg.mode, dataset_name(cfg, data), cfg.loss, cfg.model),
-    )
-    torch.manual_seed(cfg.seed if seed is None else seed)
-    return DEDN.from_config(config, data.w2v, data.att, data.seen_mask)
+    return create_model(cfg.model.name, cfg, data, dataset_name(cfg, data), seed)

@@ -306,7 +306,7 @@ def _grads(s: _Setup, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The combined scores and all parameter gradients (flattened, float64) of one step at ``precision``."""
     s.model.zero_grad(set_to_none=True)
     out = s.model(s.features, precision=precision)
-    dedn_loss(out, s.labels, s.seen, s.loss_cfg, s.model.method, s.model.calibration_bias()).total.backward()
+    dedn_loss(out, s.labels, s.seen, s.loss_cfg, s.model.config.method, s.model.calibration_bias()).total.backward()
     grads = torch.cat([p.grad.reshape(-1) for p in s.model.parameters() if p.grad is not None]).double()
     s.model.zero_grad(set_to_none=True)
     return out.combined().detach().double(), grads
@@ -351,7 +351,7 @@ def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: t
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             out = forward(model, features)
-            loss = dedn_loss(out, labels, seen_t, loss_cfg, model.method, model.calibration_bias()).total
+            loss = dedn_loss(out, labels, seen_t, loss_cfg, model.config.method, model.calibration_bias()).total
             loss.backward()
             opt.step()
 

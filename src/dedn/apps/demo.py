@@ -109,7 +109,7 @@ def _plot_curves(full: RunResult, model: DEDN, data: ZSLData, rows: dict[str, di
     from dedn.eval.uncertainty import bootstrap_interval
 
     seen_out, unseen_out, seen_mask = full.load_outputs()
-    l_rc, l_e = full.choices.get("l_rc", model.l_rc), full.choices.get("l_e", model.l_e)
+    l_rc, l_e = full.choices.get("l_rc", model.config.l_rc), full.choices.get("l_e", model.config.l_e)
     _, s, u = seen_unseen_curve(seen_out.scores(l_rc, l_e), seen_out.labels, unseen_out.scores(l_rc, l_e),
                                 unseen_out.labels, seen_mask)
     esz = ESZSL(choice["gamma_reg"], choice["lambda_reg"]).fit(

@@ -494,7 +494,7 @@ def _run_published(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
                            "U": h["U"], "T": t["T"], "gamma": gamma, "gamma_source": fixed.source,
                            "epoch_H": h["epoch"], "epoch_T": t["epoch"]})
     return RunResult(job.row.key, job.row.label, job.protocol, job.seed, metrics, choices, trainer.dataset,
-                     str(folder), _selected_outputs("train"), points_out, trainer.model.n_clusters)
+                     str(folder), _selected_outputs("train"), points_out, trainer.model.config.n_clusters)
 
 
 def _selected_outputs(stage: str) -> dict[str, str]:
@@ -557,7 +557,7 @@ def _run_validated(job: Job, cfg: RunConfig, folder: Path) -> RunResult:
                "gamma_source": chosen.source, "validation": selection["validation"],
                "validation_task": selection.get("validation_task")}
     return RunResult(job.row.key, job.row.label, job.protocol, job.seed, metrics, choices, trainer.dataset,
-                     str(folder), outputs, points_out, trainer.model.n_clusters)
+                     str(folder), outputs, points_out, trainer.model.config.n_clusters)
 
 
 def _validate_stage(job: Job, cfg: RunConfig, folder: Path, tune_points: list[tuple[float, float]],

@@ -58,7 +58,7 @@ NEAR_UNIFORM = 0.98
 def _features_tensor(model: DEDN, features: Any) -> tuple[torch.Tensor, tuple[int, int]]:
     """Features as a (B, C, h, w)-shaped tensor on the model's device, and (h, w)."""
     x = features if torch.is_tensor(features) else torch.as_tensor(np.asarray(features))
-    if x.ndim == 3 and x.shape[0] == model.n_channels and x.shape[1] * x.shape[2] == model.n_regions:
+    if x.ndim == 3 and x.shape[0] == model.config.n_channels and x.shape[1] * x.shape[2] == model.config.n_regions:
         x = x[None]  # a single (C, h, w) map
     if x.ndim == 4:
         hw = (int(x.shape[2]), int(x.shape[3]))
@@ -66,9 +66,9 @@ def _features_tensor(model: DEDN, features: Any) -> tuple[torch.Tensor, tuple[in
         side = math.isqrt(x.shape[2])
         hw = (side, side)  # (B, C, R) with square R: the backbones' square crops
     else:
-        raise DataError(f"features must be (B, {model.n_channels}, h, w), got {tuple(x.shape)}")
-    if x.shape[1] != model.n_channels or hw[0] * hw[1] != model.n_regions:
-        raise DataError(f"features must be (B, {model.n_channels}, h, w) with h*w = {model.n_regions}, "
+        raise DataError(f"features must be (B, {model.config.n_channels}, h, w), got {tuple(x.shape)}")
+    if x.shape[1] != model.config.n_channels or hw[0] * hw[1] != model.config.n_regions:
+        raise DataError(f"features must be (B, {model.config.n_channels}, h, w) with h*w = {model.config.n_regions}, "
                         f"got {tuple(x.shape)}")
     return x.to(model.attribute_order.device), hw
 
@@ -88,7 +88,7 @@ def region_attention(model: DEDN, features: Any) -> dict[str, np.ndarray]:
     x, (h, w) = _features_tensor(model, features)
     maps = model.attention_maps(x)
     out = {}
-    for e in model.active_experts:
+    for e in model.config.active_experts:
         a = _to_dataset_order(maps[f"{e}_region"], model.attribute_order)
         out[e] = a.reshape(a.shape[0], a.shape[1], h, w).double().cpu().numpy()
     return out
@@ -99,7 +99,7 @@ def channel_attention(model: DEDN, features: Any) -> dict[str, np.ndarray]:
     x, _ = _features_tensor(model, features)
     maps = model.attention_maps(x)
     return {e: _to_dataset_order(maps[f"{e}_channel"], model.attribute_order).double().cpu().numpy()
-            for e in model.active_experts if f"{e}_channel" in maps}
+            for e in model.config.active_experts if f"{e}_channel" in maps}
 
 
 def channel_summary(weights: np.ndarray, top: int = 10) -> dict[str, Any]:
@@ -289,7 +289,7 @@ def _records(predictor: Predictor, view: _View, choice: _Choice,
         }
         if choice.truth is not None:
             rec["true_class_value"] = float(class_att[choice.truth.index][j])
-        for e in model.active_experts:
+        for e in model.config.active_experts:
             m = regions[e][0, j]
             peak = np.unravel_index(int(np.argmax(m)), m.shape)
             rec["experts"][e] = {
@@ -317,7 +317,7 @@ def _report(predictor: Predictor, view: _View, choice: _Choice, records: list[di
             spread: dict[str, Any] | None, channel_png: Path | None) -> dict[str, Any]:
     """The numbers behind the figures (the JSON file)."""
     model, pred, explained, truth = predictor.model, choice.pred, choice.explained, choice.truth
-    experts = model.active_experts
+    experts = model.config.active_experts
     h, w = view.hw
     return {
         "source": view.label,
@@ -331,7 +331,7 @@ def _report(predictor: Predictor, view: _View, choice: _Choice, records: list[di
         "l_e": pred.l_e,
         "gamma": pred.gamma,
         "experts": experts,
-        "feature_shape": [int(model.n_channels), h, w],
+        "feature_shape": [int(model.config.n_channels), h, w],
         "image_size": None if view.shown is None else int(view.shown.shape[0]),
         "attributes": records,
         "region_scale": {"unit": "attention / uniform level 1/(h*w)", "max": _shared_max(records, experts),
@@ -381,7 +381,7 @@ def explain_image(
     view = _view(predictor, image, options)
     choice = _choose(predictor, view, options)
     records, has_channels = _records(predictor, view, choice, options.n_channels)
-    experts = predictor.model.active_experts
+    experts = predictor.model.config.active_experts
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -235,7 +235,7 @@ class Predictor:
         self.device = torch.device(device)
         self.precision = run_precision(precision, _model_dtype(model), "precision")
         self.model = model.to(self.device).eval()
-        d = model.n_attributes
+        d = model.config.n_attributes
         own_classes = class_att is None
         if own_classes:
             class_att = _dataset_order(model.class_att, model.attribute_order).cpu().numpy()
@@ -320,7 +320,7 @@ class Predictor:
         rec = read_class_file(run)
         if rec is not None:
             names, attrs, att, seen = rec["class_names"], rec["attribute_names"], rec["class_att"], rec["seen_mask"]
-            k, d = int(model.class_att.shape[0]), model.n_attributes
+            k, d = int(model.class_att.shape[0]), model.config.n_attributes
             if att.shape != (k, d):
                 raise CheckpointError(f"{class_file}: {len(names)} classes x {len(attrs)} attributes but the model "
                                       f"has {k} x {d}")
@@ -328,7 +328,7 @@ class Predictor:
             # file that disagrees is reported, not applied.
             trained = _dataset_order(model.class_att, model.attribute_order).double().cpu().numpy()
             given = np.asarray(att, dtype=np.float64)
-            if model.clip_negative_att:
+            if model.config.method.clip_negative_attributes:
                 given = np.clip(given, 0, None)
             given = normalize_rows(given)
             if not np.allclose(given, trained, atol=1e-5) or not np.array_equal(seen, model.seen_mask.cpu().numpy()):
@@ -361,7 +361,7 @@ class Predictor:
             DataError: shapes disagree, or a new name repeats a trained class name (with include_trained).
         """
         att = np.asarray(att, dtype=np.float32)
-        d = self.model.n_attributes
+        d = self.model.config.n_attributes
         if att.ndim != 2 or att.shape != (len(class_names), d):
             raise DataError(f"{len(class_names)} new classes need attributes of shape ({len(class_names)}, {d}), "
                             f"got {att.shape}")
@@ -407,11 +407,11 @@ class Predictor:
 
     def _as_tensor(self, features: Any) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(features)) if not torch.is_tensor(features) else features
-        if x.ndim == 3 and x.shape[0] == self.model.n_channels and x.shape[1] * x.shape[2] == self.model.n_regions:
+        c, r = self.model.config.n_channels, self.model.config.n_regions
+        if x.ndim == 3 and x.shape[0] == c and x.shape[1] * x.shape[2] == r:
             x = x[None]  # one (C, h, w) map
-        if x.ndim not in (3, 4) or x.shape[1] != self.model.n_channels or \
-                math.prod(x.shape[2:]) != self.model.n_regions:
-            raise DataError(f"features must be (B, {self.model.n_channels}, h, w) with h*w = {self.model.n_regions}"
+        if x.ndim not in (3, 4) or x.shape[1] != c or math.prod(x.shape[2:]) != r:
+            raise DataError(f"features must be (B, {c}, h, w) with h*w = {r}"
                             f" (the shape this model was trained on), got {tuple(x.shape)}")
         return x.to(self.device, dtype=self.model.class_att.dtype)
 
@@ -421,7 +421,7 @@ class Predictor:
         ``mixed`` (``l_e * cexp + (1 - l_e) * fexp``), plus ``scores`` (B, K), the mixed class scores
         (reference calibration margin included, before calibrated stacking)."""
         out = self.model(self._as_tensor(features), precision=self.precision)
-        l_e = self.model.l_e if l_e is None else float(l_e)
+        l_e = self.model.config.l_e if l_e is None else float(l_e)
         order = self.model.attribute_order
         res: dict[str, np.ndarray] = {}
         for name, e in (("cexp", out.cexp), ("fexp", out.fexp)):
@@ -461,7 +461,7 @@ class Predictor:
         if len(names) != n:
             raise DataError(f"{len(names)} source names for {n} feature maps")
         gamma = self.calibration if gamma is None else float(gamma)
-        l_e_used = self.model.l_e if l_e is None else float(l_e)
+        l_e_used = self.model.config.l_e if l_e is None else float(l_e)
         abar = self.normalized_class_att()
         check("top_k", top_k, COUNT)
         k = min(int(top_k), self.n_classes)
@@ -539,7 +539,7 @@ class Predictor:
             x = torch.stack([transform(load_image(p)) for p in paths[s : s + batch_size]])
             chunks.append(backbone(x.to(self.device)).float())
         feats = torch.cat(chunks)
-        c, r = self.model.n_channels, self.model.n_regions
+        c, r = self.model.config.n_channels, self.model.config.n_regions
         if feats.shape[1] != c or math.prod(feats.shape[2:]) != r:
             raise DataError(f"backbone {backbone.name} at image size {size} gives feature maps "
                             f"{tuple(feats.shape[1:])}, but the model expects {c} channels and {r} regions; "

@@ -77,8 +77,8 @@ def evaluate_model(
                            progress, "test seen", precision, stored_dtype)
     unseen = collect_outputs(model, data.features, data.test_unseen_loc, data.labels, batch_size, device,
                              progress, "test unseen", precision, stored_dtype)
-    return evaluate_outputs(seen, unseen, data.seen_mask, gamma, model.l_rc if l_rc is None else l_rc,
-                            model.l_e if l_e is None else l_e)
+    return evaluate_outputs(seen, unseen, data.seen_mask, gamma, model.config.l_rc if l_rc is None else l_rc,
+                            model.config.l_e if l_e is None else l_e)
 
 
 def evaluate_outputs(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.ndarray,

@@ -133,7 +133,7 @@ def collect_outputs(
     finally:
         bar.close()
         model.train(was_training)
-    d = model.n_attributes
+    d = model.config.n_attributes
     branches = {k: np.concatenate(v) if v else np.zeros((0, d), np.float32) for k, v in parts.items()}
     return ModelOutputs(
         branches=branches,

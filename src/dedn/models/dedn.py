@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dedn.config import EXPERTS
 from dedn.models.precision import check_precision, product_dtype, round_bf16
 from dedn.models.settings import MethodSettings
 
 #: The experts a DEDN may hold, in the order they are built (their random init is drawn in this order).
 EXPERT_NAMES = ("cexp", "fexp")
+#: The choices of :attr:`DEDNConfig.experts` (a run's ``model.experts``): both experts, or one alone.
+EXPERT_CHOICES = ("both", *EXPERT_NAMES)
 
 
 @dataclass
@@ -114,8 +115,8 @@ class DEDNConfig:
         order = np.asarray([i for c in clusters for i in c], dtype=np.int64)
         if order.size != d or np.unique(order).size != d or (d and (order.min() < 0 or order.max() >= d)):
             raise ValueError(f"clusters must be disjoint and cover all {d} attributes")
-        if self.experts not in EXPERTS:
-            raise ValueError(f"experts must be one of {EXPERTS}, got {self.experts!r}")
+        if self.experts not in EXPERT_CHOICES:
+            raise ValueError(f"experts must be one of {EXPERT_CHOICES}, got {self.experts!r}")
 
     @property
     def low_rank(self) -> int | None:
@@ -124,7 +125,13 @@ class DEDNConfig:
 
     @property
     def cluster_sizes(self) -> list[int]:
+        """fExp's cluster sizes (whether or not fExp is active)."""
         return [len(c) for c in self.clusters]
+
+    @property
+    def n_clusters(self) -> int:
+        """Q, fExp's number of clusters."""
+        return len(self.clusters)
 
     @property
     def attribute_order(self) -> list[int]:
@@ -402,65 +409,6 @@ class DEDN(nn.Module):
         """
         return cls(config, semantic, class_att, seen_mask)
 
-    # ------------------------------------------------------------------ settings, read through the config
-    @property
-    def method(self) -> MethodSettings:
-        return self.config.method
-
-    @property
-    def mode(self) -> str:
-        """The mode the method settings were resolved for (a label for records)."""
-        return self.config.method.mode
-
-    @property
-    def l_rc(self) -> float:
-        return self.config.l_rc
-
-    @property
-    def l_e(self) -> float:
-        return self.config.l_e
-
-    @property
-    def low_rank(self) -> int | None:
-        return self.config.low_rank
-
-    @property
-    def channel_attention(self) -> bool:
-        return self.config.channel_attention
-
-    @property
-    def clip_negative_att(self) -> bool:
-        return self.config.method.clip_negative_attributes
-
-    @property
-    def n_channels(self) -> int:
-        return self.config.n_channels
-
-    @property
-    def n_regions(self) -> int:
-        return self.config.n_regions
-
-    @property
-    def semantic_dim(self) -> int:
-        return self.config.semantic_dim
-
-    @property
-    def n_attributes(self) -> int:
-        return self.config.n_attributes
-
-    @property
-    def cluster_sizes(self) -> list[int]:
-        """fExp's cluster sizes (whether or not fExp is active)."""
-        return self.config.cluster_sizes
-
-    @property
-    def n_clusters(self) -> int:
-        return len(self.config.clusters)
-
-    @property
-    def active_experts(self) -> list[str]:
-        return list(self.experts)
-
     # ------------------------------------------------------------------ classes
     def set_classes(self, class_att: np.ndarray | Tensor, seen_mask: np.ndarray | Tensor) -> None:
         """Replace the class set: (K', D) attributes in dataset order and a (K',) seen mask.
@@ -469,11 +417,11 @@ class DEDN(nn.Module):
         """
         att = torch.as_tensor(np.asarray(class_att, dtype=np.float32))
         seen = torch.as_tensor(np.asarray(seen_mask, dtype=bool))
-        if att.ndim != 2 or att.shape[1] != self.n_attributes:
-            raise ValueError(f"class attributes must be (K, {self.n_attributes}), got {tuple(att.shape)}")
+        if att.ndim != 2 or att.shape[1] != self.config.n_attributes:
+            raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
         if seen.shape != (att.shape[0],):
             raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        if self.method.clip_negative_attributes:
+        if self.config.method.clip_negative_attributes:
             att = att.clamp_min(0)
         dev = self.attribute_order.device
         self.class_att = normalize_rows(att.to(dev)[:, self.attribute_order])
@@ -482,7 +430,7 @@ class DEDN(nn.Module):
     def calibration_bias(self) -> Tensor:
         """(K,) fixed shift inside the class scores: +margin on unseen, -margin on seen classes (zeros when the
         method has no calibration margin)."""
-        margin = self.method.calibration_margin
+        margin = self.config.method.calibration_margin
         if margin == 0:
             return torch.zeros(self.seen_mask.shape, dtype=self.class_att.dtype, device=self.class_att.device)
         sign = 1.0 - 2.0 * self.seen_mask.to(self.class_att.dtype)
@@ -498,9 +446,10 @@ class DEDN(nn.Module):
         """
         if features.ndim == 4:
             features = features.flatten(2)
-        if features.ndim != 3 or features.shape[1] != self.n_channels or features.shape[2] != self.n_regions:
+        c, r = self.config.n_channels, self.config.n_regions
+        if features.ndim != 3 or features.shape[1] != c or features.shape[2] != r:
             raise ValueError(
-                f"features must be (B, {self.n_channels}, h, w) with h*w = {self.n_regions}, "
+                f"features must be (B, {c}, h, w) with h*w = {r}, "
                 f"got {tuple(features.shape)}"
             )
         if check_precision(precision) == "bf16":
@@ -523,7 +472,7 @@ class DEDN(nn.Module):
         feats = self.prepare_features(features, precision)
         # bf16 where the device multiplies bf16 natively, else float32 on the bf16-rounded values
         compute = product_dtype(feats.device) if bf16 else feats.dtype
-        experts = self.active_experts
+        experts = list(self.experts)
         proj = {e: self.experts[e].projections() for e in experts}
         sizes = [proj[e]["m1"].shape[0] for e in experts]
         d_all = sum(sizes)
@@ -538,7 +487,7 @@ class DEDN(nn.Module):
             y = torch.mm(m12, feats.permute(1, 0, 2).reshape(c, b * r)).view(2 * d_all, b, r)
         o_r_all = (y[:d_all] * torch.softmax(y[d_all:], dim=-1)).sum(-1).t()
         o_c_all = None
-        if self.channel_attention:
+        if self.config.channel_attention:
             m3 = torch.cat([proj[e]["m3"] for e in experts])
             m4 = torch.cat([proj[e]["m4"] for e in experts])
             if bf16 and compute != torch.bfloat16:  # emulated: the float32 path on the bf16-rounded operands
@@ -553,16 +502,16 @@ class DEDN(nn.Module):
         ):
             o = self.mix_branches(o_r, o_c)
             outputs[e] = ExpertOutput(o_r=o_r, o_c=o_c, o=o, scores=o @ self.class_att.T + bias)
-        return DEDNOutput(cexp=outputs.get("cexp"), fexp=outputs.get("fexp"), l_e=self.l_e)
+        return DEDNOutput(cexp=outputs.get("cexp"), fexp=outputs.get("fexp"), l_e=self.config.l_e)
 
     def mix_branches(self, o_r: Tensor, o_c: Tensor | None) -> Tensor:
         """Combine region and channel scores: the l_rc mix, or in training their plain sum where the method
         says so (the released code)."""
         if o_c is None:
             return o_r
-        if self.method.sum_branches_in_training and self.training:
+        if self.config.method.sum_branches_in_training and self.training:
             return o_r + o_c
-        return self.l_rc * o_r + (1.0 - self.l_rc) * o_c
+        return self.config.l_rc * o_r + (1.0 - self.config.l_rc) * o_c
 
     # ------------------------------------------------------------------ explanation
     @torch.no_grad()
@@ -574,14 +523,15 @@ class DEDN(nn.Module):
         """
         feats = self.prepare_features(features)
         maps: dict[str, Tensor] = {}
-        for e in self.active_experts:
+        for e in self.experts:
             p = self.experts[e].projections()
             maps[f"{e}_region"] = torch.softmax(torch.matmul(p["m2"], feats), dim=-1)
-            if self.channel_attention:
+            if self.config.channel_attention:
                 maps[f"{e}_channel"] = torch.softmax(torch.matmul(p["m4"], feats.transpose(1, 2)), dim=-1)
         return maps
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode}, D={self.n_attributes}, Q={self.n_clusters}, K={self.class_att.shape[0]}, "
-                f"C={self.n_channels}, R={self.n_regions}, channel_attention={self.channel_attention}, "
-                f"low_rank={self.low_rank}")
+        cfg = self.config
+        return (f"mode={cfg.method.mode}, D={cfg.n_attributes}, Q={cfg.n_clusters}, K={self.class_att.shape[0]}, "
+                f"C={cfg.n_channels}, R={cfg.n_regions}, channel_attention={cfg.channel_attention}, "
+                f"low_rank={cfg.low_rank}")

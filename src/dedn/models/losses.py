@@ -19,9 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dedn.config import LossConfig
 from dedn.models.dedn import DEDNOutput
-from dedn.models.settings import DISCREPANCIES, PAPER_DISCREPANCY, RELEASED_DISCREPANCY, MethodSettings
+from dedn.models.settings import (
+    DISCREPANCIES,
+    PAPER_DISCREPANCY,
+    RELEASED_DISCREPANCY,
+    LossSettings,
+    MethodSettings,
+)
 
 
 def jensen_shannon(x: Tensor, y: Tensor) -> Tensor:
@@ -131,7 +136,7 @@ def dedn_loss(
     out: DEDNOutput,
     labels: Tensor,
     seen_mask: Tensor,
-    cfg: LossConfig,
+    cfg: LossSettings,
     method: MethodSettings,
     calibration_bias: Tensor | None = None,
 ) -> LossTerms:

@@ -63,4 +63,4 @@ def naive_forward(model: DEDN, features: Tensor) -> DEDNOutput:
         o_c = torch.cat(cs, dim=1) if expert.channel_attention else None
         o = model.mix_branches(o_r, o_c)
         outputs[name] = ExpertOutput(o_r, o_c, o, o @ model.class_att.T + bias)
-    return DEDNOutput(cexp=outputs.get("cexp"), fexp=outputs.get("fexp"), l_e=model.l_e)
+    return DEDNOutput(cexp=outputs.get("cexp"), fexp=outputs.get("fexp"), l_e=model.config.l_e)

@@ -18,12 +18,12 @@ import logging
 
 import torch
 
-from dedn.config import PRECISIONS
+from dedn.devices import PRECISIONS
 from dedn.errors import ConfigError
 
 log = logging.getLogger("dedn")
 
-__all__ = ["PRECISIONS", "check_precision", "native_bf16", "product_dtype", "round_bf16", "run_precision"]
+__all__ = ["check_precision", "native_bf16", "product_dtype", "round_bf16", "run_precision"]
 
 
 def check_precision(precision: str) -> str:

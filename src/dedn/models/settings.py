@@ -2,16 +2,18 @@
 
 ``paper`` follows the paper; ``reference`` reproduces the authors' released code, which differs from it in a
 few places, some of them per dataset. :func:`resolve_method` is the one place that knows those differences:
-it turns (mode, dataset, loss config, model config) into a :class:`MethodSettings` of explicit values, and
-the model and the losses read only these values, never a mode or a dataset name.
+it turns (mode, dataset, the run's loss settings, the low rank) into a :class:`MethodSettings` of explicit
+values, and the model and the losses read only these values, never a mode or a dataset name.
+
+The run's loss settings are read by attribute (:class:`LossSettings`): the models do not import the run
+config (:mod:`dedn.config`), whose ``LossConfig`` is one such object.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from dedn.config import MODES, LossConfig, ModelConfig
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import ConfigError
 
@@ -21,6 +23,22 @@ RELEASED_DISCREPANCY = "reference"  # the released code's JSD + its cubic term
 DISCREPANCIES = (PAPER_DISCREPANCY, RELEASED_DISCREPANCY)
 DIVERGENCES = ("jsd", "symmetric_kl")
 SQUARED_ERRORS = ("mean", "sum")
+
+
+class LossSettings(Protocol):
+    """The loss weights and switches DEDN reads (a run's ``loss`` section, :class:`dedn.config.LossConfig`,
+    where each is described)."""
+
+    beta: float
+    gamma: float
+    margin: float
+    mal: bool
+    align: bool
+    distill: bool
+    lamb: float
+    calibration_margin: float
+    divergence: str
+    squared_error: str
 
 
 @dataclass(frozen=True)
@@ -68,8 +86,6 @@ class MethodSettings:
     cluster_variant: str = "paper"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.discrepancy not in DISCREPANCIES:
             raise ValueError(f"discrepancy must be one of {DISCREPANCIES}, got {self.discrepancy!r}")
         if self.divergence not in DIVERGENCES or self.squared_error not in SQUARED_ERRORS:
@@ -89,27 +105,26 @@ class MethodSettings:
 
 def resolve_method(
     mode: str,
-    dataset: str | None = None,
-    loss_cfg: LossConfig | None = None,
-    model_cfg: ModelConfig | None = None,
+    dataset: str | None,
+    loss: LossSettings,
+    low_rank: int | None = None,
 ) -> MethodSettings:
     """The settings of ``mode`` for ``dataset`` (CUB, SUN, AWA2, another name or None).
 
     Paper mode ignores the dataset and the reference-only options (``loss.lamb``, ``loss.calibration_margin``,
-    ``model.low_rank``). Reference mode takes them, and the released code's dataset differences: SUN and
-    AWA2 subtract eps (not 2 eps) from the target score, AWA2 clips negative class attributes.
+    ``low_rank``, a run's ``model.low_rank``). Reference mode takes them, and the released code's dataset
+    differences: SUN and AWA2 subtract eps (not 2 eps) from the target score, AWA2 clips negative class
+    attributes.
 
     Raises:
-        ValueError: an unknown mode (configs are checked before they get here).
+        ValueError: a mode other than paper and reference (configs are checked before they get here).
         ConfigError: a paper-only reading asked for in reference mode.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    loss = loss_cfg if loss_cfg is not None else LossConfig()
-    model = model_cfg if model_cfg is not None else ModelConfig()
     if mode == "paper":
         return MethodSettings(mode=mode, target_margin=2.0 * loss.margin, default_gamma=2.0 * loss.margin,
                               divergence=loss.divergence, squared_error=loss.squared_error)
+    if mode != "reference":
+        raise ValueError(f"mode must be paper or reference, got {mode!r}")
     if (loss.divergence, loss.squared_error) != ("jsd", "mean"):
         raise ConfigError("loss.divergence and loss.squared_error choose between the paper's readings; reference "
                           "mode computes the released code's discrepancy: leave them at jsd and mean")
@@ -122,27 +137,7 @@ def resolve_method(
         clip_negative_attributes=name == "AWA2",
         discrepancy=RELEASED_DISCREPANCY,
         self_calibration=float(loss.lamb),
-        low_rank=model.low_rank,
+        low_rank=low_rank,
         default_gamma=0.0,
         cluster_variant="reference",
     )
-
-
-def legacy_settings(
-    mode: str = "paper",
-    *,
-    calibration_margin: float = 1.0,
-    clip_negative_att: bool = False,
-    low_rank: int | None = None,
-) -> MethodSettings:
-    """The settings that the earlier DEDN constructor arguments (and model files' ``hparams``) meant.
-
-    Those took ``mode`` plus ``calibration_margin`` (used only in reference mode), ``clip_negative_att`` and
-    ``low_rank`` (both used as given, in either mode; a low rank of 0 meant full rank), but no dataset and no
-    loss settings: the loss-only values (target margin, self-calibration weight) are the mode's defaults for
-    MAL margin 1 and ``lamb`` 0. They matter only to training, where the trainer's model is built from the
-    run's config.
-    """
-    base = resolve_method(mode, None, LossConfig(calibration_margin=calibration_margin, lamb=0.0))
-    return MethodSettings(**{**base.to_dict(), "clip_negative_attributes": bool(clip_negative_att),
-                             "low_rank": int(low_rank) if low_rank else None})

@@ -1,7 +1,8 @@
 """Checkpoints: safetensors weights, JSON state, written atomically; and rebuilding a model from them.
 
 A checkpoint is three files side by side, ``NAME.safetensors`` (model weights and buffers, with the
-model's :class:`~dedn.models.dedn.DEDNConfig` as JSON in the safetensors metadata), ``NAME-optim.safetensors``
+model's method name and its config, e.g. :class:`~dedn.models.dedn.DEDNConfig`, as JSON in the safetensors
+metadata; the method registry, :mod:`dedn.models.registry`, rebuilds the model from them), ``NAME-optim.safetensors``
 (optimizer state) and ``NAME.json`` (epoch, history and the SHA-256 of both weight files). Every file is written
 to a temporary name and moved into place, the JSON last: a checkpoint whose JSON is present and whose
 hashes match is complete; an interrupted write leaves the previous checkpoint intact.
@@ -17,11 +18,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from dedn.atomic import atomic_write, atomic_write_text
 from dedn.errors import CheckpointError
-from dedn.models.dedn import DEDN, DEDNConfig
-from dedn.models.settings import legacy_settings
+from dedn.models.registry import entry_for, model_entry, model_names
 
 FORMAT = "dedn-checkpoint-1"
 
@@ -39,69 +40,17 @@ def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata:
     atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
-def model_hparams(model: DEDN) -> dict[str, Any]:
-    """What rebuilds ``model`` (weights come from the state dict): its config, JSON-ready."""
-    return model.config.to_dict()
-
-
-def config_from_hparams(hp: dict[str, Any]) -> DEDNConfig:
-    """A :class:`DEDNConfig` from a model file's metadata: the ``config`` this version writes, or the
-    ``hparams`` (the earlier constructor arguments, with ``mode``) that files from before it hold."""
-    if "mode" not in hp:
-        return DEDNConfig.from_dict(hp)
-    return DEDNConfig(
-        n_attributes=hp["n_attributes"], semantic_dim=hp["semantic_dim"], n_channels=hp["n_channels"],
-        n_regions=hp["n_regions"], clusters=tuple(hp["clusters"]), experts=hp["experts"],
-        channel_attention=hp["channel_attention"], l_rc=hp["l_rc"], l_e=hp["l_e"],
-        method=legacy_settings(hp["mode"], calibration_margin=hp["calibration_margin"],
-                               clip_negative_att=hp["clip_negative_att"], low_rank=hp["low_rank"]),
-    )
-
-
-def model_from_hparams(hp: dict[str, Any]) -> DEDN:
-    """An architecture-only DEDN (placeholder semantics and classes) ready for ``load_state_dict``; ``hp`` as
-    :func:`config_from_hparams` reads it."""
-    config = config_from_hparams(hp)
-    d = config.n_attributes
-    return DEDN.from_config(config, torch.zeros(d, config.semantic_dim).numpy(), torch.ones(1, d).numpy(),
-                            torch.zeros(1, dtype=torch.bool).numpy())
-
-
-#: Parameter names of the layout before :class:`~dedn.models.dedn.Expert` (``cexp_W1``, ``fexp_V``, ...).
-_OLD_EXPERTS = ("cexp", "fexp")
-_OLD_PARAMETERS = ("V", "W1", "H1", "H3", "W2", "W3", "W4")
-
-
-def migrate_name(name: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """One state-dict (or optimizer-state) entry of the earlier layout under its current name and shape.
-
-    The earlier layout named parameters ``{expert}_{P}`` on the model itself, and kept cExp's weights
-    without a cluster axis: ``cexp_W1`` (G, C) is now ``experts.cexp.W1`` (1, G, C), the same for H1, H3,
-    W2, W3, W4. ``cexp_V`` and every ``fexp_*`` keep their shape (``fexp_W1`` (Q, G, C) ->
-    ``experts.fexp.W1``). Any other name is returned unchanged.
-    """
-    expert, _, param = name.partition("_")
-    if expert not in _OLD_EXPERTS or param not in _OLD_PARAMETERS:
-        return name, value
-    # cExp's weights gain the cluster axis; its optimizer's scalar entries (the step count) have none.
-    if expert == "cexp" and param != "V" and value.ndim == 2:
-        value = value.unsqueeze(0)
-    return f"experts.{expert}.{param}", value
-
-
-def migrate_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict of the earlier layout (see :func:`migrate_name`) in the current one; current ones pass."""
-    return dict(migrate_name(k, v) for k, v in state.items())
-
-
-def save_weights(model: DEDN, path: str | Path, extra_metadata: dict[str, str] | None = None,
+def save_weights(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None,
                  record_hash: bool = False) -> None:
-    """Model weights and buffers as safetensors, with the architecture in the file's metadata.
+    """Model weights and buffers as safetensors, with the method's name and the model's config in the file's
+    metadata.
 
-    ``record_hash`` also writes ``PATH.sha256`` (``sha256sum`` format), which :func:`load_weights` checks.
+    ``record_hash`` also writes ``PATH.sha256`` (``sha256sum`` format), which :func:`load_weights` needs
+    (checkpoints record their hashes in their JSON instead).
     """
     path = Path(path)
-    meta = {"format": FORMAT, "config": json.dumps(model_hparams(model)), **(extra_metadata or {})}
+    meta = {"format": FORMAT, "model": entry_for(model).name, "config": json.dumps(model.config.to_dict()),
+            **(extra_metadata or {})}
     _atomic_save_tensors(dict(model.state_dict()), path, meta)
     if record_hash:
         atomic_write_text(hash_file(path), f"{_sha256(path)}  {path.name}\n")
@@ -113,30 +62,38 @@ def hash_file(path: Path) -> Path:
 
 
 def verify_weights(path: Path) -> None:
-    """Check a weights file against its recorded SHA-256, when one was recorded (runs before this check have
-    none). Raises :class:`CheckpointError` on a mismatch."""
+    """Check a weights file against the SHA-256 recorded beside it.
+
+    Raises:
+        CheckpointError: no SHA-256 was recorded, or the weights do not match it.
+    """
     record = hash_file(path)
     if not record.is_file():
-        return
+        raise CheckpointError(f"{path}: no {record.name} beside it, so the weights cannot be checked; a model "
+                              "file is written with its SHA-256 (retrain, or restore the file)")
     want = (record.read_text().split() or [""])[0]  # sha256sum format: "<hex>  <name>"
     if _sha256(path) != want:
         raise CheckpointError(f"{path}: the weights do not match the SHA-256 recorded in {record.name} when they "
                               "were written; the file is corrupt or was changed: retrain, or restore it")
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DEDN:
-    """Rebuild a model from a file written by :func:`save_weights`.
-
-    Files written before :class:`~dedn.models.dedn.Expert` (``hparams`` metadata, ``cexp_W1``-style names)
-    are read too: :func:`config_from_hparams` and :func:`migrate_state_dict` translate them.
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from a file written by :func:`save_weights` with its SHA-256 (``record_hash``).
 
     Raises:
-        CheckpointError: the file is missing, not a dedn safetensors file, or does not fit its metadata.
+        CheckpointError: the file or its ``.sha256`` is missing, the hash does not match, the file is not a
+            dedn model file, or it does not fit its metadata.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: model weights not found")
     verify_weights(path)
+    return _read_weights(path, device)
+
+
+def _read_weights(path: Path, device: str | torch.device) -> nn.Module:
+    """The model a weights file holds, rebuilt through the registry entry of the method it records (its hash
+    checked by the caller)."""
     try:
         from safetensors import safe_open
 
@@ -146,12 +103,15 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DEDN:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); the file is corrupt or "
                               "truncated, use an earlier checkpoint or retrain") from None
-    recorded = meta.get("config", meta.get("hparams"))
-    if meta.get("format") != FORMAT or recorded is None:
-        raise CheckpointError(f"{path}: not a dedn model file (no '{FORMAT}' metadata)")
-    state = migrate_state_dict(state)
+    if meta.get("format") != FORMAT or "model" not in meta or "config" not in meta:
+        raise CheckpointError(f"{path}: not a dedn model file (no '{FORMAT}' metadata with the method and its "
+                              "config)")
+    if meta["model"] not in model_names():
+        raise CheckpointError(f"{path}: a model of method {meta['model']!r}, which this version does not have "
+                              f"(it has {', '.join(model_names())})")
+    entry = model_entry(meta["model"])
     try:
-        model = model_from_hparams(json.loads(recorded))
+        model = entry.from_config(entry.config_type.from_dict(json.loads(meta["config"])))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the recorded architecture is unusable ({type(exc).__name__}: {exc}); "
                               "the file is corrupt or was edited") from None
@@ -166,7 +126,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> DEDN:
     return model.to(device)
 
 
-def _optimizer_tensors(model: DEDN, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, torch.Tensor] = {}
     for group in optimizer.param_groups:
@@ -177,11 +137,10 @@ def _optimizer_tensors(model: DEDN, optimizer: torch.optim.Optimizer) -> dict[st
     return out
 
 
-def _restore_optimizer(model: DEDN, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+def _restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for key, value in tensors.items():
         name, field = key.rsplit("/", 1)
-        name, value = migrate_name(name, value)  # optimizer state of a checkpoint of the earlier layout
         if name not in params:
             raise CheckpointError(f"optimizer state names unknown parameter {name!r}")
         optimizer.state[params[name]][field] = value.to(params[name].device)
@@ -194,7 +153,7 @@ def checkpoint_record(folder: str | Path, name: str = "last") -> Path:
 
 def save_checkpoint(
     folder: str | Path,
-    model: DEDN,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     name: str = "last",
@@ -213,9 +172,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    folder: str | Path, optimizer_for: DEDN | None = None, optimizer: torch.optim.Optimizer | None = None,
+    folder: str | Path, optimizer_for: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
     name: str = "last", device: str | torch.device = "cpu",
-) -> tuple[DEDN, dict[str, Any]]:
+) -> tuple[nn.Module, dict[str, Any]]:
     """Load ``folder/NAME*``: the model, and the optimizer state into ``optimizer`` when given.
 
     With ``optimizer_for`` the weights are loaded into that existing model (so the optimizer built on its
@@ -242,7 +201,7 @@ def load_checkpoint(
         if _sha256(f) != digest:
             raise CheckpointError(f"{f}: checksum does not match {path.name}; the file is corrupt or was "
                                   "changed after saving")
-    loaded = load_weights(folder / f"{name}.safetensors", device=device)
+    loaded = _read_weights(folder / f"{name}.safetensors", device)  # its hash was checked against the record
     model = loaded
     if optimizer_for is not None:
         try:

@@ -49,8 +49,8 @@ from dedn.eval.evaluate import Evaluation, calibration_value, evaluate_model, wr
 from dedn.eval.metrics import METRIC_ORDER
 from dedn.factory import build_model, dataset_name, load_data
 from dedn.models.dedn import DEDN
-from dedn.models.losses import dedn_loss
 from dedn.models.precision import run_precision
+from dedn.models.registry import entry_for
 from dedn.runfolder import RunFolder, RunLock
 from dedn.train.callbacks import Callback
 from dedn.train.checkpoint import checkpoint_record, load_checkpoint, save_checkpoint, save_weights
@@ -380,7 +380,7 @@ class Trainer:
         y = torch.as_tensor(self.data.labels[index], device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.forward(x, precision=precision)
-        terms = dedn_loss(out, y, self.seen_mask_t, self.cfg.loss, self.model.method, self.model.calibration_bias())
+        terms = entry_for(self.model).loss(self.model, out, y, self.seen_mask_t, self.cfg.loss)
         finite = torch.isfinite(terms.total.detach()).to(torch.float32)
         if self.world > 1:  # every rank must stop together, or the others hang in the gradient all-reduce
             import torch.distributed as dist
@@ -546,8 +546,8 @@ class Trainer:
             "split": self.cfg.data.split,
             "gamma": last_gamma,
             "gamma_source": self.calibration.source,
-            "l_rc": self.model.l_rc,
-            "l_e": self.model.l_e,
+            "l_rc": self.model.config.l_rc,
+            "l_e": self.model.config.l_e,
             "dataset": self.dataset,
             "epochs_trained": len(self.history),
         }

@@ -10,6 +10,7 @@ import torch
 
 from dedn.apps.bench import (
     BENCH_PRESETS,
+    BenchSettings,
     BenchShape,
     bench_command,
     format_bench,
@@ -84,6 +85,14 @@ def test_run_bench_tf32_on_the_cpu_says_it_is_fp32() -> None:
         run_bench(TINY, batch_size=3, repeats=1, gemm_size=32, naive=False, precision="fp16")
 
 
+def test_run_bench_settings_and_keyword_overrides() -> None:
+    settings = BenchSettings(batch_size=3, repeats=2, gemm_size=32, naive=False)
+    res = run_bench(TINY, settings, repeats=1)  # a keyword replaces that field of the settings
+    assert res["repeats"] == 1 and res["shape"]["batch_size"] == 3 and res["naive_step_seconds"] is None
+    with pytest.raises(TypeError, match="unknown bench settings: repeat"):
+        run_bench(TINY, settings, repeat=1)
+
+
 def test_gradient_error_is_small_and_zero_for_fp32() -> None:
     err = gradient_error(TINY, "bf16", batch_size=4)
     assert 0 < err["relative_gradient_error"] < 0.05 and 0 < err["relative_score_error"] < 0.05
@@ -92,11 +101,13 @@ def test_gradient_error_is_small_and_zero_for_fp32() -> None:
 
 
 def test_bench_command_json_and_table(capsys: pytest.CaptureFixture[str]) -> None:
-    res = bench_command(TINY, json_out=True, repeats=1, naive=False, batch_size=3, gemm_size=32, mode="reference")
+    settings = BenchSettings(repeats=1, naive=False, batch_size=3, gemm_size=32, mode="reference")
+    res = bench_command(TINY, settings, json_out=True)
     printed = json.loads(capsys.readouterr().out)
     assert printed["flops_per_step"] == res["flops_per_step"] and printed["mode"] == "reference"
     assert printed["naive_step_seconds"] is None and printed["speedup"] is None
-    bench_command(TINY, json_out=False, repeats=1, naive=False, batch_size=3, gemm_size=32)
+    assert list(printed) == list(res)  # the JSON keys in the report's order
+    bench_command(TINY, BenchSettings(repeats=1, naive=False, batch_size=3, gemm_size=32))
     table = capsys.readouterr().out
     assert "fast step" in table and "efficiency" in table and "speedup" in table
 

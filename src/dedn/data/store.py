@@ -41,7 +41,9 @@ import os
 import shutil
 import zipfile
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,37 @@ def _str_list(values: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- the store
+class _InOrder:
+    """Runs calls in the order given: here, or (``threaded``) in one worker thread with at most ``depth`` calls
+    waiting, so the caller prepares the next one meanwhile while memory stays bounded by a few. Leaving the
+    block waits for every call and raises the first error of a call (unless the block itself raised)."""
+
+    def __init__(self, threaded: bool, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1) if threaded else None
+        self._pending: deque[Future[None]] = deque()
+        self._depth = depth
+
+    def __call__(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._pool is None:
+            fn(*args)
+            return
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> _InOrder:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self._pool is None:
+            return
+        try:
+            while self._pending and exc_type is None:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 @dataclass
 class VerifyReport:
     """What :meth:`FeatureStore.verify` checked (it raises instead of returning when something is bad)."""
@@ -486,19 +519,22 @@ class FeatureStore:
         self.mark_complete(i, rank=rank)
 
     def fill_missing(self, read: Callable[[int, int], np.ndarray], block_rows: int | None = None,
-                     desc: str = "writing features", progress: bool = False) -> int:
+                     desc: str = "writing features", progress: bool = False, write_behind: bool = False) -> int:
         """Write every missing chunk from ``read(start, stop)`` (the maps of rows start..stop-1), in blocks of
         at most ``block_rows`` rows, marking each chunk complete once its bytes are synced.
 
-        The one loop that fills a store in a single process (HDF5 import, arrays, the built-in benchmark):
-        an interrupted fill resumes with the missing chunks. Returns the number of rows written.
+        The one loop that fills a store in a single process (HDF5 import, arrays, the built-in benchmark, the
+        store benchmark): an interrupted fill resumes with the missing chunks. ``write_behind``: write and mark
+        in one worker thread (in order, at most two blocks waiting) while ``read`` makes the next block, for
+        sources that compute their rows. Returns the number of rows written.
         """
         from tqdm.auto import tqdm
 
         todo = self.missing_chunks()
         block = int(block_rows or self.chunk_size)
         total = sum(self.chunk_range(i)[1] - self.chunk_range(i)[0] for i in todo)
-        with tqdm(total=total, unit="img", desc=desc, disable=not progress or not total) as bar:
+        with _InOrder(threaded=write_behind) as run, \
+                tqdm(total=total, unit="img", desc=desc, disable=not progress or not total) as bar:
             for i in todo:
                 start, stop = self.chunk_range(i)
                 for s in range(start, stop, block):
@@ -506,9 +542,9 @@ class FeatureStore:
                     rows = read(s, e)
                     if np.shape(rows)[0] != e - s:
                         raise DataError(f"{self.path}: rows {s}..{e - 1}: the source gave {np.shape(rows)[0]} maps")
-                    self.write_rows(s, rows)
+                    run(self.write_rows, s, rows)
                     bar.update(e - s)
-                self.mark_complete(i)
+                run(self.mark_complete, i)  # after the chunk's writes: the worker keeps the order
         return total
 
     def sync(self) -> None:
@@ -912,11 +948,16 @@ def store_zsldata(
     store = store_from_array(path, data.features, labels=data.labels, dtype=dtype, chunk_size=chunk_size,
                              provenance={**data.provenance, "dataset": data.name, **(provenance or {})},
                              overwrite=overwrite)
+    save_zsl_semantics(store, data)
+    return store
+
+
+def save_zsl_semantics(store: FeatureStore, data: ZSLData) -> None:
+    """Store the semantic side of ``data`` (attributes, w2v, splits, names, clusters, name) in ``store``."""
     store.save_semantics(att=data.att, w2v=data.w2v, trainval_loc=data.trainval_loc,
                          test_seen_loc=data.test_seen_loc, test_unseen_loc=data.test_unseen_loc,
                          class_names=data.class_names, attribute_names=data.attribute_names,
                          val_classes=data.val_classes, clusters=data.clusters, name=data.name)
-    return store
 
 
 def load_zsldata(path: str | os.PathLike[str], name: str | None = None) -> ZSLData:

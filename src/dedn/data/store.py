@@ -146,19 +146,30 @@ def _str_list(values: Any) -> list[str]:
 # ---------------------------------------------------------------------------------------------- the store
 class _InOrder:
     """Runs calls in the order given: here, or (``threaded``) in one worker thread with at most ``depth`` calls
-    waiting, so the caller prepares the next one meanwhile while memory stays bounded by a few. Leaving the
-    block waits for every call and raises the first error of a call (unless the block itself raised)."""
+    waiting, so the caller prepares the next one meanwhile while memory stays bounded by a few. Once a call
+    fails, the later ones are skipped (a chunk's completion mark must never follow a failed write of it).
+    Leaving the block waits for every call and raises the first error of a call (unless the block raised)."""
 
     def __init__(self, threaded: bool, depth: int = 2) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1) if threaded else None
         self._pending: deque[Future[None]] = deque()
         self._depth = depth
+        self._failed = False
+
+    def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if self._failed:
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self._failed = True
+            raise
 
     def __call__(self, fn: Callable[..., None], *args: Any) -> None:
         if self._pool is None:
             fn(*args)
             return
-        self._pending.append(self._pool.submit(fn, *args))
+        self._pending.append(self._pool.submit(self._run, fn, args))
         while len(self._pending) > self._depth:
             self._pending.popleft().result()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,23 @@ def test_run_bench_bf16_native_counts_against_the_bf16_rate(monkeypatch: pytest.
     assert res["fp32_gemm_gflops"] > 0 and res["fp32_step_seconds"] > 0
     assert "float32 accumulation" in res["precision_note"]
     assert 0 < res["relative_gradient_error"] < 0.05
+
+
+def test_the_command_maps_its_options_onto_the_settings(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import dedn.apps.bench as bench
+    import dedn.apps.storebench as storebench
+    from dedn.apps.storebench import StoreBenchSettings
+    from tests.conftest import run_cli
+
+    calls = []
+    monkeypatch.setattr(bench, "bench_command", lambda *a, **kw: calls.append(("bench", a, kw)))
+    monkeypatch.setattr(storebench, "store_bench_command", lambda *a, **kw: calls.append(("store", a, kw)))
+    assert run_cli(["bench", "--preset", "sun", "--repeats", "2", "--no-naive", "--precision", "bf16", "--json"],
+                   monkeypatch, capsys)[0] == 0
+    assert run_cli(["bench", "--store", "S", "--preset", "cub", "--iters", "7", "--no-in-memory"], monkeypatch,
+                   capsys)[0] == 0
+    assert calls == [
+        ("bench", ("sun", BenchSettings(repeats=2, naive=False, precision="bf16")), {"json_out": True}),
+        ("store", (Path("S"), StoreBenchSettings(preset="cub", iters=7, in_memory=False)), {"json_out": False}),
+    ]

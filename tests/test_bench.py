@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
 from dedn.apps.bench import (
     BENCH_PRESETS,
+    BenchSettings,
     BenchShape,
     bench_command,
     format_bench,
@@ -84,6 +86,14 @@ def test_run_bench_tf32_on_the_cpu_says_it_is_fp32() -> None:
         run_bench(TINY, batch_size=3, repeats=1, gemm_size=32, naive=False, precision="fp16")
 
 
+def test_run_bench_settings_and_keyword_overrides() -> None:
+    settings = BenchSettings(batch_size=3, repeats=2, gemm_size=32, naive=False)
+    res = run_bench(TINY, settings, repeats=1)  # a keyword replaces that field of the settings
+    assert res["repeats"] == 1 and res["shape"]["batch_size"] == 3 and res["naive_step_seconds"] is None
+    with pytest.raises(TypeError, match="unknown bench settings: repeat"):
+        run_bench(TINY, settings, repeat=1)
+
+
 def test_gradient_error_is_small_and_zero_for_fp32() -> None:
     err = gradient_error(TINY, "bf16", batch_size=4)
     assert 0 < err["relative_gradient_error"] < 0.05 and 0 < err["relative_score_error"] < 0.05
@@ -92,11 +102,13 @@ def test_gradient_error_is_small_and_zero_for_fp32() -> None:
 
 
 def test_bench_command_json_and_table(capsys: pytest.CaptureFixture[str]) -> None:
-    res = bench_command(TINY, json_out=True, repeats=1, naive=False, batch_size=3, gemm_size=32, mode="reference")
+    settings = BenchSettings(repeats=1, naive=False, batch_size=3, gemm_size=32, mode="reference")
+    res = bench_command(TINY, settings, json_out=True)
     printed = json.loads(capsys.readouterr().out)
     assert printed["flops_per_step"] == res["flops_per_step"] and printed["mode"] == "reference"
     assert printed["naive_step_seconds"] is None and printed["speedup"] is None
-    bench_command(TINY, json_out=False, repeats=1, naive=False, batch_size=3, gemm_size=32)
+    assert list(printed) == list(res)  # the JSON keys in the report's order
+    bench_command(TINY, BenchSettings(repeats=1, naive=False, batch_size=3, gemm_size=32))
     table = capsys.readouterr().out
     assert "fast step" in table and "efficiency" in table and "speedup" in table
 
@@ -126,3 +138,23 @@ def test_run_bench_bf16_native_counts_against_the_bf16_rate(monkeypatch: pytest.
     assert res["fp32_gemm_gflops"] > 0 and res["fp32_step_seconds"] > 0
     assert "float32 accumulation" in res["precision_note"]
     assert 0 < res["relative_gradient_error"] < 0.05
+
+
+def test_the_command_maps_its_options_onto_the_settings(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import dedn.apps.bench as bench
+    import dedn.apps.storebench as storebench
+    from dedn.apps.storebench import StoreBenchSettings
+    from tests.conftest import run_cli
+
+    calls = []
+    monkeypatch.setattr(bench, "bench_command", lambda *a, **kw: calls.append(("bench", a, kw)))
+    monkeypatch.setattr(storebench, "store_bench_command", lambda *a, **kw: calls.append(("store", a, kw)))
+    assert run_cli(["bench", "--preset", "sun", "--repeats", "2", "--no-naive", "--precision", "bf16", "--json"],
+                   monkeypatch, capsys)[0] == 0
+    assert run_cli(["bench", "--store", "S", "--preset", "cub", "--iters", "7", "--no-in-memory"], monkeypatch,
+                   capsys)[0] == 0
+    assert calls == [
+        ("bench", ("sun", BenchSettings(repeats=2, naive=False, precision="bf16")), {"json_out": True}),
+        ("store", (Path("S"), StoreBenchSettings(preset="cub", iters=7, in_memory=False)), {"json_out": False}),
+    ]

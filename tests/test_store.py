@@ -105,6 +105,29 @@ def test_chunks_marked_only_when_written(tmp_path):
     assert json.loads((tmp_path / "s" / "store.json").read_text())["complete_chunks"] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_fill_missing_writes_the_missing_chunks_in_order(tmp_path, write_behind):
+    x = _features()
+    store = FeatureStore.create(tmp_path / "s", N, (C, H, W), chunk_size=4)
+    store.write_chunk(1, x[4:8])  # as if an earlier fill stopped after this chunk
+    asked = []
+
+    def read(s, e):
+        asked.append((s, e))
+        return x[s:e]
+
+    assert store.fill_missing(read, block_rows=3, write_behind=write_behind) == 6
+    assert asked == [(0, 3), (3, 4), (8, 10)]
+    reopened = FeatureStore.open(tmp_path / "s")
+    assert reopened.complete and reopened.verify().verified == 3
+    np.testing.assert_array_equal(reopened.read_raw(), x.astype(np.float16))
+    # A write that fails in the worker thread is raised by the fill, and its chunk stays missing.
+    bad = FeatureStore.create(tmp_path / "b", N, (C, H, W), chunk_size=4)
+    with pytest.raises(DataError, match="NaN or infinite"):
+        bad.fill_missing(lambda s, e: np.full((e - s, C, H, W), np.nan, np.float32), write_behind=write_behind)
+    assert FeatureStore.open(tmp_path / "b").missing_chunks() == [0, 1, 2]
+
+
 def test_create_refuses_to_clobber(tmp_path):
     store_from_array(tmp_path / "s", _features())
     with pytest.raises(DataError, match="already exists"):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dedn.apps.storebench import format_store_bench, run_store_bench
+from dedn.apps.storebench import StoreBenchSettings, format_store_bench, run_store_bench, store_bench_command
 from dedn.config import SyntheticConfig
 from dedn.errors import DataError
 
@@ -17,10 +17,12 @@ RUN_KEYS = {"iters", "seconds", "iters_per_s", "steady_iters_per_s", "peak_rss_g
             "loadavg_before", "isolated"}
 
 
-def _bench(path, **kwargs):
-    args = {"iters": 3, "batch_size": 8, "progress": False, "synthetic": TINY, "chunk_size": 16, "block_size": 8,
-            "isolate": False}
-    return run_store_bench(path, **{**args, **kwargs})
+SETTINGS = StoreBenchSettings(iters=3, batch_size=8, progress=False, synthetic=TINY, chunk_size=16, block_size=8,
+                              isolate=False)
+
+
+def _bench(path, **overrides):
+    return run_store_bench(path, SETTINGS, **overrides)
 
 
 def test_store_bench_keys_and_reuse(tmp_path):
@@ -51,6 +53,23 @@ def test_store_bench_keys_and_reuse(tmp_path):
         _bench(path, synthetic=SyntheticConfig(**{**TINY.__dict__, "seed": 1}))
 
 
+def test_store_bench_trains_with_fit_and_never_evaluates(tmp_path, monkeypatch, capsys):
+    from dedn.train.trainer import Trainer
+
+    def evaluate(self, progress=False):
+        raise AssertionError("the store benchmark times training alone")
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    result = store_bench_command(tmp_path / "store", SETTINGS, json_out=True)
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    for run in (result["store_run"], result["memory_run"]):
+        assert run["iters"] == 3 and run["warmup_iters"] == 0 and run["steady_iters_per_s"] == pytest.approx(
+            run["iters_per_s"], rel=0.01)
+        assert 0 <= run["data_wait_seconds"] <= run["seconds"] and run["setup_seconds"] >= 0
+    with pytest.raises(TypeError, match="unknown store benchmark settings: iterations"):
+        _bench(tmp_path / "store", iterations=3)
+
+
 def test_store_bench_resumes_interrupted_build(tmp_path):
     path = tmp_path / "store"
     _bench(path, in_memory=False)
@@ -68,3 +87,6 @@ def test_store_bench_isolated_subprocess(tmp_path):
     run = result["store_run"]
     assert result["build"]["isolated"] and run["isolated"] and result["memory_run"]["skipped"]
     assert run["peak_rss_gb"] > 0 and run["iters"] == 2 and run["threads"] >= 1
+    # an error in a phase's process is raised here, with its kind
+    with pytest.raises(DataError, match="build phase: .* holds another feature store"):
+        _bench(path, isolate=True, in_memory=False, synthetic=SyntheticConfig(**{**TINY.__dict__, "seed": 1}))

@@ -183,15 +183,16 @@ def bench(
     """Time a full training step of the fast model against the naive implementation (or, with --store,
     training from a feature store on disk in bounded memory)."""
     if store is not None:
-        from dedn.apps.storebench import store_bench_command
+        from dedn.apps.storebench import StoreBenchSettings, store_bench_command
 
-        store_bench_command(store, preset, iters, json_out=as_json, in_memory=in_memory)
+        store_bench_command(store, StoreBenchSettings(preset=preset, iters=iters, in_memory=in_memory),
+                            json_out=as_json)
         return
-    from dedn.apps.bench import BENCH_PRECISIONS, bench_command
+    from dedn.apps.bench import BENCH_PRECISIONS, BenchSettings, bench_command
     from dedn.checks import check_option, choice
 
     check_option("--precision", precision, choice(*BENCH_PRECISIONS))
-    bench_command(preset, json_out=as_json, repeats=repeats, naive=naive, precision=precision)
+    bench_command(preset, BenchSettings(repeats=repeats, naive=naive, precision=precision), json_out=as_json)
 
 
 # ---------------------------------------------------------------------------------------------- features

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -42,8 +42,8 @@ from dedn.models.naive import naive_forward
 from dedn.models.precision import native_bf16
 from dedn.models.settings import resolve_method
 
-__all__ = ["BENCH_PRECISIONS", "BENCH_PRESETS", "BenchShape", "bench_command", "format_bench", "gemm_gflops",
-           "gradient_error", "run_bench", "step_flops"]
+__all__ = ["BENCH_PRECISIONS", "BENCH_PRESETS", "BenchSettings", "BenchShape", "bench_command", "format_bench",
+           "gemm_gflops", "gradient_error", "run_bench", "step_flops"]
 
 #: What ``dedn bench --precision`` takes: the model's precisions and TF32 (CUDA products only).
 BENCH_PRECISIONS = ("fp32", "bf16", "tf32")
@@ -203,26 +203,11 @@ def _peak_rss_gb() -> float:
     return rss / (1024**3 if sys.platform == "darwin" else 1024**2)
 
 
-def run_bench(
-    preset: str | BenchShape = "cub",
-    batch_size: int = 50,
-    repeats: int = 3,
-    naive: bool = True,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    *,
-    warmup: int = 1,
-    gemm_size: int = 2048,
-    mode: str = "paper",
-    seed: int = 0,
-    threads: int | None = None,
-    model_class: type[DEDN] = DEDN,
-    precision: str = "fp32",
-) -> dict[str, Any]:
-    """Time one training step of the fast and (optionally) the naive DEDN; see the module docstring.
+@dataclass(frozen=True)
+class BenchSettings:
+    """What :func:`run_bench` runs (apart from the shapes).
 
-    Args:
-        preset: ``cub``, ``sun``, ``awa2`` (real shapes) or an explicit :class:`BenchShape`.
+    Attributes:
         batch_size: images per step (the reference uses 50).
         repeats: timed steps per implementation; the median is reported.
         naive: also time the naive implementation (float32).
@@ -236,6 +221,30 @@ def run_bench(
         model_class: the fast implementation to time (a DEDN subclass), for comparing candidate versions.
         precision: ``fp32``, ``bf16`` (float32 weights, bf16 products; the float32 step is timed too) or
             ``tf32`` (CUDA products in TF32 for this run; on a CPU the same as fp32).
+    """
+
+    batch_size: int = 50
+    repeats: int = 3
+    naive: bool = True
+    dtype: torch.dtype = torch.float32
+    device: str | torch.device = "cpu"
+    warmup: int = 1
+    gemm_size: int = 2048
+    mode: str = "paper"
+    seed: int = 0
+    threads: int | None = None
+    model_class: type[DEDN] = DEDN
+    precision: str = "fp32"
+
+
+def run_bench(preset: str | BenchShape = "cub", settings: BenchSettings | None = None,
+              **overrides: Any) -> dict[str, Any]:
+    """Time one training step of the fast and (optionally) the naive DEDN; see the module docstring.
+
+    Args:
+        preset: ``cub``, ``sun``, ``awa2`` (real shapes) or an explicit :class:`BenchShape`.
+        settings: what to run (default: :class:`BenchSettings`'s defaults).
+        overrides: fields of ``settings`` to replace (``repeats=5``, ``device="cuda"``, ...).
 
     Returns:
         A JSON-serialisable dict: ``step_seconds`` (median), ``step_seconds_all``, ``naive_step_seconds``,
@@ -252,19 +261,22 @@ def run_bench(
         multiplies bf16 natively; ``gemm_gflops`` is the rate the bf16 products actually run at),
         ``relative_gradient_error`` and ``relative_score_error`` (:func:`gradient_error`).
     """
-    if precision not in BENCH_PRECISIONS:
-        raise ValueError(f"precision must be one of {BENCH_PRECISIONS}, got {precision!r}")
-    if precision != "fp32" and dtype != torch.float32:
-        raise ValueError(f"precision {precision} runs float32 weights, got dtype {dtype}")
-    device = torch.device(device)
+    unknown = sorted(set(overrides) - {f.name for f in fields(BenchSettings)})
+    if unknown:
+        raise TypeError(f"unknown bench settings: {', '.join(unknown)}")
+    s = replace(settings or BenchSettings(), **overrides)
+    if s.precision not in BENCH_PRECISIONS:
+        raise ValueError(f"precision must be one of {BENCH_PRECISIONS}, got {s.precision!r}")
+    if s.precision != "fp32" and s.dtype != torch.float32:
+        raise ValueError(f"precision {s.precision} runs float32 weights, got dtype {s.dtype}")
     old_threads = torch.get_num_threads()
     old_tf32 = torch.backends.cuda.matmul.allow_tf32
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    torch.backends.cuda.matmul.allow_tf32 = s.precision == "tf32"
     try:
-        return _run(BENCH_PRESETS[preset.lower()] if isinstance(preset, str) else preset, batch_size, repeats, naive,
-                    dtype, device, warmup, gemm_size, mode, seed, model_class, precision)
+        return _run(BENCH_PRESETS[preset.lower()] if isinstance(preset, str) else preset, s,
+                    torch.device(s.device))
     finally:
         torch.set_num_threads(old_threads)
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
@@ -330,117 +342,169 @@ def gradient_error(preset: str | BenchShape = "cub", precision: str = "bf16", ba
     return _gradient_error(_setup(shape, batch_size, torch.float32, torch.device(device), mode, seed), precision)
 
 
-def _run(shape: BenchShape, batch_size: int, repeats: int, naive: bool, dtype: torch.dtype, device: torch.device,
-         warmup: int, gemm_size: int, mode: str, seed: int, model_class: type[DEDN],
-         precision: str) -> dict[str, Any]:
-    load_before = os.getloadavg()
-    d, c, r, g = shape.n_attributes, shape.n_channels, shape.n_regions, shape.semantic_dim
-    setup = _setup(shape, batch_size, dtype, device, mode, seed, model_class)
-    model, features, labels, seen_t, loss_cfg = (setup.model, setup.features, setup.labels, setup.seen,
-                                                 setup.loss_cfg)
-    bf16 = precision == "bf16"
+def _make_step(s: _Setup, forward: Callable[[DEDN, torch.Tensor], DEDNOutput]) -> Callable[[], None]:
+    """One training step of ``forward`` on the bench's batch, with a fresh RMSprop of the reference settings."""
+    opt = torch.optim.RMSprop(s.model.parameters(), lr=1e-4, alpha=0.99, eps=1e-8, weight_decay=1e-4, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = forward(s.model, s.features)
+        loss = dedn_loss(out, s.labels, s.seen, s.loss_cfg, s.model.config.method, s.model.calibration_bias()).total
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+@dataclass
+class _MatrixRates:
+    """The matrix-product rates (GFLOP/s) a run's steps are counted against, and how they were measured."""
+
+    rate_dtype: torch.dtype  # the dtype the products of the timed step run in
+    native: bool | None  # bf16 runs: whether the device multiplies bf16 natively (else None)
+    before: float = 0.0
+    after: float = 0.0
+    other_cpu: float | None = None  # other processes' CPU share during the first measurement
+    fp32: float | None = None
+    bf16: float | None = None
+
+    @property
+    def best(self) -> float:
+        return max(self.before, self.after)
+
+
+@dataclass
+class _StepTimes:
+    """Timed steps (seconds) of each implementation, with the other processes' CPU share during each."""
+
+    fast: list[float]
+    other_fast: list[float | None]
+    rates: list[float]  # the matrix rate probed just before each fast step
+    rss_fast: float  # peak RSS (GB) once the fast steps ran
+    fp32: list[float]
+    other_fp32: list[float | None]
+    naive: list[float]
+    other_naive: list[float | None]
+
+
+def _rates_before(s: BenchSettings, device: torch.device) -> _MatrixRates:
+    """The matrix rates measured before the steps."""
     # The products of the bf16 path run in bf16 where the device has it natively, else in float32 on rounded
     # operands (dedn.models.precision): its efficiency is counted against the rate of what actually runs.
+    bf16 = s.precision == "bf16"
     native = native_bf16(device.type) if bf16 else None
-    rate_dtype = torch.bfloat16 if native else dtype
-
-    def make_step(forward: Callable[[DEDN, torch.Tensor], DEDNOutput]) -> Callable[[], None]:
-        opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.99, eps=1e-8, weight_decay=1e-4,
-                                  momentum=0.9)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            out = forward(model, features)
-            loss = dedn_loss(out, labels, seen_t, loss_cfg, model.config.method, model.calibration_bias()).total
-            loss.backward()
-            opt.step()
-
-        return step
-
-    accuracy = _gradient_error(setup, precision) if bf16 else {}  # before the steps move the weights
+    rates = _MatrixRates(torch.bfloat16 if native else s.dtype, native)
     load = _OtherLoad()
-    gflops = gemm_gflops(gemm_size, dtype=rate_dtype, device=device)
-    other_gemm = load.share()
+    rates.before = gemm_gflops(s.gemm_size, dtype=rates.rate_dtype, device=device)
+    rates.other_cpu = load.share()
     # Native bf16: the float32 rate too. Emulated: a bf16 product is a slow reference loop, timed at a small
     # size only, and the float32 rate is the one the products run at (gemm_gflops).
-    fp32_rate = gemm_gflops(gemm_size, dtype=dtype, device=device) if native else None
-    bf16_rate = None if native or not bf16 else gemm_gflops(min(gemm_size, 256), repeats=2, dtype=torch.bfloat16,
-                                                            device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    rates.fp32 = gemm_gflops(s.gemm_size, dtype=s.dtype, device=device) if native else None
+    rates.bf16 = None if native or not bf16 else gemm_gflops(min(s.gemm_size, 256), repeats=2, dtype=torch.bfloat16,
+                                                             device=device)
+    return rates
+
+
+def _time_steps(setup: _Setup, s: BenchSettings, device: torch.device, rate_dtype: torch.dtype) -> _StepTimes:
+    """Time the fast step (with a matrix-rate probe before each), then the float32 (bf16 runs) and naive steps."""
+    bf16 = s.precision == "bf16"
     # A short matrix-rate probe before each fast step: on a machine whose speed drifts (shared cores, clock
     # changes) each step is compared with the rate of its own moment (``efficiency_paired``).
     fast_precision = "bf16" if bf16 else "fp32"
-    fast, other_fast, rates = _time(make_step(lambda m, x: m(x, precision=fast_precision)), repeats, warmup, device,
-                                    probe=lambda: gemm_gflops(gemm_size, repeats=2, dtype=rate_dtype, device=device))
+    fast, other_fast, rates = _time(_make_step(setup, lambda m, x: m(x, precision=fast_precision)), s.repeats,
+                                    s.warmup, device,
+                                    probe=lambda: gemm_gflops(s.gemm_size, repeats=2, dtype=rate_dtype, device=device))
     rss_fast = _peak_rss_gb()
-    fp32_times, other_fp32, _ = _time(make_step(lambda m, x: m(x)), repeats, warmup, device) if bf16 else ([], [], [])
-    naive_times, other_naive, _ = _time(make_step(naive_forward), repeats, warmup, device) if naive else ([], [], [])
-    # The rate drifts (clock, neighbours): measure again afterwards and take the better one.
-    gflops_after = gemm_gflops(gemm_size, dtype=rate_dtype, device=device)
-    gflops_before, gflops = gflops, max(gflops, gflops_after)
-    if native:
-        bf16_rate = gflops
-    elif bf16:
-        fp32_rate = gflops
+    fp32, other_fp32, _ = (_time(_make_step(setup, lambda m, x: m(x)), s.repeats, s.warmup, device) if bf16
+                           else ([], [], []))
+    naive, other_naive, _ = (_time(_make_step(setup, naive_forward), s.repeats, s.warmup, device) if s.naive
+                             else ([], [], []))
+    return _StepTimes(fast, other_fast, rates, rss_fast, fp32, other_fp32, naive, other_naive)
 
-    step_s = statistics.median(fast)
-    fp32_s = statistics.median(fp32_times) if fp32_times else None
-    flops = step_flops(d, c, r, g, batch_size)
+
+def _run(shape: BenchShape, s: BenchSettings, device: torch.device) -> dict[str, Any]:
+    load_before = os.getloadavg()
+    setup = _setup(shape, s.batch_size, s.dtype, device, s.mode, s.seed, s.model_class)
+    accuracy = _gradient_error(setup, s.precision) if s.precision == "bf16" else {}  # before the steps move the weights
+    rates = _rates_before(s, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = _time_steps(setup, s, device, rates.rate_dtype)
+    # The rate drifts (clock, neighbours): measure again afterwards and take the better one.
+    rates.after = gemm_gflops(s.gemm_size, dtype=rates.rate_dtype, device=device)
+    if rates.native:
+        rates.bf16 = rates.best
+    elif s.precision == "bf16":
+        rates.fp32 = rates.best
+    return _report(shape, s, device, (rates, times), accuracy, load_before)
+
+
+def _precision_note(precision: str, device: torch.device, native: bool | None) -> str:
+    if precision == "fp32":
+        return "float32 throughout"
+    if precision == "tf32":
+        return ("CUDA products in TF32 (torch.backends.cuda.matmul.allow_tf32)" if device.type == "cuda" else
+                "TF32 is a CUDA setting: on the CPU this is the same as fp32")
+    return ("products on bf16 operands with float32 accumulation; weights, softmax, losses, optimizer float32"
+            if native else "this device has no bf16 matrix unit: the bf16 products run in float32 on "
+            "bf16-rounded operands (no speed-up expected; bf16_gemm_gflops is the native bf16 kernel's rate)")
+
+
+def _report(shape: BenchShape, s: BenchSettings, device: torch.device, measured: tuple[_MatrixRates, _StepTimes],
+            accuracy: dict[str, float], load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """The result of :func:`run_bench` (its keys in the order the JSON output shows them)."""
+    rates, t = measured
+    r = shape.n_regions
+    step_s = statistics.median(t.fast)
+    fp32_s = statistics.median(t.fp32) if t.fp32 else None
+    naive_s = statistics.median(t.naive) if t.naive else None
+    flops = step_flops(shape.n_attributes, shape.n_channels, r, shape.semantic_dim, s.batch_size)
+    gflops = rates.best
     clusters = shape.clusters()
-    notes = {
-        "fp32": "float32 throughout",
-        "tf32": ("CUDA products in TF32 (torch.backends.cuda.matmul.allow_tf32)" if device.type == "cuda" else
-                 "TF32 is a CUDA setting: on the CPU this is the same as fp32"),
-        "bf16": ("products on bf16 operands with float32 accumulation; weights, softmax, losses, optimizer float32"
-                 if native else "this device has no bf16 matrix unit: the bf16 products run in float32 on "
-                 "bf16-rounded operands (no speed-up expected; bf16_gemm_gflops is the native bf16 kernel's rate)"),
-    }
-    result: dict[str, Any] = {
+    return {
         "preset": shape.name,
-        "shape": {**asdict(shape), "n_clusters": len(clusters), "n_regions": r, "batch_size": batch_size,
+        "shape": {**asdict(shape), "n_clusters": len(clusters), "n_regions": r, "batch_size": s.batch_size,
                   "cluster_sizes": [int(x.size) for x in clusters]},
-        "mode": mode,
-        "implementation": f"{model_class.__module__}.{model_class.__qualname__}",
-        "dtype": str(dtype).replace("torch.", ""),
-        "precision": precision,
-        "precision_note": notes[precision],
+        "mode": s.mode,
+        "implementation": f"{s.model_class.__module__}.{s.model_class.__qualname__}",
+        "dtype": str(s.dtype).replace("torch.", ""),
+        "precision": s.precision,
+        "precision_note": _precision_note(s.precision, device, rates.native),
         "device": str(device),
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "repeats": repeats,
-        "warmup": warmup,
-        "gemm_size": gemm_size,
+        "repeats": s.repeats,
+        "warmup": s.warmup,
+        "gemm_size": s.gemm_size,
         "gemm_gflops": gflops,
-        "gemm_gflops_before_after": [gflops_before, gflops_after],
+        "gemm_gflops_before_after": [rates.before, rates.after],
         "flops_per_step": flops,
         "step_seconds": step_s,
-        "step_seconds_all": fast,
+        "step_seconds_all": t.fast,
         "achieved_gflops": flops / step_s / 1e9,
         "efficiency": flops / (gflops * 1e9) / step_s,
-        "efficiency_paired": statistics.median([flops / (rate * 1e9) / t for rate, t in zip(rates, fast, strict=True)]),
-        "gemm_gflops_paired": rates,
+        "efficiency_paired": statistics.median([flops / (g * 1e9) / x for g, x in zip(t.rates, t.fast, strict=True)]),
+        "gemm_gflops_paired": t.rates,
         "fp32_step_seconds": fp32_s,
-        "fp32_step_seconds_all": fp32_times,
+        "fp32_step_seconds_all": t.fp32,
         "step_ratio_vs_fp32": step_s / fp32_s if fp32_s else None,
-        "fp32_gemm_gflops": fp32_rate,
-        "bf16_gemm_gflops": bf16_rate,
-        "bf16_native": native,
+        "fp32_gemm_gflops": rates.fp32,
+        "bf16_gemm_gflops": rates.bf16,
+        "bf16_native": rates.native,
         "relative_gradient_error": accuracy.get("relative_gradient_error"),
         "relative_score_error": accuracy.get("relative_score_error"),
-        "naive_step_seconds": statistics.median(naive_times) if naive_times else None,
-        "naive_step_seconds_all": naive_times,
-        "speedup": statistics.median(naive_times) / step_s if naive_times else None,
-        "peak_rss_gb_fast": rss_fast,
+        "naive_step_seconds": naive_s,
+        "naive_step_seconds_all": t.naive,
+        "speedup": naive_s / step_s if naive_s else None,
+        "peak_rss_gb_fast": t.rss_fast,
         "peak_rss_gb": _peak_rss_gb(),
         "peak_device_memory_gb": (torch.cuda.max_memory_allocated(device) / 1024**3
                                   if device.type == "cuda" else None),
-        "other_cpu": {"gemm": other_gemm, "fast": other_fast, "fp32": other_fp32, "naive": other_naive},
+        "other_cpu": {"gemm": rates.other_cpu, "fast": t.other_fast, "fp32": t.other_fp32, "naive": t.other_naive},
         "loadavg_before": list(load_before),
         "loadavg_after": list(os.getloadavg()),
     }
-    return result
 
 
 def format_bench(result: dict[str, Any]) -> str:
@@ -489,12 +553,10 @@ def format_bench(result: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def bench_command(preset: str | BenchShape = "cub", json_out: bool = False, repeats: int = 3,
-                  naive: bool = True, **kwargs: Any) -> dict[str, Any]:
-    """``dedn bench``: run :func:`run_bench` and print the result as JSON (``json_out``) or as a table.
-
-    Extra keyword arguments go to :func:`run_bench` (batch_size, dtype, device, ...). Returns the result.
-    """
-    result = run_bench(preset, repeats=repeats, naive=naive, **kwargs)
+def bench_command(preset: str | BenchShape = "cub", settings: BenchSettings | None = None,
+                  json_out: bool = False) -> dict[str, Any]:
+    """``dedn bench``: run :func:`run_bench` and print the result as JSON (``json_out``) or as a table; returns the
+    result."""
+    result = run_bench(preset, settings)
     print(json.dumps(result, indent=2) if json_out else format_bench(result))
     return result

@@ -4,40 +4,41 @@
 training from the same features held in RAM:
 
 1. **build**: write the generated benchmark of a preset (SUN: 14340 x 2048 x 14 x 14, 11.5 GB in float16)
-   into a store, streamed block by block (memory stays bounded by a block), with a progress bar. A complete
-   store made from the same generator config at the same path is reused; an interrupted one is resumed.
+   into a store with :meth:`~dedn.data.store.FeatureStore.fill_missing` (block by block, the next block
+   generated while the last one is written, so memory stays bounded by a few blocks), with a progress bar. A
+   complete store made from the same generator config at the same path is reused; an interrupted one is resumed.
 2. **store run**: a few hundred training iterations reading every batch from the store (eval off), in a
    fresh Python process, reporting its peak resident memory and the iteration rate.
 3. **memory run**: the same iterations after loading the whole float16 array into RAM (skipped, with the
    reason, when ``/proc/meminfo`` MemAvailable says it would not fit).
 
-Peak memory is measured in a fresh interpreter per phase (``python -c``): ``ru_maxrss`` of a process started
-from a large parent inherits the parent's peak (Linux folds the old address space's high-water mark into it
-at ``exec``), so each phase also reports the kernel's ``VmHWM`` of its own address space, which starts
-clean, and its ``ru_maxrss`` once its imports are done, so an inherited value is visible. A sampler thread
-also follows ``VmRSS`` split into anonymous and file-backed pages: training from a store must keep
+Peak memory is measured in a fresh interpreter per phase (a ``multiprocessing`` spawn): ``ru_maxrss`` of a
+process started from a large parent inherits the parent's peak (Linux folds the old address space's high-water
+mark into it at ``exec``), so each phase also reports the kernel's ``VmHWM`` of its own address space, which
+starts clean, and its ``ru_maxrss`` once its imports are done, so an inherited value is visible. A sampler
+thread also follows ``VmRSS`` split into anonymous and file-backed pages: training from a store must keep
 ``RssFile`` at what it was at the start (the mapped libraries, about 0.3 GB with torch): the store reads
 with ``pread``, whereas a memory map would count every page read towards the RSS.
 
-The training loop is the trainer's own step (:meth:`~dedn.train.trainer.Trainer.train_step`, with the next batch
-read in a worker thread while the current one computes, as in :meth:`~dedn.train.trainer.Trainer.fit`), driven
-here directly because ``fit`` always evaluates at the end, and this benchmark measures training alone.
-:func:`store_bench_command` is what ``dedn bench --store PATH`` calls.
+The runs are the trainer's own :meth:`~dedn.train.trainer.Trainer.fit` (``final_evaluation=False``, with the next
+batch read in a worker thread while the current one computes), timed step by step by
+:class:`~dedn.train.callbacks.StepTimes`. :func:`store_bench_command` is what ``dedn bench --store PATH``
+calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, fields, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,52 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dedn.config import RunConfig, SyntheticConfig
+from dedn.data.sources import FeatureSource
 from dedn.errors import DataError
 
-__all__ = ["build_store", "format_store_bench", "load_into_memory", "run_store_bench", "store_bench_command",
-           "train_phase"]
+__all__ = ["StoreBenchSettings", "build_store", "format_store_bench", "load_into_memory", "run_store_bench",
+           "store_bench_command", "train_phase"]
 
 GB = 1e9
 _SAMPLE_SECONDS = 0.2  # RSS sampling interval
 _MEMORY_MARGIN = 1 << 30  # free memory kept aside beyond the array and the training itself
+
+
+@dataclass(frozen=True)
+class StoreBenchSettings:
+    """What :func:`run_store_bench` runs.
+
+    Attributes:
+        preset: synthetic preset (``sun``, ``cub``, ``awa2``) giving the real shapes.
+        synthetic: an explicit generator config instead of ``preset`` (small shapes for tests).
+        iters, batch_size: training iterations per run and images per batch.
+        in_memory: also run from the whole array loaded into RAM (skipped when it would not fit).
+        progress: show progress bars (on stderr).
+        isolate: run every phase in a fresh Python process, so that each peak-memory figure is its own;
+            False runs them here (faster, but the figures then include this process's memory).
+        overwrite: replace a store made from another config at the path.
+        chunk_size, block_size: images per completed store chunk and per generated block.
+        mode, seed: training mode (paper or reference) and seed.
+        rss_budget_gb: the store run's peak resident memory should stay below this (``within_budget``).
+    """
+
+    preset: str | None = "sun"
+    synthetic: SyntheticConfig | None = None
+    iters: int = 300
+    batch_size: int = 50
+    in_memory: bool = True
+    progress: bool = True
+    isolate: bool = True
+    overwrite: bool = False
+    chunk_size: int = 256
+    block_size: int = 32
+    mode: str = "paper"
+    seed: int = 0
+    rss_budget_gb: float = 6.0
+
+    def generator(self) -> SyntheticConfig:
+        """The generator config of the benchmark's data: ``synthetic``, else the ``preset``'s."""
+        return self.synthetic if self.synthetic is not None else SyntheticConfig(preset=self.preset)
 
 
 # ---------------------------------------------------------------------------------------------- process facts
@@ -152,14 +191,26 @@ def _resources(start_maxrss: int, monitor: _RSSMonitor | None = None) -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------- build
-def _synthetic_config(preset: str | None, synthetic: SyntheticConfig | dict[str, Any] | None) -> SyntheticConfig:
-    if synthetic is None:
-        return SyntheticConfig(preset=preset)
-    return SyntheticConfig(**synthetic) if isinstance(synthetic, dict) else synthetic
-
-
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
+
+
+def _open_or_create(path: Path, cfg: SyntheticConfig, data: Any, chunk_size: int, overwrite: bool) -> Any:
+    """The store at ``path`` made from ``cfg`` (possibly incomplete), or a new one; DataError for another store."""
+    from dedn.data.store import STORE_JSON, FeatureStore
+
+    want = _jsonable({"generator": data.provenance["generator"], "config": asdict(cfg)})
+    if (path / STORE_JSON).exists() and not overwrite:
+        store = FeatureStore.open(path)
+        prov = store.provenance
+        got = {"generator": prov.get("generator"), "config": prov.get("config")}
+        if got != want or store.shape != data.features.shape or store.dtype != np.float16:
+            raise DataError(f"{path} holds another feature store ({store.shape}, {store.dtype}, made from "
+                            f"{got['config']}); choose another path or pass overwrite=True (--overwrite)")
+        return store
+    return FeatureStore.create(path, len(data.features), data.feature_shape, dtype="float16", chunk_size=chunk_size,
+                               overwrite=overwrite, labels=data.labels,
+                               provenance={**data.provenance, "dataset": data.name, "made_by": "dedn.apps.storebench"})
 
 
 def build_store(
@@ -175,8 +226,9 @@ def build_store(
 
     A complete store at ``path`` made from the same generator config is reused as it is; an incomplete one
     (an interrupted build) gets its missing chunks. A store made from another config is refused unless
-    ``overwrite``. Maps are generated ``block_size`` at a time while a worker thread converts and writes the
-    previous block, so memory stays bounded by a few blocks whatever the store's size.
+    ``overwrite``. Maps are generated ``block_size`` at a time while a worker thread writes the previous block
+    (:meth:`~dedn.data.store.FeatureStore.fill_missing`), so memory stays bounded by a few blocks whatever the
+    store's size.
 
     Returns:
         ``seconds`` (whole build, 0-ish when reused), ``reused``, ``images_written``, ``images_per_s``,
@@ -185,75 +237,41 @@ def build_store(
     Raises:
         DataError: ``path`` holds another store (or other files), or the disk is too small.
     """
-    from dedn.data.store import STORE_JSON, FeatureStore, SemanticSide
+    from dedn.data.store import SemanticSide
     from dedn.data.synthetic import make_synthetic
 
     started = time.perf_counter()
     path = Path(path)
-    cfg = _synthetic_config(None, synthetic)
+    cfg = SyntheticConfig(**synthetic) if isinstance(synthetic, dict) else synthetic
     data = make_synthetic(cfg)
-    want = _jsonable({"generator": data.provenance["generator"], "config": asdict(cfg)})
-    store = None
-    if (path / STORE_JSON).exists() and not overwrite:
-        store = FeatureStore.open(path)
-        prov = store.provenance
-        got = {"generator": prov.get("generator"), "config": prov.get("config")}
-        if got != want or store.shape != data.features.shape or store.dtype != np.float16:
-            raise DataError(f"{path} holds another feature store ({store.shape}, {store.dtype}, made from "
-                            f"{got['config']}); choose another path or pass overwrite=True (--overwrite)")
-    if store is None:
-        store = FeatureStore.create(path, len(data.features), data.feature_shape, dtype="float16",
-                                    chunk_size=chunk_size, overwrite=overwrite, labels=data.labels,
-                                    provenance={**data.provenance, "dataset": data.name,
-                                                "made_by": "dedn.apps.storebench"})
-    if "att" not in store.meta():  # new, or interrupted before its semantic side was written
-        store.save_semantics(SemanticSide.of(data))
-    todo = store.missing_chunks()
-    total = sum(store.chunk_range(i)[1] - store.chunk_range(i)[0] for i in todo)
-    writing = time.perf_counter()
-    # One writer thread, so writes and completion marks keep their order; at most two blocks wait.
-    pool = ThreadPoolExecutor(max_workers=1)
-    pending: list[Future[None]] = []
-
-    def submit(fn: Callable[..., None], *args: Any) -> None:
-        pending.append(pool.submit(fn, *args))
-        while len(pending) > 2:
-            pending.pop(0).result()
-
+    store = _open_or_create(path, cfg, data, chunk_size, overwrite)
     try:
-        with tqdm(total=total, unit="img", desc=f"build store {path.name}", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for i in todo:
-                start, stop = store.chunk_range(i)
-                for s in range(start, stop, block_size):
-                    e = min(s + block_size, stop)
-                    submit(store.write_rows, s, data.features.generate(np.arange(s, e)))
-                    bar.update(e - s)
-                submit(store.mark_complete, i)  # syncs the chunk's bytes first
-            for fut in pending:
-                fut.result()
+        if "att" not in store.meta():  # new, or interrupted before its semantic side was written
+            store.save_semantics(SemanticSide.of(data))
+        chunks = len(store.missing_chunks())
+        writing = time.perf_counter()
+        total = store.fill_missing(lambda s, e: data.features.generate(np.arange(s, e)), block_size,
+                                   desc=f"build store {path.name}", progress=progress, write_behind=True)
     finally:
-        pool.shutdown(wait=True)
         store.close()
-    seconds = time.perf_counter() - started
+    ended = time.perf_counter()
     return {
         "path": str(path),
         "shape": list(store.shape),
         "dtype": str(store.dtype),
-        "reused": not todo,
-        "chunks_written": len(todo),
+        "reused": not chunks,
+        "chunks_written": chunks,
         "images_written": total,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(total / (time.perf_counter() - writing), 2) if total else None,
+        "seconds": round(ended - started, 3),
+        "images_per_s": round(total / (ended - writing), 2) if total else None,
     }
 
 
-def _build_phase(path: str, synthetic: dict[str, Any], chunk_size: int, block_size: int, overwrite: bool,
-                 progress: bool) -> dict[str, Any]:
+def _build_phase(path: str, synthetic: SyntheticConfig, settings: StoreBenchSettings) -> dict[str, Any]:
     start_maxrss = _ru_maxrss()
     with _RSSMonitor() as monitor:
-        out = build_store(path, synthetic, chunk_size=chunk_size, block_size=block_size, overwrite=overwrite,
-                          progress=progress)
+        out = build_store(path, synthetic, chunk_size=settings.chunk_size, block_size=settings.block_size,
+                          overwrite=settings.overwrite, progress=settings.progress)
     return {**out, **_resources(start_maxrss, monitor)}
 
 
@@ -271,67 +289,82 @@ def load_into_memory(store: Any, progress: bool = True, block_bytes: int = 256 <
     return arr
 
 
+class _TimedReads(FeatureSource):
+    """A feature source that times each batch read: the trainer's reads, made in its prefetch thread."""
+
+    def __init__(self, features: FeatureSource) -> None:
+        self.features = features
+        self.shape, self.dtype = features.shape, features.dtype
+        self.seconds: list[float] = []
+
+    @property
+    def identity(self) -> str | None:
+        return self.features.identity
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.features[index]
+
+    def read(self, index: np.ndarray, stored_dtype: bool = False) -> Any:
+        t0 = time.perf_counter()
+        out = self.features.read(index, stored_dtype)
+        self.seconds.append(time.perf_counter() - t0)
+        return out
+
+
 def _bench_config(path: str, iters: int, batch_size: int, mode: str, seed: int, progress: bool) -> RunConfig:
-    """Paper-mode training for ``iters`` iterations of ``batch_size`` on the CPU, no evaluation, own clusters."""
+    """Paper-mode training of ``iters`` iterations of ``batch_size`` on the CPU, no evaluation, own clusters."""
     from dedn.config import config_from_dict, config_to_dict
 
     cfg = RunConfig(mode=mode, seed=seed, name="storebench")
     cfg.data.source, cfg.data.path = "store", path
     cfg.model.clusters = "auto"  # the store's own clusters (the synthetic SUN ones)
     t = cfg.train
-    t.batch_size, t.epochs, t.iters_per_epoch, t.max_iters = batch_size, 1, iters, iters
+    t.batch_size, t.epochs, t.iters_per_epoch = batch_size, 1, iters
     t.eval_every, t.checkpoint_every, t.device, t.progress = 0, 0, "cpu", progress
     return config_from_dict(config_to_dict(cfg), "storebench")  # checked like any other config
 
 
-def _train_loop(trainer: Any, iters: int, progress: bool) -> dict[str, Any]:
-    """``iters`` trainer steps with the next batch read in a worker thread, timed (as Trainer.fit does)."""
-    batches = trainer.sampler.epoch(0, iters)
-    read_times: list[float] = []
+def _train(cfg: RunConfig, data: Any, setup_started: float) -> dict[str, Any]:
+    """Train ``cfg.train.iters_per_epoch`` steps with the trainer's fit, timed step by step (the setup from
+    ``setup_started``, a ``perf_counter`` time, to the fit's start)."""
+    from dedn.train.callbacks import StepTimes
+    from dedn.train.trainer import Trainer
 
-    def read(index: np.ndarray) -> Any:
-        t0 = time.perf_counter()
-        x = trainer._host_batch(index)
-        read_times.append(time.perf_counter() - t0)
-        return x
-
+    reads = _TimedReads(data.features)
+    times = StepTimes()
+    trainer = Trainer(cfg, data=replace(data, features=reads), callbacks=[times])
+    started = time.perf_counter()
+    setup = round(started - setup_started, 3)
+    trainer.fit(final_evaluation=False)
+    steps = times.steps
+    iters = len(steps)
+    ended = steps[-1][1]
     warmup = min(10, iters // 10)  # first iterations excluded from the steady rate
-    losses: list[float] = []
-    wait = 0.0
-    steady_start = None
-    pool = ThreadPoolExecutor(max_workers=1)
-    try:
-        with tqdm(total=iters, desc="training", unit="it", disable=not progress, dynamic_ncols=True) as bar:
-            started = time.perf_counter()
-            pending = pool.submit(read, batches[0])
-            for i in range(iters):
-                if i == warmup:
-                    steady_start = time.perf_counter()
-                t0 = time.perf_counter()
-                x = pending.result()
-                wait += time.perf_counter() - t0
-                if i + 1 < iters:
-                    pending = pool.submit(read, batches[i + 1])
-                losses.append(trainer.train_step(batches[i], x)["loss"])
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            ended = time.perf_counter()
-    finally:
-        pool.shutdown(wait=True)
-    seconds = ended - started
-    steady = ended - steady_start if steady_start is not None else seconds
+    steady_start = steps[warmup - 1][1] if warmup else started
+    # A step waited for its batch from the end of the step before it (the start of the fit for the first).
+    wait = sum(s[0] - e for s, e in zip(steps, [started] + [x[1] for x in steps[:-1]], strict=True))
     return {
+        "setup_seconds": setup,
         "iters": iters,
-        "seconds": round(seconds, 3),
-        "iters_per_s": round(iters / seconds, 4),
+        "seconds": round(ended - started, 3),
+        "iters_per_s": round(iters / (ended - started), 4),
         "warmup_iters": warmup,
-        "steady_iters_per_s": round((iters - warmup) / steady, 4),
-        "batch_read_seconds_mean": round(float(np.mean(read_times)), 5),
-        "batch_read_seconds_total": round(float(np.sum(read_times)), 3),
+        "steady_iters_per_s": round((iters - warmup) / (ended - steady_start), 4),
+        "batch_read_seconds_mean": round(float(np.mean(reads.seconds)), 5),
+        "batch_read_seconds_total": round(float(np.sum(reads.seconds)), 3),
         "data_wait_seconds": round(wait, 3),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
+        "loss_first": steps[0][2],
+        "loss_last": steps[-1][2],
     }
+
+
+def _memory_shortfall(nbytes: int, reserve_bytes: int, available: int | None) -> str | None:
+    """Why an in-memory run of ``nbytes`` of maps would not fit (None when it fits or memory is unknown)."""
+    if available is None or available >= nbytes + reserve_bytes:
+        return None
+    return (f"the in-memory run needs about {(nbytes + reserve_bytes) / GB:.1f} GB ({nbytes / GB:.1f} GB of "
+            f"float16 maps + {reserve_bytes / GB:.1f} GB for training and a margin) but MemAvailable is "
+            f"{available / GB:.1f} GB")
 
 
 def train_phase(
@@ -353,7 +386,6 @@ def train_phase(
     import torch
 
     from dedn.data.store import load_zsldata
-    from dedn.train.trainer import Trainer
 
     start_maxrss = _ru_maxrss()
     load_before = os.getloadavg()
@@ -364,29 +396,25 @@ def train_phase(
     t0 = time.perf_counter()
     data = load_zsldata(path)
     store = data.features
-    if in_memory and available is not None and available < store.nbytes + reserve_bytes:
-        return {**out, "skipped": True,
-                "reason": f"the in-memory run needs about {(store.nbytes + reserve_bytes) / GB:.1f} GB "
-                          f"({store.nbytes / GB:.1f} GB of float16 maps + {reserve_bytes / GB:.1f} GB for training "
-                          f"and a margin) but MemAvailable is {available / GB:.1f} GB"}
+    reason = _memory_shortfall(store.nbytes, reserve_bytes, available) if in_memory else None
+    if reason is not None:
+        return {**out, "skipped": True, "reason": reason}
     with _RSSMonitor() as monitor:
         if in_memory:
             t1 = time.perf_counter()
             data = replace(data, features=load_into_memory(store, progress))
             out["load_seconds"] = round(time.perf_counter() - t1, 3)
         store.close()  # the in-memory run reads nothing more from disk; the store run reopens on demand
-        trainer = Trainer(_bench_config(str(path), iters, batch_size, mode, seed, progress), data=data)
-        out["setup_seconds"] = round(time.perf_counter() - t0, 3)
-        out.update(_train_loop(trainer, iters, progress))
+        out.update(_train(_bench_config(str(path), iters, batch_size, mode, seed, progress), data, t0))
     io_after = _proc_io()
     out.update(_resources(start_maxrss, monitor))
+    read = bool(io_after and io_before)
     out.update({
         "batch_size": batch_size,
         "mode": mode,
         "clusters": {k: int(v.size) for k, v in (data.clusters or {}).items()},
-        "storage_read_gb": _gb(io_after["read_bytes"] - io_before["read_bytes"]) if io_after and io_before
-        else None,
-        "syscall_read_gb": _gb(io_after["rchar"] - io_before["rchar"]) if io_after and io_before else None,
+        "storage_read_gb": _gb(io_after["read_bytes"] - io_before["read_bytes"]) if read else None,
+        "syscall_read_gb": _gb(io_after["rchar"] - io_before["rchar"]) if read else None,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     })
@@ -395,112 +423,100 @@ def train_phase(
 
 # ---------------------------------------------------------------------------------------------- isolation
 _PHASES: dict[str, Callable[..., dict[str, Any]]] = {"build": _build_phase, "train": train_phase}
-_CHILD = "import sys; from dedn.apps.storebench import _child_main; sys.exit(_child_main(sys.argv[1], sys.argv[2]))"
 
 
-def _child_main(args_file: str, out_file: str) -> int:
-    """Entry point of a phase's fresh process: run it, write its result (or its error) as JSON."""
-    spec = json.loads(Path(args_file).read_text())
+def _phase_process(conn: Connection, phase: str, kwargs: dict[str, Any]) -> None:
+    """A phase's fresh process: run it and send its result (or its error) to the parent."""
     try:
-        result, rc = _PHASES[spec["phase"]](**spec["kwargs"]), 0
+        # stdout is the parent's (it may be printing JSON); progress bars and errors go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            reply = {"result": _PHASES[phase](**kwargs)}
     except Exception as exc:  # handed to the parent, which raises it again
-        result, rc = {"error": str(exc), "type": type(exc).__name__}, 1
-    Path(out_file).write_text(json.dumps(result))
-    return rc
+        reply = {"error": str(exc), "type": type(exc).__name__}
+    conn.send(reply)
+    conn.close()
 
 
 def _run_phase(phase: str, kwargs: dict[str, Any], isolate: bool) -> dict[str, Any]:
-    """Run a phase in this process or in a fresh interpreter (``python -c``), and return its result."""
+    """Run a phase in this process or in a fresh interpreter (a spawned process), and return its result."""
     if not isolate:
         return {**_PHASES[phase](**kwargs), "isolated": False}
-    package_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
-                                                        if p)}
-    with tempfile.TemporaryDirectory(prefix="dedn-storebench-") as tmp:
-        args_file, out_file = Path(tmp) / "args.json", Path(tmp) / "result.json"
-        args_file.write_text(json.dumps({"phase": phase, "kwargs": kwargs}))
-        # stdout is not the parent's (it may be printing JSON); progress bars and errors go to stderr.
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(args_file), str(out_file)],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env, check=False)
-        result = json.loads(out_file.read_text()) if out_file.exists() else None
-    if result is not None and "error" in result:
-        raise (DataError if result["type"] == "DataError" else RuntimeError)(
-            f"store benchmark, {phase} phase: {result['error']}")
-    if proc.returncode != 0 or result is None:
-        killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
-        raise RuntimeError(f"store benchmark, {phase} phase: the subprocess exited with code "
-                           f"{proc.returncode}{killed}")
-    return {**result, "isolated": True}
+    ctx = multiprocessing.get_context("spawn")  # a new interpreter: its own address space and peak memory
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_phase_process, args=(send, phase, kwargs), name=f"storebench-{phase}")
+    proc.start()
+    send.close()  # the child holds the only sending end now: recv ends with EOFError if it dies
+    try:
+        reply = receive.recv()
+    except EOFError:
+        reply = None
+    finally:
+        receive.close()
+        proc.join()
+    if reply is not None and "error" in reply:
+        raise (DataError if reply["type"] == "DataError" else RuntimeError)(
+            f"store benchmark, {phase} phase: {reply['error']}")
+    if proc.exitcode != 0 or reply is None:
+        killed = " (killed: out of memory?)" if proc.exitcode == -9 else ""
+        raise RuntimeError(f"store benchmark, {phase} phase: the subprocess exited with code {proc.exitcode}{killed}")
+    return {**reply["result"], "isolated": True}
 
 
 # ---------------------------------------------------------------------------------------------- API
-def run_store_bench(
-    path: str | os.PathLike[str],
-    preset: str | None = "sun",
-    iters: int = 300,
-    batch_size: int = 50,
-    in_memory: bool = True,
-    progress: bool = True,
-    *,
-    synthetic: SyntheticConfig | None = None,
-    isolate: bool = True,
-    overwrite: bool = False,
-    chunk_size: int = 256,
-    block_size: int = 32,
-    mode: str = "paper",
-    seed: int = 0,
-    rss_budget_gb: float = 6.0,
-) -> dict[str, Any]:
+def _settings(settings: StoreBenchSettings | None, overrides: dict[str, Any]) -> StoreBenchSettings:
+    """``settings`` (default: the defaults) with the fields named in ``overrides`` replaced."""
+    unknown = sorted(set(overrides) - {f.name for f in fields(StoreBenchSettings)})
+    if unknown:
+        raise TypeError(f"unknown store benchmark settings: {', '.join(unknown)}")
+    return replace(settings or StoreBenchSettings(), **overrides)
+
+
+def _store_runs(path: Path, s: StoreBenchSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The store run and the memory run (or why it was skipped)."""
+    train = {"path": str(path), "iters": s.iters, "batch_size": s.batch_size, "progress": s.progress,
+             "mode": s.mode, "seed": s.seed}
+    store_run = _run_phase("train", {**train, "in_memory": False}, s.isolate)
+    if not s.in_memory:
+        return store_run, {"skipped": True, "reason": "not asked for (in_memory=False)"}
+    reserve = max(int((store_run.get("peak_rss_gb") or 1.0) * GB), 1 << 30) + _MEMORY_MARGIN
+    return store_run, _run_phase("train", {**train, "in_memory": True, "reserve_bytes": reserve}, s.isolate)
+
+
+def run_store_bench(path: str | os.PathLike[str], settings: StoreBenchSettings | None = None,
+                    **overrides: Any) -> dict[str, Any]:
     """Build (or reuse) a float16 store of a synthetic preset at ``path`` and time training from it.
 
     See the module docstring for the three phases.
 
     Args:
         path: the store folder (reused when it holds a complete store of the same generator config).
-        preset: synthetic preset (``sun``, ``cub``, ``awa2``) giving the real shapes.
-        iters, batch_size: training iterations per run and images per batch.
-        in_memory: also run from the whole array loaded into RAM (skipped when it would not fit).
-        progress: show progress bars (on stderr).
-        synthetic: an explicit generator config instead of ``preset`` (small shapes for tests).
-        isolate: run every phase in a fresh Python process, so that each peak-memory figure is its own;
-            False runs them here (faster, but the figures then include this process's memory).
-        overwrite: replace a store made from another config at ``path``.
-        chunk_size, block_size: images per completed store chunk and per generated block.
-        mode, seed: training mode (paper or reference) and seed.
-        rss_budget_gb: the store run's peak resident memory should stay below this (``within_budget``).
+        settings: what to run (default: :class:`StoreBenchSettings`'s defaults, the SUN preset).
+        overrides: fields of ``settings`` to replace (``iters=3``, ``isolate=False``, ...).
 
     Returns:
         A JSON-serialisable dict: ``store`` (path, shape, dtype, size on disk), ``build``, ``store_run``,
         ``memory_run`` (``skipped`` and ``reason`` when skipped or not asked for), ``memory_speedup``
         (memory / store iteration rate), ``within_budget``, ``machine`` (CPUs, memory, load averages).
     """
-    if iters < 1 or batch_size < 1:
-        raise ValueError(f"iters and batch_size must be >= 1, got {iters} and {batch_size}")
+    s = _settings(settings, overrides)
+    if s.iters < 1 or s.batch_size < 1:
+        raise ValueError(f"iters and batch_size must be >= 1, got {s.iters} and {s.batch_size}")
     from dedn.data.store import FEATURES_BIN
 
     path = Path(path)
-    cfg = _synthetic_config(preset, synthetic)
+    cfg = s.generator()
     load_before = os.getloadavg()
     mem_before = _mem_available()
-    build = _run_phase("build", {"path": str(path), "synthetic": asdict(cfg), "chunk_size": chunk_size,
-                                 "block_size": block_size, "overwrite": overwrite, "progress": progress}, isolate)
-    train_kwargs = {"path": str(path), "iters": iters, "batch_size": batch_size, "progress": progress,
-                    "mode": mode, "seed": seed}
-    store_run = _run_phase("train", {**train_kwargs, "in_memory": False}, isolate)
-    if in_memory:
-        reserve = max(int((store_run.get("peak_rss_gb") or 1.0) * GB), 1 << 30) + _MEMORY_MARGIN
-        memory_run = _run_phase("train", {**train_kwargs, "in_memory": True, "reserve_bytes": reserve}, isolate)
-    else:
-        memory_run = {"skipped": True, "reason": "not asked for (in_memory=False)"}
-    features = path / FEATURES_BIN
-    st = features.stat()
+    build = _run_phase("build", {"path": str(path), "synthetic": cfg, "settings": s}, s.isolate)
+    store_run, memory_run = _store_runs(path, s)
+    st = (path / FEATURES_BIN).stat()
     peak = store_run.get("peak_rss_gb")
     return {
         "preset": cfg.preset,
         "synthetic": asdict(cfg),
-        "iters": iters,
-        "batch_size": batch_size,
-        "mode": mode,
+        "iters": s.iters,
+        "batch_size": s.batch_size,
+        "mode": s.mode,
         "store": {"path": str(path), "shape": build["shape"], "dtype": build["dtype"],
                   "size_gb": _gb(st.st_size), "disk_usage_gb": _gb(st.st_blocks * 512)},
         "build": build,
@@ -508,8 +524,8 @@ def run_store_bench(
         "memory_run": memory_run,
         "memory_speedup": (round(memory_run["steady_iters_per_s"] / store_run["steady_iters_per_s"], 3)
                            if not memory_run.get("skipped") else None),
-        "rss_budget_gb": rss_budget_gb,
-        "within_budget": None if peak is None else bool(peak < rss_budget_gb),
+        "rss_budget_gb": s.rss_budget_gb,
+        "within_budget": None if peak is None else bool(peak < s.rss_budget_gb),
         "machine": {"cpu_count": os.cpu_count(), "mem_available_gb_before": _gb(mem_before),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()],
@@ -564,13 +580,10 @@ def format_store_bench(result: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def store_bench_command(path: str | os.PathLike[str], preset: str | None = "sun", iters: int = 300,
-                        json_out: bool = False, in_memory: bool = True, **kwargs: Any) -> dict[str, Any]:
-    """``dedn bench --store PATH``: run :func:`run_store_bench`, print JSON (``json_out``) or a table.
-
-    Extra keyword arguments go to :func:`run_store_bench` (batch_size, progress, overwrite, ...). Returns the
-    result.
-    """
-    result = run_store_bench(path, preset=preset, iters=iters, in_memory=in_memory, **kwargs)
+def store_bench_command(path: str | os.PathLike[str], settings: StoreBenchSettings | None = None,
+                        json_out: bool = False) -> dict[str, Any]:
+    """``dedn bench --store PATH``: run :func:`run_store_bench`, print JSON (``json_out``) or a table; returns
+    the result."""
+    result = run_store_bench(path, settings)
     print(json.dumps(result, indent=2) if json_out else format_store_bench(result))
     return result

@@ -41,7 +41,9 @@ import os
 import shutil
 import zipfile
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,6 +182,48 @@ class SemanticSide:
                    test_unseen_loc=data.test_unseen_loc, class_names=data.class_names,
                    attribute_names=data.attribute_names, val_classes=data.val_classes, clusters=data.clusters,
                    name=data.name)
+
+
+class _InOrder:
+    """Runs calls in the order given: here, or (``threaded``) in one worker thread with at most ``depth`` calls
+    waiting, so the caller prepares the next one meanwhile while memory stays bounded by a few. Once a call
+    fails, the later ones are skipped (a chunk's completion mark must never follow a failed write of it).
+    Leaving the block waits for every call and raises the first error of a call (unless the block raised)."""
+
+    def __init__(self, threaded: bool, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1) if threaded else None
+        self._pending: deque[Future[None]] = deque()
+        self._depth = depth
+        self._failed = False
+
+    def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if self._failed:
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def __call__(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._pool is None:
+            fn(*args)
+            return
+        self._pending.append(self._pool.submit(self._run, fn, args))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> _InOrder:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self._pool is None:
+            return
+        try:
+            while self._pending and exc_type is None:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 @dataclass
@@ -526,19 +570,22 @@ class FeatureStore(FeatureSource):
         self.mark_complete(i, rank=rank)
 
     def fill_missing(self, read: Callable[[int, int], np.ndarray], block_rows: int | None = None,
-                     desc: str = "writing features", progress: bool = False) -> int:
+                     desc: str = "writing features", progress: bool = False, write_behind: bool = False) -> int:
         """Write every missing chunk from ``read(start, stop)`` (the maps of rows start..stop-1), in blocks of
         at most ``block_rows`` rows, marking each chunk complete once its bytes are synced.
 
-        The one loop that fills a store in a single process (HDF5 import, arrays, the built-in benchmark):
-        an interrupted fill resumes with the missing chunks. Returns the number of rows written.
+        The one loop that fills a store in a single process (HDF5 import, arrays, the built-in benchmark, the
+        store benchmark): an interrupted fill resumes with the missing chunks. ``write_behind``: write and mark
+        in one worker thread (in order, at most two blocks waiting) while ``read`` makes the next block, for
+        sources that compute their rows. Returns the number of rows written.
         """
         from tqdm.auto import tqdm
 
         todo = self.missing_chunks()
         block = int(block_rows or self.chunk_size)
         total = sum(self.chunk_range(i)[1] - self.chunk_range(i)[0] for i in todo)
-        with tqdm(total=total, unit="img", desc=desc, disable=not progress or not total) as bar:
+        with _InOrder(threaded=write_behind) as run, \
+                tqdm(total=total, unit="img", desc=desc, disable=not progress or not total) as bar:
             for i in todo:
                 start, stop = self.chunk_range(i)
                 for s in range(start, stop, block):
@@ -546,9 +593,9 @@ class FeatureStore(FeatureSource):
                     rows = read(s, e)
                     if np.shape(rows)[0] != e - s:
                         raise DataError(f"{self.path}: rows {s}..{e - 1}: the source gave {np.shape(rows)[0]} maps")
-                    self.write_rows(s, rows)
+                    run(self.write_rows, s, rows)
                     bar.update(e - s)
-                self.mark_complete(i)
+                run(self.mark_complete, i)  # after the chunk's writes: the worker keeps the order
         return total
 
     def sync(self) -> None:

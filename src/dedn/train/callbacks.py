@@ -8,6 +8,7 @@ best epoch; the trainer itself does not know which protocol it serves.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from dedn.eval.evaluate import Evaluation
@@ -18,8 +19,14 @@ class Callback:
 
     Hooks receive the :class:`~dedn.train.trainer.Trainer` (typed ``Any`` here: the trainer module imports this
     one). They run on the process that writes the run folder (rank 0 under torchrun), except
-    :meth:`on_segment_end`, which every process calls.
+    :meth:`on_step_start`, :meth:`on_step_end` and :meth:`on_segment_end`, which every process calls.
     """
+
+    def on_step_start(self, trainer: Any) -> None:
+        """Before each training step, once its batch has been read."""
+
+    def on_step_end(self, trainer: Any, items: dict[str, float]) -> None:
+        """After each training step, with its loss terms (``items["loss"]``: the batch's total loss)."""
 
     def on_segment_end(self, trainer: Any, row: dict[str, Any]) -> None:
         """After each segment of the schedule (dedn's epoch), once its history ``row`` is complete."""
@@ -48,3 +55,18 @@ class BestOverTraining(Callback):
             "H": best_h and {k: best_h[k] for k in ("epoch", "T", "S", "U", "H")},
             "T": best_t and {"epoch": best_t["epoch"], "T": best_t["T"]},
         }
+
+
+class StepTimes(Callback):
+    """Records ``(started, ended, loss)`` of every training step in :attr:`steps` (``time.perf_counter`` times):
+    what a speed benchmark needs to tell warm-up, data waits and the steady rate apart."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[float, float, float]] = []
+        self._started = 0.0
+
+    def on_step_start(self, trainer: Any) -> None:
+        self._started = time.perf_counter()
+
+    def on_step_end(self, trainer: Any, items: dict[str, float]) -> None:
+        self.steps.append((self._started, time.perf_counter(), items["loss"]))

@@ -418,9 +418,9 @@ class Trainer:
 
         The schedule is ``train.epochs`` epochs, or with ``train.rng=released`` the released code's
         iterations and evaluations; each segment of it is one history row. With ``final_evaluation`` (the
-        default) the trained model is evaluated once more when the last segment ended unevaluated, and its
-        weights, class file and metrics are written; without it training stops after the last checkpoint
-        (what a speed benchmark measures).
+        default) the last segment is evaluated (once more when it ended unevaluated) and the weights, class file
+        and metrics are written; without it the run ends with the last segment's checkpoint, unevaluated (what a
+        speed benchmark measures).
         """
         t = self.cfg.train
         total_iters = sum(s.steps for s in self.schedule)
@@ -437,7 +437,8 @@ class Trainer:
                     break
                 n = min(seg.steps, total_iters - done)
                 final = seg is self.schedule[-1] or done + n >= total_iters
-                last_eval = self._run_segment(seg, n, done, final, (pool, bar))
+                evaluate_last = final and final_evaluation
+                last_eval = self._run_segment(seg, n, done, (final, evaluate_last), (pool, bar))
                 done += n
             metrics: dict[str, Any] = {}
             if self.writer and final_evaluation:
@@ -448,10 +449,11 @@ class Trainer:
             self.close()
         return TrainResult(self.run_dir, self.model, self.history, metrics, self.losses)
 
-    def _run_segment(self, seg: Segment, n: int, done: int, final: bool,
+    def _run_segment(self, seg: Segment, n: int, done: int, last: tuple[bool, bool],
                      loop: tuple[ThreadPoolExecutor, Any]) -> Evaluation | None:
         """Train the first ``n`` steps of one segment (``done`` steps came before it), evaluate when the schedule
-        says so, log and checkpoint. ``loop``: the batch reader's thread pool and the progress bar.
+        says so, log and checkpoint. ``last``: whether this is the last segment, and whether that one is
+        evaluated; ``loop``: the batch reader's thread pool and the progress bar.
 
         Returns the segment's evaluation, or None when it was not evaluated.
         """
@@ -468,12 +470,16 @@ class Trainer:
             x = pending.result()
             if i + 1 < n:
                 pending = pool.submit(self._host_batch, batches[i + 1])
+            for cb in self.callbacks:
+                cb.on_step_start(self)
             try:
                 items = self.train_step(batches[i], x, share=len(batches[i]) / sizes[i])
             except TrainingError as exc:
                 saved = self.run_dir is not None and bool(self.history)
                 where = f"; the last good checkpoint is in {self.run_dir}/checkpoints" if saved else ""
                 raise TrainingError(f"epoch {epoch} iteration {i}: {exc}{where}") from None
+            for cb in self.callbacks:
+                cb.on_step_end(self, items)
             epoch_losses.append(items["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{items['loss']:.3f}", epoch=epoch)
@@ -482,7 +488,9 @@ class Trainer:
         row: dict[str, Any] = {"epoch": epoch, "iterations": done + n, "loss": mean_loss,
                                "seconds": round(time.perf_counter() - started, 3)}
         evaluation = None  # the weights changed: an earlier evaluation no longer describes them
-        if self.writer and ((seg.evaluate and n == seg.steps) or (final and self._evaluate_last)):
+        final, evaluate_final = last
+        scheduled = (seg.evaluate and n == seg.steps) or (final and self._evaluate_last)
+        if self.writer and scheduled and (evaluate_final or not final):
             evaluation = self.evaluate()
             row.update(evaluation.summary())
             for cb in self.callbacks:

@@ -18,11 +18,6 @@ MAX_PARAMETERS = 10
 #: Offenders that other helpers of the "Architecture, second step" refactor are splitting in parallel, as
 #: (path relative to src/dedn, function name). Temporary: removed when their branches are merged.
 ALLOWED: set[tuple[str, str]] = {
-    ("models/compat.py", "from_reference_state_dict"),
-    ("apps/bench.py", "_run"),
-    ("apps/bench.py", "run_bench"),
-    ("apps/storebench.py", "build_store"),
-    ("apps/storebench.py", "run_store_bench"),
     ("apps/experiments.py", "_run"),
 }
 

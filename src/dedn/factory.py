@@ -19,14 +19,6 @@ from dedn.models.dedn_method import method_settings, model_clusters
 from dedn.models.registry import create_model, model_entry
 
 
-def dataset_name(cfg: RunConfig, data: ZSLData | None = None) -> str | None:
-    """The benchmark name that selects built-in clusters and reference quirks (CUB, SUN, AWA2 or other)."""
-    from dedn.data.xlsa17 import canonical_dataset
-
-    name = cfg.data.dataset or (data.name if data is not None else None)
-    return canonical_dataset(name) or name
-
-
 def _synthetic(cfg: RunConfig) -> ZSLData:
     from dedn.data.synthetic import make_synthetic
 
@@ -79,7 +71,11 @@ def load_data(cfg: RunConfig) -> ZSLData:
         DataError: the files are missing or inconsistent.
     """
     model_entry(cfg.model.name)  # an unknown model.name is refused before any data is read
-    data = _apply_semantics(cfg, DATA_LOADERS[cfg.data.source](cfg))
+    from dedn.data.xlsa17 import canonical_dataset
+
+    data = DATA_LOADERS[cfg.data.source](cfg)
+    name = cfg.data.dataset or data.name  # resolved once: it selects built-in clusters and reference quirks
+    data = _apply_semantics(cfg, replace(data, name=canonical_dataset(name) or name))
     data.validate()
     if cfg.data.split == "validation":
         data = data.validation_split(cfg.data.val_seen_fraction, seed=cfg.seed)
@@ -117,7 +113,7 @@ def _apply_semantics(cfg: RunConfig, data: ZSLData) -> ZSLData:
 
 def resolve_model_clusters(cfg: RunConfig, data: ZSLData) -> dict[str, np.ndarray]:
     """The attribute clusters of DEDN's fExp that ``cfg.model.clusters`` asks for, checked against ``data``."""
-    dataset = dataset_name(cfg, data)
+    dataset = data.name
     return model_clusters(cfg, data, dataset, method_settings(cfg, dataset))
 
 
@@ -128,4 +124,4 @@ def build_model(cfg: RunConfig, data: ZSLData, seed: int | None = None) -> nn.Mo
     Raises:
         ConfigError: ``model.name`` names no registered method, or the method refuses one of its options.
     """
-    return create_model(cfg.model.name, cfg, data, dataset_name(cfg, data), seed)
+    return create_model(cfg.model.name, cfg, data, data.name, seed)

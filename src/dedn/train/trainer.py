@@ -47,7 +47,7 @@ from dedn.errors import CheckpointError, ConfigError, TrainingError
 from dedn.eval.calibration import Calibration, GammaSource
 from dedn.eval.evaluate import Evaluation, calibration_value, evaluate_model, write_evaluation
 from dedn.eval.metrics import METRIC_ORDER
-from dedn.factory import build_model, dataset_name, load_data
+from dedn.factory import build_model, load_data
 from dedn.models.dedn import DEDN
 from dedn.models.precision import run_precision
 from dedn.models.registry import entry_for
@@ -166,7 +166,7 @@ class Trainer:
         self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.train.dtype)
         if self.dtype is None:
             raise ConfigError(f"train.dtype must be float32 or float64, got {cfg.train.dtype!r}")
-        self.dataset = dataset_name(cfg, self.data)
+        self.dataset = self.data.name
         replay = cfg.train.rng == "released"
         if replay:
             check_replay_data(self.data, cfg.data.path)

@@ -128,7 +128,8 @@ def test_bad_inputs_are_refused_before_training(tiny_cfg: RunConfig) -> None:
     with pytest.raises(DataError, match="share"):
         replace(data, test_seen_loc=np.concatenate([data.test_seen_loc, data.trainval_loc[:1]])).validate()
     with pytest.raises(DataError):
-        build_model(apply_overrides(tiny_cfg, ["model.clusters=paper", "data.dataset=CUB"]), data)
+        cub = apply_overrides(tiny_cfg, ["model.clusters=paper", "data.dataset=CUB"])  # CUB's clusters, 12 attributes
+        build_model(cub, load_data(cub))
     with pytest.raises(ConfigError, match="epoch"):
         apply_overrides(tiny_cfg, ["train.epoch=3"])
     with pytest.raises(ConfigError, match="model.l_rc"):

@@ -371,7 +371,8 @@ def experiment(
     Rerunning the same command in the same --out folder skips finished jobs and resumes the others from
     their last checkpoint, whichever launcher ran them before.
     """
-    from dedn.apps.experiments import Launch, parse_grid, run_experiment
+    from dedn.apps.experiments import parse_grid, run_experiment
+    from dedn.apps.launch import Launch
     from dedn.config import find_config
 
     launch = Launch(launcher, partition, gpus_per_job, cpus_per_job, mem_gb, time_min, max_running)

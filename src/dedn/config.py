@@ -395,3 +395,44 @@ def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [prefix.rstrip(".")]
+
+
+# --- dotted keys (merge: keep one)
+def has_key(dotted: str) -> bool:
+    """Whether ``dotted`` (``"model.l_e"``) names a leaf setting of :class:`RunConfig`."""
+    import typing
+    from dataclasses import is_dataclass
+
+    node: Any = RunConfig
+    for part in dotted.split("."):
+        if not (isinstance(node, type) and is_dataclass(node)):
+            return False
+        hints = typing.get_type_hints(node)  # annotations are strings under ``from __future__``
+        if part not in hints:
+            return False
+        node = hints[part]
+    return not (isinstance(node, type) and is_dataclass(node))
+
+
+def get_key(cfg: RunConfig | Mapping[str, Any], dotted: str) -> Any:
+    """The value at ``dotted`` of a config or of a nested config dict."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, Mapping) else getattr(node, part)
+    return node
+
+
+def set_keys(cfg: RunConfig, changes: Mapping[str, Any]) -> RunConfig:
+    """``cfg`` with typed values set by dotted key (``dataclasses.replace``; no parsing, no checks)."""
+    from dataclasses import replace
+
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        nodes: list[Any] = [cfg]
+        for p in parents:
+            nodes.append(getattr(nodes[-1], p))
+        new = replace(nodes[-1], **{last: value})
+        for node, name in zip(reversed(nodes[:-1]), reversed(parents), strict=True):
+            new = replace(node, **{name: new})
+        cfg = new
+    return cfg

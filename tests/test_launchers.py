@@ -175,3 +175,38 @@ def test_bad_launcher_options_are_one_line_before_any_work(options, message, tin
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
     assert not out.exists()
+
+
+def test_pool_hands_each_job_a_free_device_one_job_per_device(monkeypatch):
+    """The pool submits every job with a device no running job holds; results come back in job order."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dedn.apps.results import RunResult
+
+    lock, held, used = threading.Lock(), set(), []
+
+    def fake_run_job(seed: int, device: str | None = None) -> RunResult:
+        with lock:
+            assert device not in held, f"{device} given to two running jobs"
+            held.add(device)
+            used.append(device)
+        time.sleep(0.02 * (seed % 3))  # finish out of order
+        with lock:
+            held.discard(device)
+        return RunResult("dedn", "DEDN", "published", seed, {"H": float(seed), "AUSUC": 0.0}, {}, None, "", {})
+
+    # Threads instead of spawned processes, so the fake job runner is the one called.
+    monkeypatch.setattr(L, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
+    monkeypatch.setattr(L, "run_job", fake_run_job)
+    lines: list[str] = []
+    results = L.run_jobs(list(range(7)), ["cuda:0", "cuda:1", "cuda:2"], lines.append)  # type: ignore[arg-type]
+    assert [r.seed for r in results] == list(range(7))
+    assert len(used) == 7 and set(used) == {"cuda:0", "cuda:1", "cuda:2"}
+    assert len(lines) == 7 and lines[-1].startswith("[7/7]")
+
+
+def test_every_launcher_name_has_a_launcher():
+    assert set(L.LAUNCHERS) == set(L.LauncherName)
+    assert L.Launch("slurm").name is L.LauncherName.SLURM and L.Launch().record("x") == {"launcher": "pool"}

@@ -226,3 +226,10 @@ def test_stable_jsd_equals_the_released_one_on_ordinary_scores() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+def test_every_protocol_name_has_a_runner() -> None:
+    from dedn.apps.protocols import JOB_PROTOCOLS, JOB_RUNNERS, MODEL_FOLDERS, SINGLE_RUNS, ProtocolName
+
+    assert set(SINGLE_RUNS) == set(MODEL_FOLDERS) == set(ProtocolName)
+    assert JOB_PROTOCOLS == ("validated", "published") and set(JOB_RUNNERS) <= set(ProtocolName)

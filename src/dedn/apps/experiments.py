@@ -96,7 +96,7 @@ Grid = Mapping[str, Sequence[Any]]
 
 
 @dataclass(frozen=True)
-class Settings:
+class ExperimentSettings:
     """What every experiment command takes besides its config (see :func:`table1`)."""
 
     seeds: int | Sequence[int] = 1
@@ -204,7 +204,7 @@ class _Plan:
     row_cfgs: dict[str, RunConfig] = field(default_factory=dict)
 
 
-def _plan(name: str, cfg: RunConfig | str | Path | None, settings: Settings, rows: Rows, sweep: Grid | None,
+def _plan(name: str, cfg: RunConfig | str | Path | None, settings: ExperimentSettings, rows: Rows, sweep: Grid | None,
           cache: DataCache) -> _Plan:
     """Resolve and check everything an experiment needs, before any work (ConfigError / DataError)."""
     base = _resolve_config(cfg, settings.overrides)
@@ -274,7 +274,7 @@ def _jobs(plan: _Plan, out: Path) -> list[Job]:
     return jobs
 
 
-def _run(name: str, cfg: RunConfig | str | Path | None, settings: Settings, rows: Rows,
+def _run(name: str, cfg: RunConfig | str | Path | None, settings: ExperimentSettings, rows: Rows,
          sweep: Grid | None = None) -> ExperimentResult:
     """Resolve, check everything, claim the results folder, then run every (row, protocol, seed) job."""
     cache = DataCache()  # the driver's loaded data: its checks, and the jobs run in this process
@@ -303,8 +303,8 @@ def table1(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int]
            report: Callable[[str], None] | None = None, launch: Launch | None = None) -> ExperimentResult:
     """Paper Table 1 row: T, U, S, H (and AUSUC) of DEDN on the config's dataset, under both protocols by
     default, mean +- std over ``seeds``; reports ``table1.*`` in ``out_dir``."""
-    exp = _run("table1", cfg, Settings(seeds, protocol, out_dir, overrides, devices, tune, report, launch),
-               [Row("dedn", "DEDN")])
+    settings = ExperimentSettings(seeds, protocol, out_dir, overrides, devices, tune, report, launch)
+    exp = _run("table1", cfg, settings, [Row("dedn", "DEDN")])
     exp.files = reports.report_table1(exp)
     return exp
 
@@ -315,7 +315,8 @@ def table3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int]
            rows: Sequence[Row] = TABLE3_ROWS,
            report: Callable[[str], None] | None = None, launch: Launch | None = None) -> ExperimentResult:
     """Paper Table 3: the seven ablation rows (:data:`TABLE3_ROWS`), T, U, S, H each; reports ``table3.*``."""
-    exp = _run("table3", cfg, Settings(seeds, protocol, out_dir, overrides, devices, tune, report, launch), rows)
+    settings = ExperimentSettings(seeds, protocol, out_dir, overrides, devices, tune, report, launch)
+    exp = _run("table3", cfg, settings, rows)
     exp.files = reports.report_table3(exp)
     return exp
 
@@ -333,8 +334,8 @@ def figure3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
     point retrains. ``grid`` replaces the axes; a key that is not an evaluation-time setting is refused.
     """
     grid = grid if grid is not None else {"model.l_e": FIGURE3_VALUES, "model.l_rc": FIGURE3_VALUES}
-    exp = _run("figure3", cfg, Settings(seeds, protocol, out_dir, overrides, devices, tune, report, launch),
-               [Row("dedn", "DEDN")], sweep=grid)
+    settings = ExperimentSettings(seeds, protocol, out_dir, overrides, devices, tune, report, launch)
+    exp = _run("figure3", cfg, settings, [Row("dedn", "DEDN")], sweep=grid)
     exp.files = reports.report_figure3(exp)
     return exp
 
@@ -356,8 +357,8 @@ def figure5(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
             report: Callable[[str], None] | None = None, launch: Launch | None = None) -> ExperimentResult:
     """Paper Figure 5: the config's (manual) clusters against K-means with the same number of clusters (a)
     and against the half variant, neighbours merged (b); H and T (and S, U) reported, bar charts drawn."""
-    exp = _run("figure5", cfg, Settings(seeds, protocol, out_dir, overrides, devices, tune, report, launch),
-               _figure5_rows)
+    settings = ExperimentSettings(seeds, protocol, out_dir, overrides, devices, tune, report, launch)
+    exp = _run("figure5", cfg, settings, _figure5_rows)
     exp.extra["n_clusters"] = {r.row: r.n_clusters for r in exp.runs}
     exp.files = reports.report_figure5(exp)
     return exp
@@ -371,8 +372,8 @@ def calibration(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence
     """Calibrated stacking: the test seen-unseen curve of each seed's reported model (gamma swept), its
     AUSUC, the operating point the protocol chose, and the mean curve over seeds (S averaged on a common
     grid of ``n_points`` U values, for display)."""
-    exp = _run("calibration", cfg, Settings(seeds, protocol, out_dir, overrides, devices, tune, report, launch),
-               [Row("dedn", "DEDN")])
+    settings = ExperimentSettings(seeds, protocol, out_dir, overrides, devices, tune, report, launch)
+    exp = _run("calibration", cfg, settings, [Row("dedn", "DEDN")])
     curves: dict[str, list[dict[str, Any]]] = {}
     grid_u = np.linspace(0.0, 1.0, n_points)
     for proto in exp.protocols:

@@ -62,6 +62,7 @@ from dedn.config import (
     set_keys,
     without_keys,
 )
+from dedn.data.dataset import ZSLData
 from dedn.devices import use_threads
 from dedn.errors import CheckpointError, ConfigError
 from dedn.eval.calibration import Calibration, config_calibration
@@ -138,7 +139,7 @@ class Job:
                             "train_combos": self.train_combos, "sweep": self.sweep, "row": asdict(self.row)})
 
 
-def _train_stage(cfg: RunConfig, data: Any, run_dir: Path, calibration: Calibration | None = None,
+def _train_stage(cfg: RunConfig, data: ZSLData, run_dir: Path, calibration: Calibration | None = None,
                  callbacks: Sequence[Callback] = ()) -> tuple[TrainResult, Trainer]:
     """Train (or resume and finish) one trainer run in ``run_dir``."""
     trainer = Trainer(cfg, data=data, run_dir=run_dir, calibration=calibration,

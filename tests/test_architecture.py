@@ -142,3 +142,59 @@ def test_the_models_do_not_import_the_run_config() -> None:
     found = sorted(f"{m} imports dedn.config" for m, deps in GRAPH.items()
                    if (m == "dedn.models" or m.startswith("dedn.models.")) and "dedn.config" in deps)
     assert not found, "\n".join(found)
+
+
+#: Sub-layers of ``dedn.apps``, lowest first: an apps module imports apps modules of its own sub-layer and below.
+#: Selection sits below the protocols, the protocols below the launchers, the launchers below the experiments.
+APPS_LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("records", ("dedn.apps", "dedn.apps.results", "dedn.apps.class_files", "dedn.apps.datacache",
+                 "dedn.apps.reports", "dedn.apps.samples")),
+    ("selection", ("dedn.apps.selection",)),
+    ("protocols", ("dedn.apps.protocols",)),
+    ("model use", ("dedn.apps.predict", "dedn.apps.explain", "dedn.apps.describe")),
+    ("launch", ("dedn.apps.launch",)),
+    ("experiments", ("dedn.apps.experiments",)),
+    ("tools", ("dedn.apps.demo", "dedn.apps.bench", "dedn.apps.storebench")),
+]
+#: What a trained model's users (predict, explain, describe) and the evaluation path must never load.
+BATCH_MODULES = ("dedn.apps.experiments", "dedn.apps.launch")
+
+
+def _apps_layer(module: str) -> int:
+    for i, (_, modules) in enumerate(APPS_LAYERS):
+        if module in modules:
+            return i
+    raise AssertionError(f"{module} belongs to no sub-layer of apps (add it to APPS_LAYERS)")
+
+
+def _path_to(start: str, targets: tuple[str, ...]) -> list[str] | None:
+    """An import chain from ``start`` to one of ``targets`` through GRAPH (breadth first), or None."""
+    parent: dict[str, str | None] = {start: None}
+    queue = [start]
+    while queue:
+        m = queue.pop(0)
+        if m in targets:
+            chain = [m]
+            while parent[chain[-1]] is not None:
+                chain.append(parent[chain[-1]])  # type: ignore[arg-type]
+            return chain[::-1]
+        for d in sorted(GRAPH[m]):
+            if d not in parent:
+                parent[d] = m
+                queue.append(d)
+    return None
+
+
+def test_apps_imports_point_down_its_sub_layers() -> None:
+    apps = [m for m in GRAPH if m == "dedn.apps" or m.startswith("dedn.apps.")]
+    upward = sorted(f"{m} ({APPS_LAYERS[_apps_layer(m)][0]}) imports {d} ({APPS_LAYERS[_apps_layer(d)][0]})"
+                    for m in apps for d in GRAPH[m] if d in apps and _apps_layer(d) > _apps_layer(m))
+    assert not upward, "\n".join(upward)
+
+
+def test_model_use_and_evaluation_never_load_experiments_or_launchers() -> None:
+    starts = [m for m in GRAPH if m in ("dedn.apps.predict", "dedn.apps.explain", "dedn.apps.describe")
+              or m == "dedn.eval" or m.startswith("dedn.eval.")]
+    assert "dedn.apps.predict" in starts and "dedn.eval.evaluate" in starts
+    chains = [" -> ".join(chain) for m in sorted(starts) if (chain := _path_to(m, BATCH_MODULES))]
+    assert not chains, "\n".join(chains)

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 from dedn.apps import experiments as E
+from dedn.apps.launch import parse_devices
+from dedn.apps.results import ExperimentResult, Row, RunResult
+from dedn.apps.selection import check_validation_split, read_grid
 from dedn.config import RunConfig, load_config
 from dedn.errors import ConfigError, DataError
 from dedn.eval.evaluate import evaluate_outputs
@@ -120,11 +123,11 @@ def test_table1_both_protocols_resume_after_interruption(cfg, fits, tmp_path, mo
         ev = evaluate_outputs(seen, unseen, mask, c["gamma"], c["l_rc"], c["l_e"])
         assert ev.result.H * 100 == pytest.approx(run.metrics["H"])
         # Retraining for the chosen epochs reproduces the published run's model at that epoch (same seed).
-        grid = E.read_grid(Path(run.folder).parent.parent / f"published/seed-{run.seed}/train/grid.jsonl")
+        grid = read_grid(Path(run.folder).parent.parent / f"published/seed-{run.seed}/train/grid.jsonl")
         t_then = [r["T"] for r in grid if r["epoch"] == c["epochs"] - 1 and (r["l_rc"], r["l_e"]) == (0.8, 0.9)]
         assert run.metrics["T"] == pytest.approx(t_then[0])
     for run in exp.runs_for("dedn", "published"):
-        grid = E.read_grid(Path(run.folder) / "train/grid.jsonl")
+        grid = read_grid(Path(run.folder) / "train/grid.jsonl")
         assert run.metrics["H"] == pytest.approx(max(r["H"] for r in grid))
         assert run.metrics["T"] == pytest.approx(max(r["T"] for r in grid))
 
@@ -176,7 +179,7 @@ def test_bad_sweeps_and_settings_are_refused_before_any_work(cfg, fits, tmp_path
         E.table1(cfg, out_dir=out, devices="gpu:0")
     assert E.parse_grid(["model.l_e=0.5, 0.9", "loss.beta=0.01"]) == {"model.l_e": ["0.5", "0.9"],
                                                                         "loss.beta": ["0.01"]}
-    assert E.parse_devices("cpu,cpu") == ["cpu", "cpu"] and E.parse_devices("") is None
+    assert parse_devices("cpu,cpu") == ["cpu", "cpu"] and parse_devices("") is None
     assert not out.exists() and not fits
 
 
@@ -187,12 +190,12 @@ def test_validation_split_checks(cfg, tiny_overrides, fits, tmp_path):
     assert not (tmp_path / "x").exists() and not fits
     full = load_data(cfg)
     val = full.validation_split(0.2, seed=0)
-    E.check_validation_split(full, val)
+    check_validation_split(full, val)
     leaky = replace(val, test_seen_loc=np.concatenate([val.test_seen_loc, full.test_seen_loc[:2]]))
     with pytest.raises(DataError, match="test images"):
-        E.check_validation_split(full, leaky)
+        check_validation_split(full, leaky)
     with pytest.raises(DataError, match="no val-unseen"):
-        E.check_validation_split(full, replace(val, test_unseen_loc=np.zeros(0, dtype=np.int64)))
+        check_validation_split(full, replace(val, test_unseen_loc=np.zeros(0, dtype=np.int64)))
 
 
 def test_figure3_sweeps_saved_outputs_without_retraining(cfg, fits, tmp_path):
@@ -290,17 +293,17 @@ def test_paper_numbers_beside_ours_for_real_datasets(tmp_path):
     real = config_to_dict(load_config(None, ["data.source=hdf5", "data.dataset=CUB", "data.path=cub.h5"]))
     choices = {"calibration": 0.0, "l_rc": 0.8, "l_e": 0.9, "epoch_best_H": 3, "epoch_best_T": 4,
                "epochs_trained": 80}
-    runs = [E.RunResult(row.key, row.label, "published", seed, {"T": 70.0 + seed, "U": 60.0, "S": 65.0, "H": 62.0,
+    runs = [RunResult(row.key, row.label, "published", seed, {"T": 70.0 + seed, "U": 60.0, "S": 65.0, "H": 62.0,
                                                                "AUSUC": 40.0}, choices, "CUB",
                         str(tmp_path / "runs" / row.key), {}) for row in E.TABLE3_ROWS for seed in (0, 1)]
-    exp = E.ExperimentResult("table3", tmp_path, ["published"], [0, 1], real, list(E.TABLE3_ROWS), runs)
+    exp = ExperimentResult("table3", tmp_path, ["published"], [0, 1], real, list(E.TABLE3_ROWS), runs)
     reports.report_table3(exp)
     md = (tmp_path / "table3.md").read_text()
     assert "paper H" in md and "| DEDN | published | 70.5 ± 0.7 |" in md and "| 70.4 |" in md
     summary = {r["row"]: r for r in json.loads((tmp_path / "table3.json").read_text())["summary"]}
     assert summary["wo_channel_attention"]["paper"]["H"] == 65.3 and summary["full"]["T"]["std"] > 0
     assert "66.6" in (tmp_path / "table3.csv").read_text()  # cExp w/o distill, CUB H
-    one = E.ExperimentResult("table1", tmp_path, ["published"], [0], real, [E.Row("dedn", "DEDN")],
+    one = ExperimentResult("table1", tmp_path, ["published"], [0], real, [Row("dedn", "DEDN")],
                              [replace(runs[0], row="dedn", label="DEDN", seed=0)])
     reports.report_table1(one)
     record = json.loads((tmp_path / "table1.json").read_text())

@@ -10,12 +10,14 @@ import pytest
 import submitit
 
 from dedn.apps import experiments as E
+from dedn.apps import launch as L
+from dedn.apps.protocols import Job
 from dedn.config import load_config
 from dedn.errors import TrainingError
 
 from .conftest import interrupted_at_step, run_cli
 
-SLURM = E.Launch("slurm", partition="gpu", gpus_per_job=2, cpus_per_job=8, mem_gb=32, time_min=90, max_running=3)
+SLURM = L.Launch("slurm", partition="gpu", gpus_per_job=2, cpus_per_job=8, mem_gb=32, time_min=90, max_running=3)
 SLURM_OPTIONS = ["--launcher", "slurm", "--partition", "gpu", "--gpus-per-job", "2", "--cpus-per-job", "8",
                  "--mem-gb", "32", "--time-min", "90", "--max-running", "3"]
 SLURM_PARAMETERS = {"name": "dedn-table1", "timeout_min": 90, "gpus_per_node": 2, "nodes": 1, "tasks_per_node": 1,
@@ -65,13 +67,13 @@ def test_local_launcher_resumes_a_killed_job_and_reuses_finished_ones(tiny_overr
 
 
 def test_slurm_parameters_and_executor(tmp_path, monkeypatch):
-    assert E.submitit_parameters(SLURM, "dedn-table1") == SLURM_PARAMETERS
+    assert L.submitit_parameters(SLURM, "dedn-table1") == SLURM_PARAMETERS
     # Options not given are left to the cluster's defaults.
-    assert E.submitit_parameters(E.Launch("slurm"), "dedn-table3") == {
-        "name": "dedn-table3", "timeout_min": E.DEFAULT_TIME_MIN, "gpus_per_node": 1, "nodes": 1,
+    assert L.submitit_parameters(L.Launch("slurm"), "dedn-table3") == {
+        "name": "dedn-table3", "timeout_min": L.DEFAULT_TIME_MIN, "gpus_per_node": 1, "nodes": 1,
         "tasks_per_node": 1}
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # srun "found"
-    ex = E.make_executor(SLURM, tmp_path / "submitit", "dedn-table1")
+    ex = L.make_executor(SLURM, tmp_path / "submitit", "dedn-table1")
     assert ex.cluster == "slurm" and Path(ex.folder) == (tmp_path / "submitit").resolve()
     assert ex._executor.parameters == {"job_name": "dedn-table1", "time": 90, "gpus_per_node": 2, "nodes": 1,
                                        "ntasks_per_node": 1, "partition": "gpu", "cpus_per_task": 8,
@@ -81,7 +83,7 @@ def test_slurm_parameters_and_executor(tmp_path, monkeypatch):
 class _FakeSlurmJob:
     """A submitted job run in this process when first polled (no cluster), with submitit's job interface."""
 
-    def __init__(self, fn: Any, job: E.Job, folder: Path) -> None:
+    def __init__(self, fn: Any, job: Job, folder: Path) -> None:
         self.fn, self.job, self.out, self.exc = fn, job, None, None
         self.paths = type("Paths", (), {"stderr": folder / "0_0_log.err"})()
 
@@ -112,7 +114,7 @@ class _FakeSlurmExecutor:
 
         return contextlib.nullcontext()
 
-    def submit(self, fn: Any, job: E.Job) -> _FakeSlurmJob:
+    def submit(self, fn: Any, job: Job) -> _FakeSlurmJob:
         self.submitted.append(job)
         return _FakeSlurmJob(fn, job, self.folder)
 
@@ -120,14 +122,14 @@ class _FakeSlurmExecutor:
 def test_slurm_launcher_through_the_cli(tiny_overrides, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
     made: list[dict[str, Any]] = []
-    real = E.make_executor
+    real = L.make_executor
 
     def fake_make_executor(launch, folder, job_name):
         ex = real(launch, folder, job_name)  # submitit checks the parameters as it would on a cluster
         made.append({"parameters": ex._executor.parameters, "folder": Path(folder)})
         return _FakeSlurmExecutor(Path(folder))
 
-    monkeypatch.setattr(E, "make_executor", fake_make_executor)
+    monkeypatch.setattr(L, "make_executor", fake_make_executor)
     out = tmp_path / "t1"
     args = ["experiment", "table1", *tiny_overrides, "train.epochs=1", "--protocol", "published", "--out", out,
             *SLURM_OPTIONS]
@@ -173,3 +175,38 @@ def test_bad_launcher_options_are_one_line_before_any_work(options, message, tin
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
     assert not out.exists()
+
+
+def test_pool_hands_each_job_a_free_device_one_job_per_device(monkeypatch):
+    """The pool submits every job with a device no running job holds; results come back in job order."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dedn.apps.results import RunResult
+
+    lock, held, used = threading.Lock(), set(), []
+
+    def fake_run_job(seed: int, device: str | None = None) -> RunResult:
+        with lock:
+            assert device not in held, f"{device} given to two running jobs"
+            held.add(device)
+            used.append(device)
+        time.sleep(0.02 * (seed % 3))  # finish out of order
+        with lock:
+            held.discard(device)
+        return RunResult("dedn", "DEDN", "published", seed, {"H": float(seed), "AUSUC": 0.0}, {}, None, "", {})
+
+    # Threads instead of spawned processes, so the fake job runner is the one called.
+    monkeypatch.setattr(L, "ProcessPoolExecutor", lambda max_workers, mp_context: ThreadPoolExecutor(max_workers))
+    monkeypatch.setattr(L, "run_job", fake_run_job)
+    lines: list[str] = []
+    results = L.run_jobs(list(range(7)), ["cuda:0", "cuda:1", "cuda:2"], lines.append)  # type: ignore[arg-type]
+    assert [r.seed for r in results] == list(range(7))
+    assert len(used) == 7 and set(used) == {"cuda:0", "cuda:1", "cuda:2"}
+    assert len(lines) == 7 and lines[-1].startswith("[7/7]")
+
+
+def test_every_launcher_name_has_a_launcher():
+    assert set(L.LAUNCHERS) == set(L.LauncherName)
+    assert L.Launch("slurm").name is L.LauncherName.SLURM and L.Launch().record("x") == {"launcher": "pool"}

@@ -28,6 +28,7 @@ from dedn.data.synthetic import make_synthetic
 from dedn.data.xlsa17 import read_semantic_dir
 from dedn.errors import ConfigError
 from dedn.eval.calibration import mode_default_gamma
+from dedn.eval.metrics import METRIC_ORDER
 from dedn.models.losses import discrepancy, jensen_shannon, released_jensen_shannon
 
 from .conftest import TINY, run_cli, shared_dir
@@ -74,7 +75,8 @@ def test_selection_record_names_the_validation_task(tmp_path: Path) -> None:
     assert len(history) == selection["epochs"]
     metrics = json.loads((tmp_path / "run" / "final" / "metrics.json").read_text())
     assert metrics["gamma"] == selection["gamma"] and metrics["gamma_source"] == "validated"
-    assert result.metrics["gamma_source"] == "validated" and "oracle_on_test" not in metrics
+    assert result.metrics.gamma_source == "validated" and "oracle_on_test" not in metrics
+    assert result.metrics.gamma == metrics["gamma"] and result.metrics.H == metrics["H"]
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -98,7 +100,8 @@ def test_fixed_run_reports_mode_default_and_labels_the_oracle(tmp_path: Path) ->
     result = train(cfg, run_dir=tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["gamma"] == 2.0 and metrics["gamma_source"] == "mode default"
-    assert result.metrics["gamma_source"] == "mode default" and result.model_dir == tmp_path / "run"
+    assert result.metrics.gamma_source == "mode default" and result.model_dir == tmp_path / "run"
+    assert result.choices["oracle_H"] == metrics["oracle_on_test"]["H"]
     assert "diagnosis only" in metrics["oracle_on_test"]["note"]
     assert metrics["oracle_on_test"]["H"] >= metrics["H"] - 1e-9  # the oracle is optimistic by construction
 
@@ -127,8 +130,8 @@ def test_train_validated_matches_table1(tmp_path: Path) -> None:
     result = train(cfg, run_dir=tmp_path / "run")
     exp = E.table1(cfg, seeds=1, protocol="validated", out_dir=tmp_path / "t1")
     run = exp.runs_for("dedn", "validated")[0]
-    for key in ("T", "U", "S", "H", "AUSUC"):
-        assert result.metrics[key] == run.metrics[key], key
+    for key in METRIC_ORDER:
+        assert getattr(result.metrics, key) == run.metrics[key], key
     assert result.choices["gamma"] == run.choices["gamma"] and result.choices["epochs"] == run.choices["epochs"]
     assert result.model_dir == tmp_path / "run" / "final"
 
@@ -231,3 +234,11 @@ def test_stable_jsd_equals_the_released_one_on_ordinary_scores() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+def test_every_protocol_name_has_a_runner() -> None:
+    from dedn.apps.protocols import JOB_PROTOCOLS, JOB_RUNNERS, SINGLE_RUNS, ProtocolName
+    from dedn.runfolder import RunFolder
+
+    assert set(SINGLE_RUNS) == set(RunFolder.MODEL_FOLDERS) == set(ProtocolName)
+    assert JOB_PROTOCOLS == ("validated", "published") and set(JOB_RUNNERS) <= set(ProtocolName)

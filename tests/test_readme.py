@@ -20,7 +20,7 @@ def first_python_block(text: str) -> str:
 
 def test_readme_python_example_runs(tmp_path: Path) -> None:
     code = first_python_block(README.read_text())
-    assert "from dedn.apps.protocols import train" in code
+    assert "import dedn\n" in code and "dedn.train(cfg)" in code  # the public API, as a notebook uses it
     script = tmp_path / "example.py"
     script.write_text(code)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -30,5 +30,6 @@ def test_readme_python_example_runs(tmp_path: Path) -> None:
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("H ")), None)
     assert line is not None, proc.stdout
     fields = line.split()
-    assert 0.0 <= float(fields[1]) <= 100.0 and fields[2] == "gamma"
+    assert 0.0 <= float(fields[1]) <= 100.0 and fields[2] == "gamma" and fields[4] == "validated"
+    assert "DEDN" in proc.stdout
     assert (tmp_path / "runs").is_dir()  # it wrote its run under the temporary working directory

@@ -108,7 +108,8 @@ def train(
                         "published numbers)",
            "fixed": f"trained {c.get('epochs')} epochs, evaluated once at a fixed gamma"}[result.protocol]
     split = "test split" if cfg.data.split == "test" else "validation task"
-    _print_metrics(result.metrics, f"DEDN ({cfg.mode} mode), {result.protocol} protocol, {split}: {how}")
+    shown = {**result.metrics.to_dict(), **{k: c[k] for k in ("oracle_H", "oracle_gamma") if k in c}}
+    _print_metrics(shown, f"DEDN ({cfg.mode} mode), {result.protocol} protocol, {split}: {how}")
     typer.echo(f"model: {result.model_dir}")
 
 
@@ -360,7 +361,8 @@ def experiment(
     Rerunning the same command in the same --out folder skips finished jobs and resumes the others from
     their last checkpoint, whichever launcher ran them before.
     """
-    from dedn.apps.experiments import Launch, parse_grid, run_experiment
+    from dedn.apps.experiments import parse_grid, run_experiment
+    from dedn.apps.launch import Launch
     from dedn.config import find_config
 
     launch = Launch(launcher, partition, gpus_per_job, cpus_per_job, mem_gb, time_min, max_running)

@@ -114,6 +114,19 @@ class RunFolder:
     def selected(self) -> Path:
         return self.path / self.SELECTED
 
+    @classmethod
+    def selected_outputs(cls, stage: str) -> dict[str, str]:
+        """The saved outputs of a stage's selected epoch, relative to the job folder (a result's ``outputs``)."""
+        sel = f"{stage}/{cls.SELECTED}"
+        return {"seen": f"{sel}/{cls.SELECTED_SEEN}", "unseen": f"{sel}/{cls.SELECTED_UNSEEN}",
+                "seen_mask": f"{sel}/{cls.SEEN_MASK}"}
+
+    @classmethod
+    def test_outputs(cls, stage: str) -> dict[str, str]:
+        """A stage's final test outputs, relative to the job folder (a result's ``outputs``)."""
+        return {"seen": f"{stage}/{cls.OUTPUTS_SEEN}", "unseen": f"{stage}/{cls.OUTPUTS_UNSEEN}",
+                "seen_mask": f"{stage}/{cls.SEEN_MASK}"}
+
     def stage(self, name: str) -> RunFolder:
         """The trainer run of one stage of a protocol run (``final``, ``train``, ``validation/combo-00``)."""
         return RunFolder(self.path / name)

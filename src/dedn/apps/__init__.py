@@ -1,1 +1,2 @@
-"""Applications on top of the library: protocols, experiments and reports, prediction, explanation, demo, benchmarks."""
+"""Applications on top of the library: model selection, protocols, launchers, experiments and reports, prediction,
+explanation, demo, benchmarks."""

@@ -292,12 +292,10 @@ class Predictor:
         Raises:
             CheckpointError: no such folder, no ``model.safetensors`` in it, or unreadable run files.
         """
-        from dedn.apps.protocols import model_dir
-
         run = Path(run_dir)
         if not run.is_dir():
             raise CheckpointError(f"{run}: no such run directory")
-        run = model_dir(run)  # a protocol's run folder holds its reported model in final/ or train/
+        run = RunFolder(run).model_folder().path  # a protocol's run folder holds its model in final/ or train/
         weights = run / RunFolder.MODEL
         if not weights.is_file():
             raise CheckpointError(f"{run}: no trained model in this run directory (expected {RunFolder.MODEL}; an "

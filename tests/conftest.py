@@ -63,7 +63,7 @@ def tiny_cfg(tiny_overrides: list[str]) -> RunConfig:
 def interrupted_at_step(monkeypatch, step: int, counts: Callable[[Any], bool] = lambda trainer: True):
     """Inside the block, the ``step``-th training step (1-based, counting the trainers for which ``counts``
     is true) raises KeyboardInterrupt, as Ctrl-C would; the block expects it. Steps train normally after."""
-    from dedn.train.trainer import Trainer
+    from dedn.training.trainer import Trainer
 
     original, seen = Trainer.train_step, {"n": 0}
 
@@ -97,8 +97,8 @@ def run_cli(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
 def run_trainer(cfg: RunConfig, run_dir: Path | None = None, data: Any = None, resume: bool = False,
                 callbacks: tuple = ()) -> Any:
     """One trainer run as the protocols make it (resumed from ``run_dir``'s checkpoint with ``resume``)."""
-    from dedn.train.callbacks import BestOverTraining
-    from dedn.train.trainer import Trainer
+    from dedn.training.callbacks import BestOverTraining
+    from dedn.training.trainer import Trainer
 
     trainer = Trainer(cfg, data=data, run_dir=run_dir, callbacks=[*callbacks, BestOverTraining()])
     try:

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("features", ("dedn.features",)),
     ("models", ("dedn.models", "dedn.factory")),
     ("eval", ("dedn.eval",)),
-    ("train", ("dedn.train",)),
+    ("training", ("dedn.training",)),
     ("apps", ("dedn.apps",)),
     ("cli", ("dedn.cli",)),
 ]
@@ -103,7 +103,7 @@ def test_imports_point_down_the_layers() -> None:
 def test_every_module_is_in_a_layer_and_subpackages_exist() -> None:
     for m in GRAPH:
         _layer(m)
-    for sub in ("data", "features", "models", "eval", "train", "apps"):
+    for sub in ("data", "features", "models", "eval", "training", "apps"):
         assert (SRC / sub / "__init__.py").is_file()
     assert not [p.name for p in SRC.glob("*.py")
                 if p.stem not in ("__init__", "errors", "atomic", "checks", "devices", "runfolder", "config", "factory",

@@ -11,7 +11,7 @@ from dedn.config import apply_overrides
 from dedn.data.sources import DeviceFeatures
 from dedn.data.store import store_zsldata
 from dedn.factory import load_data
-from dedn.train.trainer import Trainer
+from dedn.training.trainer import Trainer
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -10,8 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 from dedn.config import load_config
-from dedn.train.checkpoint import load_weights
-from dedn.train.trainer import Trainer
+from dedn.training.checkpoint import load_weights
+from dedn.training.trainer import Trainer
 
 from .conftest import TINY
 

@@ -18,7 +18,7 @@ from dedn.errors import ConfigError, DataError
 from dedn.eval.evaluate import evaluate_outputs
 from dedn.eval.inference import ModelOutputs
 from dedn.factory import load_data
-from dedn.train.trainer import Trainer
+from dedn.training.trainer import Trainer
 
 REPORT_SUFFIXES = (".md", ".csv", "_seeds.csv", ".json")
 

@@ -23,8 +23,8 @@ from dedn.errors import CheckpointError, DataError
 from dedn.eval.localisation import attention_in_mask_share
 from dedn.features.backbones import Backbone
 from dedn.models.dedn import DEDN, DEDNConfig
-from dedn.train.checkpoint import save_weights
-from dedn.train.rundir import write_class_file
+from dedn.training.checkpoint import save_weights
+from dedn.training.rundir import write_class_file
 
 C, H, W = 8, 2, 2
 ATTRS = ["bill_shape::hooked", "wing_color::blue", "upperparts_color::brown", "breast_pattern::solid",

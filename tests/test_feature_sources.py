@@ -122,7 +122,7 @@ def test_zsldata_wraps_an_array_once_and_it_still_behaves_as_one(tmp_path: Path)
 
 
 def test_the_trainer_reads_and_evaluates_a_resident_copy_like_the_host(tiny_cfg) -> None:
-    from dedn.train.trainer import Trainer
+    from dedn.training.trainer import Trainer
 
     trainer = Trainer(tiny_cfg)
     host = trainer.evaluate().result.to_dict()

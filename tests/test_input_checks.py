@@ -18,8 +18,8 @@ from dedn.cli import INTERRUPTED
 from dedn.config import config_from_dict, config_to_dict, load_config
 from dedn.errors import ConfigError, DataError
 from dedn.models.dedn import DEDN, DEDNConfig
-from dedn.train.checkpoint import save_weights
-from dedn.train.rundir import write_class_file
+from dedn.training.checkpoint import save_weights
+from dedn.training.rundir import write_class_file
 
 from .conftest import run_cli
 

@@ -187,7 +187,7 @@ def test_readings_are_paper_mode_switches() -> None:
 def test_readings_reach_the_training_loss() -> None:
 
 
-    from dedn.train.trainer import Trainer
+    from dedn.training.trainer import Trainer
 
     from .conftest import TINY
 

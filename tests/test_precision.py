@@ -21,7 +21,7 @@ from dedn.errors import ConfigError
 from dedn.eval.inference import collect_outputs
 from dedn.models.dedn import _ChannelAttention
 from dedn.models.precision import round_bf16, run_precision
-from dedn.train.trainer import Trainer
+from dedn.training.trainer import Trainer
 
 from .conftest import run_cli
 from .test_model import _model, _run

@@ -20,8 +20,8 @@ from dedn.features import backbones
 from dedn.features.backbones import Backbone
 from dedn.models.dedn import DEDN, DEDNConfig
 from dedn.models.settings import resolve_method
-from dedn.train.checkpoint import save_weights
-from dedn.train.rundir import write_class_file, write_feature_provenance
+from dedn.training.checkpoint import save_weights
+from dedn.training.rundir import write_class_file, write_feature_provenance
 
 C, H, W = 8, 2, 2
 ATTRS = ["bill_shape::hooked", "wing_color::blue", "upperparts_color::brown", "breast_pattern::solid",

@@ -16,7 +16,7 @@ from dedn.config import load_config
 from dedn.data.store import FeatureStore, SemanticSide
 from dedn.data.xlsa17 import read_semantic_dir
 from dedn.factory import build_model, load_data
-from dedn.train.trainer import Trainer
+from dedn.training.trainer import Trainer
 
 from .conftest import shared_dir
 

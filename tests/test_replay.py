@@ -18,8 +18,8 @@ import torch
 from dedn.config import ConfigError, apply_overrides, load_config
 from dedn.factory import build_model, load_data
 from dedn.models.compat import reference_loss
-from dedn.train.released import released_schedule
-from dedn.train.trainer import Trainer
+from dedn.training.released import released_schedule
+from dedn.training.trainer import Trainer
 from tests.conftest import interrupted_at_step, run_cli
 
 LAYOUTS = {"CUB": (312, 200, True), "SUN": (102, 717, False), "AWA2": (85, 50, True)}  # D, K, balanced

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dedn.train.trainer import Trainer
+from dedn.training.trainer import Trainer
 
 from .conftest import TINY, run_cli
 

@@ -54,7 +54,7 @@ def test_store_bench_keys_and_reuse(tmp_path):
 
 
 def test_store_bench_trains_with_fit_and_never_evaluates(tmp_path, monkeypatch, capsys):
-    from dedn.train.trainer import Trainer
+    from dedn.training.trainer import Trainer
 
     def evaluate(self, progress=False):
         raise AssertionError("the store benchmark times training alone")

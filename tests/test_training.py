@@ -13,8 +13,8 @@ import torch
 from dedn.config import RunConfig, apply_overrides
 from dedn.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dedn.factory import build_model, load_data
-from dedn.train.checkpoint import load_checkpoint, load_weights
-from dedn.train.trainer import BatchSampler, Trainer
+from dedn.training.checkpoint import load_checkpoint, load_weights
+from dedn.training.trainer import BatchSampler, Trainer
 from tests.conftest import interrupted_at_step, run_trainer
 
 
@@ -157,7 +157,7 @@ def test_model_files_record_their_method_and_need_their_hash(tiny_cfg: RunConfig
     from safetensors.torch import load_file, save_file
 
     from dedn.models.dedn import DEDNConfig
-    from dedn.train.checkpoint import save_weights
+    from dedn.training.checkpoint import save_weights
 
     model = build_model(tiny_cfg, load_data(tiny_cfg))
     path = tmp_path / "model.safetensors"
@@ -189,7 +189,7 @@ def test_model_files_record_their_method_and_need_their_hash(tiny_cfg: RunConfig
 
 def test_callbacks_are_called_at_their_points_and_the_final_evaluation_can_be_switched_off(
         tiny_cfg: RunConfig, tmp_path: Path) -> None:
-    from dedn.train.callbacks import Callback
+    from dedn.training.callbacks import Callback
 
     class Recorder(Callback):
         def __init__(self) -> None:

@@ -98,7 +98,7 @@ def _train(store: Path, device: str, overrides: list[str]) -> dict[str, Any]:
     """Train a fixed-protocol run from ``store``; its timing, the last row and whether the store was resident."""
     from dedn.config import load_config
     from dedn.data.sources import DeviceFeatures
-    from dedn.train.trainer import Trainer
+    from dedn.training.trainer import Trainer
 
     cfg = load_config(None, ["data.source=store", f"data.path={store}", f"train.device={device}",
                              "train.progress=false", "eval.protocol=fixed", "eval.plots=false", *overrides])

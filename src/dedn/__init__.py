@@ -25,7 +25,7 @@ _API: dict[str, str] = {
     "load_data": "dedn.factory",  # the dataset a config names
     "build_model": "dedn.factory",  # a freshly initialised model of the config's method for that dataset
     "train": "dedn.apps.protocols",  # train and evaluate one model under eval.protocol
-    "load_weights": "dedn.train.checkpoint",  # a trained model from its model file (hash checked)
+    "load_weights": "dedn.training.checkpoint",  # a trained model from its model file (hash checked)
     "evaluate_model": "dedn.eval.evaluate",  # T, U, S, H, AUSUC of a model on a dataset's test split
     "Predictor": "dedn.apps.predict",  # top-k prediction for images or feature maps, new classes included
     "explain_image": "dedn.apps.explain",  # per-attribute attention heatmaps of both experts

@@ -133,8 +133,8 @@ def evaluate(
     from dedn.factory import load_data
     from dedn.models.precision import run_precision
     from dedn.runfolder import RunFolder
-    from dedn.train.checkpoint import load_weights
-    from dedn.train.rundir import load_run_config, recorded_calibration
+    from dedn.training.checkpoint import load_weights
+    from dedn.training.rundir import load_run_config, recorded_calibration
 
     check_option("--l-rc", l_rc, FRACTION)
     check_option("--l-e", l_e, FRACTION)

@@ -23,6 +23,7 @@ import torch
 
 from dedn.data.dataset import ZSLData
 from dedn.data.imagebench import ImageBenchmark, make_image_benchmark
+from dedn.eval.metrics import METRIC_ORDER
 from dedn.features.imagebench_features import imagebench_data
 from dedn.runfolder import RunFolder
 
@@ -95,7 +96,7 @@ def _train_rows(cfg: RunConfig, out: Path, progress: bool) -> tuple[ExperimentRe
         l_rc_r, l_e_r = run.choices["l_rc"], run.choices["l_e"]
         ci = bootstrap_interval(seen_o.scores(l_rc_r, l_e_r), seen_o.labels, unseen_o.scores(l_rc_r, l_e_r),
                                 unseen_o.labels, mask, float(run.choices["gamma"]))
-        rows[row.label] = {**{k: float(run.metrics[k]) for k in ("T", "U", "S", "H", "AUSUC")},
+        rows[row.label] = {**{k: float(run.metrics[k]) for k in METRIC_ORDER},
                            "gamma": float(run.choices["gamma"]), "gamma_source": run.choices["gamma_source"],
                            "H_interval": list(ci["H"])}
     return exp, rows
@@ -151,7 +152,7 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
 
     from dedn.config import find_config, load_config
     from dedn.eval.baselines import eszsl_validated
-    from dedn.train.checkpoint import load_weights
+    from dedn.training.checkpoint import load_weights
 
     started = time.perf_counter()
     out = Path(out_dir)
@@ -163,7 +164,7 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
 
     exp, rows = _train_rows(cfg, out, progress)
     base, choice = eszsl_validated(data, seed=cfg.seed)
-    rows[_ESZSL_ROW] = {**{k: v for k, v in base.to_dict().items() if k in ("T", "U", "S", "H")},
+    rows[_ESZSL_ROW] = {**{k: v for k, v in base.to_dict().items() if k in METRIC_ORDER[:4]},
                        "gamma": float(choice["calibration"]), "gamma_source": "validated"}
 
     # The full model: seen-unseen curve against the baseline, heatmaps and localisation.
@@ -215,7 +216,7 @@ def format_demo(result: dict[str, Any]) -> str:
     for name, m in result["rows"].items():
         gamma = f"   {m['gamma']:.3g} ({m['gamma_source']})" if "gamma" in m else ""
         ci = f"[{m['H_interval'][0]:.1f}, {m['H_interval'][1]:.1f}]" if "H_interval" in m else ""
-        lines.append(f"{name:32}" + "".join(f"{m[k]:7.1f}" for k in ("T", "U", "S", "H")) + f"  {ci:<15}"
+        lines.append(f"{name:32}" + "".join(f"{m[k]:7.1f}" for k in METRIC_ORDER[:4]) + f"  {ci:<15}"
                      + (f"{m['AUSUC']:6.1f}" if "AUSUC" in m else f"{'':6}") + gamma)
     loc = result.get("localisation", {})
     if loc:

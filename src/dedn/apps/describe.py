@@ -15,7 +15,7 @@ from dedn.data.imagebench_spec import group_definitions
 from dedn.errors import CheckpointError, ConfigError
 from dedn.eval.metrics import METRIC_ORDER
 from dedn.runfolder import RunFolder
-from dedn.train.rundir import load_run_config, read_class_file, read_run_metrics
+from dedn.training.rundir import load_run_config, read_class_file, read_run_metrics
 
 UNGROUPED = "(no group)"
 EXAMPLE_CLASS = "example_new_class"

@@ -22,7 +22,7 @@ A results folder (``out_dir``) holds::
     OUT/submitit/                        launchers local and slurm: submitit's job files and logs
 
 Rerunning a command skips finished jobs, resumes unfinished ones from their last checkpoint
-(:meth:`dedn.train.trainer.Trainer.resume`) and refuses (:class:`~dedn.errors.ConfigError`) a results folder or
+(:meth:`dedn.training.trainer.Trainer.resume`) and refuses (:class:`~dedn.errors.ConfigError`) a results folder or
 job folder written with another config; a finished result is never overwritten.
 """
 

@@ -12,7 +12,7 @@
   for good is rerun, from its checkpoint, by rerunning the command.
 
 :func:`launch_jobs` picks the launcher from :data:`LAUNCHERS` (name -> function). One run spread over several
-GPUs is :class:`~dedn.train.trainer.Trainer`'s business: launch it with ``torchrun`` (distributed data parallel).
+GPUs is :class:`~dedn.training.trainer.Trainer`'s business: launch it with ``torchrun`` (distributed data parallel).
 """
 
 from __future__ import annotations

@@ -50,8 +50,8 @@ from dedn.features.extract import IMAGE_EXTENSIONS, load_image
 from dedn.models.dedn import DEDN
 from dedn.models.precision import run_precision
 from dedn.runfolder import RunFolder
-from dedn.train.checkpoint import load_weights
-from dedn.train.rundir import read_class_file, read_json
+from dedn.training.checkpoint import load_weights
+from dedn.training.rundir import read_class_file, read_json
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class Predictor:
         calibration = 0.0
         recorded_precision = "fp32"
         if (run / RunFolder.CONFIG).is_file():
-            from dedn.train.rundir import load_run_config
+            from dedn.training.rundir import load_run_config
 
             try:
                 run_cfg = load_run_config(run)

@@ -68,9 +68,9 @@ from dedn.errors import CheckpointError, ConfigError
 from dedn.eval.calibration import Calibration, config_calibration
 from dedn.eval.metrics import METRIC_ORDER, Metrics
 from dedn.runfolder import RunFolder
-from dedn.train.callbacks import BestOverTraining, Callback
-from dedn.train.rundir import load_run_config
-from dedn.train.trainer import Trainer, TrainResult
+from dedn.training.callbacks import BestOverTraining, Callback
+from dedn.training.rundir import load_run_config
+from dedn.training.trainer import Trainer, TrainResult
 
 
 class ProtocolName(str, Enum):

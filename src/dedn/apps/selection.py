@@ -29,7 +29,7 @@ from dedn.eval.evaluate import Evaluation, evaluate_outputs
 from dedn.eval.inference import ModelOutputs
 from dedn.eval.metrics import METRIC_ORDER
 from dedn.runfolder import RunFolder
-from dedn.train.callbacks import Callback
+from dedn.training.callbacks import Callback
 
 #: The reported metrics of a job (percent).
 #: Settings that act only at evaluation: chosen or swept from saved outputs, never by retraining.
@@ -69,7 +69,7 @@ def score_point(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.ndarray,
                 l_rc: float, l_e: float) -> dict[str, Any]:
     """T, S, U, H, gamma, AUSUC (percent) and the gamma's source, of saved outputs at one (l_rc, l_e)."""
     s = evaluate_outputs(seen, unseen, seen_mask, calibration, l_rc, l_e).summary()
-    return {**{k: float(s[k]) for k in ("T", "S", "U", "H", "gamma", "AUSUC")}, "gamma_source": s["gamma_source"]}
+    return {**{k: float(s[k]) for k in (*METRIC_ORDER, "gamma")}, "gamma_source": s["gamma_source"]}
 
 
 def read_grid(path: Path) -> list[dict[str, Any]]:

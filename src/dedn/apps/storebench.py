@@ -20,9 +20,9 @@ thread also follows ``VmRSS`` split into anonymous and file-backed pages: traini
 ``RssFile`` at what it was at the start (the mapped libraries, about 0.3 GB with torch): the store reads
 with ``pread``, whereas a memory map would count every page read towards the RSS.
 
-The runs are the trainer's own :meth:`~dedn.train.trainer.Trainer.fit` (``final_evaluation=False``, with the next
+The runs are the trainer's own :meth:`~dedn.training.trainer.Trainer.fit` (``final_evaluation=False``, with the next
 batch read in a worker thread while the current one computes), timed step by step by
-:class:`~dedn.train.callbacks.StepTimes`. :func:`store_bench_command` is what ``dedn bench --store PATH``
+:class:`~dedn.training.callbacks.StepTimes`. :func:`store_bench_command` is what ``dedn bench --store PATH``
 calls.
 """
 
@@ -327,8 +327,8 @@ def _bench_config(path: str, iters: int, batch_size: int, mode: str, seed: int, 
 def _train(cfg: RunConfig, data: Any, setup_started: float) -> dict[str, Any]:
     """Train ``cfg.train.iters_per_epoch`` steps with the trainer's fit, timed step by step (the setup from
     ``setup_started``, a ``perf_counter`` time, to the fit's start)."""
-    from dedn.train.callbacks import StepTimes
-    from dedn.train.trainer import Trainer
+    from dedn.training.callbacks import StepTimes
+    from dedn.training.trainer import Trainer
 
     reads = _TimedReads(data.features)
     times = StepTimes()

@@ -1,4 +1,4 @@
-"""Hooks into :meth:`dedn.train.trainer.Trainer.fit`, in the manner of Lightning's callbacks.
+"""Hooks into :meth:`dedn.training.trainer.Trainer.fit`, in the manner of Lightning's callbacks.
 
 A callback is handed to the trainer (``Trainer(..., callbacks=[...])``) and called at a few well-named points
 of the loop; each hook gets the trainer itself, so it can read the run's config, data, model and folder. The
@@ -12,12 +12,13 @@ import time
 from typing import Any
 
 from dedn.eval.evaluate import Evaluation
+from dedn.eval.metrics import METRIC_ORDER
 
 
 class Callback:
     """Base class: every hook does nothing; override the ones you need.
 
-    Hooks receive the :class:`~dedn.train.trainer.Trainer` (typed ``Any`` here: the trainer module imports this
+    Hooks receive the :class:`~dedn.training.trainer.Trainer` (typed ``Any`` here: the trainer module imports this
     one). They run on the process that writes the run folder (rank 0 under torchrun), except
     :meth:`on_step_start`, :meth:`on_step_end` and :meth:`on_segment_end`, which every process calls.
     """
@@ -52,7 +53,7 @@ class BestOverTraining(Callback):
         best_t = max((h for h in history if "T" in h), key=lambda h: h["T"], default=None)
         record["best_over_training"] = {
             "note": "best test-split values over evaluations (published protocol; not a tuned result)",
-            "H": best_h and {k: best_h[k] for k in ("epoch", "T", "S", "U", "H")},
+            "H": best_h and {k: best_h[k] for k in ("epoch", *METRIC_ORDER[:4])},
             "T": best_t and {"epoch": best_t["epoch"], "T": best_t["T"]},
         }
 

@@ -7,7 +7,7 @@ A run lives in a run directory::
     RUN/history.jsonl        one line per epoch (loss; T / U / S / H, gamma, AUSUC when evaluated)
     RUN/metrics.csv          the same, one CSV row per epoch, for spreadsheets and plotting tools
     RUN/tensorboard/         the same scalars for TensorBoard, with ``train.tensorboard=true``
-    RUN/checkpoints/last.*   the latest complete checkpoint (see :mod:`dedn.train.checkpoint`)
+    RUN/checkpoints/last.*   the latest complete checkpoint (see :mod:`dedn.training.checkpoint`)
     RUN/checkpoints/best.*   on a validation task: the checkpoint of the best validation H so far
     RUN/model.safetensors    the final weights (and ``.sha256``)
     RUN/metrics.json         final T / U / S / H, gamma and its source, AUSUC; per-class CSV, curve
@@ -15,7 +15,7 @@ A run lives in a run directory::
 Batches are drawn from a generator seeded by (seed, epoch), so a run resumed from the checkpoint of
 epoch e draws exactly the batches an uninterrupted run would: both end with the same weights. With
 ``train.rng=released`` (reference mode) the initial weights, the batches and the schedule are the released
-code's instead (:mod:`dedn.train.released`); a resumed replay fast-forwards its draws to the checkpoint.
+code's instead (:mod:`dedn.training.released`); a resumed replay fast-forwards its draws to the checkpoint.
 """
 
 from __future__ import annotations
@@ -52,16 +52,16 @@ from dedn.models.dedn import DEDN
 from dedn.models.precision import run_precision
 from dedn.models.registry import entry_for
 from dedn.runfolder import RunFolder, RunLock
-from dedn.train.callbacks import Callback
-from dedn.train.checkpoint import checkpoint_record, load_checkpoint, save_checkpoint, save_weights
-from dedn.train.released import (
+from dedn.training.callbacks import Callback
+from dedn.training.checkpoint import checkpoint_record, load_checkpoint, save_checkpoint, save_weights
+from dedn.training.released import (
     ReleasedBatches,
     check_replay_data,
     draw_initial_weights,
     released_generators,
     released_schedule,
 )
-from dedn.train.schedule import Segment, epoch_schedule
+from dedn.training.schedule import Segment, epoch_schedule
 
 log = logging.getLogger("dedn")
 
@@ -540,7 +540,7 @@ class Trainer:
             out = ev.result.to_dict(percent=True)
             out.update(extra)
             return out
-        from dedn.train.rundir import write_class_file, write_feature_provenance
+        from dedn.training.rundir import write_class_file, write_feature_provenance
 
         save_weights(self.model, self.run_dir / RunFolder.MODEL, record_hash=True)
         write_class_file(self.run_dir, self.data, calibration=ev.gamma)

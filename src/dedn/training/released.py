@@ -25,7 +25,7 @@ import torch
 from dedn.data.dataset import ZSLData
 from dedn.errors import ConfigError, DataError
 from dedn.models.dedn import DEDN, EXPERT_NAMES
-from dedn.train.schedule import Segment
+from dedn.training.schedule import Segment
 
 
 def released_schedule(n_trainval: int, epochs: int, batch_size: int) -> list[Segment]:

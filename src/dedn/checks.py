@@ -84,14 +84,22 @@ def _is_device(value: Any) -> bool:
     return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
 
 
-class GammaChoice(str, Enum):
+class Choice(str, Enum):
+    """A closed set of names a config, the CLI or a record uses (protocols, launchers, gamma sources, ...).
+
+    Members are strings, so they compare equal to, hash like and serialise as their value; ``str()`` and
+    f-strings give the value too (Python 3.11 would otherwise format a mixed-in enum by its member name).
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class GammaChoice(Choice):
     """The words ``eval.calibration`` accepts besides a number."""
 
     AUTO = "auto"  # chosen on the validation task under the validated protocol, else the mode's default
     VALIDATED = "validated"  # the value the validated protocol chose (refused where none was chosen)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def parse_calibration(value: Any, what: str = "eval.calibration") -> GammaChoice | float:

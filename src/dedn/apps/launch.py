@@ -23,25 +23,23 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from dedn.apps.datacache import DataCache
 from dedn.apps.protocols import Job, finished_result, run_job
 from dedn.apps.results import RunResult
+from dedn.checks import Choice
 from dedn.errors import ConfigError, TrainingError
 
 
-class LauncherName(str, Enum):
+class LauncherName(Choice):
     """The launchers (``dedn experiment --launcher``); each value is the name the CLI and records use."""
 
     POOL = "pool"
     LOCAL = "local"
     SLURM = "slurm"
 
-    def __str__(self) -> str:
-        return self.value
 
 
 #: The launchers that submit each job through submitit.

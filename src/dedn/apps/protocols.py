@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from dedn.apps.selection import (
     validation_calibration,
 )
 from dedn.atomic import atomic_write_text
-from dedn.checks import parse_calibration
+from dedn.checks import Choice, parse_calibration
 from dedn.config import (
     VOLATILE_KEYS,
     RunConfig,
@@ -73,15 +72,13 @@ from dedn.training.rundir import load_run_config
 from dedn.training.trainer import Trainer, TrainResult
 
 
-class ProtocolName(str, Enum):
+class ProtocolName(Choice):
     """The model-selection protocols (``eval.protocol``); each value is the name configs and the CLI use."""
 
     VALIDATED = "validated"
     PUBLISHED = "published"
     FIXED = "fixed"
 
-    def __str__(self) -> str:
-        return self.value
 
 
 #: Keys left out of config hashes: they change neither a result nor where it is stored.

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 
-from dedn.checks import GammaChoice
+from dedn.checks import Choice, GammaChoice
 from dedn.config import LossConfig
 from dedn.errors import ConfigError
 from dedn.models.settings import resolve_method
 
 
-class GammaSource(str, Enum):
+class GammaSource(Choice):
     """Where an evaluation's gamma came from; the value is what records and printouts say."""
 
     VALIDATED = "validated"
@@ -31,8 +30,6 @@ class GammaSource(str, Enum):
     MODE_DEFAULT = "mode default"
     ORACLE = "oracle-on-test"
 
-    def __str__(self) -> str:  # the value in f-strings too (Python 3.11 formats mixed-in enums by name)
-        return self.value
 
 
 def mode_default_gamma(mode: str, margin: float) -> float:

@@ -188,6 +188,10 @@ class MSDNOutput:
         """The attribute scores, AV first (it gets the weight l_e): ``{"av_o_r": ..., "va_o_r": ...}``."""
         return {"av_o_r": self.av.o, "va_o_r": self.va.o}
 
+    def expert_attributes(self) -> dict[str, Tensor]:
+        """Each subnet's (B, D) attribute scores, AV first: ``{"av": ..., "va": ...}``."""
+        return {"av": self.av.o, "va": self.va.o}
+
     def combined(self, l_e: float | None = None) -> Tensor:
         """(B, K) prediction scores l_e * P_AV + (1 - l_e) * P_VA, the calibration bias included."""
         l_e = self.l_e if l_e is None else l_e

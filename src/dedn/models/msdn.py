@@ -31,7 +31,7 @@ from dedn.checks import Rule, check, number
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import ConfigError
 from dedn.models.dedn import Expert, normalize_rows
-from dedn.models.losses import LossTerms, released_jensen_shannon, self_calibration_loss
+from dedn.models.losses import LossTerms, jensen_shannon, released_jensen_shannon, self_calibration_loss
 from dedn.models.precision import check_precision, product_dtype, round_bf16
 
 #: The released scripts' per-dataset settings (MSDN_{cub,sun,awa2}.py and the test configs): the
@@ -75,8 +75,10 @@ class MSDNSettings:
             classes (reference mode: the released code's 1; paper mode: 0).
         clip_negative_attributes: class attributes are clipped at 0 before normalising (the released AWA2
             loader, reference mode only).
-        distance_eps: added under the square root of the distillation distance's cubic term (0 in the
-            released code, which gives NaN for a batch row where the two subnets agree exactly).
+        released_distance: the distillation distance as the released code computes it: no epsilon under the
+            cubic term's square root (NaN for a batch row where the two subnets agree exactly) and the JSD
+            from the log of the averaged probabilities (NaN where both softmaxes underflow for a class).
+            False: epsilon :data:`DISTANCE_EPS` and the JSD in log space.
     """
 
     mode: str = "paper"
@@ -85,7 +87,7 @@ class MSDNSettings:
     normalize_v: bool = False
     calibration_margin: float = 0.0
     clip_negative_attributes: bool = False
-    distance_eps: float = DISTANCE_EPS
+    released_distance: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,8 +101,8 @@ def resolve_settings(mode: str, dataset: str | None, options: Mapping[str, Any] 
     """The settings of ``mode`` for ``dataset``: the dataset's released values, overridden by ``options``
     (a run's ``model.options``).
 
-    Paper mode drops two of the released code's quirks: the fixed ±1 margin inside the scores (and so the
-    AWA2 clipping that goes with the released loader) and the missing epsilon under the distance's root.
+    Paper mode drops the released code's quirks: the fixed ±1 margin inside the scores, the AWA2 clipping of
+    the released loader, and the distance's NaNs (no epsilon under its root, JSD from log of averages).
 
     Raises:
         ConfigError: an unknown option or a bad value, naming ``model.options.<key>``; a mode other than
@@ -123,7 +125,7 @@ def resolve_settings(mode: str, dataset: str | None, options: Mapping[str, Any] 
         normalize_v=bool(values["normalize_v"]),
         calibration_margin=RELEASED_MARGIN if reference else 0.0,
         clip_negative_attributes=reference and canonical_dataset(dataset) == "AWA2",
-        distance_eps=0.0 if reference else DISTANCE_EPS,
+        released_distance=reference,
     )
 
 
@@ -313,16 +315,18 @@ class MSDN(nn.Module):
                 f"C={cfg.n_channels}, R={cfg.n_regions}, l_e={cfg.l_e}")
 
 
-def msdn_distance(x: Tensor, y: Tensor, eps: float = DISTANCE_EPS) -> Tensor:
+def msdn_distance(x: Tensor, y: Tensor, released: bool = False) -> Tensor:
     """The distillation distance between two (B, K) score tensors; gradients reach both.
 
-    d = JSD(softmax x, softmax y) + (1/B) sum_b sum_k |x - y|^3 / sqrt(sum_k (x - y)^2 + eps), natural log.
-    ``eps=0`` is the released code's (NaN for a row where x = y).
+    d = JSD(softmax x, softmax y) + (1/B) sum_b sum_k |x - y|^3 / sqrt(sum_k (x - y)^2 + eps), natural log,
+    batch mean. ``released``: as the released code computes it, eps = 0 (NaN for a row where x = y) and the
+    JSD from the log of the averaged probabilities; else eps = :data:`DISTANCE_EPS` and the JSD in log space.
     """
     diff = x - y
     sq = diff.pow(2)
+    eps = 0.0 if released else DISTANCE_EPS
     cubic = (sq / torch.sqrt(sq.sum(-1, keepdim=True) + eps) * diff.abs()).sum() / x.shape[0]
-    return released_jensen_shannon(x, y) + cubic
+    return (released_jensen_shannon(x, y) if released else jensen_shannon(x, y)) + cubic
 
 
 def msdn_loss(model: MSDN, out: MSDNOutput, labels: Tensor, seen_mask: Tensor, loss_settings: Any = None) -> LossTerms:
@@ -347,7 +351,7 @@ def msdn_loss(model: MSDN, out: MSDNOutput, labels: Tensor, seen_mask: Tensor, l
             terms[f"cal_{name}"] = cal
             total = total + settings.lambda_cal * cal
     if settings.w_distill > 0:
-        distill = msdn_distance(out.av.scores, out.va.scores, settings.distance_eps)
+        distill = msdn_distance(out.av.scores, out.va.scores, settings.released_distance)
         terms["distill"] = distill
         total = total + settings.w_distill * distill
     return LossTerms(total=total, terms=terms)

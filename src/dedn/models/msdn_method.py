@@ -33,7 +33,16 @@ from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
 from dedn.models.dedn_compat import _Checker, _seen_mask, _strip_prefix
 from dedn.models.losses import LossTerms
-from dedn.models.msdn import MSDN, MSDNConfig, MSDNOutput, MSDNSettings, dataset_defaults, msdn_loss, resolve_settings
+from dedn.models.msdn import (
+    MSDN,
+    RELEASED_MARGIN,
+    MSDNConfig,
+    MSDNOutput,
+    MSDNSettings,
+    dataset_defaults,
+    msdn_loss,
+    resolve_settings,
+)
 from dedn.models.registry import ModelEntry, RunSettings, register_model
 
 #: ``from_reference``'s hyperparameters: w_AV (``l_e``), the loss weights, V's normalisation, and R (the
@@ -150,7 +159,7 @@ def _read_class_side(chk: _Checker, k: int, seen_classes: Any) -> np.ndarray:
 
 def _check_reference(model: MSDN) -> MSDNSettings:
     settings = model.config.settings
-    if settings.calibration_margin != 1.0 or settings.distance_eps != 0.0:
+    if settings.calibration_margin != RELEASED_MARGIN or not settings.released_distance:
         raise ValueError(f"the released code's outputs need a reference-mode model (got mode={settings.mode})")
     return settings
 

@@ -32,12 +32,10 @@ from dedn.data.dataset import ZSLData
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
 from dedn.models.dedn_compat import _Checker, _seen_mask, _strip_prefix
-from dedn.models.losses import LossTerms
 from dedn.models.msdn import (
     MSDN,
     RELEASED_MARGIN,
     MSDNConfig,
-    MSDNOutput,
     MSDNSettings,
     dataset_defaults,
     msdn_loss,
@@ -73,11 +71,6 @@ def from_config(config: MSDNConfig) -> MSDN:
     d = config.n_attributes
     return MSDN(config, np.zeros((d, config.semantic_dim), dtype=np.float32), np.ones((1, d), dtype=np.float32),
                 np.zeros(1, dtype=bool))
-
-
-def training_loss(model: MSDN, out: MSDNOutput, labels: Tensor, seen_mask: Tensor, loss: Any) -> LossTerms:
-    """MSDN's loss of a batch (:func:`~dedn.models.msdn.msdn_loss`), with the weights of the model's settings."""
-    return msdn_loss(model, out, labels, seen_mask, loss)
 
 
 # ---------------------------------------------------------------------------------------------- released code
@@ -205,7 +198,7 @@ MSDN_ENTRY = register_model(ModelEntry(
     config_type=MSDNConfig,
     build=build,
     from_config=from_config,
-    loss=training_loss,
+    loss=msdn_loss,
     from_reference=from_reference,
     reference_scores=reference_scores,
     reference_loss=reference_loss,

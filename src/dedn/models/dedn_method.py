@@ -79,4 +79,5 @@ DEDN_ENTRY = register_model(ModelEntry(
     from_reference=from_reference_state_dict,
     reference_scores=reference_scores,
     reference_loss=reference_loss,
+    default_gamma=lambda run, dataset: method_settings(run, dataset).default_gamma,
 ))

@@ -59,6 +59,8 @@ class ModelEntry:
             weights of the authors' released code (None: the method has none).
         reference_scores: ``reference_scores(model, features, training)``: the released forward's outputs.
         reference_loss: ``reference_loss(model, features, labels, loss, dataset)``: the released training loss.
+        default_gamma: ``default_gamma(run, dataset)``: the calibration an evaluation uses when nothing chose
+            one (a reference mode whose fixed margin is inside the scores: 0).
     """
 
     name: str
@@ -70,6 +72,7 @@ class ModelEntry:
     from_reference: Callable[..., nn.Module] | None = None
     reference_scores: Callable[[nn.Module, Tensor, bool], tuple[Tensor, ...]] | None = None
     reference_loss: Callable[[nn.Module, Tensor, Any, Any, str | None], Tensor] | None = None
+    default_gamma: Callable[[RunSettings, str | None], float] = lambda run, dataset: 0.0
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

@@ -46,6 +46,7 @@ class ModelEntry:
 
     Attributes:
         name: the method's name, a run's ``model.name``; model files record it.
+        label: how tables and figures name it (``DEDN``, ``DAZLE``, ...).
         model_type: the ``nn.Module`` class of its models (:func:`entry_for` finds a model's entry by it).
         config_type: the config every model of the method holds as ``model.config``: ``to_dict()`` gives
             what model files record, ``config_type.from_dict(values)`` reads it back.
@@ -64,6 +65,7 @@ class ModelEntry:
     """
 
     name: str
+    label: str
     model_type: type[nn.Module]
     config_type: type
     build: Callable[[RunSettings, ZSLData, str | None, int], nn.Module]

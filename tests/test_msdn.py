@@ -151,6 +151,13 @@ def test_settings_per_dataset_and_mode_and_options():
         resolve_settings("paper", "CUB", {"normalize_v": "yes"})
 
 
+def test_default_calibration_is_the_released_gap_in_paper_mode_and_zero_in_reference(tiny_cfg: RunConfig):
+    entry = model_entry("msdn")
+    assert entry.label == "MSDN" and not entry.replays_released
+    assert entry.default_gamma(_msdn_cfg(tiny_cfg), "CUB") == 2.0
+    assert entry.default_gamma(_msdn_cfg(tiny_cfg, "mode=reference"), "CUB") == 0.0
+
+
 def test_config_round_trips_through_json():
     cfg = _model("reference", "AWA2").config
     assert MSDNConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

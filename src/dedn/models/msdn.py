@@ -79,6 +79,8 @@ class MSDNSettings:
             cubic term's square root (NaN for a batch row where the two subnets agree exactly) and the JSD
             from the log of the averaged probabilities (NaN where both softmaxes underflow for a class).
             False: epsilon :data:`DISTANCE_EPS` and the JSD in log space.
+        default_gamma: the calibration an evaluation uses when nothing chose one: 0 where the margin is inside
+            the scores (reference), else 2 margins (paper: the same seen/unseen gap at test as the released code).
     """
 
     mode: str = "paper"
@@ -88,6 +90,7 @@ class MSDNSettings:
     calibration_margin: float = 0.0
     clip_negative_attributes: bool = False
     released_distance: bool = False
+    default_gamma: float = 2.0 * RELEASED_MARGIN
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +129,7 @@ def resolve_settings(mode: str, dataset: str | None, options: Mapping[str, Any] 
         calibration_margin=RELEASED_MARGIN if reference else 0.0,
         clip_negative_attributes=reference and canonical_dataset(dataset) == "AWA2",
         released_distance=reference,
+        default_gamma=0.0 if reference else 2.0 * RELEASED_MARGIN,
     )
 
 
@@ -244,11 +248,14 @@ class MSDN(nn.Module):
             raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
         if seen.shape != (att.shape[0],):
             raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        if self.config.settings.clip_negative_attributes:
-            att = att.clamp_min(0)
-        dev = self.attribute_order.device
-        self.class_att = normalize_rows(att.to(dev, self.class_att.dtype))
-        self.seen_mask = seen.to(dev)
+        self.class_att = self.scored_class_att(att)
+        self.seen_mask = seen.to(self.attribute_order.device)
+
+    def scored_class_att(self, class_att: Tensor) -> Tensor:
+        """(K, D) class attributes as the model scores against them: clipped at 0 where the settings say, rows
+        L2-normalised (dataset attribute order, in the model's dtype and on its device)."""
+        att = class_att.clamp_min(0) if self.config.settings.clip_negative_attributes else class_att
+        return normalize_rows(att.to(self.attribute_order.device, self.class_att.dtype))
 
     def calibration_bias(self) -> Tensor:
         """(K,): +margin on unseen, -margin on seen classes (reference mode), or zeros."""

@@ -194,6 +194,7 @@ def reference_loss(model: MSDN, features: Tensor, labels: Tensor | np.ndarray, l
 
 MSDN_ENTRY = register_model(ModelEntry(
     name="msdn",
+    label="MSDN",
     model_type=MSDN,
     config_type=MSDNConfig,
     build=build,
@@ -202,4 +203,5 @@ MSDN_ENTRY = register_model(ModelEntry(
     from_reference=from_reference,
     reference_scores=reference_scores,
     reference_loss=reference_loss,
+    default_gamma=lambda run, dataset: resolve_settings(run.mode, dataset, run.model.options).default_gamma,
 ))

@@ -415,20 +415,16 @@ class Predictor:
 
     @torch.no_grad()
     def attribute_scores(self, features: Any, l_e: float | None = None) -> dict[str, np.ndarray]:
-        """Predicted attribute scores (B, D) in dataset order: ``cexp``, ``fexp`` (those the model has) and
-        ``mixed`` (``l_e * cexp + (1 - l_e) * fexp``), plus ``scores`` (B, K), the mixed class scores
-        (reference calibration margin included, before calibrated stacking)."""
+        """Predicted attribute scores (B, D) in dataset order: each expert's (DEDN: ``cexp``, ``fexp``, those the
+        model has) and ``mixed`` (``l_e * first + (1 - l_e) * second``), plus ``scores`` (B, K), the mixed class
+        scores (reference calibration margin included, before calibrated stacking)."""
         out = self.model(self._as_tensor(features), precision=self.precision)
         l_e = self.model.config.l_e if l_e is None else float(l_e)
         order = self.model.attribute_order
-        res: dict[str, np.ndarray] = {}
-        for name, e in (("cexp", out.cexp), ("fexp", out.fexp)):
-            if e is not None:
-                res[name] = _dataset_order(e.o, order).double().cpu().numpy()
-        if "cexp" in res and "fexp" in res:
-            res["mixed"] = l_e * res["cexp"] + (1.0 - l_e) * res["fexp"]
-        else:
-            res["mixed"] = res.get("cexp", res.get("fexp"))
+        res = {name: _dataset_order(o, order).double().cpu().numpy() for name, o in out.expert_attributes().items()}
+        experts = list(res)
+        res["mixed"] = (res[experts[0]] if len(experts) == 1
+                        else l_e * res[experts[0]] + (1.0 - l_e) * res[experts[1]])
         res["scores"] = out.combined(l_e).double().cpu().numpy()
         return res
 

@@ -62,6 +62,23 @@ class DEDNOutput:
     fexp: ExpertOutput | None
     l_e: float
 
+    def _experts(self) -> dict[str, ExpertOutput]:
+        return {name: e for name, e in (("cexp", self.cexp), ("fexp", self.fexp)) if e is not None}
+
+    def branches(self) -> dict[str, Tensor]:
+        """Each branch's (B, D) attribute scores, experts in order: ``cexp_o_r``, ``cexp_o_c``, ``fexp_o_r``,
+        ``fexp_o_c`` (those the model has): what evaluation saves and scores any l_rc / l_e from."""
+        out: dict[str, Tensor] = {}
+        for name, e in self._experts().items():
+            out[f"{name}_o_r"] = e.o_r
+            if e.o_c is not None:
+                out[f"{name}_o_c"] = e.o_c
+        return out
+
+    def expert_attributes(self) -> dict[str, Tensor]:
+        """Each expert's (B, D) attribute scores (its branches mixed at the model's l_rc), experts in order."""
+        return {name: e.o for name, e in self._experts().items()}
+
     def combined(self, l_e: float | None = None) -> Tensor:
         """(B, K) prediction scores l_e * P_cExp + (1 - l_e) * P_fExp, before calibrated stacking."""
         l_e = self.l_e if l_e is None else l_e

@@ -163,6 +163,10 @@ class DAZLEOutput:
         """The one branch's attribute scores, ``{"dazle_o_r": o}``."""
         return {f"{EXPERT}_o_r": self.o}
 
+    def expert_attributes(self) -> dict[str, Tensor]:
+        """The one expert's (B, D) attribute scores, ``{"dazle": o}``."""
+        return {EXPERT: self.o}
+
     def combined(self, l_e: float | None = None) -> Tensor:
         """(B, K) prediction scores; one expert, so ``l_e`` changes nothing."""
         return self.scores
@@ -284,21 +288,30 @@ def cross_entropy(raw: Tensor, labels: Tensor, seen_mask: Tensor, classes: str) 
     return F.cross_entropy(raw, labels)
 
 
-def dazle_loss(model: DAZLE, out: DAZLEOutput, labels: Tensor, seen_mask: Tensor, loss_settings: Any = None
-               ) -> LossTerms:
-    """L = CE + lambda_cal * L_cal, with the model's settings (the run's ``loss`` section is DEDN's: unused).
+def loss_terms(out: DAZLEOutput, labels: Tensor, seen_mask: Tensor, bias: Tensor, ce_classes: str,
+               lambda_cal: float, calibration_shift: float) -> LossTerms:
+    """L = CE + lambda_cal * L_cal for a batch whose scores hold the fixed shift ``bias`` (K,).
 
-    CE is on the scores without the calibration margin; L_cal = -log(mean_b sum_{u unseen} softmax(s_b)_u) on
-    the scores as the model gives them (reference: margin inside) plus ``calibration_shift`` on the unseen
-    classes (paper). The term is left out when ``lambda_cal`` is 0 or no class is unseen.
+    CE is on the scores without ``bias``, over the seen classes or all K (``ce_classes``);
+    L_cal = -log(mean_b sum_{u unseen} softmax(s_b)_u) on the scores as the model gives them (``bias`` inside)
+    plus ``calibration_shift`` on the unseen classes. The term is left out when ``lambda_cal`` is 0 or no
+    class is unseen.
     """
-    cfg = model.config
     unseen = ~seen_mask
-    ce = cross_entropy(out.scores - model.calibration_bias(), labels, seen_mask, cfg.ce_classes)
+    ce = cross_entropy(out.scores - bias, labels, seen_mask, ce_classes)
     terms = {"ce": ce}
     total = ce
-    if cfg.lambda_cal > 0 and bool(unseen.any()):
-        cal = self_calibration_loss(out.scores + cfg.calibration_shift * unseen.to(out.scores.dtype), unseen)
+    if lambda_cal > 0 and bool(unseen.any()):
+        cal = self_calibration_loss(out.scores + calibration_shift * unseen.to(out.scores.dtype), unseen)
         terms["cal"] = cal
-        total = total + cfg.lambda_cal * cal
+        total = total + lambda_cal * cal
     return LossTerms(total=total, terms=terms)
+
+
+def dazle_loss(model: DAZLE, out: DAZLEOutput, labels: Tensor, seen_mask: Tensor, loss_settings: Any = None
+               ) -> LossTerms:
+    """DAZLE's training loss (:func:`loss_terms`) with the model's settings; the run's ``loss`` section
+    (``loss_settings``) is DEDN's and unused."""
+    cfg = model.config
+    return loss_terms(out, labels, seen_mask, model.calibration_bias(), cfg.ce_classes, cfg.lambda_cal,
+                      cfg.calibration_shift)

@@ -15,7 +15,12 @@ import dedn
 from dedn.config import RunConfig, apply_overrides
 from dedn.errors import CheckpointError, ConfigError
 from dedn.factory import build_model, load_data
-from dedn.models.compat import from_reference_state_dict, reference_loss, reference_scores
+from dedn.models.compat import (
+    from_reference_state_dict,
+    load_reference_checkpoint,
+    reference_loss,
+    reference_scores,
+)
 from dedn.models.dazle import DAZLE, DAZLEConfig, DAZLEOutput, dazle_loss, loss_terms, resolve_dazle
 from dedn.models.dazle_naive import naive_forward
 from dedn.models.registry import entry_for, model_entry
@@ -264,6 +269,16 @@ def test_released_without_bias_and_with_settings() -> None:
                                rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="reference-mode DAZLE"):
         reference_scores(_model("paper", "CUB"), feats, False)
+
+
+def test_released_checkpoint_file(tmp_path: Path) -> None:
+    source = _model("reference", "SUN", dtype=torch.float32)
+    path = tmp_path / "DAZLE_SUN.pth"
+    torch.save(released_state(source), path)
+    model = load_reference_checkpoint(path, "SUN", SEEN, model="dazle", n_regions=H * W)
+    assert model.config == source.config and not model.config.gate
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_released_errors_name_the_key() -> None:

@@ -30,7 +30,6 @@ from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
 from dedn.models.dazle import DAZLE, DAZLEConfig, DAZLEOutput, dazle_loss, loss_terms, resolve_dazle
 from dedn.models.dedn_compat import _Checker, _seen_mask, _strip_prefix
-from dedn.models.losses import LossTerms
 from dedn.models.registry import ModelEntry, RunSettings, register_model
 
 #: What :func:`from_reference` takes besides the state dict: DAZLE's own settings, and R (the state dict has
@@ -58,11 +57,6 @@ def from_config(config: DAZLEConfig) -> DAZLE:
     d = config.n_attributes
     return DAZLE.from_config(config, np.zeros((d, config.semantic_dim), dtype=np.float32),
                              np.ones((1, d), dtype=np.float32), np.zeros(1, dtype=bool))
-
-
-def training_loss(model: DAZLE, out: DAZLEOutput, labels: Tensor, seen_mask: Tensor, loss: Any) -> LossTerms:
-    """DAZLE's loss of a batch (:func:`~dedn.models.dazle.dazle_loss`); its weights are the model's settings."""
-    return dazle_loss(model, out, labels, seen_mask, loss)
 
 
 def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: Any, **hparams: Any) -> DAZLE:
@@ -187,7 +181,7 @@ DAZLE_ENTRY = register_model(ModelEntry(
     config_type=DAZLEConfig,
     build=build,
     from_config=from_config,
-    loss=training_loss,
+    loss=dazle_loss,  # its weights are the model's settings; the run's loss section is DEDN's
     from_reference=from_reference,
     reference_scores=reference_scores,
     reference_loss=reference_loss,

@@ -28,7 +28,7 @@ from torch import Tensor
 from dedn.data.dataset import ZSLData
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
-from dedn.models.dazle import DAZLE, DAZLEConfig, DAZLEOutput, dazle_loss, loss_terms, resolve_dazle
+from dedn.models.dazle import DAZLE, DAZLEConfig, dazle_loss, loss_terms, resolve_dazle
 from dedn.models.dedn_compat import _Checker, _seen_mask, _strip_prefix
 from dedn.models.registry import ModelEntry, RunSettings, register_model
 

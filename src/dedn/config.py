@@ -429,9 +429,12 @@ def get_key(source: Any, dotted: str) -> Any:
 
 
 def has_key(dotted: str) -> bool:
-    """Whether ``dotted`` names a leaf setting of :class:`RunConfig` (``train.lr``, not ``train``)."""
+    """Whether ``dotted`` names a leaf setting of :class:`RunConfig` (``train.lr``, not ``train``), or a key of
+    a free mapping in it (``model.options.gate``)."""
     node: Any = RunConfig
     for part in dotted.split("."):
+        if typing.get_origin(node) is dict:  # a free mapping (model.options): the method checks its keys
+            return True
         if not (isinstance(node, type) and is_dataclass(node)):
             return False
         hints = typing.get_type_hints(node)  # annotations are strings under ``from __future__``

@@ -43,7 +43,6 @@ import torch
 
 from dedn.apps.class_files import _suggest, unknown_attribute_message
 from dedn.checks import COUNT, check
-from dedn.data.semantics import normalize_rows
 from dedn.errors import CheckpointError, ConfigError, DataError
 from dedn.features.backbones import Backbone, get_backbone
 from dedn.features.extract import IMAGE_EXTENSIONS, load_image
@@ -324,11 +323,8 @@ class Predictor:
                                       f"has {k} x {d}")
             # The weights file's class buffers are what the model was trained and evaluated with; a class
             # file that disagrees is reported, not applied.
-            trained = _dataset_order(model.class_att, model.attribute_order).double().cpu().numpy()
-            given = np.asarray(att, dtype=np.float64)
-            if model.config.method.clip_negative_attributes:
-                given = np.clip(given, 0, None)
-            given = normalize_rows(given)
+            trained = model.class_att.double().cpu().numpy()
+            given = model.scored_class_att(torch.as_tensor(np.asarray(att, dtype=np.float32))).double().cpu().numpy()
             if not np.allclose(given, trained, atol=1e-5) or not np.array_equal(seen, model.seen_mask.cpu().numpy()):
                 log.warning("%s: class_att / seen_mask differ from the class set stored with the weights; using "
                             "the stored one", class_file)

@@ -438,11 +438,14 @@ class DEDN(nn.Module):
             raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
         if seen.shape != (att.shape[0],):
             raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        if self.config.method.clip_negative_attributes:
-            att = att.clamp_min(0)
-        dev = self.attribute_order.device
-        self.class_att = normalize_rows(att.to(dev)[:, self.attribute_order])
-        self.seen_mask = seen.to(dev)
+        self.class_att = self.scored_class_att(att)
+        self.seen_mask = seen.to(self.attribute_order.device)
+
+    def scored_class_att(self, class_att: Tensor) -> Tensor:
+        """(K, D) class attributes in dataset order as the model scores against them: clipped at 0 where the
+        method's settings say, in cluster order, rows L2-normalised."""
+        att = class_att.clamp_min(0) if self.config.method.clip_negative_attributes else class_att
+        return normalize_rows(att.to(self.attribute_order.device)[:, self.attribute_order])
 
     def calibration_bias(self) -> Tensor:
         """(K,) fixed shift inside the class scores: +margin on unseen, -margin on seen classes (zeros when the

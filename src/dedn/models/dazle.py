@@ -224,11 +224,14 @@ class DAZLE(nn.Module):
             raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
         if seen.shape != (att.shape[0],):
             raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        if self.config.clip_negative_attributes:
-            att = att.clamp_min(0)
-        dev, dtype = self.class_att.device, self.class_att.dtype
-        self.class_att = normalize_rows(att.to(device=dev, dtype=dtype))
-        self.seen_mask = seen.to(dev)
+        self.class_att = self.scored_class_att(att)
+        self.seen_mask = seen.to(self.class_att.device)
+
+    def scored_class_att(self, class_att: Tensor) -> Tensor:
+        """(K, D) class attributes as the model scores against them: clipped at 0 where the settings say, rows
+        L2-normalised, in the model's dtype and on its device."""
+        att = class_att.clamp_min(0) if self.config.clip_negative_attributes else class_att
+        return normalize_rows(att.to(device=self.class_att.device, dtype=self.class_att.dtype))
 
     def calibration_bias(self) -> Tensor:
         """(K,) fixed shift inside the class scores: +margin on unseen, -margin on seen classes (zeros without)."""

@@ -177,6 +177,7 @@ def reference_loss(model: DAZLE, features: Tensor, labels: Tensor | np.ndarray, 
 
 DAZLE_ENTRY = register_model(ModelEntry(
     name="dazle",
+    label="DAZLE",
     model_type=DAZLE,
     config_type=DAZLEConfig,
     build=build,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from dedn.apps.demo import format_demo, run_demo
+from dedn.models.registry import model_entry, model_names
 
 TINY_DEMO = [
     "data.imagebench.n_classes=10",
@@ -24,8 +25,10 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     overrides = [*TINY_DEMO, f"data.cache_dir={tmp_path / 'cache'}"]
     result = run_demo(None, overrides, tmp_path / "demo", progress=False)
     rows = result["rows"]
+    peers = {model_entry(name).label for name in model_names() if name != "dedn"}
+    assert peers >= {"DAZLE", "MSDN"}  # every other registered method beside DEDN, on the same features
     assert set(rows) == {"DEDN", "cExp alone (no distillation)", "fExp alone (no distillation)",
-                         "DEDN w/o channel attention", "DEDN w/o MAL",
+                         "DEDN w/o channel attention", "DEDN w/o MAL", *peers,
                          "ESZSL (pooled features)"}
     for m in rows.values():
         assert set(m) == {"T", "U", "S", "H", "AUSUC", "gamma", "gamma_source", "H_interval"}

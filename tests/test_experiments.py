@@ -74,7 +74,7 @@ def test_table1_both_protocols_resume_after_interruption(cfg, fits, tmp_path, mo
 
     monkeypatch.setattr(Trainer, "train_step", dies_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        E.table1(cfg, seeds=2, protocol="both", out_dir=out)
+        E.table1(cfg, seeds=2, protocol="both", out_dir=out, methods=["dedn"])
     seed0 = out / "runs/dedn/validated/seed-0/done.json"
     finished = seed0.read_bytes()
     assert not (out / "runs/dedn/validated/seed-1/done.json").exists()
@@ -88,14 +88,14 @@ def test_table1_both_protocols_resume_after_interruption(cfg, fits, tmp_path, mo
     monkeypatch.setattr(Trainer, "train_step", step)
     monkeypatch.setattr(Trainer, "fit", dies_at_retraining)
     with pytest.raises(KeyboardInterrupt):
-        E.table1(cfg, seeds=2, protocol="both", out_dir=out)
+        E.table1(cfg, seeds=2, protocol="both", out_dir=out, methods=["dedn"])
     # Seed 0 was skipped; seed 1's validation run went on from its checkpoint (epoch 1, not 0).
     assert [(c["seed"], c["split"], c["start"]) for c in fits] == [(1, "validation", 1)]
     assert (out / "runs/dedn/validated/seed-1/selection.json").exists()
 
     fits.clear()
     monkeypatch.setattr(Trainer, "fit", counting)
-    exp = E.table1(cfg, seeds=2, protocol="both", out_dir=out)
+    exp = E.table1(cfg, seeds=2, protocol="both", out_dir=out, methods=["dedn"])
     # Only the unfinished work trained: seed 1's retraining (its validation choice was kept) and the
     # published runs.
     assert sorted((c["protocol"], c["seed"], c["split"]) for c in fits) == [
@@ -142,17 +142,19 @@ def test_table1_both_protocols_resume_after_interruption(cfg, fits, tmp_path, mo
 
 def test_results_folder_of_another_config_is_refused(cfg, fits, tmp_path):
     out = tmp_path / "t1"
-    E.table1(cfg, seeds=1, protocol="published", out_dir=out)
+    E.table1(cfg, seeds=1, protocol="published", out_dir=out, methods=["dedn"])
     done = out / "runs/dedn/published/seed-0/done.json"
     finished = done.read_bytes()
     with pytest.raises(ConfigError, match=str(out)) as err:
-        E.table1(cfg, seeds=1, protocol="published", out_dir=out, overrides=["loss.beta=0.01"])
+        E.table1(cfg, seeds=1, protocol="published", out_dir=out, overrides=["loss.beta=0.01"],
+                 methods=["dedn"])
     assert "loss.beta" in str(err.value)
     assert done.read_bytes() == finished
     # Settings that do not change results (progress bar, device) may differ when resuming an unfinished run.
     done.unlink()
     n = len(fits)
-    E.table1(cfg, seeds=1, protocol="published", out_dir=out, overrides=["train.progress=true"])
+    E.table1(cfg, seeds=1, protocol="published", out_dir=out, overrides=["train.progress=true"],
+             methods=["dedn"])
     assert len(fits) == n + 1 and fits[-1]["start"] == 2  # resumed after its last epoch: nothing retrained
     # A job folder started by another config is refused too, even without a finished result.
     marker = out / "runs/dedn/published/seed-0/job.json"
@@ -160,7 +162,7 @@ def test_results_folder_of_another_config_is_refused(cfg, fits, tmp_path):
     marker.write_text(json.dumps({**old, "hash": "something-else"}))
     done.unlink()
     with pytest.raises(ConfigError, match="started with another config"):
-        E.table1(cfg, seeds=1, protocol="published", out_dir=out)
+        E.table1(cfg, seeds=1, protocol="published", out_dir=out, methods=["dedn"])
 
 
 def test_bad_sweeps_and_settings_are_refused_before_any_work(cfg, fits, tmp_path):
@@ -170,21 +172,21 @@ def test_bad_sweeps_and_settings_are_refused_before_any_work(cfg, fits, tmp_path
     with pytest.raises(ConfigError, match="loss.beta.*training time"):
         E.figure3(cfg, out_dir=out, grid={"loss.beta": [0.1]})
     with pytest.raises(ConfigError, match="loss.betta"):
-        E.table1(cfg, out_dir=out, tune={"loss.betta": [0.1, 0.2]})
+        E.table1(cfg, out_dir=out, tune={"loss.betta": [0.1, 0.2]}, methods=["dedn"])
     with pytest.raises(ConfigError, match="train.epochs.*decided by the protocol"):
-        E.table1(cfg, out_dir=out, tune={"train.epochs": [1, 2]})
+        E.table1(cfg, out_dir=out, tune={"train.epochs": [1, 2]}, methods=["dedn"])
     with pytest.raises(ConfigError, match="model.l_e"):
-        E.table1(cfg, out_dir=out, tune={"model.l_e": [1.5]})
+        E.table1(cfg, out_dir=out, tune={"model.l_e": [1.5]}, methods=["dedn"])
     with pytest.raises(ConfigError, match="validated protocol"):
-        E.table1(cfg, protocol="published", out_dir=out, tune={"model.l_e": [0.5]})
+        E.table1(cfg, protocol="published", out_dir=out, tune={"model.l_e": [0.5]}, methods=["dedn"])
     with pytest.raises(ConfigError, match="train.epochs"):
-        E.table1(cfg, out_dir=out, overrides=["train.epochs=0"])
+        E.table1(cfg, out_dir=out, overrides=["train.epochs=0"], methods=["dedn"])
     with pytest.raises(ConfigError, match="table2"):
         E.run_experiment("table2", cfg, out_dir=out)
     with pytest.raises(ConfigError, match="protocol"):
-        E.table1(cfg, protocol="honest", out_dir=out)
+        E.table1(cfg, protocol="honest", out_dir=out, methods=["dedn"])
     with pytest.raises(ConfigError, match="gpu:0"):
-        E.table1(cfg, out_dir=out, devices="gpu:0")
+        E.table1(cfg, out_dir=out, devices="gpu:0", methods=["dedn"])
     assert E.parse_grid(["model.l_e=0.5, 0.9", "loss.beta=0.01"]) == {"model.l_e": ["0.5", "0.9"],
                                                                         "loss.beta": ["0.01"]}
     assert parse_devices("cpu,cpu") == ["cpu", "cpu"] and parse_devices("") is None
@@ -194,7 +196,7 @@ def test_bad_sweeps_and_settings_are_refused_before_any_work(cfg, fits, tmp_path
 def test_validation_split_checks(cfg, tiny_overrides, fits, tmp_path):
     no_val = load_config(None, [*tiny_overrides, "data.synthetic.n_val=0"])
     with pytest.raises(DataError, match="validation"):
-        E.table1(no_val, protocol="validated", out_dir=tmp_path / "x")
+        E.table1(no_val, protocol="validated", out_dir=tmp_path / "x", methods=["dedn"])
     assert not (tmp_path / "x").exists() and not fits
     full = load_data(cfg)
     val = full.validation_split(0.2, seed=0)
@@ -268,7 +270,7 @@ def test_calibration_curves(cfg, fits, tmp_path):
 
 def test_tune_grid_is_chosen_on_validation(cfg, fits, tmp_path):
     out = tmp_path / "tune"
-    exp = E.table1(cfg, seeds=1, protocol="validated", out_dir=out,
+    exp = E.table1(cfg, seeds=1, protocol="validated", out_dir=out, methods=["dedn"],
                    tune={"model.l_e": [0.2, 0.9], "loss.beta": ["0.001", "0.01"]})
     # One validation run per training setting (l_e comes from the saved outputs), then one retraining.
     assert [(c["split"], c["epochs"]) for c in fits][:2] == [("validation", 2), ("validation", 2)]
@@ -287,7 +289,7 @@ def test_tune_grid_is_chosen_on_validation(cfg, fits, tmp_path):
 def test_runs_on_device_workers(cfg, tmp_path):
     # One spawned worker per listed device; the CPU stands in for a GPU here.
     out = tmp_path / "pool"
-    exp = E.table1(cfg, seeds=1, protocol="published", out_dir=out, devices=["cpu"],
+    exp = E.table1(cfg, seeds=1, protocol="published", out_dir=out, devices=["cpu"], methods=["dedn"],
                    overrides=["train.epochs=1"])
     assert (out / "runs/dedn/published/seed-0/done.json").exists()
     assert json.loads((out / "runs/dedn/published/seed-0/train/config.json").read_text())["train"]["device"] == "cpu"

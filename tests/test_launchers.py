@@ -36,14 +36,14 @@ def test_local_launcher_resumes_a_killed_job_and_reuses_finished_ones(tiny_overr
     out = tmp_path / "t1"
     # Seed 1 dies in its second epoch (three iterations an epoch), after epoch 0's checkpoint.
     with interrupted_at_step(monkeypatch, 3 + 1, counts=lambda trainer: trainer.cfg.seed == 1):
-        E.table1(load_config(None, overrides), seeds=2, protocol="published", out_dir=out)
+        E.table1(load_config(None, overrides), seeds=2, protocol="published", out_dir=out, methods=["dedn"])
     killed = out / "runs/dedn/published/seed-1"
     assert (out / "runs/dedn/published/seed-0/done.json").exists() and not (killed / "done.json").exists()
     # What a killed process leaves: its lock files (the kernel released the lock itself) and a partial run.
     (killed / "train/.lock-owner.json").write_text(json.dumps({"pid": 999999, "host": "gone", "since": "then"}))
 
-    args = ["experiment", "table1", *overrides, "--seeds", "2", "--protocol", "published", "--out", out,
-            "--launcher", "local", "--max-running", "2", "--time-min", "5"]
+    args = ["experiment", "table1", "--methods", "dedn", *overrides, "--seeds", "2", "--protocol", "published",
+            "--out", out, "--launcher", "local", "--max-running", "2", "--time-min", "5"]
     code, stdout, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if ln.startswith("[")]
@@ -131,8 +131,8 @@ def test_slurm_launcher_through_the_cli(tiny_overrides, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(L, "make_executor", fake_make_executor)
     out = tmp_path / "t1"
-    args = ["experiment", "table1", *tiny_overrides, "train.epochs=1", "--protocol", "published", "--out", out,
-            *SLURM_OPTIONS]
+    args = ["experiment", "table1", "--methods", "dedn", *tiny_overrides, "train.epochs=1", "--protocol", "published",
+            "--out", out, *SLURM_OPTIONS]
     code, _, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err
     assert made == [{"parameters": {"job_name": "dedn-table1", "time": 90, "gpus_per_node": 2, "nodes": 1,
@@ -152,8 +152,8 @@ def test_slurm_launcher_through_the_cli(tiny_overrides, tmp_path, monkeypatch, c
     assert error.startswith("error: 1 of 1 jobs failed") and "started with another config" in error
     assert "seed-0" in error and "0_0_log.err" in error
     with pytest.raises(TrainingError):
-        E.table1(load_config(None, [*tiny_overrides, "train.epochs=1"]), protocol="published", out_dir=out,
-                 launch=SLURM)
+        E.table1(load_config(None, [*tiny_overrides, "train.epochs=1"]), methods=["dedn"], protocol="published",
+                 out_dir=out, launch=SLURM)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -171,7 +171,8 @@ def test_bad_launcher_options_are_one_line_before_any_work(options, message, tin
     srun = 2 if "--max-running" in options else -1  # found, or not on PATH
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: srun))
     out = tmp_path / "x"
-    code, _, err = run_cli(["experiment", "table1", *tiny_overrides, "--out", out, *options], monkeypatch, capsys)
+    code, _, err = run_cli(["experiment", "table1", "--methods", "dedn", *tiny_overrides, "--out", out, *options],
+                           monkeypatch, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), err
     assert not out.exists()

@@ -8,7 +8,7 @@ from .conftest import TINY, run_cli
 
 
 def test_experiment_prints_one_line_per_job(tmp_path: Path, monkeypatch, capsys) -> None:
-    args = ["experiment", "table1", *TINY, "train.epochs=2", "--protocol", "both", "--seeds", "2",
+    args = ["experiment", "table1", "--methods", "dedn", *TINY, "train.epochs=2", "--protocol", "both", "--seeds", "2",
             "--out", str(tmp_path / "t1")]
     code, out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err

@@ -85,7 +85,7 @@ def test_selection_record_names_the_validation_task(tmp_path: Path) -> None:
 def test_published_protocol_uses_the_mode_default(tmp_path: Path, mode: str, margin: float, gamma: float) -> None:
     cfg = load_config(None, [*TINY, f"mode={mode}", f"loss.margin={margin}", "train.epochs=2"])
     assert default_gamma(cfg, None) == gamma
-    exp = E.table1(cfg, seeds=1, protocol="published", out_dir=tmp_path / "t1")
+    exp = E.table1(cfg, seeds=1, protocol="published", out_dir=tmp_path / "t1", methods=["dedn"])
     run = exp.runs_for("dedn", "published")[0]
     assert run.choices["gamma"] == gamma and run.choices["gamma_source"] == "mode default"
     rows = [json.loads(line) for line in (Path(run.folder) / "train" / "history.jsonl").read_text().splitlines()]
@@ -128,7 +128,7 @@ def test_calibration_values_are_parsed_once_and_checked() -> None:
 def test_train_validated_matches_table1(tmp_path: Path) -> None:
     cfg = load_config(None, [*TINY, "train.epochs=2"])
     result = train(cfg, run_dir=tmp_path / "run")
-    exp = E.table1(cfg, seeds=1, protocol="validated", out_dir=tmp_path / "t1")
+    exp = E.table1(cfg, seeds=1, protocol="validated", out_dir=tmp_path / "t1", methods=["dedn"])
     run = exp.runs_for("dedn", "validated")[0]
     for key in METRIC_ORDER:
         assert getattr(result.metrics, key) == run.metrics[key], key

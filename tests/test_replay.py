@@ -231,6 +231,6 @@ def test_the_cub_replay_preset_runs_end_to_end_on_a_float32_store(tmp_path: Path
 
 
 def test_an_experiment_refuses_to_validate_a_replay(tmp_path: Path, monkeypatch, capsys) -> None:
-    code, _, err = run_cli(["experiment", "table1", "--config", "cub-released", "--protocol", "validated",
-                            "--out", tmp_path / "out", "data.path=nowhere"], monkeypatch, capsys)
+    code, _, err = run_cli(["experiment", "table1", "--methods", "dedn", "--config", "cub-released", "--protocol",
+                            "validated", "--out", tmp_path / "out", "data.path=nowhere"], monkeypatch, capsys)
     assert code == 2 and "use --protocol published" in err and not (tmp_path / "out").exists()

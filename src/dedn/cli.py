@@ -92,6 +92,7 @@ def train(
     from dedn.apps.protocols import load_protocol_config
     from dedn.apps.protocols import train as train_run
     from dedn.config import find_config, load_config
+    from dedn.models.registry import model_entry
 
     if resume is not None:
         if config is not None or overrides:
@@ -109,7 +110,8 @@ def train(
            "fixed": f"trained {c.get('epochs')} epochs, evaluated once at a fixed gamma"}[result.protocol]
     split = "test split" if cfg.data.split == "test" else "validation task"
     shown = {**result.metrics.to_dict(), **{k: c[k] for k in ("oracle_H", "oracle_gamma") if k in c}}
-    _print_metrics(shown, f"DEDN ({cfg.mode} mode), {result.protocol} protocol, {split}: {how}")
+    label = model_entry(cfg.model.name).label
+    _print_metrics(shown, f"{label} ({cfg.mode} mode), {result.protocol} protocol, {split}: {how}")
     typer.echo(f"model: {result.model_dir}")
 
 
@@ -132,6 +134,7 @@ def evaluate(
     from dedn.eval.evaluate import evaluate_model, write_evaluation
     from dedn.factory import load_data
     from dedn.models.precision import run_precision
+    from dedn.models.registry import entry_for
     from dedn.runfolder import RunFolder
     from dedn.training.checkpoint import load_weights
     from dedn.training.rundir import load_run_config, recorded_calibration
@@ -162,9 +165,10 @@ def evaluate(
     metrics = write_evaluation(ev, folder, data.class_names, {
         "mode": cfg.mode, "split": cfg.data.split, "l_rc": l_rc if l_rc is not None else model.config.l_rc,
         "l_e": l_e if l_e is not None else model.config.l_e, "gamma_source": ev.gamma_source,
-        "checkpoint": str(weights), "precision": precision, "version": __version__})
+        "checkpoint": str(weights), "precision": precision, "version": __version__}, label=entry_for(model).label)
     metrics.update({k: v for k, v in ev.summary().items() if k.startswith("oracle_")})
-    _print_metrics(metrics, f"DEDN ({cfg.mode} mode), {cfg.data.split} split, run {folder_in}; written to {folder}")
+    _print_metrics(metrics, f"{entry_for(model).label} ({cfg.mode} mode), {cfg.data.split} split, run {folder_in}; "
+                            f"written to {folder}")
 
 
 # ---------------------------------------------------------------------------------------------- bench

@@ -41,21 +41,21 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+from torch import nn
 from torchvision.transforms import functional as TF
 
 from dedn.apps.predict import ClassScore, Prediction, Predictor, load_image
 from dedn.checks import check_output_folder
 from dedn.errors import DataError
 from dedn.features.backbones import to_rgb
-from dedn.models.dedn import DEDN
+from dedn.models.registry import entry_for
 
-EXPERT_LABELS = {"cexp": "cExp", "fexp": "fExp"}
 #: Channel attention whose mean entropy exceeds this fraction of ln C is reported as near uniform, not drawn.
 NEAR_UNIFORM = 0.98
 
 
 # ---------------------------------------------------------------------------------------------- arrays
-def _features_tensor(model: DEDN, features: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+def _features_tensor(model: nn.Module, features: Any) -> tuple[torch.Tensor, tuple[int, int]]:
     """Features as a (B, C, h, w)-shaped tensor on the model's device, and (h, w)."""
     x = features if torch.is_tensor(features) else torch.as_tensor(np.asarray(features))
     if x.ndim == 3 and x.shape[0] == model.config.n_channels and x.shape[1] * x.shape[2] == model.config.n_regions:
@@ -80,7 +80,7 @@ def _to_dataset_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def region_attention(model: DEDN, features: Any) -> dict[str, np.ndarray]:
+def region_attention(model: nn.Module, features: Any) -> dict[str, np.ndarray]:
     """Region attention of each expert (the model's ``<expert>_region`` attention maps): ``{"cexp": (B, D, h, w),
     "fexp": ...}`` for DEDN, in dataset attribute order.
 
@@ -96,7 +96,7 @@ def region_attention(model: DEDN, features: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def channel_attention(model: DEDN, features: Any) -> dict[str, np.ndarray]:
+def channel_attention(model: nn.Module, features: Any) -> dict[str, np.ndarray]:
     """Channel attention of each expert: ``{"cexp": (B, D, C), ...}`` in dataset order ({} without it)."""
     x, _ = _features_tensor(model, features)
     maps = model.attention_maps(x)
@@ -123,7 +123,7 @@ def channel_summary(weights: np.ndarray, top: int = 10) -> dict[str, Any]:
     }
 
 
-def _channel_spread(records: list[dict[str, Any]], experts: list[str]) -> dict[str, Any]:
+def _channel_spread(records: list[dict[str, Any]], experts: dict[str, str]) -> dict[str, Any]:
     """Per expert: the mean channel-attention entropy over the shown attributes against the uniform ln C."""
     out: dict[str, Any] = {"near_uniform_threshold": NEAR_UNIFORM, "chart": "drawn"}
     for e in experts:
@@ -138,7 +138,7 @@ def _channel_spread(records: list[dict[str, Any]], experts: list[str]) -> dict[s
     return out
 
 
-def _shared_max(records: list[dict[str, Any]], experts: list[str]) -> float:
+def _shared_max(records: list[dict[str, Any]], experts: dict[str, str]) -> float:
     """The largest attention / uniform ratio over every shown map: the figure's common colour scale."""
     return max(float(rec["experts"][e]["peak_vs_uniform"]) for rec in records for e in experts)
 
@@ -167,15 +167,21 @@ def _wrap(text: str, width: int = 26) -> str:
     return "\n".join(lines[:2]) + ("..." if len(lines) > 2 else "")
 
 
+def _expert_labels(model: nn.Module, records: list[dict[str, Any]]) -> dict[str, str]:
+    """The explained experts, in order, and how figures name them (the method's registry entry says)."""
+    labels = entry_for(model).expert_labels
+    return {e: labels.get(e, e) for e in (records[0]["experts"] if records else {})}
+
+
 def _as_predictor(source: Any, attribute_names: Sequence[str] | None, class_names: Sequence[str] | None,
                   device: str | torch.device) -> Predictor:
     if isinstance(source, Predictor):
         return source
-    if isinstance(source, DEDN):
+    if isinstance(source, nn.Module):
         return Predictor(source, class_names, attribute_names, device=device)
     if isinstance(source, (str, os.PathLike)):
         return Predictor.from_run(source, device=device)
-    raise TypeError(f"explain_image needs a Predictor, a DEDN model or a run directory, got {type(source).__name__}")
+    raise TypeError(f"explain_image needs a Predictor, a model or a run directory, got {type(source).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------- explain
@@ -319,7 +325,7 @@ def _report(predictor: Predictor, view: _View, choice: _Choice, records: list[di
             spread: dict[str, Any] | None, channel_png: Path | None) -> dict[str, Any]:
     """The numbers behind the figures (the JSON file)."""
     model, pred, explained, truth = predictor.model, choice.pred, choice.explained, choice.truth
-    experts = list(records[0]["experts"]) if records else []
+    experts = _expert_labels(model, records)
     h, w = view.hw
     return {
         "source": view.label,
@@ -332,7 +338,7 @@ def _report(predictor: Predictor, view: _View, choice: _Choice, records: list[di
         "predicted": [dict(c.__dict__) for c in pred.top[:5]],
         "l_e": pred.l_e,
         "gamma": pred.gamma,
-        "experts": experts,
+        "experts": list(experts),
         "feature_shape": [int(model.config.n_channels), h, w],
         "image_size": None if view.shown is None else int(view.shown.shape[0]),
         "attributes": records,
@@ -351,7 +357,7 @@ def _report(predictor: Predictor, view: _View, choice: _Choice, records: list[di
 
 
 def explain_image(
-    source: Predictor | DEDN | str | os.PathLike[str],
+    source: Predictor | nn.Module | str | os.PathLike[str],
     image: str | os.PathLike[str] | np.ndarray | torch.Tensor,
     out_dir: str | os.PathLike[str] = ".",
     options: ExplainOptions | None = None,
@@ -363,8 +369,8 @@ def explain_image(
     """Draw both experts' attention for chosen attributes of one image (paper Figure 4) and save the numbers.
 
     Args:
-        source: a :class:`Predictor`, a run directory, or a bare :class:`DEDN` (then ``attribute_names`` and
-            ``class_names`` name its attributes and classes; generic names otherwise).
+        source: a :class:`Predictor`, a run directory, or a bare model of any registered method (then
+            ``attribute_names`` and ``class_names`` name its attributes and classes; generic names otherwise).
         image: an image file (needs a predictor with a backbone), or one feature map (C, h, w) / (1, C, h, w).
         out_dir: folder for the files (created; an existing file there is a ConfigError).
         options: what to show (default: :class:`ExplainOptions` ()).
@@ -383,7 +389,7 @@ def explain_image(
     view = _view(predictor, image, options)
     choice = _choose(predictor, view, options)
     records, has_channels = _records(predictor, view, choice, options.n_channels)
-    experts = list(records[0]["experts"]) if records else []
+    experts = _expert_labels(predictor.model, records)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -421,7 +427,7 @@ def _grid(n_rows: int, n_cols: int, dpi: int, axes_in: tuple[float, float], left
     return fig, np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
 
 
-def _draw_regions(path: Path, records: list[dict[str, Any]], experts: list[str], shown: np.ndarray | None,
+def _draw_regions(path: Path, records: list[dict[str, Any]], experts: dict[str, str], shown: np.ndarray | None,
                   hw: tuple[int, int], title: str, dpi: int) -> None:
     """Input image first, then one panel per (expert, attribute) on one shared scale of attention / uniform.
 
@@ -472,12 +478,12 @@ def _draw_regions(path: Path, records: list[dict[str, Any]], experts: list[str],
             values = f"value in class {rec['class_value']:.2f}"
             if "true_class_value" in rec and not np.isclose(rec["true_class_value"], rec["class_value"]):
                 values += f", in true class {rec['true_class_value']:.2f}"
-            ax.set_title(f"{_wrap(rec['name'])}\n{EXPERT_LABELS[e]} score {info['score']:.2f}, "
+            ax.set_title(f"{_wrap(rec['name'])}\n{experts[e]} score {info['score']:.2f}, "
                          f"peak {info['peak_vs_uniform']:.1f}x uniform\n{values}", fontsize=6.5)
             if c == 0 and n_first == 0:
-                ax.set_ylabel(EXPERT_LABELS[e], fontsize=10)
+                ax.set_ylabel(experts[e], fontsize=10)
             elif c == 0:
-                ax.text(-0.06, 0.5, EXPERT_LABELS[e], rotation=90, fontsize=10, va="center", ha="right",
+                ax.text(-0.06, 0.5, experts[e], rotation=90, fontsize=10, va="center", ha="right",
                         transform=ax.transAxes)
     top = axes[0, -1].get_position()
     bottom = axes[-1, -1].get_position()
@@ -495,7 +501,7 @@ def _draw_regions(path: Path, records: list[dict[str, Any]], experts: list[str],
     fig.savefig(path)
 
 
-def _draw_channels(path: Path, records: list[dict[str, Any]], experts: list[str], title: str, dpi: int,
+def _draw_channels(path: Path, records: list[dict[str, Any]], experts: dict[str, str], title: str, dpi: int,
                    spread: dict[str, Any]) -> None:
     """Top channel weights as bars; an expert whose attention is near uniform gets a statement, not bars."""
     fig, axes = _grid(len(experts), len(records), dpi, (2.3, 1.6), 0.75, 0.7, 0.45)
@@ -505,7 +511,7 @@ def _draw_channels(path: Path, records: list[dict[str, Any]], experts: list[str]
             for ax in axes[r]:
                 ax.axis("off")
             axes[r, 0].text(0.0, 0.5, textwrap.fill(
-                f"{EXPERT_LABELS[e]}: channel attention is near uniform for these attributes - mean entropy "
+                f"{experts[e]}: channel attention is near uniform for these attributes - mean entropy "
                 f"{s['mean_entropy']:.3f} nats of ln C = {s['ln_C']:.3f} ({100 * s['entropy_over_ln_C']:.1f} %), "
                 f"about {s['mean_effective_channels']:.0f} of {s['n_channels']} channels used equally; "
                 "bars of its weights would show only the uniform level, so none are drawn.",
@@ -520,11 +526,11 @@ def _draw_channels(path: Path, records: list[dict[str, Any]], experts: list[str]
             ax.set_xticks(range(len(chans)))
             ax.set_xticklabels([str(ch) for ch, _ in chans], rotation=90, fontsize=5)
             ax.tick_params(axis="y", labelsize=6)
-            ax.set_title(f"{_wrap(rec['name'])}\n{EXPERT_LABELS[e]}: H={info['entropy']:.2f} of "
+            ax.set_title(f"{_wrap(rec['name'])}\n{experts[e]}: H={info['entropy']:.2f} of "
                          f"ln C={info['max_entropy']:.2f} nats, eff. {info['effective_channels']:.3g} of "
                          f"{info['n_channels']}", fontsize=6.5)
             if c == 0:
-                ax.set_ylabel(f"{EXPERT_LABELS[e]} weight", fontsize=9)
+                ax.set_ylabel(f"{experts[e]} weight", fontsize=9)
     fig.suptitle(f"{title}\ntop channel attention weights (dashed: uniform 1/C; H: entropy, "
                  "eff.: exp(H) channels)", fontsize=8)
     fig.savefig(path)

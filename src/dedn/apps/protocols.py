@@ -66,6 +66,7 @@ from dedn.devices import use_threads
 from dedn.errors import CheckpointError, ConfigError
 from dedn.eval.calibration import Calibration, config_calibration, default_gamma
 from dedn.eval.metrics import METRIC_ORDER, Metrics
+from dedn.models.registry import model_entry
 from dedn.runfolder import RunFolder
 from dedn.training.callbacks import BestOverTraining, Callback
 from dedn.training.rundir import load_run_config
@@ -257,7 +258,8 @@ def protocol_job(cfg: RunConfig, folder: str | Path, protocol: str | None = None
                           "data.split=test (or eval.protocol=fixed to train once on the validation task)")
     if protocol == ProtocolName.VALIDATED:
         check_validation_task(cfg, cfg.seed, cache or DataCache())
-    return Job(Row("dedn", "DEDN"), protocol, cfg.seed, cfg, str(Path(folder).resolve()), {}, [()], {})
+    row = Row(cfg.model.name, model_entry(cfg.model.name).label)
+    return Job(row, protocol, cfg.seed, cfg, str(Path(folder).resolve()), {}, [()], {})
 
 
 def finished_result(job: Job) -> RunResult | None:

@@ -103,7 +103,7 @@ def evaluate_outputs(seen: ModelOutputs, unseen: ModelOutputs, seen_mask: np.nda
 
 
 def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra: dict[str, Any],
-                     prefix: str = "", plots: bool = True) -> dict[str, Any]:
+                     prefix: str = "", plots: bool = True, label: str = "model") -> dict[str, Any]:
     """The evaluation record (metrics, per-class table, seen-unseen curve and plot, the saved outputs; the names
     are :class:`~dedn.runfolder.RunFolder`'s), into ``folder``; ``metrics.json`` is written last."""
     from dedn.eval.metrics import plot_seen_unseen_curve
@@ -118,9 +118,9 @@ def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra
     atomic_write_text(folder / f"{prefix}{RunFolder.CURVE_CSV}", buf.getvalue())
     if plots:
         r = ev.result
-        plot_seen_unseen_curve({"DEDN": (s, u)}, folder / f"{prefix}{RunFolder.CURVE_PNG}",
+        plot_seen_unseen_curve({label: (s, u)}, folder / f"{prefix}{RunFolder.CURVE_PNG}",
                                title=f"test split, gamma from {ev.gamma_source}",
-                               points={"DEDN": (r.S, r.U, ev.gamma)})
+                               points={label: (r.S, r.U, ev.gamma)})
     ev.seen.save(folder / f"{prefix}{RunFolder.OUTPUTS_SEEN}")
     ev.unseen.save(folder / f"{prefix}{RunFolder.OUTPUTS_UNSEEN}")
     # metrics.json last: its presence marks a complete evaluation record.

@@ -112,6 +112,11 @@ class DAZLEConfig:
         if self.ce_classes not in CE_CLASSES:
             raise ValueError(f"ce_classes must be one of {CE_CLASSES}, got {self.ce_classes!r}")
 
+    @property
+    def n_clusters(self) -> int:
+        """Attribute groups: one (the method does not cluster attributes)."""
+        return 1
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values; :meth:`from_dict` reads them back."""
         return asdict(self)

@@ -178,6 +178,7 @@ def reference_loss(model: DAZLE, features: Tensor, labels: Tensor | np.ndarray, 
 DAZLE_ENTRY = register_model(ModelEntry(
     name="dazle",
     label="DAZLE",
+    expert_labels={"dazle": "DAZLE"},
     model_type=DAZLE,
     config_type=DAZLEConfig,
     build=build,

@@ -72,6 +72,7 @@ def training_loss(model: DEDN, out: DEDNOutput, labels: Tensor, seen_mask: Tenso
 DEDN_ENTRY = register_model(ModelEntry(
     name="dedn",
     label="DEDN",
+    expert_labels={"cexp": "cExp", "fexp": "fExp"},
     model_type=DEDN,
     config_type=DEDNConfig,
     build=build,

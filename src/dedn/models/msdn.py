@@ -161,6 +161,11 @@ class MSDNConfig:
                            ("l_rc", float), ("l_e", float)):
             object.__setattr__(self, name, kind(getattr(self, name)))
 
+    @property
+    def n_clusters(self) -> int:
+        """Attribute groups: one (the method does not cluster attributes)."""
+        return 1
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values; :meth:`from_dict` reads them back."""
         return {"n_attributes": self.n_attributes, "semantic_dim": self.semantic_dim, "n_channels": self.n_channels,

@@ -195,6 +195,7 @@ def reference_loss(model: MSDN, features: Tensor, labels: Tensor | np.ndarray, l
 MSDN_ENTRY = register_model(ModelEntry(
     name="msdn",
     label="MSDN",
+    expert_labels={"av": "AV subnet", "va": "VA subnet"},
     model_type=MSDN,
     config_type=MSDNConfig,
     build=build,

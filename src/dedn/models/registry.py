@@ -12,8 +12,8 @@ them), so any import of a ``dedn.models`` module fills the registry first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import Tensor, nn
@@ -63,6 +63,7 @@ class ModelEntry:
         default_gamma: ``default_gamma(run, dataset)``: the calibration an evaluation uses when nothing chose
             one (a reference mode whose fixed margin is inside the scores: 0).
         replays_released: whether ``train.rng=released`` can replay the released code's runs draw for draw.
+        expert_labels: how figures name each expert of its outputs (``cexp`` -> ``cExp``); default the name.
     """
 
     name: str
@@ -77,6 +78,7 @@ class ModelEntry:
     reference_loss: Callable[[nn.Module, Tensor, Any, Any, str | None], Tensor] | None = None
     default_gamma: Callable[[RunSettings, str | None], float] = lambda run, dataset: 0.0
     replays_released: bool = False
+    expert_labels: Mapping[str, str] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

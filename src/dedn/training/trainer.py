@@ -557,7 +557,8 @@ class Trainer:
         save_weights(self.model, self.run_dir / RunFolder.MODEL, record_hash=True)
         write_class_file(self.run_dir, self.data, calibration=ev.gamma)
         write_feature_provenance(self.run_dir, self.data.provenance)
-        return write_evaluation(ev, self.run_dir, self.data.class_names, extra, plots=self.cfg.eval.plots)
+        return write_evaluation(ev, self.run_dir, self.data.class_names, extra, plots=self.cfg.eval.plots,
+                                label=entry_for(self.model).label)
 
     def _final_record(self, last_gamma: float | None) -> dict[str, Any]:
         """What the final metrics record says about the run, with the callbacks' entries."""

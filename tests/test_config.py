@@ -95,3 +95,20 @@ def test_every_data_source_has_one_loader() -> None:
     from dedn.factory import DATA_LOADERS
 
     assert tuple(DATA_LOADERS) == DATA_SOURCES
+
+
+def test_every_optimizer_has_a_builder_and_trains(tiny_cfg) -> None:
+    import torch
+
+    from dedn.config import OPTIMIZERS, apply_overrides
+    from dedn.training.trainer import OPTIMIZERS as BUILDERS
+    from dedn.training.trainer import Trainer
+
+    assert tuple(BUILDERS) == OPTIMIZERS
+    for name, kind in (("adam", torch.optim.Adam), ("sgd", torch.optim.SGD), ("rmsprop", torch.optim.RMSprop)):
+        cfg = apply_overrides(tiny_cfg, [f"train.optimizer={name}", "train.epochs=1", "eval.plots=false"])
+        trainer = Trainer(cfg)
+        assert isinstance(trainer.optimizer, kind)
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.fit(final_evaluation=False)
+        assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items()), name

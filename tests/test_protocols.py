@@ -27,7 +27,7 @@ from dedn.data.dataset import ZSLData
 from dedn.data.synthetic import make_synthetic
 from dedn.data.xlsa17 import read_semantic_dir
 from dedn.errors import ConfigError
-from dedn.eval.calibration import mode_default_gamma
+from dedn.eval.calibration import default_gamma
 from dedn.eval.metrics import METRIC_ORDER
 from dedn.models.losses import discrepancy, jensen_shannon, released_jensen_shannon
 
@@ -84,7 +84,7 @@ def test_selection_record_names_the_validation_task(tmp_path: Path) -> None:
                                                        ("reference", 1.0, 0.0)])
 def test_published_protocol_uses_the_mode_default(tmp_path: Path, mode: str, margin: float, gamma: float) -> None:
     cfg = load_config(None, [*TINY, f"mode={mode}", f"loss.margin={margin}", "train.epochs=2"])
-    assert mode_default_gamma(mode, margin) == gamma
+    assert default_gamma(cfg, None) == gamma
     exp = E.table1(cfg, seeds=1, protocol="published", out_dir=tmp_path / "t1")
     run = exp.runs_for("dedn", "published")[0]
     assert run.choices["gamma"] == gamma and run.choices["gamma_source"] == "mode default"
@@ -114,14 +114,14 @@ def test_calibration_values_are_parsed_once_and_checked() -> None:
     assert parse_calibration("0.3") == 0.3 and parse_calibration(2) == 2.0
     assert load_config(None, ["eval.calibration=0.25"]).eval.gamma == 0.25
     assert load_config(None, []).eval.gamma is GammaChoice.AUTO
-    assert config_calibration(GammaChoice.AUTO, "paper", 1.0, on_validation_task=False).value == 2.0
-    assert config_calibration(GammaChoice.AUTO, "paper", 1.0, on_validation_task=True).value == "best"
-    assert config_calibration(0.3, "reference", 1.0, on_validation_task=False).source == "config"
+    assert config_calibration(GammaChoice.AUTO, 2.0, on_validation_task=False).value == 2.0
+    assert config_calibration(GammaChoice.AUTO, 2.0, on_validation_task=True).value == "best"
+    assert config_calibration(0.3, 0.0, on_validation_task=False).source == "config"
     for bad in ("nan", "abc", "inf", True):
         with pytest.raises(ConfigError, match="eval.calibration must be auto, validated or a finite number"):
             parse_calibration(bad)
     with pytest.raises(ConfigError, match="validated protocol"):
-        config_calibration(GammaChoice.VALIDATED, "paper", 1.0, on_validation_task=False)
+        config_calibration(GammaChoice.VALIDATED, 2.0, on_validation_task=False)
 
 
 # ---------------------------------------------------------------------------------------------- protocols

@@ -26,7 +26,7 @@ class _Toy(nn.Module):
 
 def _toy_entry() -> ModelEntry:
     return ModelEntry(
-        name="toy", model_type=_Toy, config_type=dict,
+        name="toy", label="Toy", model_type=_Toy, config_type=dict,
         build=lambda run, data, dataset, seed: _Toy({"c": data.feature_shape[0], "k": data.n_classes,
                                                      "dataset": dataset, "seed": seed}),
         from_config=_Toy,

@@ -44,6 +44,8 @@ from dedn.errors import ConfigError
 
 #: Where a run's features come from (each has a loader in :data:`dedn.factory.DATA_LOADERS`).
 DATA_SOURCES = ("synthetic", "store", "hdf5", "imagebench")
+#: The optimisers a run may use (``train.optimizer``).
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
 MODES = ("paper", "reference")
 
 
@@ -83,6 +85,9 @@ class ModelConfig:
     l_e: float = 0.9  # cExp/fExp mix at inference
     low_rank: int | None = None  # W1 = H1 H3 of this rank (reference SUN: 256 GZSL, 128 ZSL)
     channel_attention: bool = True  # False: region branch only (Table 3 "w/o channel attention")
+    # The method's own options (a method other than DEDN reads its settings here, e.g. model.options.gate=false);
+    # the method checks them when it is built, naming model.options.<key>.
+    options: dict[str, Any] = field(default_factory=dict)
     experts: str = "both"  # both | cexp | fexp
 
 
@@ -105,12 +110,13 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation: RMSprop and batches (docs/method.md, "Training")."""
+    """Optimisation: the optimiser (RMSprop by default) and batches (docs/method.md, "Training")."""
 
     epochs: int = 80
     batch_size: int = 50
+    optimizer: str = "rmsprop"  # one of OPTIMIZERS (the published methods: RMSprop; TransZero: Adam or SGD)
     lr: float = 1e-4
-    momentum: float = 0.9
+    momentum: float = 0.9  # RMSprop and SGD
     weight_decay: float = 1e-4
     alpha: float = 0.99  # RMSprop smoothing (torch default)
     eps: float = 1e-8
@@ -204,6 +210,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("train.batch_size", COUNT),
     ("train.lr", POSITIVE),
     ("train.momentum", number(0.0, 1.0, high_open=True)),
+    ("train.optimizer", choice(*OPTIMIZERS)),
     ("train.weight_decay", NON_NEGATIVE),
     ("train.alpha", OPEN_FRACTION),
     ("train.eps", POSITIVE),
@@ -422,9 +429,12 @@ def get_key(source: Any, dotted: str) -> Any:
 
 
 def has_key(dotted: str) -> bool:
-    """Whether ``dotted`` names a leaf setting of :class:`RunConfig` (``train.lr``, not ``train``)."""
+    """Whether ``dotted`` names a leaf setting of :class:`RunConfig` (``train.lr``, not ``train``), or a key of
+    a free mapping in it (``model.options.gate``)."""
     node: Any = RunConfig
     for part in dotted.split("."):
+        if typing.get_origin(node) is dict:  # a free mapping (model.options): the method checks its keys
+            return True
         if not (isinstance(node, type) and is_dataclass(node)):
             return False
         hints = typing.get_type_hints(node)  # annotations are strings under ``from __future__``

@@ -43,7 +43,6 @@ import torch
 
 from dedn.apps.class_files import _suggest, unknown_attribute_message
 from dedn.checks import COUNT, check
-from dedn.data.semantics import normalize_rows
 from dedn.errors import CheckpointError, ConfigError, DataError
 from dedn.features.backbones import Backbone, get_backbone
 from dedn.features.extract import IMAGE_EXTENSIONS, load_image
@@ -324,11 +323,8 @@ class Predictor:
                                       f"has {k} x {d}")
             # The weights file's class buffers are what the model was trained and evaluated with; a class
             # file that disagrees is reported, not applied.
-            trained = _dataset_order(model.class_att, model.attribute_order).double().cpu().numpy()
-            given = np.asarray(att, dtype=np.float64)
-            if model.config.method.clip_negative_attributes:
-                given = np.clip(given, 0, None)
-            given = normalize_rows(given)
+            trained = model.class_att.double().cpu().numpy()
+            given = model.scored_class_att(torch.as_tensor(np.asarray(att, dtype=np.float32))).double().cpu().numpy()
             if not np.allclose(given, trained, atol=1e-5) or not np.array_equal(seen, model.seen_mask.cpu().numpy()):
                 log.warning("%s: class_att / seen_mask differ from the class set stored with the weights; using "
                             "the stored one", class_file)
@@ -415,20 +411,16 @@ class Predictor:
 
     @torch.no_grad()
     def attribute_scores(self, features: Any, l_e: float | None = None) -> dict[str, np.ndarray]:
-        """Predicted attribute scores (B, D) in dataset order: ``cexp``, ``fexp`` (those the model has) and
-        ``mixed`` (``l_e * cexp + (1 - l_e) * fexp``), plus ``scores`` (B, K), the mixed class scores
-        (reference calibration margin included, before calibrated stacking)."""
+        """Predicted attribute scores (B, D) in dataset order: each expert's (DEDN: ``cexp``, ``fexp``, those the
+        model has) and ``mixed`` (``l_e * first + (1 - l_e) * second``), plus ``scores`` (B, K), the mixed class
+        scores (reference calibration margin included, before calibrated stacking)."""
         out = self.model(self._as_tensor(features), precision=self.precision)
         l_e = self.model.config.l_e if l_e is None else float(l_e)
         order = self.model.attribute_order
-        res: dict[str, np.ndarray] = {}
-        for name, e in (("cexp", out.cexp), ("fexp", out.fexp)):
-            if e is not None:
-                res[name] = _dataset_order(e.o, order).double().cpu().numpy()
-        if "cexp" in res and "fexp" in res:
-            res["mixed"] = l_e * res["cexp"] + (1.0 - l_e) * res["fexp"]
-        else:
-            res["mixed"] = res.get("cexp", res.get("fexp"))
+        res = {name: _dataset_order(o, order).double().cpu().numpy() for name, o in out.expert_attributes().items()}
+        experts = list(res)
+        res["mixed"] = (res[experts[0]] if len(experts) == 1
+                        else l_e * res[experts[0]] + (1.0 - l_e) * res[experts[1]])
         res["scores"] = out.combined(l_e).double().cpu().numpy()
         return res
 

@@ -64,7 +64,7 @@ from dedn.config import (
 from dedn.data.dataset import ZSLData
 from dedn.devices import use_threads
 from dedn.errors import CheckpointError, ConfigError
-from dedn.eval.calibration import Calibration, config_calibration
+from dedn.eval.calibration import Calibration, config_calibration, default_gamma
 from dedn.eval.metrics import METRIC_ORDER, Metrics
 from dedn.runfolder import RunFolder
 from dedn.training.callbacks import BestOverTraining, Callback
@@ -157,7 +157,7 @@ def _run_published(job: Job, cfg: RunConfig, folder: Path, cache: DataCache) -> 
     data = cache.load(scfg)
     # A fixed calibration, as the released code: the configured number, else the mode's default (2 eps in
     # paper mode, the margin of eq. 14; 0 in reference mode, whose margin is inside the scores).
-    fixed = config_calibration(parse_calibration(calib), cfg.mode, cfg.loss.margin, on_validation_task=False)
+    fixed = config_calibration(parse_calibration(calib), default_gamma(cfg, data.name), on_validation_task=False)
     gamma = float(fixed.value)
     l_rc, l_e = cfg.model.l_rc, cfg.model.l_e
     points = list(dict.fromkeys([(l_rc, l_e)] + [(p[2], p[3]) for p in sweep_points(job.sweep, l_rc, l_e)]))

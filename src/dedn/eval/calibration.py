@@ -6,7 +6,7 @@ source, a :class:`GammaSource`:
 
 - ``validated``: chosen (H-maximising) on the validation task, never on test images;
 - ``config``: a number given in ``eval.calibration`` or on the command line;
-- ``mode default``: the method's own fixed margin (see :func:`mode_default_gamma`);
+- ``mode default``: the method's own fixed margin (see :func:`default_gamma`);
 - ``oracle-on-test``: H-maximising on the test scores themselves. Optimistic by construction, shown only
   as a labelled diagnosis, never as a result.
 """
@@ -17,9 +17,8 @@ import math
 from dataclasses import dataclass
 
 from dedn.checks import Choice, GammaChoice
-from dedn.config import LossConfig
 from dedn.errors import ConfigError
-from dedn.models.settings import resolve_method
+from dedn.models.registry import RunSettings, model_entry
 
 
 class GammaSource(Choice):
@@ -32,14 +31,15 @@ class GammaSource(Choice):
 
 
 
-def mode_default_gamma(mode: str, margin: float) -> float:
-    """The fixed calibration of a mode when nothing chose one (:attr:`MethodSettings.default_gamma`).
+def default_gamma(run: RunSettings, dataset: str | None) -> float:
+    """The fixed calibration of the run's method and mode when nothing chose one (the registry entry's
+    ``default_gamma``).
 
-    paper: 2 eps. The paper's inference works on margin-processed scores (seen - eps, unseen + eps, eq. 14),
-    the scores its margin-aware loss is built to win on, and that shift is calibrated stacking at 2 eps.
-    reference: 0, because the released code keeps that margin inside the model's scores already.
+    DEDN paper mode: 2 eps. The paper's inference works on margin-processed scores (seen - eps, unseen + eps,
+    eq. 14), the scores its margin-aware loss is built to win on, and that shift is calibrated stacking at
+    2 eps. A reference mode: 0, because the released code keeps its margin inside the model's scores already.
     """
-    return resolve_method(mode, None, LossConfig(margin=margin)).default_gamma
+    return model_entry(run.model.name).default_gamma(run, dataset)
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,12 @@ class Calibration:
             raise ConfigError(f"calibration must be a finite number or 'best', got {self.value!r}")
 
 
-def config_calibration(setting: GammaChoice | float, mode: str, margin: float,
-                       on_validation_task: bool) -> Calibration:
+def config_calibration(setting: GammaChoice | float, default: float, on_validation_task: bool) -> Calibration:
     """What an ``eval.calibration`` setting (parsed: :attr:`dedn.config.EvalConfig.gamma`) asks for on the data at hand.
 
     ``auto`` (and ``validated``) on a validation task: the H-maximising value on its scores (that *is* the
-    validation choice). ``auto`` on the test split: the mode default. A number: that number. ``validated``
-    on the test split needs a value chosen by the validated protocol and is refused here.
+    validation choice). ``auto`` on the test split: ``default`` (:func:`default_gamma`). A number: that number.
+    ``validated`` on the test split needs a value chosen by the validated protocol and is refused here.
     """
     if setting is GammaChoice.AUTO or setting is GammaChoice.VALIDATED:
         if on_validation_task:
@@ -69,5 +68,5 @@ def config_calibration(setting: GammaChoice | float, mode: str, margin: float,
         if setting is GammaChoice.VALIDATED:
             raise ConfigError("eval.calibration=validated needs the value chosen on the validation task: run "
                               "the validated protocol (eval.protocol=validated) or give a number")
-        return Calibration(mode_default_gamma(mode, margin), GammaSource.MODE_DEFAULT)
+        return Calibration(default, GammaSource.MODE_DEFAULT)
     return Calibration(float(setting), GammaSource.CONFIG)

@@ -15,7 +15,7 @@ import torch
 from dedn.atomic import atomic_write_text
 from dedn.config import RunConfig
 from dedn.data.dataset import ZSLData
-from dedn.eval.calibration import Calibration, GammaSource, config_calibration
+from dedn.eval.calibration import Calibration, GammaSource, config_calibration, default_gamma
 from dedn.eval.inference import ModelOutputs, collect_outputs
 from dedn.eval.metrics import GZSLResult, best_calibration, gzsl_metrics, seen_unseen_curve, write_metrics
 from dedn.models.dedn import DEDN
@@ -131,5 +131,5 @@ def write_evaluation(ev: Evaluation, folder: Path, class_names: list[str], extra
 
 def calibration_value(cfg: RunConfig, data: ZSLData) -> Calibration:
     """The calibration ``eval.calibration`` asks for on ``data`` (:func:`~dedn.eval.calibration.config_calibration`)."""
-    return config_calibration(cfg.eval.gamma, cfg.mode, cfg.loss.margin,
+    return config_calibration(cfg.eval.gamma, default_gamma(cfg, data.name),
                               data.provenance.get("split") == "validation")

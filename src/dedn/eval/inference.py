@@ -1,6 +1,7 @@
 """Running a trained model over feature maps, and the saved outputs that any l_rc / l_e can be read from.
 
-:class:`ModelOutputs` keeps each expert's region and channel attribute scores (O_r, O_c) per image.
+:class:`ModelOutputs` keeps each branch's attribute scores per image (DEDN: each expert's region and channel
+scores O_r, O_c; a method's ``forward`` output names them in ``branches()``).
 Class scores for any branch mix l_rc and expert mix l_e follow from them by one small product with the
 class attributes, so the evaluation-time sweeps of the paper's Figure 3 need no retraining and no
 second pass over the features.
@@ -15,24 +16,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from dedn.atomic import atomic_write_bytes
 from dedn.data.sources import FeatureSource
 from dedn.errors import DataError
-from dedn.models.dedn import DEDN
-
-BRANCHES = ("cexp_o_r", "cexp_o_c", "fexp_o_r", "fexp_o_c")
 
 
 @dataclass
 class ModelOutputs:
-    """Per-image attribute scores of both experts' branches (cluster order) and what is needed to score.
+    """Per-image attribute scores of a model's branches (model attribute order) and what is needed to score.
 
     Attributes:
-        branches: name -> (N, D) array for each of ``cexp_o_r``, ``cexp_o_c``, ``fexp_o_r``, ``fexp_o_c``
-            the model has.
-        class_att: (K, D) normalised, cluster-ordered class attributes the model scores against.
+        branches: name -> (N, D) array, ``<expert>_o_r`` (and ``<expert>_o_c`` where the expert has a second
+            branch), experts in the model's order (``cexp`` then ``fexp`` for DEDN).
+        class_att: (K, D) normalised class attributes in the model's attribute order.
         bias: (K,) fixed score shift inside the model's scores (reference calibration margin; else 0).
         labels: (N,) classes of the images, or None.
     """
@@ -41,6 +40,11 @@ class ModelOutputs:
     class_att: np.ndarray
     bias: np.ndarray
     labels: np.ndarray | None
+
+    @property
+    def experts(self) -> list[str]:
+        """The experts (or subnets) the branches belong to, in order: the first is weighted l_e."""
+        return list(dict.fromkeys(name.rsplit("_o_", 1)[0] for name in self.branches))
 
     def expert_scores(self, expert: str, l_rc: float) -> np.ndarray | None:
         """(N, K) class scores of one expert at branch mix ``l_rc`` (None if the model lacks that expert)."""
@@ -52,14 +56,13 @@ class ModelOutputs:
         return o @ self.class_att.T + self.bias
 
     def scores(self, l_rc: float, l_e: float) -> np.ndarray:
-        """(N, K) prediction scores l_e * P_cExp + (1 - l_e) * P_fExp at branch mix ``l_rc``."""
-        pc, pf = self.expert_scores("cexp", l_rc), self.expert_scores("fexp", l_rc)
-        if pc is None:
-            assert pf is not None
-            return pf
-        if pf is None:
-            return pc
-        return l_e * pc + (1.0 - l_e) * pf
+        """(N, K) prediction scores: one expert's, or l_e * P_first + (1 - l_e) * P_second at branch mix
+        ``l_rc`` (DEDN: l_e * P_cExp + (1 - l_e) * P_fExp)."""
+        experts = self.experts
+        if len(experts) == 1:
+            return self.expert_scores(experts[0], l_rc)
+        first, second = (self.expert_scores(e, l_rc) for e in experts)
+        return l_e * first + (1.0 - l_e) * second
 
     def subset(self, index: np.ndarray) -> ModelOutputs:
         return ModelOutputs(
@@ -82,7 +85,7 @@ class ModelOutputs:
     def load(cls, path: str | Path) -> ModelOutputs:
         with np.load(path, allow_pickle=False) as z:
             return cls(
-                branches={k: z[k] for k in BRANCHES if k in z.files},
+                branches={k: z[k] for k in z.files if "_o_" in k},  # saved in the model's expert order
                 class_att=z["class_att"], bias=z["bias"],
                 labels=z["labels"] if "labels" in z.files else None,
             )
@@ -90,7 +93,7 @@ class ModelOutputs:
 
 @torch.no_grad()
 def collect_outputs(
-    model: DEDN,
+    model: nn.Module,
     features: FeatureSource,
     index: np.ndarray,
     labels: np.ndarray | None = None,
@@ -123,12 +126,8 @@ def collect_outputs(
                 raise DataError(f"feature maps of images {bad[:5].tolist()} (dataset indices) hold NaN or infinite "
                                 "values; fix or re-extract those features")
             out = model(chunk.to(device), precision=precision)
-            for name, exp in (("cexp", out.cexp), ("fexp", out.fexp)):
-                if exp is None:
-                    continue
-                parts.setdefault(f"{name}_o_r", []).append(exp.o_r.float().cpu().numpy())
-                if exp.o_c is not None:
-                    parts.setdefault(f"{name}_o_c", []).append(exp.o_c.float().cpu().numpy())
+            for name, branch in out.branches().items():
+                parts.setdefault(name, []).append(branch.float().cpu().numpy())
             bar.update(chunk.shape[0])
     finally:
         bar.close()

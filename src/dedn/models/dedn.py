@@ -62,6 +62,23 @@ class DEDNOutput:
     fexp: ExpertOutput | None
     l_e: float
 
+    def _experts(self) -> dict[str, ExpertOutput]:
+        return {name: e for name, e in (("cexp", self.cexp), ("fexp", self.fexp)) if e is not None}
+
+    def branches(self) -> dict[str, Tensor]:
+        """Each branch's (B, D) attribute scores, experts in order: ``cexp_o_r``, ``cexp_o_c``, ``fexp_o_r``,
+        ``fexp_o_c`` (those the model has): what evaluation saves and scores any l_rc / l_e from."""
+        out: dict[str, Tensor] = {}
+        for name, e in self._experts().items():
+            out[f"{name}_o_r"] = e.o_r
+            if e.o_c is not None:
+                out[f"{name}_o_c"] = e.o_c
+        return out
+
+    def expert_attributes(self) -> dict[str, Tensor]:
+        """Each expert's (B, D) attribute scores (its branches mixed at the model's l_rc), experts in order."""
+        return {name: e.o for name, e in self._experts().items()}
+
     def combined(self, l_e: float | None = None) -> Tensor:
         """(B, K) prediction scores l_e * P_cExp + (1 - l_e) * P_fExp, before calibrated stacking."""
         l_e = self.l_e if l_e is None else l_e
@@ -421,11 +438,14 @@ class DEDN(nn.Module):
             raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
         if seen.shape != (att.shape[0],):
             raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        if self.config.method.clip_negative_attributes:
-            att = att.clamp_min(0)
-        dev = self.attribute_order.device
-        self.class_att = normalize_rows(att.to(dev)[:, self.attribute_order])
-        self.seen_mask = seen.to(dev)
+        self.class_att = self.scored_class_att(att)
+        self.seen_mask = seen.to(self.attribute_order.device)
+
+    def scored_class_att(self, class_att: Tensor) -> Tensor:
+        """(K, D) class attributes in dataset order as the model scores against them: clipped at 0 where the
+        method's settings say, in cluster order, rows L2-normalised."""
+        att = class_att.clamp_min(0) if self.config.method.clip_negative_attributes else class_att
+        return normalize_rows(att.to(self.attribute_order.device)[:, self.attribute_order])
 
     def calibration_bias(self) -> Tensor:
         """(K,) fixed shift inside the class scores: +margin on unseen, -margin on seen classes (zeros when the

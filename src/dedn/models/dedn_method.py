@@ -71,6 +71,7 @@ def training_loss(model: DEDN, out: DEDNOutput, labels: Tensor, seen_mask: Tenso
 
 DEDN_ENTRY = register_model(ModelEntry(
     name="dedn",
+    label="DEDN",
     model_type=DEDN,
     config_type=DEDNConfig,
     build=build,
@@ -79,4 +80,5 @@ DEDN_ENTRY = register_model(ModelEntry(
     from_reference=from_reference_state_dict,
     reference_scores=reference_scores,
     reference_loss=reference_loss,
+    default_gamma=lambda run, dataset: method_settings(run, dataset).default_gamma,
 ))

@@ -46,6 +46,7 @@ class ModelEntry:
 
     Attributes:
         name: the method's name, a run's ``model.name``; model files record it.
+        label: how tables and figures name it (``DEDN``, ``DAZLE``, ...).
         model_type: the ``nn.Module`` class of its models (:func:`entry_for` finds a model's entry by it).
         config_type: the config every model of the method holds as ``model.config``: ``to_dict()`` gives
             what model files record, ``config_type.from_dict(values)`` reads it back.
@@ -59,9 +60,12 @@ class ModelEntry:
             weights of the authors' released code (None: the method has none).
         reference_scores: ``reference_scores(model, features, training)``: the released forward's outputs.
         reference_loss: ``reference_loss(model, features, labels, loss, dataset)``: the released training loss.
+        default_gamma: ``default_gamma(run, dataset)``: the calibration an evaluation uses when nothing chose
+            one (a reference mode whose fixed margin is inside the scores: 0).
     """
 
     name: str
+    label: str
     model_type: type[nn.Module]
     config_type: type
     build: Callable[[RunSettings, ZSLData, str | None, int], nn.Module]
@@ -70,6 +74,7 @@ class ModelEntry:
     from_reference: Callable[..., nn.Module] | None = None
     reference_scores: Callable[[nn.Module, Tensor, bool], tuple[Tensor, ...]] | None = None
     reference_loss: Callable[[nn.Module, Tensor, Any, Any, str | None], Tensor] | None = None
+    default_gamma: Callable[[RunSettings, str | None], float] = lambda run, dataset: 0.0
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -101,6 +101,17 @@ class BatchSampler:
         per_class = max(self.batch_size // n_seen, 1)
         picked = rng.choice(n_seen, size=n_classes, replace=False)
         return np.concatenate([rng.choice(self.by_class[c], size=per_class, replace=True) for c in picked])
+
+
+# ---------------------------------------------------------------------------------------------- optimisers
+#: ``train.optimizer`` -> the optimiser over a model's trainable parameters (names: :data:`dedn.config.OPTIMIZERS`).
+#: Weight decay is the coupled L2 term of each torch optimiser, as in the published code.
+OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter], Any], torch.optim.Optimizer]] = {
+    "rmsprop": lambda params, t: torch.optim.RMSprop(params, lr=t.lr, alpha=t.alpha, eps=t.eps,
+                                                     weight_decay=t.weight_decay, momentum=t.momentum),
+    "adam": lambda params, t: torch.optim.Adam(params, lr=t.lr, eps=t.eps, weight_decay=t.weight_decay),
+    "sgd": lambda params, t: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay),
+}
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -206,10 +217,8 @@ class Trainer:
         return model
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        t = self.cfg.train
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.RMSprop(params, lr=t.lr, alpha=t.alpha, eps=t.eps, weight_decay=t.weight_decay,
-                                   momentum=t.momentum)
+        return OPTIMIZERS[self.cfg.train.optimizer](params, self.cfg.train)
 
     def _batches_and_schedule(self, replay: bool) -> tuple[BatchSampler | ReleasedBatches, list[Segment]]:
         """dedn's sampler and epochs, or the released code's batches and iteration/evaluation schedule."""

@@ -5,4 +5,7 @@ Importing the package registers the built-in methods (as timm's ``models`` packa
 ``dedn.models`` module is imported through here first, so the registry is full whenever it is asked.
 """
 
-from dedn.models import dedn_method  # noqa: F401  (registers DEDN)
+from dedn.models import (
+    dedn_method,  # noqa: F401  (registers DEDN)
+    transzero_method,  # noqa: F401  (registers TransZero)
+)

@@ -35,8 +35,9 @@ from dedn.models.dedn import normalize_rows
 from dedn.models.losses import LossTerms, self_calibration_loss
 from dedn.models.precision import check_precision
 
-#: The name of TransZero's one branch in :meth:`TransZeroOutput.branches` (one expert, a region branch only).
-BRANCH = "transzero_o_r"
+#: TransZero's one expert, and the name of its one branch in :meth:`TransZeroOutput.branches`.
+EXPERT = "transzero"
+BRANCH = f"{EXPERT}_o_r"
 #: The width of the relative-geometry embedding (4 offsets x 8 frequencies x sin, cos) and its wave length.
 GEOMETRY_DIM = 64
 GEOMETRY_WAVE_LENGTH = 1000.0
@@ -65,13 +66,16 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
              "normalize_v": True, "lambda_sc": 2.0, "lambda_ar": 0.0005, "aux_embed": True},
 }
 
+#: The released code's fixed margin inside the scores (its ``bias``): seen classes -1, unseen +1.
+RELEASED_MARGIN = 1.0
+
 #: What the mode changes (docs/methods/transzero.md lists each difference). Reference mode reproduces the
 #: released code's quirks: the +1 box size, the second residual + LayerNorm, the encoder attention's dropout
 #: fixed at 0.1, the unused ``embed_cv_aux`` layer, the fixed +-1 margin inside the scores, AWA2's clipping.
 MODE_SETTINGS: dict[str, dict[str, Any]] = {
     "paper": {"calibration_margin": 0.0, "box_plus_one": False, "double_residual": False,
               "attention_dropout": None, "aux_embed": False},
-    "reference": {"calibration_margin": 1.0, "box_plus_one": True, "double_residual": True,
+    "reference": {"calibration_margin": RELEASED_MARGIN, "box_plus_one": True, "double_residual": True,
                   "attention_dropout": 0.1},
 }
 
@@ -99,6 +103,12 @@ def resolve_settings(mode: str, dataset: str | None, options: Mapping[str, Any] 
     settings["clip_negative_attributes"] = mode == "reference" and name == "AWA2"
     settings["mode"] = mode
     return settings
+
+
+def settings_default_gamma(settings: Mapping[str, Any]) -> float:
+    """The calibration an evaluation uses when nothing chose one: 0 where a margin is inside the scores (the
+    released code's), else the released code's effective gap 2 * :data:`RELEASED_MARGIN` (paper mode)."""
+    return 0.0 if settings["calibration_margin"] > 0 else 2.0 * RELEASED_MARGIN
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,11 @@ class TransZeroConfig:
     def n_regions(self) -> int:
         """R = h * w."""
         return self.grid[0] * self.grid[1]
+
+    @property
+    def n_clusters(self) -> int:
+        """1: TransZero has no attribute groups."""
+        return 1
 
     @property
     def attribute_order(self) -> list[int]:
@@ -264,6 +279,10 @@ class TransZeroOutput:
         """TransZero's one branch: ``{"transzero_o_r": o}``."""
         return {BRANCH: self.o}
 
+    def expert_attributes(self) -> dict[str, Tensor]:
+        """The one expert's attribute scores: ``{"transzero": o}``."""
+        return {EXPERT: self.o}
+
     def combined(self, l_e: float | None = None) -> Tensor:
         """(B, K) prediction scores; one expert, so ``l_e`` changes nothing."""
         return self.scores
@@ -330,11 +349,14 @@ class TransZero(nn.Module):
             raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
         if seen.shape != (att.shape[0],):
             raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        if self.config.clip_negative_attributes:
-            att = att.clamp_min(0)
-        dev, dtype = self.attribute_order.device, self.class_att.dtype
-        self.class_att = normalize_rows(att.to(device=dev, dtype=dtype))
-        self.seen_mask = seen.to(dev)
+        self.class_att = self.scored_class_att(att).to(self.class_att.dtype)
+        self.seen_mask = seen.to(self.attribute_order.device)
+
+    def scored_class_att(self, class_att: Tensor) -> Tensor:
+        """(K, D) class attributes (dataset order, which is the model's) as the model scores against them:
+        clipped at 0 where the settings say (reference AWA2), rows L2-normalised."""
+        att = class_att.clamp_min(0) if self.config.clip_negative_attributes else class_att
+        return normalize_rows(att.to(self.attribute_order.device))
 
     def calibration_bias(self) -> Tensor:
         """(K,) fixed shift inside the class scores: +margin unseen, -margin seen (zeros without a margin)."""
@@ -404,7 +426,7 @@ class TransZero(nn.Module):
         finally:
             self.train(was_training)
         assert weights is not None
-        return {"transzero_region": weights}
+        return {f"{EXPERT}_region": weights}
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -27,7 +27,9 @@ REPLAYS = {"cub-released": "cub-gzsl", "sun-released": "sun-gzsl", "awa2-release
 
 
 def test_exactly_the_six_presets_and_their_replays():
-    assert sorted(p.stem for p in PRESETS.glob("*.yaml")) == sorted([*TABLE, *REPLAYS])
+    # the other methods' presets (model.name not dedn) are their own tests' concern
+    dedn_presets = [p.stem for p in PRESETS.glob("*.yaml") if load_config(p).model.name == "dedn"]
+    assert sorted(dedn_presets) == sorted([*TABLE, *REPLAYS])
 
 
 @pytest.mark.parametrize("name", sorted(REPLAYS))

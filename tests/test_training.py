@@ -229,10 +229,10 @@ def test_callbacks_are_called_at_their_points_and_the_final_evaluation_can_be_sw
 
 
 def test_the_method_and_its_options_are_checked_before_work(tiny_cfg: RunConfig) -> None:
-    with pytest.raises(ConfigError, match=r"model\.name must be one of \{dedn\}, got 'dazle'"):
+    with pytest.raises(ConfigError, match=r"model\.name must be one of \{dedn[^}]*\}, got 'dazle'"):
         load_data(apply_overrides(tiny_cfg, ["model.name=dazle"]))  # before any data is read
     data = load_data(tiny_cfg)
-    with pytest.raises(ConfigError, match=r"model\.name must be one of \{dedn\}"):
+    with pytest.raises(ConfigError, match=r"model\.name must be one of \{dedn[^}]*\}"):
         build_model(apply_overrides(tiny_cfg, ["model.name=dazle"]), data)
     with pytest.raises(ConfigError, match=r"model\.experts must be one of \{both, cexp, fexp\}, got 'gexp'"):
         Trainer(apply_overrides(tiny_cfg, ["model.experts=gexp"]), data)

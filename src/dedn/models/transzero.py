@@ -343,13 +343,13 @@ class TransZero(nn.Module):
     # ------------------------------------------------------------------ classes
     def set_classes(self, class_att: np.ndarray | Tensor, seen_mask: np.ndarray | Tensor) -> None:
         """Replace the class set: (K', D) attributes in dataset order and a (K',) seen mask; no weight changes."""
-        att = torch.as_tensor(np.asarray(class_att, dtype=np.float32))
+        att = torch.as_tensor(np.asarray(class_att, dtype=np.float64)).to(self.class_att.dtype)
         seen = torch.as_tensor(np.asarray(seen_mask, dtype=bool))
         if att.ndim != 2 or att.shape[1] != self.config.n_attributes:
             raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
         if seen.shape != (att.shape[0],):
             raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        self.class_att = self.scored_class_att(att).to(self.class_att.dtype)
+        self.class_att = self.scored_class_att(att)
         self.seen_mask = seen.to(self.attribute_order.device)
 
     def scored_class_att(self, class_att: Tensor) -> Tensor:

@@ -210,6 +210,9 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
             own[ours].copy_(value)
     _check_class_side(state, seen, config.n_attributes)
     model.set_classes(att, seen)
+    # The released att is what the released code scores against (clipped where it clips, rows normalised):
+    # kept bit for bit rather than normalised a second time.
+    model.class_att = att.to(device=model.class_att.device, dtype=model.class_att.dtype).clone()
     return model
 
 

@@ -107,6 +107,14 @@ def test_table1_both_protocols_resume_after_interruption(cfg, fits, tmp_path, mo
     record = _reports(out, "table1", ("table1.png",))
     assert record["seeds"] == [0, 1] and record["protocols"] == ["validated", "published"]
     assert record["published"] is None  # synthetic data: no paper numbers beside ours
+    # The gap no paper prints: the test-selected (published) H against the validated H, seed by seed.
+    (gap,) = record["gap"]
+    val = [r.metrics["H"] for r in exp.runs_for("dedn", "validated")]
+    sel = [r.metrics["H"] for r in exp.runs_for("dedn", "published")]
+    assert gap["label"] == "DEDN" and gap["n_seeds"] == 2
+    assert gap["gap_H"]["mean"] == pytest.approx(np.mean(sel) - np.mean(val))
+    assert gap["test_selected_H"]["mean"] == pytest.approx(np.mean(sel))
+    assert "Test-selected against validated H" in (out / "table1.md").read_text()
     for s in record["summary"]:
         hs = [r.metrics["H"] for r in exp.runs_for("dedn", s["protocol"])]
         assert s["H"]["mean"] == pytest.approx(np.mean(hs))

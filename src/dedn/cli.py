@@ -347,6 +347,7 @@ def experiment(
     out: Annotated[Optional[Path], typer.Option(help="results folder (resumable)")] = None,  # noqa: UP045
     devices: Annotated[Optional[str], typer.Option(help="pool launcher: run independent jobs on these devices, one worker each, e.g. cuda:0,cuda:1")] = None,  # noqa: UP045,E501
     tune: Annotated[Optional[list[str]], typer.Option(help="validated protocol: key=v1,v2 to choose on validation")] = None,  # noqa: UP045,E501
+    methods: Annotated[Optional[str], typer.Option(help="table1: the methods compared, comma-separated (default: all registered: dedn, dazle, msdn, transzero)")] = None,  # noqa: UP045,E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines, only the report")] = False,
     launcher: Annotated[str, typer.Option(help="pool: in this process, or one worker per --devices entry; local: each job a submitit subprocess; slurm: each job a SLURM job (logs in OUT/submitit)")] = "pool",  # noqa: E501
     partition: Annotated[Optional[str], typer.Option(help="slurm: partition (default: the cluster's)")] = None,  # noqa: UP045
@@ -366,8 +367,11 @@ def experiment(
     from dedn.config import find_config
 
     launch = Launch(launcher, partition, gpus_per_job, cpus_per_job, mem_gb, time_min, max_running)
+    chosen = {"methods": [m.strip() for m in methods.split(",") if m.strip()]} if methods else {}
+    if chosen and name != "table1":
+        raise DednError("--methods compares methods in table1 only")
     exp = run_experiment(name, find_config(config) if config else None, seeds, protocol, out, overrides or [],
-                         devices=devices, tune=parse_grid(tune) if tune else None,
+                         devices=devices, tune=parse_grid(tune) if tune else None, **chosen,
                          report=None if quiet else (lambda line: typer.echo(line, err=True)), launch=launch)
     md = [f for f in exp.files if str(f).endswith(".md")]
     if md:

@@ -28,7 +28,7 @@ from dedn.features.imagebench_features import imagebench_data
 from dedn.runfolder import RunFolder
 
 if TYPE_CHECKING:
-    from dedn.apps.results import ExperimentResult, RunResult
+    from dedn.apps.results import ExperimentResult, Row, RunResult
     from dedn.config import RunConfig
     from dedn.models.dedn import DEDN
 
@@ -37,12 +37,16 @@ _ESZSL_ROW = "ESZSL (pooled features)"
 
 
 # ---------------------------------------------------------------------------------------------- the demo
-def _demo_rows():
-    """The demo's rows: the full model and four of Table 3's ablations, under Table 3's names."""
-    from dedn.apps.experiments import TABLE3_ROWS
+def _demo_rows(base: RunConfig) -> list[Row]:
+    """The demo's rows: the full model and four of Table 3's ablations, under Table 3's names, then every other
+    registered method (DAZLE, MSDN, TransZero) on the same features and protocol."""
+    from dedn.apps.experiments import TABLE3_ROWS, method_rows
+    from dedn.models.registry import model_names
 
     by_key = {r.key: r for r in TABLE3_ROWS}
-    return tuple(by_key[k] for k in ("full", "cexp_wo_distill", "fexp_wo_distill", "wo_channel_attention", "wo_mal"))
+    ablations = [by_key[k] for k in ("full", "cexp_wo_distill", "fexp_wo_distill", "wo_channel_attention", "wo_mal")]
+    peers = [name for name in model_names() if name != base.model.name]
+    return ablations + (method_rows(base, peers) if peers else [])
 
 
 def localisation(model, data: ZSLData, bench: ImageBenchmark, index: np.ndarray, batch: int = 64) -> dict[str, Any]:
@@ -80,7 +84,7 @@ def _train_rows(cfg: RunConfig, out: Path, progress: bool) -> tuple[ExperimentRe
 
     # Independent runs go to one single-threaded worker process per core (train.threads=1 in the demo
     # config): small models scale better over processes than over threads.
-    rows_def = _demo_rows()
+    rows_def = _demo_rows(cfg)
     workers = min(len(rows_def), os.cpu_count() or 1)
     if progress:
         print(f"{len(rows_def)} models (validated protocol: a validation run, then a retrained run each) in "

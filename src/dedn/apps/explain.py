@@ -81,16 +81,18 @@ def _to_dataset_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 def region_attention(model: DEDN, features: Any) -> dict[str, np.ndarray]:
-    """Region attention of each expert: ``{"cexp": (B, D, h, w), "fexp": ...}`` in dataset attribute order.
+    """Region attention of each expert (the model's ``<expert>_region`` attention maps): ``{"cexp": (B, D, h, w),
+    "fexp": ...}`` for DEDN, in dataset attribute order.
 
     Each (h, w) map sums to 1. ``features``: (B, C, h, w), or (B, C, R) with square R, tensor or array.
     """
     x, (h, w) = _features_tensor(model, features)
     maps = model.attention_maps(x)
     out = {}
-    for e in model.config.active_experts:
-        a = _to_dataset_order(maps[f"{e}_region"], model.attribute_order)
-        out[e] = a.reshape(a.shape[0], a.shape[1], h, w).double().cpu().numpy()
+    for key, m in maps.items():
+        if key.endswith("_region"):
+            a = _to_dataset_order(m, model.attribute_order)
+            out[key.removesuffix("_region")] = a.reshape(a.shape[0], a.shape[1], h, w).double().cpu().numpy()
     return out
 
 
@@ -98,8 +100,8 @@ def channel_attention(model: DEDN, features: Any) -> dict[str, np.ndarray]:
     """Channel attention of each expert: ``{"cexp": (B, D, C), ...}`` in dataset order ({} without it)."""
     x, _ = _features_tensor(model, features)
     maps = model.attention_maps(x)
-    return {e: _to_dataset_order(maps[f"{e}_channel"], model.attribute_order).double().cpu().numpy()
-            for e in model.config.active_experts if f"{e}_channel" in maps}
+    return {key.removesuffix("_channel"): _to_dataset_order(m, model.attribute_order).double().cpu().numpy()
+            for key, m in maps.items() if key.endswith("_channel")}
 
 
 def channel_summary(weights: np.ndarray, top: int = 10) -> dict[str, Any]:
@@ -289,7 +291,7 @@ def _records(predictor: Predictor, view: _View, choice: _Choice,
         }
         if choice.truth is not None:
             rec["true_class_value"] = float(class_att[choice.truth.index][j])
-        for e in model.config.active_experts:
+        for e in regions:
             m = regions[e][0, j]
             peak = np.unravel_index(int(np.argmax(m)), m.shape)
             rec["experts"][e] = {
@@ -317,7 +319,7 @@ def _report(predictor: Predictor, view: _View, choice: _Choice, records: list[di
             spread: dict[str, Any] | None, channel_png: Path | None) -> dict[str, Any]:
     """The numbers behind the figures (the JSON file)."""
     model, pred, explained, truth = predictor.model, choice.pred, choice.explained, choice.truth
-    experts = model.config.active_experts
+    experts = list(records[0]["experts"]) if records else []
     h, w = view.hw
     return {
         "source": view.label,
@@ -381,7 +383,7 @@ def explain_image(
     view = _view(predictor, image, options)
     choice = _choose(predictor, view, options)
     records, has_channels = _records(predictor, view, choice, options.n_channels)
-    experts = predictor.model.config.active_experts
+    experts = list(records[0]["experts"]) if records else []
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

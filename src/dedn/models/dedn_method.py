@@ -81,4 +81,5 @@ DEDN_ENTRY = register_model(ModelEntry(
     reference_scores=reference_scores,
     reference_loss=reference_loss,
     default_gamma=lambda run, dataset: method_settings(run, dataset).default_gamma,
+    replays_released=True,
 ))

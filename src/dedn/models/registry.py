@@ -62,6 +62,7 @@ class ModelEntry:
         reference_loss: ``reference_loss(model, features, labels, loss, dataset)``: the released training loss.
         default_gamma: ``default_gamma(run, dataset)``: the calibration an evaluation uses when nothing chose
             one (a reference mode whose fixed margin is inside the scores: 0).
+        replays_released: whether ``train.rng=released`` can replay the released code's runs draw for draw.
     """
 
     name: str
@@ -75,6 +76,7 @@ class ModelEntry:
     reference_scores: Callable[[nn.Module, Tensor, bool], tuple[Tensor, ...]] | None = None
     reference_loss: Callable[[nn.Module, Tensor, Any, Any, str | None], Tensor] | None = None
     default_gamma: Callable[[RunSettings, str | None], float] = lambda run, dataset: 0.0
+    replays_released: bool = False
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

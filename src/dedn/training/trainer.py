@@ -50,7 +50,7 @@ from dedn.eval.metrics import METRIC_ORDER
 from dedn.factory import build_model, load_data
 from dedn.models.dedn import DEDN
 from dedn.models.precision import run_precision
-from dedn.models.registry import entry_for
+from dedn.models.registry import entry_for, model_entry
 from dedn.runfolder import RunFolder, RunLock
 from dedn.training.callbacks import Callback
 from dedn.training.checkpoint import checkpoint_record, load_checkpoint, save_checkpoint, save_weights
@@ -180,6 +180,9 @@ class Trainer:
         self.dataset = self.data.name
         replay = cfg.train.rng == "released"
         if replay:
+            if not model_entry(cfg.model.name).replays_released:
+                raise ConfigError(f"train.rng=released: model.name={cfg.model.name} has no released run to "
+                                  "replay draw for draw; use train.rng=dedn")
             check_replay_data(self.data, cfg.data.path)
         self.model = self._initial_model(model, replay).to(self.device, self.dtype)
         join_process_group(self.device)

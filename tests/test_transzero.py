@@ -287,7 +287,7 @@ def test_presets_load_and_build() -> None:
     expected = {"cub": ("adam", 200, False, 5), "sun": ("sgd", 400, True, 6), "awa2": ("sgd", 200, True, 17)}
     for name, (optimizer, epochs, balanced, seed) in expected.items():
         cfg = load_config(f"transzero-{name}-gzsl")
-        assert (cfg.model.name, cfg.mode, cfg.data.expect_image_size) == ("transzero", "paper", 448)
+        assert (cfg.model.name, cfg.mode, cfg.data.dataset) == ("transzero", "paper", name.upper())
         assert (cfg.train.optimizer, cfg.train.epochs, cfg.train.balanced, cfg.seed) == (optimizer, epochs,
                                                                                           balanced, seed)
         assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.batch_size) == (1e-4, 1e-4, 50)

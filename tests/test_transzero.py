@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import dedn
+from dedn.apps.explain import region_attention
 from dedn.config import load_config
 from dedn.errors import CheckpointError, ConfigError
 from dedn.factory import build_model, load_data
@@ -324,3 +325,9 @@ def test_trained_and_evaluated_through_the_layers_above_the_models(tmp_path: Pat
     again = dedn.evaluate_model(model, load_data(cfg), gamma=0.0).summary()  # reference mode's default: 0
     metrics = result.metrics.to_dict()
     assert (again["T"], again["S"], again["U"]) == pytest.approx((metrics["T"], metrics["S"], metrics["U"]))
+    # prediction and explanation read the run's model generically
+    predictor = dedn.Predictor.from_run(tmp_path / "run")
+    x = torch.rand(2, 16, 3, 3)
+    top = predictor.predict_features(x, top_k=2)[0].top
+    assert len(top) == 2 and top[0].index == int(model.eval()(x).scores[0].argmax())
+    assert region_attention(predictor.model, x)["transzero"].shape == (2, 12, 3, 3)

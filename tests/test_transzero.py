@@ -158,7 +158,7 @@ def test_scores_branches_and_calibration() -> None:
         model(torch.rand(2, C, 7))
 
 
-def test_default_calibration_per_mode(tiny_cfg) -> None:
+def test_default_calibration_per_mode() -> None:
     paper = load_config(None, [*TINY, "model.name=transzero"])
     reference = load_config(None, [*TINY, "model.name=transzero", "mode=reference"])
     assert (default_gamma(paper, "CUB"), default_gamma(reference, "CUB")) == (2.0, 0.0)

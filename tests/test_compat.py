@@ -279,8 +279,8 @@ def test_errors_name_key_and_shapes() -> None:
     _expect(r"missing key 'Snet1\.H_5'", sun, "SUN")
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         from_reference_state_dict(good, "CUB", np.flatnonzero(seen), l_rcc=0.5)
-    with pytest.raises(ConfigError, match=r"model must be one of \{dedn[^}]*\}, got 'dazle'"):
-        from_reference_state_dict(good, "CUB", np.flatnonzero(seen), model="dazle")
+    with pytest.raises(ConfigError, match="model must be one of {.*dedn.*}, got 'nosuch'"):
+        from_reference_state_dict(good, "CUB", np.flatnonzero(seen), model="nosuch")
     with pytest.raises(TypeError, match="Linear is not a model of a registered method"):
         reference_scores(torch.nn.Linear(2, 2), torch.zeros(1, 2), training=False)
 

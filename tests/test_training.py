@@ -178,8 +178,8 @@ def test_model_files_record_their_method_and_need_their_hash(tiny_cfg: RunConfig
         (tmp_path / f"{name}.sha256").write_text(f"{hashlib.sha256(out.read_bytes()).hexdigest()}  {name}\n")
         return out
 
-    with pytest.raises(CheckpointError, match=r"other\.safetensors: a model of method 'dazle', which this version"):
-        load_weights(rewritten("other.safetensors", model="dazle"))
+    with pytest.raises(CheckpointError, match=r"other\.safetensors: a model of method 'nosuch', which this version"):
+        load_weights(rewritten("other.safetensors", model="nosuch"))
     with pytest.raises(CheckpointError, match=r"unnamed\.safetensors: not a dedn model file"):
         load_weights(rewritten("unnamed.safetensors", model=None))
     (tmp_path / "model.safetensors.sha256").unlink()
@@ -229,11 +229,11 @@ def test_callbacks_are_called_at_their_points_and_the_final_evaluation_can_be_sw
 
 
 def test_the_method_and_its_options_are_checked_before_work(tiny_cfg: RunConfig) -> None:
-    with pytest.raises(ConfigError, match=r"model\.name must be one of \{dedn[^}]*\}, got 'dazle'"):
-        load_data(apply_overrides(tiny_cfg, ["model.name=dazle"]))  # before any data is read
+    with pytest.raises(ConfigError, match=r"model\.name must be one of \{.*dedn.*\}, got 'nosuch'"):
+        load_data(apply_overrides(tiny_cfg, ["model.name=nosuch"]))  # before any data is read
     data = load_data(tiny_cfg)
-    with pytest.raises(ConfigError, match=r"model\.name must be one of \{dedn[^}]*\}"):
-        build_model(apply_overrides(tiny_cfg, ["model.name=dazle"]), data)
+    with pytest.raises(ConfigError, match=r"model\.name must be one of \{.*dedn.*\}"):
+        build_model(apply_overrides(tiny_cfg, ["model.name=nosuch"]), data)
     with pytest.raises(ConfigError, match=r"model\.experts must be one of \{both, cexp, fexp\}, got 'gexp'"):
         Trainer(apply_overrides(tiny_cfg, ["model.experts=gexp"]), data)
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from dedn.data.dataset import ZSLData
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
+from dedn.models.dedn_compat import _Checker, _seen_mask, _strip_prefix
 from dedn.models.losses import LossTerms
 from dedn.models.registry import ModelEntry, RunSettings, register_model
 from dedn.models.transzero import (
@@ -127,42 +128,18 @@ def released_state_dict(model: TransZero) -> dict[str, Tensor]:
     return state
 
 
-def _tensor(state: Mapping[str, Any], key: str, ndim: int) -> Tensor:
-    if key not in state:
-        raise CheckpointError(f"reference state dict: missing key {key!r}")
-    value = state[key]
-    if not torch.is_tensor(value) or value.ndim != ndim:
-        raise CheckpointError(f"reference state dict: {key!r} must be a {ndim}-d tensor")
-    return value.detach()
-
-
-def _seen_mask(seen_classes: Any, n_classes: int) -> np.ndarray:
-    """(K,) bool from a (K,) bool mask or seen class indices."""
-    arr = np.asarray(seen_classes.cpu() if torch.is_tensor(seen_classes) else seen_classes)
-    if arr.dtype == bool:
-        if arr.shape != (n_classes,):
-            raise CheckpointError(f"seen_classes: a boolean mask must have shape ({n_classes},), got {arr.shape}")
-        return arr.copy()
-    idx = arr.astype(np.int64).ravel()
-    if idx.size and (idx.min() < 0 or idx.max() >= n_classes):
-        raise CheckpointError(f"seen_classes: class indices must lie in 0..{n_classes - 1}")
-    mask = np.zeros(n_classes, dtype=bool)
-    mask[idx] = True
-    return mask
-
-
-def _reference_config(state: Mapping[str, Any], ds: str, hparams: Mapping[str, Any]) -> TransZeroConfig:
+def _reference_config(chk: _Checker, ds: str, hparams: Mapping[str, Any]) -> TransZeroConfig:
     """The config of the released model the state dict comes from: sizes from its shapes, settings from the
     dataset's released values and ``hparams``."""
-    g, d = _tensor(state, "W_1", 2).shape
-    n_att = _tensor(state, "V", 2).shape[0]
-    c = _tensor(state, "transformer.embed_cv.0.weight", 2).shape[1]
-    ff = _tensor(state, _DECODER + "linear1.weight", 2).shape[0]
-    bias = _tensor(state, "bias", 0)
+    n_att, g = chk.get("V", (None, None)).shape
+    d = chk.get("W_1", (g, None)).shape[1]
+    c = chk.get("transformer.embed_cv.0.weight", (d, None)).shape[1]
+    ff = chk.get(_DECODER + "linear1.weight", (None, d)).shape[0]
+    bias = chk.get("bias", ())
     options = {key: hparams.get(key, DATASET_SETTINGS[ds][key]) for key in REFERENCE_HPARAMS}
     settings = resolve_settings("reference", ds, {**options, "common_dim": int(d), "feedforward_dim": int(ff),
                                                   "calibration_margin": float(bias)})
-    settings["aux_embed"] = "transformer.embed_cv_aux.0.weight" in state
+    settings["aux_embed"] = "transformer.embed_cv_aux.0.weight" in chk.state
     return TransZeroConfig(n_attributes=n_att, semantic_dim=g, n_channels=c, grid=RELEASED_GRID, **settings)
 
 
@@ -177,7 +154,7 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
         **hparams: ``lambda_sc``, ``lambda_ar``, ``normalize_v``, ``self_attention``, ``dropout``; missing ones
             take the dataset's released values. The sizes, the margin and ``embed_cv_aux`` come from the state.
 
-    The model's dtype is the state dict's.
+    The model's dtype is the state dict's; its class attributes are the released ``att``, bit for bit.
 
     Raises:
         CheckpointError: a key is missing or unexpected, a shape does not fit, or ``mask_bias`` / ``weight_ce``
@@ -190,25 +167,17 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     unknown = sorted(set(hparams) - set(REFERENCE_HPARAMS))
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(REFERENCE_HPARAMS)}")
-    state = {k.removeprefix("module."): v for k, v in state_dict.items()} if all(
-        k.startswith("module.") for k in state_dict) else dict(state_dict)
-    config = _reference_config(state, ds, hparams)
-    att = _tensor(state, "att", 2)
-    seen = _seen_mask(seen_classes, att.shape[0])
-    model = from_config(config).to(att.dtype)
-    expected = {released_name(name): name for name in dict(model.named_parameters())}
-    extra = sorted(set(state) - set(expected) - {"att", "bias", "mask_bias", "weight_ce"})
+    chk = _Checker(_strip_prefix(state_dict))
+    config = _reference_config(chk, ds, hparams)
+    att = chk.get("att", (None, config.n_attributes))
+    seen = _read_class_side(chk, seen_classes, att.shape[0])
+    model = from_config(config).to(att.dtype if att.is_floating_point() else torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(chk.get(released_name(name), tuple(param.shape)))
+    extra = sorted(set(chk.state) - chk.used)
     if extra:
         raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in all)")
-    own = dict(model.named_parameters())
-    with torch.no_grad():
-        for theirs, ours in expected.items():
-            value = _tensor(state, theirs, own[ours].ndim)
-            if value.shape != own[ours].shape:
-                raise CheckpointError(f"reference state dict: {theirs!r} has shape {tuple(value.shape)}, "
-                                      f"expected {tuple(own[ours].shape)}")
-            own[ours].copy_(value)
-    _check_class_side(state, seen, config.n_attributes)
     model.set_classes(att, seen)
     # The released att is what the released code scores against (clipped where it clips, rows normalised):
     # kept bit for bit rather than normalised a second time.
@@ -216,19 +185,18 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     return model
 
 
-def _check_class_side(state: Mapping[str, Any], seen: np.ndarray, n_attributes: int) -> None:
-    k = seen.shape[0]
-    if tuple(state["att"].shape) != (k, n_attributes):
-        raise CheckpointError(f"reference state dict: 'att' has shape {tuple(state['att'].shape)}, "
-                              f"expected ({k}, {n_attributes})")
-    mask = _tensor(state, "mask_bias", 2).reshape(-1).double().cpu().numpy()
-    if mask.shape != (k,) or not np.array_equal(mask, np.where(seen, -1.0, 1.0)):
+def _read_class_side(chk: _Checker, seen_classes: Any, k: int) -> np.ndarray:
+    """The seen mask, with ``mask_bias`` (and ``weight_ce`` where present) checked against it."""
+    seen = _seen_mask(seen_classes, k)
+    mask = chk.get("mask_bias", (1, k)).reshape(-1).double().cpu().numpy()
+    if not np.array_equal(mask, np.where(seen, -1.0, 1.0)):
         raise CheckpointError("reference state dict: 'mask_bias' (-1 on seen, +1 on unseen classes) disagrees "
                               "with seen_classes")
-    if "weight_ce" in state and not torch.equal(_tensor(state, "weight_ce", 2).double().cpu(),
-                                                torch.eye(k, dtype=torch.float64)):
+    if "weight_ce" in chk.state and not torch.equal(chk.get("weight_ce", (k, k)).double().cpu(),
+                                                    torch.eye(k, dtype=torch.float64)):
         raise CheckpointError("reference state dict: 'weight_ce' is not the identity; dedn's loss uses one-hot "
                               "targets")
+    return seen
 
 
 def _check_reference(model: TransZero) -> None:

@@ -13,4 +13,5 @@ from dedn.models import dedn_method  # noqa: F401  (registers DEDN)
 from dedn.models import (
     dazle_method,  # noqa: F401  (registers DAZLE)
     msdn_method,  # noqa: F401  (registers MSDN)
+    transzero_method,  # noqa: F401  (registers TransZero)
 )

@@ -237,6 +237,7 @@ def reference_loss(model: TransZero, features: Tensor, labels: Tensor | np.ndarr
 TRANSZERO_ENTRY = register_model(ModelEntry(
     name="transzero",
     label="TransZero",
+    expert_labels={"transzero": "TransZero"},
     model_type=TransZero,
     config_type=TransZeroConfig,
     build=build,

@@ -187,4 +187,8 @@ DAZLE_ENTRY = register_model(ModelEntry(
     from_reference=from_reference,
     reference_scores=reference_scores,
     reference_loss=reference_loss,
+    # No margin inside the scores (paper mode): the released code's effective test-time gap, 2, as MSDN and
+    # TransZero do; with the released margin inside them, nothing on top.
+    default_gamma=lambda run, dataset: (
+        0.0 if resolve_dazle(run.mode, dataset, run.model.options)["calibration_margin"] > 0 else 2.0),
 ))

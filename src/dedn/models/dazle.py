@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from dedn.checks import Rule, check, choice, number
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import ConfigError
+from dedn.models.class_set import ClassSet
 from dedn.models.dedn import Expert, normalize_rows
 from dedn.models.losses import LossTerms, self_calibration_loss
 from dedn.models.precision import check_precision
@@ -177,7 +178,7 @@ class DAZLEOutput:
         return self.scores
 
 
-class DAZLE(nn.Module):
+class DAZLE(ClassSet):
     """DAZLE over region feature maps; build it with :meth:`from_config` (seed torch's RNG first).
 
     ``attention`` is the attribute -> region attention (:class:`~dedn.models.dedn.Expert` with one cluster,
@@ -220,17 +221,6 @@ class DAZLE(nn.Module):
             seen_mask: (K,) bool, True for seen classes.
         """
         return cls(config, semantic, class_att, seen_mask)
-
-    def set_classes(self, class_att: np.ndarray | Tensor, seen_mask: np.ndarray | Tensor) -> None:
-        """Replace the class set ((K', D) attributes, (K',) seen mask); no weight changes."""
-        att = torch.as_tensor(np.asarray(class_att, dtype=np.float32))
-        seen = torch.as_tensor(np.asarray(seen_mask, dtype=bool))
-        if att.ndim != 2 or att.shape[1] != self.config.n_attributes:
-            raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
-        if seen.shape != (att.shape[0],):
-            raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        self.class_att = self.scored_class_att(att)
-        self.seen_mask = seen.to(self.class_att.device)
 
     def scored_class_att(self, class_att: Tensor) -> Tensor:
         """(K, D) class attributes as the model scores against them: clipped at 0 where the settings say, rows

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dedn.models.class_set import ClassSet
 from dedn.models.precision import check_precision, product_dtype, round_bf16
 from dedn.models.settings import MethodSettings
 
@@ -368,7 +369,7 @@ class Expert(nn.Module):
         return f"Q={self.n_clusters}, D={self.V.shape[0]}, G={self.V.shape[1]}{low}"
 
 
-class DEDN(nn.Module):
+class DEDN(ClassSet):
     """Dual Expert Distillation Network: cExp and fExp (:class:`Expert`) and their fused forward pass.
 
     Build it with :meth:`from_config`. ``model.experts`` is an ``nn.ModuleDict`` of the active experts
@@ -427,20 +428,6 @@ class DEDN(nn.Module):
         return cls(config, semantic, class_att, seen_mask)
 
     # ------------------------------------------------------------------ classes
-    def set_classes(self, class_att: np.ndarray | Tensor, seen_mask: np.ndarray | Tensor) -> None:
-        """Replace the class set: (K', D) attributes in dataset order and a (K',) seen mask.
-
-        Used to recognise classes given only at prediction time; no weight changes.
-        """
-        att = torch.as_tensor(np.asarray(class_att, dtype=np.float32))
-        seen = torch.as_tensor(np.asarray(seen_mask, dtype=bool))
-        if att.ndim != 2 or att.shape[1] != self.config.n_attributes:
-            raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
-        if seen.shape != (att.shape[0],):
-            raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        self.class_att = self.scored_class_att(att)
-        self.seen_mask = seen.to(self.attribute_order.device)
-
     def scored_class_att(self, class_att: Tensor) -> Tensor:
         """(K, D) class attributes in dataset order as the model scores against them: clipped at 0 where the
         method's settings say, in cluster order, rows L2-normalised."""

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from dedn.checks import Rule, check, number
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import ConfigError
+from dedn.models.class_set import ClassSet
 from dedn.models.dedn import Expert, normalize_rows
 from dedn.models.losses import LossTerms, jensen_shannon, released_jensen_shannon, self_calibration_loss
 from dedn.models.precision import check_precision, product_dtype, round_bf16
@@ -219,7 +220,7 @@ class VisualToAttribute(nn.Module):
         self.U2 = nn.Parameter(torch.zeros(semantic_dim, n_channels))
 
 
-class MSDN(nn.Module):
+class MSDN(ClassSet):
     """MSDN: the AV subnet (``model.av``, an :class:`Expert`) and the VA subnet (``model.va``), sharing V.
 
     Init: V = the normalised semantic rows, AV's W1 ~ N(0, 1) (the only random draw), everything else zero.
@@ -245,17 +246,6 @@ class MSDN(nn.Module):
         self.va = VisualToAttribute(g, config.n_channels)
 
     # ------------------------------------------------------------------ classes
-    def set_classes(self, class_att: np.ndarray | Tensor, seen_mask: np.ndarray | Tensor) -> None:
-        """Replace the class set: (K', D) attributes in dataset order and a (K',) seen mask (no weight change)."""
-        att = torch.as_tensor(np.asarray(class_att, dtype=np.float32))
-        seen = torch.as_tensor(np.asarray(seen_mask, dtype=bool))
-        if att.ndim != 2 or att.shape[1] != self.config.n_attributes:
-            raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
-        if seen.shape != (att.shape[0],):
-            raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        self.class_att = self.scored_class_att(att)
-        self.seen_mask = seen.to(self.attribute_order.device)
-
     def scored_class_att(self, class_att: Tensor) -> Tensor:
         """(K, D) class attributes as the model scores against them: clipped at 0 where the settings say, rows
         L2-normalised (dataset attribute order, in the model's dtype and on its device)."""

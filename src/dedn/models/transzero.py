@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from dedn.checks import Rule, check, integer, number
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import ConfigError
+from dedn.models.class_set import ClassSet
 from dedn.models.dedn import normalize_rows
 from dedn.models.losses import LossTerms, self_calibration_loss
 from dedn.models.precision import check_precision
@@ -288,7 +289,7 @@ class TransZeroOutput:
         return self.scores
 
 
-class TransZero(nn.Module):
+class TransZero(ClassSet):
     """TransZero over precomputed feature maps. Build it with :meth:`from_config`.
 
     Parameters: ``V`` (D, G) the attribute word vectors (trainable, initialised to the normalised ``semantic``),
@@ -341,22 +342,11 @@ class TransZero(nn.Module):
         return cls(config, semantic, class_att, seen_mask)
 
     # ------------------------------------------------------------------ classes
-    def set_classes(self, class_att: np.ndarray | Tensor, seen_mask: np.ndarray | Tensor) -> None:
-        """Replace the class set: (K', D) attributes in dataset order and a (K',) seen mask; no weight changes."""
-        att = torch.as_tensor(np.asarray(class_att, dtype=np.float64)).to(self.class_att.dtype)
-        seen = torch.as_tensor(np.asarray(seen_mask, dtype=bool))
-        if att.ndim != 2 or att.shape[1] != self.config.n_attributes:
-            raise ValueError(f"class attributes must be (K, {self.config.n_attributes}), got {tuple(att.shape)}")
-        if seen.shape != (att.shape[0],):
-            raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
-        self.class_att = self.scored_class_att(att)
-        self.seen_mask = seen.to(self.attribute_order.device)
-
     def scored_class_att(self, class_att: Tensor) -> Tensor:
         """(K, D) class attributes (dataset order, which is the model's) as the model scores against them:
         clipped at 0 where the settings say (reference AWA2), rows L2-normalised."""
         att = class_att.clamp_min(0) if self.config.clip_negative_attributes else class_att
-        return normalize_rows(att.to(self.attribute_order.device))
+        return normalize_rows(att.to(device=self.attribute_order.device, dtype=self.class_att.dtype))
 
     def calibration_bias(self) -> Tensor:
         """(K,) fixed shift inside the class scores: +margin unseen, -margin seen (zeros without a margin)."""

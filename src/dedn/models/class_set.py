@@ -1,0 +1,38 @@
+"""The class set every method scores against, replaceable at prediction time without touching the weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+class ClassSet(nn.Module):
+    """Base of every method's model: holds ``class_att`` (K, D), the class attributes as the model scores against
+    them, and ``seen_mask`` (K,), and replaces them with :meth:`set_classes` (classes given only at prediction
+    time). A method says how it prepares class attributes in :meth:`scored_class_att`; its ``config`` has
+    ``n_attributes``."""
+
+    class_att: Tensor
+    seen_mask: Tensor
+    config: object
+
+    def set_classes(self, class_att: np.ndarray | Tensor, seen_mask: np.ndarray | Tensor) -> None:
+        """Replace the class set: (K', D) attributes in dataset attribute order and a (K',) seen mask.
+
+        Raises:
+            ValueError: the shapes do not fit the model's attributes or each other.
+        """
+        att = torch.as_tensor(np.asarray(class_att, dtype=np.float32))
+        seen = torch.as_tensor(np.asarray(seen_mask, dtype=bool))
+        d = self.config.n_attributes  # type: ignore[attr-defined]
+        if att.ndim != 2 or att.shape[1] != d:
+            raise ValueError(f"class attributes must be (K, {d}), got {tuple(att.shape)}")
+        if seen.shape != (att.shape[0],):
+            raise ValueError(f"seen mask must have shape ({att.shape[0]},), got {tuple(seen.shape)}")
+        self.class_att = self.scored_class_att(att)
+        self.seen_mask = seen.to(self.class_att.device)
+
+    def scored_class_att(self, class_att: Tensor) -> Tensor:
+        """(K, D) class attributes in dataset order as the model scores against them (the method's own)."""
+        raise NotImplementedError

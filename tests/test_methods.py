@@ -50,3 +50,24 @@ def test_a_method_trains_evaluates_predicts_and_explains(name: str, tmp_path: Pa
     assert regions and all(a.shape[:2] == (3, data.n_attributes) for a in regions.values())
     # Attention weights over the regions of each attribute (MSDN's VA subnet normalises over attributes instead).
     assert all(np.isfinite(a).all() and (a >= 0).all() for a in regions.values())
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_each_method_s_cub_preset_trains_on_a_store_from_the_cli(name: str, tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
+    from tests.test_replay import _write_cub_h5
+
+    h5 = tmp_path / "cub.h5"
+    _write_cub_h5(h5)  # CUB's layout: 312 attributes, 200 classes, small maps
+    code, _, err = run_cli(["store", "import", h5, tmp_path / "store"], monkeypatch, capsys)
+    assert code == 0, err
+    preset = "cub-gzsl" if name == "dedn" else f"{name}-cub-gzsl"
+    small = ["eval.protocol=fixed", "train.epochs=1", "train.iters_per_epoch=2", "train.progress=false",
+             "eval.batch_size=512", "eval.plots=false"]
+    code, out, err = run_cli(["train", "--config", preset, f"data.path={tmp_path / 'store'}", *small,
+                              "--run-dir", tmp_path / "run"], monkeypatch, capsys)
+    assert code == 0, err
+    assert model_entry(name).label in out
+    assert json.loads((tmp_path / "run" / RunFolder.CONFIG).read_text())["model"]["name"] == name
+    code, out, err = run_cli(["eval", "--run", tmp_path / "run", "--out", tmp_path / "eval"], monkeypatch, capsys)
+    assert code == 0, err

@@ -308,6 +308,11 @@ def _run(name: str, cfg: RunConfig | str | Path | None, settings: ExperimentSett
 
 
 # ============================================================================================ commands
+def config_row(base: RunConfig) -> Row:
+    """The one row of an experiment on the config's own method, named after it."""
+    return Row(base.model.name, model_entry(base.model.name).label)
+
+
 def method_rows(base: RunConfig, methods: Sequence[str], keep: Sequence[str] = ()) -> list[Row]:
     """One row per registered method (``model.name``), each with its own hyperparameters on the same data.
 
@@ -385,7 +390,7 @@ def figure3(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int
     """
     grid = grid if grid is not None else {"model.l_e": FIGURE3_VALUES, "model.l_rc": FIGURE3_VALUES}
     settings = ExperimentSettings(seeds, protocol, out_dir, overrides, devices, tune, report, launch)
-    exp = _run("figure3", cfg, settings, [Row("dedn", "DEDN")], sweep=grid)
+    exp = _run("figure3", cfg, settings, lambda base, cache: [config_row(base)], sweep=grid)
     exp.files = reports.report_figure3(exp)
     return exp
 
@@ -423,11 +428,11 @@ def calibration(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence
     AUSUC, the operating point the protocol chose, and the mean curve over seeds (S averaged on a common
     grid of ``n_points`` U values, for display)."""
     settings = ExperimentSettings(seeds, protocol, out_dir, overrides, devices, tune, report, launch)
-    exp = _run("calibration", cfg, settings, [Row("dedn", "DEDN")])
+    exp = _run("calibration", cfg, settings, lambda base, cache: [config_row(base)])
     curves: dict[str, list[dict[str, Any]]] = {}
     grid_u = np.linspace(0.0, 1.0, n_points)
     for proto in exp.protocols:
-        for run in exp.runs_for("dedn", proto):
+        for run in exp.runs_for(exp.rows[0].key, proto):
             seen, unseen, mask = run.load_outputs()
             l_rc, l_e = run.choices["l_rc"], run.choices["l_e"]
             gammas, s, u = seen_unseen_curve(seen.scores(l_rc, l_e), seen.labels, unseen.scores(l_rc, l_e),

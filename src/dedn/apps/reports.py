@@ -503,7 +503,7 @@ def report_figure5(exp: ExperimentResult) -> list[Path]:
 def _sweep_summary(exp: ExperimentResult) -> list[dict[str, Any]]:
     out = []
     for proto in exp.protocols:
-        runs = exp.runs_for("dedn", proto)
+        runs = exp.runs_for(exp.rows[0].key, proto)
         for axis, values in exp.extra.get("sweep", {}).items():
             for v in values:
                 pts = [p for r in runs for p in r.sweep if p["axis"] == axis and p["value"] == float(v)]

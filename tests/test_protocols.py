@@ -242,3 +242,13 @@ def test_every_protocol_name_has_a_runner() -> None:
 
     assert set(SINGLE_RUNS) == set(RunFolder.MODEL_FOLDERS) == set(ProtocolName)
     assert JOB_PROTOCOLS == ("validated", "published") and set(JOB_RUNNERS) <= set(ProtocolName)
+
+
+def test_the_published_figures_keep_the_released_strict_best_h() -> None:
+    from dedn.apps.selection import published_figures
+
+    at_t = {"T": 31.0}
+    never = {"epoch": 0, "T": 30.0, "U": 12.5, "S": 0.0, "H": 0.0, "AUSUC": 4.0}  # H 0 at every evaluation
+    assert published_figures(never, at_t) == {"T": 31.0, "U": 0.0, "S": 0.0, "H": 0.0, "AUSUC": 4.0}
+    once = {**never, "S": 2.0, "H": 3.7}
+    assert published_figures(once, at_t) == {"T": 31.0, "U": 12.5, "S": 2.0, "H": 3.7, "AUSUC": 4.0}

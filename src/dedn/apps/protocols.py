@@ -39,6 +39,7 @@ from dedn.apps.selection import (
     check_selected,
     check_validation_task,
     choose_on_validation,
+    published_figures,
     published_sweep,
     read_grid,
     selected_outputs,
@@ -167,7 +168,7 @@ def _run_published(job: Job, cfg: RunConfig, folder: Path, cache: DataCache) -> 
     grid = read_grid(RunFolder(run_dir).grid)
     at_h, at_t = best_over_epochs(grid, l_rc, l_e, "H"), best_over_epochs(grid, l_rc, l_e, "T")
     check_selected(run_dir, at_h["epoch"])
-    metrics = {"T": at_t["T"], "U": at_h["U"], "S": at_h["S"], "H": at_h["H"], "AUSUC": at_h["AUSUC"]}
+    metrics = published_figures(at_h, at_t)
     choices = {"how": "best test-split H over training (and best T separately), fixed calibration",
                "calibration": gamma, "gamma": gamma, "gamma_source": fixed.source, "l_rc": l_rc, "l_e": l_e,
                "epoch_best_H": at_h["epoch"],

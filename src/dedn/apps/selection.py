@@ -117,6 +117,17 @@ def best_over_epochs(grid: Sequence[Mapping[str, Any]], l_rc: float, l_e: float,
     return dict(max(rows, key=lambda r: (r[key], -r["epoch"])))
 
 
+def published_figures(at_h: Mapping[str, Any], at_t: Mapping[str, Any]) -> dict[str, float]:
+    """What the released code reports from its best-H and best-T evaluations: T, U, S, H, AUSUC (percent).
+
+    Its record of the best S, U, H starts at 0 and is replaced only by an evaluation with a higher H (a strict
+    comparison), so a run whose H is 0 at every evaluation reports S = U = H = 0, whatever U it reached.
+    """
+    if at_h["H"] > 0:
+        return {"T": at_t["T"], "U": at_h["U"], "S": at_h["S"], "H": at_h["H"], "AUSUC": at_h["AUSUC"]}
+    return {"T": at_t["T"], "U": 0.0, "S": 0.0, "H": 0.0, "AUSUC": at_h["AUSUC"]}
+
+
 def choose_on_validation(rows: Sequence[Mapping[str, Any]], points: Sequence[Point]) -> dict[str, Any]:
     """The grid row of one validation run with the highest validation H; ties: fewer epochs, then the
     earlier grid point."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dedn.apps.demo import format_demo, run_demo
+from dedn.apps.demo import dedn_command, format_demo, run_demo
 from dedn.models.registry import model_entry, model_names
 
 TINY_DEMO = [
@@ -46,7 +46,20 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "DEDN" in text and "(validated)" in text and result["model"] in text
     # It ends with the exact next commands, on the final model.
     assert [c.split()[1] for c in result["next"]] == ["predict", "explain", "eval"]
+    assert all(c.split()[0] == dedn_command() for c in result["next"])  # a command this shell can run
     assert all(f"--run {result['model']}" in c and c in text for c in result["next"])
     # A second run reuses the cached features and the finished runs: the same numbers.
     again = run_demo(None, overrides, tmp_path / "demo", progress=False)
     assert again["rows"] == rows
+
+
+def test_the_printed_command_runs_from_this_shell(monkeypatch, tmp_path: Path) -> None:
+    import shutil
+    import sys
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # dedn not on the PATH: the environment is not active
+    monkeypatch.chdir(Path(sys.executable).parents[2])
+    command = dedn_command()
+    assert Path(command).name == "dedn" and Path(command).is_file() and not Path(command).is_absolute()
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/local/bin/dedn")
+    assert dedn_command() == "dedn"

@@ -149,6 +149,23 @@ def _localise_and_explain(model: DEDN, data: ZSLData, bench: ImageBenchmark, fin
     return loc, image_path, heatmaps
 
 
+def dedn_command() -> str:
+    """How to call ``dedn`` from this shell: ``dedn`` when it is on the PATH, else the script beside this
+    interpreter (``.venv/bin/dedn`` after ``make demo``, whose environment is not activated)."""
+    import shutil
+    import sys
+
+    if shutil.which("dedn"):
+        return "dedn"
+    script = Path(sys.executable).parent / "dedn"
+    if not script.is_file():
+        return "dedn"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
              out_dir: str | Path = "runs/demo", progress: bool = True) -> dict[str, Any]:
     """The whole demo; returns (and writes to ``out_dir/metrics.json``) every row's T, U, S, H in percent."""
@@ -174,6 +191,7 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     # The full model: seen-unseen curve against the baseline, heatmaps and localisation.
     full = exp.runs_for("full", "validated")[0]
     final_dir = RunFolder(full.folder).model_folder().path
+    command = dedn_command()
     model = load_weights(final_dir / RunFolder.MODEL)
     _plot_curves(full, model, data, rows, choice, out)
     loc, image_path, heatmaps = _localise_and_explain(model, data, bench, final_dir, out)
@@ -183,9 +201,9 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
         "protocol": "validated: epoch, calibration gamma and l_e chosen on a validation task of trainval images "
                     "and trainval classes; retrained on trainval; test split evaluated once",
         "model": str(final_dir),
-        "next": [f"dedn predict --run {final_dir} {image_path}",
-                 f"dedn explain --run {final_dir} {image_path} --top 4 --out {out / 'explain'}",
-                 f"dedn eval --run {final_dir}"],
+        "next": [f"{command} predict --run {final_dir} {image_path}",
+                 f"{command} explain --run {final_dir} {image_path} --top 4 --out {out / 'explain'}",
+                 f"{command} eval --run {final_dir}"],
         "units": "percent",
         "rows": rows,
         "eszsl_choice": choice,

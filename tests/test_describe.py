@@ -49,8 +49,12 @@ def test_samples_writes_named_images_and_an_index(tmp_path, monkeypatch, capsys)
     kinds = {r["class"]: r["kind"] for r in rows}
     assert all(kinds[c] == "unseen" for c in unseen)
     assert kinds[first] in ("seen", "validation") or first in unseen
+    test = set(np.concatenate([bench.test_seen_loc, bench.test_unseen_loc]).tolist())
     for r in rows:
         assert r["file"].startswith(r["class"] + "__") and (out / r["file"]).is_file()
+        index = int(r["file"].rsplit("__", 1)[1].removesuffix(".png"))
+        assert r["split"] == ("test" if index in test else "trainval")
+    assert all(r["split"] == "test" for r in rows)  # every class has test images: those come first
     assert f"wrote {len(rows)} images" in text
 
 

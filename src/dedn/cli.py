@@ -392,7 +392,8 @@ def samples(
     overrides: Overrides = None,
 ) -> None:
     """Write sample images of the built-in benchmark (the demo's), true class in each file name, with an
-    index.csv (file, class, kind: seen, unseen or validation). Renders only: no backbone, seconds."""
+    index.csv (file, class, kind: seen, unseen or validation; split: test images first). Renders only: no
+    backbone, seconds."""
     from dedn.apps.samples import write_samples
     from dedn.checks import COUNT, check_option, check_output_folder
 

@@ -20,11 +20,12 @@ KINDS = ("seen", "unseen", "validation")
 
 @dataclass
 class Samples:
-    """What :func:`write_samples` wrote: the folder, the index CSV and one ``(file, class, kind)`` per image."""
+    """What :func:`write_samples` wrote: the folder, the index CSV and one ``(file, class, kind, split)`` per
+    image."""
 
     folder: Path
     index: Path
-    rows: list[tuple[str, str, str]]
+    rows: list[tuple[str, str, str, str]]
 
 
 def class_kinds(bench: ImageBenchmark) -> list[str]:
@@ -75,7 +76,9 @@ def write_samples(out: str | Path, per_class: int = 2, classes: Sequence[str] | 
     """Render ``per_class`` images of each chosen class of the demo's benchmark as PNGs under ``out``.
 
     Files are named ``<class name>__<image index>.png`` and listed in ``out/index.csv`` (file, class, kind:
-    seen, unseen or validation). The benchmark is the demo config's ``data.imagebench`` with ``overrides``.
+    seen, unseen or validation; split: test, or trainval where a class has too few test images). Test images
+    come first, so predictions on them are honest. The benchmark is the demo config's ``data.imagebench`` with
+    ``overrides``.
     """
     if per_class < 1:
         raise ConfigError(f"--per-class must be at least 1, got {per_class}")
@@ -84,15 +87,19 @@ def write_samples(out: str | Path, per_class: int = 2, classes: Sequence[str] | 
     kinds = class_kinds(bench)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, str, str]] = []
+    split = np.full(bench.n_images, "trainval", dtype=object)
+    split[np.concatenate([bench.test_seen_loc, bench.test_unseen_loc])] = "test"
+    rows: list[tuple[str, str, str, str]] = []
     for c in select_classes(bench, classes):
-        for i in np.flatnonzero(bench.labels == c)[:per_class]:
+        images = np.flatnonzero(bench.labels == c)
+        # Test images first: a model trained on the benchmark has never seen them.
+        for i in sorted(images, key=lambda i: (split[i] != "test", i))[:per_class]:
             name = f"{bench.class_names[c]}__{int(i):05d}.png"
             bench.image(int(i)).save(folder / name)
-            rows.append((name, bench.class_names[c], kinds[c]))
+            rows.append((name, bench.class_names[c], kinds[c], str(split[i])))
     index = folder / INDEX_FILE
     with index.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["file", "class", "kind"])
+        writer.writerow(["file", "class", "kind", "split"])
         writer.writerows(rows)
     return Samples(folder, index, rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -16,6 +18,14 @@ class ClassSet(nn.Module):
     class_att: Tensor
     seen_mask: Tensor
     config: object
+
+    @classmethod
+    def architecture_only(cls, config: Any) -> ClassSet:
+        """A model of ``config`` with placeholder semantic vectors and one placeholder class: the architecture a
+        model file's weights are loaded into (``load_state_dict`` replaces every parameter and buffer)."""
+        d = config.n_attributes
+        return cls(config, np.ones((d, config.semantic_dim), dtype=np.float32), np.ones((1, d), dtype=np.float32),
+                   np.zeros(1, dtype=bool))
 
     def set_classes(self, class_att: np.ndarray | Tensor, seen_mask: np.ndarray | Tensor) -> None:
         """Replace the class set: (K', D) attributes in dataset attribute order and a (K',) seen mask.

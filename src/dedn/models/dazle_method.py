@@ -52,11 +52,6 @@ def build(run: RunSettings, data: ZSLData, dataset: str | None, seed: int) -> DA
     return DAZLE.from_config(config, data.w2v, data.att, data.seen_mask)
 
 
-def from_config(config: DAZLEConfig) -> DAZLE:
-    """An architecture-only DAZLE (placeholder semantics and one placeholder class), for ``load_state_dict``."""
-    d = config.n_attributes
-    return DAZLE.from_config(config, np.zeros((d, config.semantic_dim), dtype=np.float32),
-                             np.ones((1, d), dtype=np.float32), np.zeros(1, dtype=bool))
 
 
 def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: Any, **hparams: Any) -> DAZLE:
@@ -182,7 +177,7 @@ DAZLE_ENTRY = register_model(ModelEntry(
     model_type=DAZLE,
     config_type=DAZLEConfig,
     build=build,
-    from_config=from_config,
+    from_config=DAZLE.architecture_only,
     loss=dazle_loss,  # its weights are the model's settings; the run's loss section is DEDN's
     from_reference=from_reference,
     reference_scores=reference_scores,

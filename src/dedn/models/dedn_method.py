@@ -56,11 +56,6 @@ def build(run: RunSettings, data: ZSLData, dataset: str | None, seed: int) -> DE
     return DEDN.from_config(config, data.w2v, data.att, data.seen_mask)
 
 
-def from_config(config: DEDNConfig) -> DEDN:
-    """An architecture-only DEDN (placeholder semantics and one placeholder class), for ``load_state_dict``."""
-    d = config.n_attributes
-    return DEDN.from_config(config, np.zeros((d, config.semantic_dim), dtype=np.float32),
-                            np.ones((1, d), dtype=np.float32), np.zeros(1, dtype=bool))
 
 
 def training_loss(model: DEDN, out: DEDNOutput, labels: Tensor, seen_mask: Tensor,
@@ -76,7 +71,7 @@ DEDN_ENTRY = register_model(ModelEntry(
     model_type=DEDN,
     config_type=DEDNConfig,
     build=build,
-    from_config=from_config,
+    from_config=DEDN.architecture_only,
     loss=training_loss,
     from_reference=from_reference_state_dict,
     reference_scores=reference_scores,

@@ -66,11 +66,6 @@ def build(run: RunSettings, data: ZSLData, dataset: str | None, seed: int) -> MS
     return MSDN(config, data.w2v, data.att, data.seen_mask)
 
 
-def from_config(config: MSDNConfig) -> MSDN:
-    """An architecture-only MSDN (placeholder semantics and one placeholder class), for ``load_state_dict``."""
-    d = config.n_attributes
-    return MSDN(config, np.zeros((d, config.semantic_dim), dtype=np.float32), np.ones((1, d), dtype=np.float32),
-                np.zeros(1, dtype=bool))
 
 
 # ---------------------------------------------------------------------------------------------- released code
@@ -199,7 +194,7 @@ MSDN_ENTRY = register_model(ModelEntry(
     model_type=MSDN,
     config_type=MSDNConfig,
     build=build,
-    from_config=from_config,
+    from_config=MSDN.architecture_only,
     loss=msdn_loss,
     from_reference=from_reference,
     reference_scores=reference_scores,

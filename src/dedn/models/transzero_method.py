@@ -96,11 +96,6 @@ def build(run: RunSettings, data: ZSLData, dataset: str | None, seed: int) -> Tr
     return TransZero.from_config(config, data.w2v, data.att, data.seen_mask)
 
 
-def from_config(config: TransZeroConfig) -> TransZero:
-    """An architecture-only TransZero (placeholder semantics and one placeholder class), for ``load_state_dict``."""
-    d = config.n_attributes
-    return TransZero.from_config(config, np.ones((d, config.semantic_dim), dtype=np.float32),
-                                 np.ones((1, d), dtype=np.float32), np.zeros(1, dtype=bool))
 
 
 def training_loss(model: TransZero, out: TransZeroOutput, labels: Tensor, seen_mask: Tensor,
@@ -171,7 +166,7 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     config = _reference_config(chk, ds, hparams)
     att = chk.get("att", (None, config.n_attributes))
     seen = _read_class_side(chk, seen_classes, att.shape[0])
-    model = from_config(config).to(att.dtype if att.is_floating_point() else torch.float32)
+    model = TransZero.architecture_only(config).to(att.dtype if att.is_floating_point() else torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(chk.get(released_name(name), tuple(param.shape)))
@@ -241,7 +236,7 @@ TRANSZERO_ENTRY = register_model(ModelEntry(
     model_type=TransZero,
     config_type=TransZeroConfig,
     build=build,
-    from_config=from_config,
+    from_config=TransZero.architecture_only,
     loss=training_loss,
     from_reference=from_reference,
     reference_scores=reference_scores,

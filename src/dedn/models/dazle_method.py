@@ -29,8 +29,15 @@ from dedn.data.dataset import ZSLData
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
 from dedn.models.dazle import DAZLE, DAZLEConfig, dazle_loss, loss_terms, resolve_dazle
-from dedn.models.dedn_compat import _Checker, _seen_mask, _strip_prefix
 from dedn.models.registry import ModelEntry, RunSettings, register_model
+from dedn.models.released import (
+    StateReader,
+    check_mask_bias,
+    check_weight_ce,
+    read_margin,
+    seen_mask_from,
+    strip_prefix,
+)
 
 #: What :func:`from_reference` takes besides the state dict: DAZLE's own settings, and R (the state dict has
 #: no region count; the released features are 7 x 7).
@@ -80,7 +87,7 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     unknown = sorted(set(hparams) - set(REFERENCE_HPARAMS))
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(REFERENCE_HPARAMS)}")
-    chk = _Checker(_strip_prefix(state_dict))
+    chk = StateReader(strip_prefix(state_dict))
     v = chk.get("V", (None, None))
     d, g = v.shape
     w1 = chk.get("W_1", (g, None))
@@ -103,28 +110,17 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     return model
 
 
-def _class_side(chk: _Checker, k: int, seen_classes: Any) -> tuple[np.ndarray, float | None]:
+def _class_side(chk: StateReader, k: int, seen_classes: Any) -> tuple[np.ndarray, float | None]:
     """The seen mask and the margin ``bias`` (None without), ``mask_bias`` and ``weight_ce`` checked; then no
     key may be left unread."""
-    seen = _seen_mask(seen_classes, k)
-    bias: float | None = None
-    if "bias" in chk.state:
-        bias_t = chk.get("bias")
-        if bias_t.numel() != 1:
-            raise CheckpointError(f"reference state dict: 'bias' has shape {tuple(bias_t.shape)}, expected a scalar")
-        bias = float(bias_t.reshape(()))
-        mask_bias = chk.get("mask_bias", (1, k)).reshape(-1).double().cpu().numpy()
-        if not np.array_equal(mask_bias, np.where(seen, -1.0, 1.0)):
-            raise CheckpointError("reference state dict: 'mask_bias' (-1 on seen, +1 on unseen classes) disagrees "
-                                  "with seen_classes")
-    if "weight_ce" in chk.state:
-        weight_ce = chk.get("weight_ce", (k, k))
-        if not torch.equal(weight_ce.double().cpu(), torch.eye(k, dtype=torch.float64)):
-            raise CheckpointError("reference state dict: 'weight_ce' is not the identity; dedn's loss uses one-hot "
-                                  "targets")
+    seen = seen_mask_from(seen_classes, k)
+    bias = read_margin(chk)
+    if bias is not None:
+        check_mask_bias(chk, seen)
+    check_weight_ce(chk, k)
     if "prob_prune" in chk.state:
         chk.get("prob_prune")  # a constant the released loss never reads
-    extra = sorted(set(chk.state) - chk.used)
+    extra = chk.unread()
     if extra:
         raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in all); "
                               "the released DAZLE has V, W_1, W_2, W_3, att, weight_ce, bias, mask_bias, prob_prune")

@@ -43,6 +43,15 @@ from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
 from dedn.models.dedn import DEDN, DEDNConfig
 from dedn.models.losses import dedn_loss
+from dedn.models.released import (
+    StateReader,
+    check_mask_bias,
+    check_weight_ce,
+    read_margin,
+    seen_mask_from,
+    shape_of,
+    strip_prefix,
+)
 from dedn.models.settings import LossSettings, resolve_method
 
 __all__ = [
@@ -90,54 +99,6 @@ class ReferenceSettings:
     loss: ReleasedLoss
 
 
-def _shape(t: Tensor) -> tuple[int, ...]:
-    return tuple(int(s) for s in t.shape)
-
-
-class _Checker:
-    """Fetches state-dict entries by name, checking presence and shape, and remembers what it used."""
-
-    def __init__(self, state: Mapping[str, Any]) -> None:
-        self.state = state
-        self.used: set[str] = set()
-
-    def get(self, key: str, shape: tuple[int | None, ...] | None = None) -> Tensor:
-        if key not in self.state:
-            raise CheckpointError(f"reference state dict: missing key {key!r}"
-                                  + (f" (expected shape {_fmt(shape)})" if shape is not None else ""))
-        value = self.state[key]
-        if not torch.is_tensor(value):
-            raise CheckpointError(f"reference state dict: {key!r} is a {type(value).__name__}, not a tensor")
-        found = _shape(value)
-        if shape is not None and (len(found) != len(shape)
-                                  or any(e is not None and e != f for e, f in zip(shape, found, strict=True))):
-            raise CheckpointError(f"reference state dict: {key!r} has shape {found}, expected {_fmt(shape)}")
-        self.used.add(key)
-        return value.detach()
-
-
-def _fmt(shape: tuple[int | None, ...] | None) -> str:
-    if shape is None:
-        return "?"
-    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
-
-
-def _seen_mask(seen_classes: Any, n_classes: int) -> np.ndarray:
-    """(K,) bool from a (K,) bool mask or a list of seen class indices."""
-    arr = np.asarray(seen_classes.cpu() if torch.is_tensor(seen_classes) else seen_classes)
-    if arr.dtype == bool:
-        if arr.shape != (n_classes,):
-            raise CheckpointError(f"seen_classes: a boolean mask must have shape ({n_classes},), got {arr.shape}")
-        return arr.copy()
-    idx = arr.astype(np.int64).ravel()
-    if idx.size and (idx.min() < 0 or idx.max() >= n_classes):
-        raise CheckpointError(f"seen_classes: class indices must lie in 0..{n_classes - 1} (the state dict's "
-                              f"'att' has {n_classes} rows)")
-    mask = np.zeros(n_classes, dtype=bool)
-    mask[idx] = True
-    return mask
-
-
 @dataclass
 class _Released:
     """A released state dict read and checked: each SubNet's tensors under dedn's names, and the class side."""
@@ -152,8 +113,8 @@ class _Released:
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(D, G, C, R)."""
-        d, g = _shape(self.gnet["V"])
-        return d, g, _shape(self.gnet["W2"])[1], _shape(self.gnet["W3"])[1]
+        d, g = shape_of(self.gnet["V"])
+        return d, g, shape_of(self.gnet["W2"])[1], shape_of(self.gnet["W3"])[1]
 
 
 def from_reference_state_dict(
@@ -188,7 +149,7 @@ def from_reference_state_dict(
     unknown = sorted(set(hparams) - set(_HPARAMS))
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(_HPARAMS)}")
-    chk = _Checker(_strip_prefix(state_dict))
+    chk = StateReader(strip_prefix(state_dict))
     released = _read_subnets(chk, ds, hparams.get("low_rank"))
     seen, bias = _read_class_side(chk, released, seen_classes)
     settings = {**_preset(ds, bias), **hparams}
@@ -208,7 +169,7 @@ def from_reference_state_dict(
     return model
 
 
-def _read_subnets(chk: _Checker, ds: str, wanted_rank: int | None) -> _Released:
+def _read_subnets(chk: StateReader, ds: str, wanted_rank: int | None) -> _Released:
     """GNet's and every Snet's tensors, checked against the dataset's layout (the class side comes later)."""
     low_rank_layout = ds == "SUN"
     clusters = list(builtin_clusters(ds, "reference").values())
@@ -235,7 +196,7 @@ def _read_subnets(chk: _Checker, ds: str, wanted_rank: int | None) -> _Released:
                      att=chk.get("att", (None, d)), rank=rank)
 
 
-def _subnet(chk: _Checker, prefix: str, n: int, dims: tuple[int, int, int, int | None]) -> dict[str, Tensor]:
+def _subnet(chk: StateReader, prefix: str, n: int, dims: tuple[int, int, int, int | None]) -> dict[str, Tensor]:
     """One released SubNet's tensors under dedn's names (V, W1 or H1/H3, W2, W3, W4); ``dims`` = (G, C, R, rank)
     with a rank for SUN's low-rank layout only."""
     g, c, r, rank = dims
@@ -254,29 +215,16 @@ def _subnet(chk: _Checker, prefix: str, n: int, dims: tuple[int, int, int, int |
     return out
 
 
-def _read_class_side(chk: _Checker, released: _Released, seen_classes: Any) -> tuple[np.ndarray, float | None]:
+def _read_class_side(chk: StateReader, released: _Released, seen_classes: Any) -> tuple[np.ndarray, float | None]:
     """The seen mask and the calibration margin ``bias`` (None: the model has none, the released ``is_bias``
     off), with ``mask_bias`` and ``weight_ce`` checked against them; then no key may be left unread."""
-    state = chk.state
     k = released.att.shape[0]
-    bias: float | None = None
-    if "bias" in state:
-        bias_t = chk.get("bias")
-        if bias_t.numel() != 1:
-            raise CheckpointError(f"reference state dict: 'bias' has shape {_shape(bias_t)}, expected a scalar")
-        bias = float(bias_t.reshape(()))
-    seen = _seen_mask(seen_classes, k)
+    bias = read_margin(chk)
+    seen = seen_mask_from(seen_classes, k)
     if bias is not None:
-        mask_bias = chk.get("mask_bias", (1, k)).reshape(-1).double().cpu().numpy()
-        if not np.array_equal(mask_bias, np.where(seen, -1.0, 1.0)):
-            raise CheckpointError("reference state dict: 'mask_bias' (-1 on seen, +1 on unseen classes) disagrees "
-                                  "with seen_classes")
-    if "weight_ce" in state:
-        weight_ce = chk.get("weight_ce", (k, k))
-        if not torch.equal(weight_ce.double().cpu(), torch.eye(k, dtype=torch.float64)):
-            raise CheckpointError("reference state dict: 'weight_ce' is not the identity; dedn's loss uses "
-                                  "one-hot targets")
-    extra = sorted(set(state) - chk.used)
+        check_mask_bias(chk, seen)
+    check_weight_ce(chk, k)
+    extra = chk.unread()
     if extra:
         raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in all); "
                               f"the released {released.dataset} model has GNet and "
@@ -315,14 +263,6 @@ def _load_released(config: DEDNConfig, released: _Released, seen: np.ndarray) ->
         # The released att is already cluster-ordered and normalised: take it bit for bit.
         model.class_att = att.to(dtype).cpu().clone()
     return model
-
-
-def _strip_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop a ``module.`` prefix that every key shares (a model saved from DataParallel)."""
-    keys = list(state)
-    if keys and all(key.startswith("module.") for key in keys):
-        return {key[len("module."):]: value for key, value in state.items()}
-    return dict(state)
 
 
 def _check_reference(model: DEDN) -> None:

@@ -31,7 +31,6 @@ from torch import Tensor
 from dedn.data.dataset import ZSLData
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
-from dedn.models.dedn_compat import _Checker, _seen_mask, _strip_prefix
 from dedn.models.msdn import (
     MSDN,
     RELEASED_MARGIN,
@@ -42,6 +41,7 @@ from dedn.models.msdn import (
     resolve_settings,
 )
 from dedn.models.registry import ModelEntry, RunSettings, register_model
+from dedn.models.released import StateReader, check_mask_bias, check_weight_ce, seen_mask_from, strip_prefix
 
 #: ``from_reference``'s hyperparameters: w_AV (``l_e``), the loss weights, V's normalisation, and R (the
 #: released layout has no R-shaped weight; its scripts use 448 px images, 14 x 14 = 196 regions).
@@ -91,8 +91,8 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     unknown = sorted(set(hparams) - set(REFERENCE_HPARAMS))
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(REFERENCE_HPARAMS)}")
-    state = {k: v for k, v in _strip_prefix(state_dict).items() if not k.startswith(BACKBONE_PREFIX)}
-    chk = _Checker(state)
+    state = {k: v for k, v in strip_prefix(state_dict).items() if not k.startswith(BACKBONE_PREFIX)}
+    chk = StateReader(state)
     v = chk.get("V", (None, None))
     d, g = v.shape
     w1 = chk.get("W_1", (g, None))
@@ -120,25 +120,18 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     return model
 
 
-def _read_class_side(chk: _Checker, k: int, seen_classes: Any) -> np.ndarray:
+def _read_class_side(chk: StateReader, k: int, seen_classes: Any) -> np.ndarray:
     """The seen mask, checked against ``bias`` (the released margin, 1), ``mask_bias`` and ``weight_ce``; then no
     key may be left unread."""
-    seen = _seen_mask(seen_classes, k)
+    seen = seen_mask_from(seen_classes, k)
     bias = chk.get("bias")
     if bias.numel() != 1 or float(bias.reshape(())) != 1.0:
         raise CheckpointError(f"reference state dict: 'bias' must be the scalar 1 (the released margin), got {bias}")
-    mask_bias = chk.get("mask_bias", (1, k)).reshape(-1).double().cpu().numpy()
-    if not np.array_equal(mask_bias, np.where(seen, -1.0, 1.0)):
-        raise CheckpointError("reference state dict: 'mask_bias' (-1 on seen, +1 on unseen classes) disagrees "
-                              "with seen_classes")
-    if "weight_ce" in chk.state:
-        weight_ce = chk.get("weight_ce", (k, k))
-        if not torch.equal(weight_ce.double().cpu(), torch.eye(k, dtype=torch.float64)):
-            raise CheckpointError("reference state dict: 'weight_ce' is not the identity; the loss uses one-hot "
-                                  "targets")
+    check_mask_bias(chk, seen)
+    check_weight_ce(chk, k)
     if "prob_prune" in chk.state:
-        chk.get("prob_prune")
-    extra = sorted(set(chk.state) - chk.used)
+        chk.get("prob_prune")  # a constant the released loss never reads
+    extra = chk.unread()
     if extra:
         raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in all); "
                               "the released MSDN has V, W_1.., att, bias, mask_bias, weight_ce, prob_prune")

@@ -30,9 +30,9 @@ from torch import Tensor
 from dedn.data.dataset import ZSLData
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
-from dedn.models.dedn_compat import _Checker, _seen_mask, _strip_prefix
 from dedn.models.losses import LossTerms
 from dedn.models.registry import ModelEntry, RunSettings, register_model
+from dedn.models.released import StateReader, check_mask_bias, check_weight_ce, seen_mask_from, strip_prefix
 from dedn.models.transzero import (
     DATASET_SETTINGS,
     TransZero,
@@ -123,7 +123,7 @@ def released_state_dict(model: TransZero) -> dict[str, Tensor]:
     return state
 
 
-def _reference_config(chk: _Checker, ds: str, hparams: Mapping[str, Any]) -> TransZeroConfig:
+def _reference_config(chk: StateReader, ds: str, hparams: Mapping[str, Any]) -> TransZeroConfig:
     """The config of the released model the state dict comes from: sizes from its shapes, settings from the
     dataset's released values and ``hparams``."""
     n_att, g = chk.get("V", (None, None)).shape
@@ -162,7 +162,7 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     unknown = sorted(set(hparams) - set(REFERENCE_HPARAMS))
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(REFERENCE_HPARAMS)}")
-    chk = _Checker(_strip_prefix(state_dict))
+    chk = StateReader(strip_prefix(state_dict))
     config = _reference_config(chk, ds, hparams)
     att = chk.get("att", (None, config.n_attributes))
     seen = _read_class_side(chk, seen_classes, att.shape[0])
@@ -170,7 +170,7 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(chk.get(released_name(name), tuple(param.shape)))
-    extra = sorted(set(chk.state) - chk.used)
+    extra = chk.unread()
     if extra:
         raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in all)")
     model.set_classes(att, seen)
@@ -180,17 +180,11 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     return model
 
 
-def _read_class_side(chk: _Checker, seen_classes: Any, k: int) -> np.ndarray:
+def _read_class_side(chk: StateReader, seen_classes: Any, k: int) -> np.ndarray:
     """The seen mask, with ``mask_bias`` (and ``weight_ce`` where present) checked against it."""
-    seen = _seen_mask(seen_classes, k)
-    mask = chk.get("mask_bias", (1, k)).reshape(-1).double().cpu().numpy()
-    if not np.array_equal(mask, np.where(seen, -1.0, 1.0)):
-        raise CheckpointError("reference state dict: 'mask_bias' (-1 on seen, +1 on unseen classes) disagrees "
-                              "with seen_classes")
-    if "weight_ce" in chk.state and not torch.equal(chk.get("weight_ce", (k, k)).double().cpu(),
-                                                    torch.eye(k, dtype=torch.float64)):
-        raise CheckpointError("reference state dict: 'weight_ce' is not the identity; dedn's loss uses one-hot "
-                              "targets")
+    seen = seen_mask_from(seen_classes, k)
+    check_mask_bias(chk, seen)
+    check_weight_ce(chk, k)
     return seen
 
 

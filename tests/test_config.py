@@ -76,15 +76,15 @@ def test_config_hash_counts_every_key_but_the_dropped_ones() -> None:
 
 
 def test_every_way_in_names_its_origin_and_key() -> None:
-    with pytest.raises(ConfigError, match=r"^defaults \+ overrides: Key .nope. not in .TrainConfig."):
+    with pytest.raises(ConfigError, match=r"^defaults \+ overrides: train\.nope: Key .nope. not in .TrainConfig."):
         load_config(None, ["train.nope=1"])
     with pytest.raises(ConfigError, match=r"^override 'train\.lr' must look like dotted\.key=value"):
         load_config(None, ["train.lr"])
-    with pytest.raises(ConfigError, match=r"^run \+ overrides: Value 'fast' of type 'str' could not"):
+    with pytest.raises(ConfigError, match=r"^run \+ overrides: train\.lr: Value 'fast' of type 'str' could not"):
         apply_overrides(RunConfig(), ["train.lr=fast"], "run")
     with pytest.raises(ConfigError, match=r"^run \+ overrides: train\.lr must be"):
         apply_overrides(RunConfig(), ["train.lr=-1"], "run")
-    with pytest.raises(ConfigError, match=r"^old/config\.json: Key 'nope' not in 'TrainConfig'"):
+    with pytest.raises(ConfigError, match=r"^old/config\.json: train\.nope: Key 'nope' not in 'TrainConfig'"):
         config_from_dict({"train": {"nope": 1}}, "old/config.json")
     assert config_from_dict(config_to_dict(load_config("demo")), "x") == load_config("demo")
     assert apply_overrides(RunConfig(), []) == RunConfig()
@@ -112,3 +112,11 @@ def test_every_optimizer_has_a_builder_and_trains(tiny_cfg) -> None:
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         trainer.fit(final_evaluation=False)
         assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items()), name
+
+
+def test_a_value_of_the_wrong_type_names_its_key() -> None:
+    from dedn.config import load_config
+    from dedn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.epochs: Value 'abc' .* Integer"):
+        load_config(None, ["train.epochs=abc"])

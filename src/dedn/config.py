@@ -313,8 +313,11 @@ def _merged(base: RunConfig | type[RunConfig], origin: str, values: Any, overrid
 
 
 def _first_line(exc: Exception) -> str:
-    # OmegaConf's first line says what is wrong; the rest is its own context (full_key, object_type).
-    return str(exc).splitlines()[0]
+    # OmegaConf's first line says what is wrong; the rest is its own context (full_key, object_type), of which
+    # the key is what a user needs: "train.epochs: Value 'abc' ... could not be converted to Integer".
+    line = str(exc).splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {line}" if key and key not in line else line
 
 
 def _read_yaml(path: str | Path, chain: tuple[Path, ...] = ()) -> Any:

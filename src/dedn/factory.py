@@ -30,7 +30,8 @@ def _feature_file(cfg: RunConfig, what: str) -> Path:
     if not cfg.data.path:
         raise ConfigError(f"data.source={cfg.data.source} needs data.path (the {what})")
     if not Path(cfg.data.path).exists():
-        raise DataError(f"{cfg.data.path}: no such {what}")
+        raise DataError(f"{cfg.data.path}: no such {what}; make a feature store from images with `dedn extract`, "
+                        "or from a DAZLE/DEDN HDF5 file with `dedn store import`")
     return Path(cfg.data.path)
 
 

@@ -147,8 +147,8 @@ def test_the_models_do_not_import_the_run_config() -> None:
 #: Sub-layers of ``dedn.apps``, lowest first: an apps module imports apps modules of its own sub-layer and below.
 #: Selection sits below the protocols, the protocols below the launchers, the launchers below the experiments.
 APPS_LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("records", ("dedn.apps", "dedn.apps.results", "dedn.apps.class_files", "dedn.apps.datacache",
-                 "dedn.apps.reports", "dedn.apps.samples")),
+    ("records", ("dedn.apps", "dedn.apps.results", "dedn.apps.class_files", "dedn.apps.custom_dataset",
+                 "dedn.apps.datacache", "dedn.apps.reports", "dedn.apps.samples")),
     ("selection", ("dedn.apps.selection",)),
     ("protocols", ("dedn.apps.protocols",)),
     ("model use", ("dedn.apps.predict", "dedn.apps.explain", "dedn.apps.describe")),

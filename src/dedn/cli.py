@@ -215,8 +215,17 @@ def extract(
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="replace an existing store")] = False,
+    classes: Annotated[Optional[Path], typer.Option("--classes", help="your own dataset: a class-by-attribute table (.csv: class, then one column per attribute; or .json), one row per class folder of --images")] = None,  # noqa: UP045,E501
+    unseen: Annotated[Optional[str], typer.Option(help="with --classes: the zero-shot classes (folder names, comma-separated): all their images are test images")] = None,  # noqa: UP045,E501
+    test_fraction: Annotated[float, typer.Option(help="with --classes: share of each seen class's images kept for testing")] = 0.2,  # noqa: E501
+    val_fraction: Annotated[float, typer.Option(help="with --classes: share of the seen classes the validated protocol holds out")] = 0.2,  # noqa: E501
+    word_vectors: Annotated[Optional[Path], typer.Option(help="with --classes: the attributes' semantic vectors (.npy, .npz, .txt or .pkl, one row per attribute); default one-hot")] = None,  # noqa: UP045,E501
 ) -> None:
-    """Extract frozen-backbone region feature maps into a feature store (resumable; torchrun to shard)."""
+    """Extract frozen-backbone region feature maps into a feature store (resumable; torchrun to shard).
+
+    Three kinds of input: an xlsa17 benchmark (--xlsa17), your own dataset (a folder of class folders with
+    --classes TABLE --unseen A,B), or plain class folders (no semantic side: for prediction features only).
+    """
     from dedn.checks import COUNT, DEVICE, IMAGE_SIZE, NON_NEGATIVE_COUNT, check_option, choice
     from dedn.data.store import DTYPES, SemanticSide
 
@@ -230,10 +239,22 @@ def extract(
     from dedn.features.backbones import get_backbone
     from dedn.features.extract import ExtractOptions, extract_features, extract_folder
 
+    side = None
+    if classes is not None:  # checked before the backbone is built and any image is read
+        from dedn.apps.custom_dataset import CustomSplit, custom_semantic_side
+        from dedn.features.extract import list_image_folder
+
+        if xlsa17 is not None or not unseen:
+            raise DednError("--classes describes your own dataset: give --unseen (and no --xlsa17)")
+        _, labels, names = list_image_folder(images)
+        split = CustomSplit([u.strip() for u in unseen.split(",") if u.strip()], test_fraction, val_fraction)
+        side = custom_semantic_side(names, labels, classes, split, word_vectors, name=Path(images).name)
     bb = get_backbone(backbone, weights=weights)
     common = dict(batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, overwrite=overwrite)
     if xlsa17 is None:
         store = extract_folder(images, out, bb, ExtractOptions(image_size=image_size, **common))
+        if side is not None:
+            store.save_semantics(side)
     else:
         from dedn.data.benchmarks import BENCHMARKS, find_benchmark
         from dedn.data.xlsa17 import canonical_dataset, read_semantic_dir, resolve_image_paths

@@ -64,9 +64,9 @@ def test_from_class_folders_to_a_trained_run_with_the_cli(tmp_path: Path, monkey
                               "--unseen", "eel", "--backbone", "efficientnet-lite0", "--image-size", "64",
                               "--workers", "0", "--device", "cpu", "--out", store], monkeypatch, capsys)
     assert code == 0, err
-    code, out, err = run_cli(["train", "data.source=store", f"data.path={store}", "model.clusters=none",
-                              "train.epochs=2", "train.progress=false", "eval.plots=false", "--run-dir",
-                              tmp_path / "run"], monkeypatch, capsys)
+    code, out, err = run_cli(["train", "data.source=store", f"data.path={store}", "model.clusters=kmeans",
+                              "model.n_clusters=2", "train.epochs=2", "train.progress=false", "eval.plots=false",
+                              "--run-dir", tmp_path / "run"], monkeypatch, capsys)
     assert code == 0, err
     assert "validated protocol" in out and (RunFolder(tmp_path / "run").model_folder().model).is_file()
     code, out, err = run_cli(["predict", "--run", tmp_path / "run", root / "eel" / "0.png"], monkeypatch, capsys)

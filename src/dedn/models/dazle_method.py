@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from dedn.data.dataset import ZSLData
-from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
 from dedn.models.dazle import DAZLE, DAZLEConfig, dazle_loss, loss_terms, resolve_dazle
 from dedn.models.registry import ModelEntry, RunSettings, register_model
@@ -34,9 +33,9 @@ from dedn.models.released import (
     StateReader,
     check_mask_bias,
     check_weight_ce,
+    open_released,
     read_margin,
     seen_mask_from,
-    strip_prefix,
 )
 
 #: What :func:`from_reference` takes besides the state dict: DAZLE's own settings, and R (the state dict has
@@ -81,13 +80,7 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
             disagree with ``seen_classes`` / the identity.
         ValueError: an unknown hyperparameter name.
     """
-    ds = canonical_dataset(dataset)
-    if ds is None:
-        raise CheckpointError(f"reference checkpoints exist for CUB, SUN and AWA2, got dataset {dataset!r}")
-    unknown = sorted(set(hparams) - set(REFERENCE_HPARAMS))
-    if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(REFERENCE_HPARAMS)}")
-    chk = StateReader(strip_prefix(state_dict))
+    ds, chk = open_released(state_dict, dataset, hparams, REFERENCE_HPARAMS)
     v = chk.get("V", (None, None))
     d, g = v.shape
     w1 = chk.get("W_1", (g, None))

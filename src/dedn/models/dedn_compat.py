@@ -39,7 +39,6 @@ from torch import Tensor
 
 from dedn.data.benchmarks import BENCHMARKS
 from dedn.data.clusters import builtin_clusters
-from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
 from dedn.models.dedn import DEDN, DEDNConfig
 from dedn.models.losses import dedn_loss
@@ -47,10 +46,10 @@ from dedn.models.released import (
     StateReader,
     check_mask_bias,
     check_weight_ce,
+    open_released,
     read_margin,
     seen_mask_from,
     shape_of,
-    strip_prefix,
 )
 from dedn.models.settings import LossSettings, resolve_method
 
@@ -143,13 +142,7 @@ def from_reference_state_dict(
             ``mask_bias`` / ``weight_ce`` disagree with ``seen_classes`` / the identity.
         ValueError: an unknown hyperparameter name.
     """
-    ds = canonical_dataset(dataset)
-    if ds is None:
-        raise CheckpointError(f"reference checkpoints exist for CUB, SUN and AWA2, got dataset {dataset!r}")
-    unknown = sorted(set(hparams) - set(_HPARAMS))
-    if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(_HPARAMS)}")
-    chk = StateReader(strip_prefix(state_dict))
+    ds, chk = open_released(state_dict, dataset, hparams, _HPARAMS)
     released = _read_subnets(chk, ds, hparams.get("low_rank"))
     seen, bias = _read_class_side(chk, released, seen_classes)
     settings = {**_preset(ds, bias), **hparams}

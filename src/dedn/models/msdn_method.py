@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from dedn.data.dataset import ZSLData
-from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
 from dedn.models.msdn import (
     MSDN,
@@ -41,7 +40,13 @@ from dedn.models.msdn import (
     resolve_settings,
 )
 from dedn.models.registry import ModelEntry, RunSettings, register_model
-from dedn.models.released import StateReader, check_mask_bias, check_weight_ce, seen_mask_from, strip_prefix
+from dedn.models.released import (
+    StateReader,
+    check_mask_bias,
+    check_weight_ce,
+    open_released,
+    seen_mask_from,
+)
 
 #: ``from_reference``'s hyperparameters: w_AV (``l_e``), the loss weights, V's normalisation, and R (the
 #: released layout has no R-shaped weight; its scripts use 448 px images, 14 x 14 = 196 regions).
@@ -85,14 +90,7 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
             disagree with ``seen_classes`` / the identity.
         ValueError: an unknown hyperparameter name.
     """
-    ds = canonical_dataset(dataset)
-    if ds is None:
-        raise CheckpointError(f"reference checkpoints exist for CUB, SUN and AWA2, got dataset {dataset!r}")
-    unknown = sorted(set(hparams) - set(REFERENCE_HPARAMS))
-    if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(REFERENCE_HPARAMS)}")
-    state = {k: v for k, v in strip_prefix(state_dict).items() if not k.startswith(BACKBONE_PREFIX)}
-    chk = StateReader(state)
+    ds, chk = open_released(state_dict, dataset, hparams, REFERENCE_HPARAMS, skip_prefix=BACKBONE_PREFIX)
     v = chk.get("V", (None, None))
     d, g = v.shape
     w1 = chk.get("W_1", (g, None))

@@ -8,13 +8,14 @@ with a :class:`StateReader` and checks the class side with the functions here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
 
 
@@ -112,3 +113,24 @@ def check_weight_ce(reader: StateReader, n_classes: int) -> None:
         if not torch.equal(weight.double().cpu(), torch.eye(n_classes, dtype=torch.float64)):
             raise CheckpointError("reference state dict: 'weight_ce' is not the identity; dedn's loss uses "
                                   "one-hot targets")
+
+
+def open_released(state_dict: Mapping[str, Any], dataset: str, hparams: Mapping[str, Any],
+                  known: Sequence[str], skip_prefix: str | None = None) -> tuple[str, StateReader]:
+    """The canonical benchmark name and a reader of a released ``state_dict`` (a shared ``module.`` prefix
+    dropped; keys under ``skip_prefix`` left out), after checking the dataset and the ``hparams`` names.
+
+    Raises:
+        CheckpointError: a dataset other than CUB, SUN and AWA2 (the released checkpoints' benchmarks).
+        ValueError: a hyperparameter name not in ``known``.
+    """
+    ds = canonical_dataset(dataset)
+    if ds is None:
+        raise CheckpointError(f"reference checkpoints exist for CUB, SUN and AWA2, got dataset {dataset!r}")
+    unknown = sorted(set(hparams) - set(known))
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(known)}")
+    state = strip_prefix(state_dict)
+    if skip_prefix is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(skip_prefix)}
+    return ds, StateReader(state)

@@ -28,11 +28,16 @@ import torch
 from torch import Tensor
 
 from dedn.data.dataset import ZSLData
-from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
 from dedn.models.losses import LossTerms
 from dedn.models.registry import ModelEntry, RunSettings, register_model
-from dedn.models.released import StateReader, check_mask_bias, check_weight_ce, seen_mask_from, strip_prefix
+from dedn.models.released import (
+    StateReader,
+    check_mask_bias,
+    check_weight_ce,
+    open_released,
+    seen_mask_from,
+)
 from dedn.models.transzero import (
     DATASET_SETTINGS,
     TransZero,
@@ -156,13 +161,7 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
             disagree with ``seen_classes`` / the identity; an unknown dataset.
         ValueError: an unknown hyperparameter name.
     """
-    ds = canonical_dataset(dataset)
-    if ds is None:
-        raise CheckpointError(f"reference checkpoints exist for CUB, SUN and AWA2, got dataset {dataset!r}")
-    unknown = sorted(set(hparams) - set(REFERENCE_HPARAMS))
-    if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {list(REFERENCE_HPARAMS)}")
-    chk = StateReader(strip_prefix(state_dict))
+    ds, chk = open_released(state_dict, dataset, hparams, REFERENCE_HPARAMS)
     config = _reference_config(chk, ds, hparams)
     att = chk.get("att", (None, config.n_attributes))
     seen = _read_class_side(chk, seen_classes, att.shape[0])

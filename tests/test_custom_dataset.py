@@ -69,6 +69,9 @@ def test_from_class_folders_to_a_trained_run_with_the_cli(tmp_path: Path, monkey
                               "--run-dir", tmp_path / "run"], monkeypatch, capsys)
     assert code == 0, err
     assert "validated protocol" in out and (RunFolder(tmp_path / "run").model_folder().model).is_file()
-    code, out, err = run_cli(["predict", "--run", tmp_path / "run", root / "eel" / "0.png"], monkeypatch, capsys)
+    code, out, err = run_cli(["predict", "--run", tmp_path / "run", root / "eel" / "0.png", "--top-k", "2",
+                              "--json"], monkeypatch, capsys)
     assert code == 0, err
-    assert "eel" in out or "bee" in out or "ant" in out  # it names the dataset's own classes
+    (prediction,) = json.loads(out)
+    assert len(prediction["top"]) == 2
+    assert {c["name"] for c in prediction["top"]} <= set(CLASSES)  # the dataset's own classes, by name

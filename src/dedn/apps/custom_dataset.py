@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dedn.apps.class_files import load_class_definitions
-from dedn.data.semantics import load_word_vectors
+from dedn.data.semantics import load_word_vectors, normalize_rows
 from dedn.data.store import SemanticSide
 from dedn.errors import DataError
 
@@ -90,8 +90,7 @@ def custom_semantic_side(folder_classes: Sequence[str], labels: np.ndarray, tabl
     w2v = np.eye(d, dtype=np.float32) if word_vectors is None else load_word_vectors(word_vectors)
     if w2v.shape[0] != d:
         raise DataError(f"{word_vectors}: {w2v.shape[0]} word vectors for the {d} attributes of {table}")
-    norms = np.linalg.norm(att, axis=1, keepdims=True)
-    return SemanticSide(att=att / np.where(norms > 0, norms, 1.0), original_att=att, w2v=w2v,
+    return SemanticSide(att=normalize_rows(att), original_att=att, w2v=w2v,
                         trainval_loc=trainval, test_seen_loc=test_seen, test_unseen_loc=test_unseen,
                         class_names=list(folder_classes), attribute_names=attributes, val_classes=val_classes,
                         name=name)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from dedn.atomic import atomic_write_text
 from dedn.config import RunConfig
@@ -18,7 +19,6 @@ from dedn.data.dataset import ZSLData
 from dedn.eval.calibration import Calibration, GammaSource, config_calibration, default_gamma
 from dedn.eval.inference import ModelOutputs, collect_outputs
 from dedn.eval.metrics import GZSLResult, best_calibration, gzsl_metrics, seen_unseen_curve, write_metrics
-from dedn.models.dedn import DEDN
 from dedn.runfolder import RunFolder
 
 
@@ -50,7 +50,7 @@ class Evaluation:
 
 
 def evaluate_model(
-    model: DEDN,
+    model: nn.Module,
     data: ZSLData,
     gamma: float | str | Calibration = 0.0,
     batch_size: int = 200,

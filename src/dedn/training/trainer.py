@@ -1,4 +1,5 @@
-"""Training DEDN: batches, RMSprop, periodic evaluation, checkpoints and resume (docs/method.md, "Training").
+"""Training a model of any registered method: batches, the optimiser, periodic evaluation, checkpoints and
+resume (docs/method.md, "Training").
 
 A run lives in a run directory::
 
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from dedn import __version__
@@ -48,7 +50,6 @@ from dedn.eval.calibration import Calibration, GammaSource
 from dedn.eval.evaluate import Evaluation, calibration_value, evaluate_model, write_evaluation
 from dedn.eval.metrics import METRIC_ORDER
 from dedn.factory import build_model, load_data
-from dedn.models.dedn import DEDN
 from dedn.models.precision import run_precision
 from dedn.models.registry import entry_for, model_entry
 from dedn.runfolder import RunFolder, RunLock
@@ -135,7 +136,7 @@ class TrainResult:
     """What a finished run produced."""
 
     run_dir: Path | None
-    model: DEDN
+    model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
@@ -147,7 +148,7 @@ class TrainResult:
 
 
 class Trainer:
-    """Train one DEDN model.
+    """Train one model (of the method ``model.name`` names).
 
     Under ``torchrun --nproc_per_node N`` each process takes every N-th image of each batch. Its loss is
     weighted by its share of the batch, and DistributedDataParallel averages the gradients, so for losses
@@ -165,7 +166,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, data: ZSLData | None = None, run_dir: str | Path | None = None,
-                 model: DEDN | None = None, calibration: Calibration | None = None,
+                 model: nn.Module | None = None, calibration: Calibration | None = None,
                  callbacks: Sequence[Callback] = ()) -> None:
         self.cfg = cfg
         if cfg.train.tensorboard:
@@ -210,7 +211,7 @@ class Trainer:
         if self.run_dir is not None and self.writer:
             self._open_run_dir()
 
-    def _initial_model(self, model: DEDN | None, replay: bool) -> DEDN:
+    def _initial_model(self, model: nn.Module | None, replay: bool) -> nn.Module:
         """The given model, or one built from the config (with the released code's draws when replaying)."""
         if model is not None:
             return model

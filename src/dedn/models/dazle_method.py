@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from dedn.data.dataset import ZSLData
-from dedn.errors import CheckpointError
 from dedn.models.dazle import DAZLE, DAZLEConfig, dazle_loss, loss_terms, resolve_dazle
 from dedn.models.registry import ModelEntry, RunSettings, register_model
 from dedn.models.released import (
@@ -36,6 +35,7 @@ from dedn.models.released import (
     open_released,
     read_margin,
     seen_mask_from,
+    training_mode,
 )
 
 #: What :func:`from_reference` takes besides the state dict: DAZLE's own settings, and R (the state dict has
@@ -113,10 +113,7 @@ def _class_side(chk: StateReader, k: int, seen_classes: Any) -> tuple[np.ndarray
     check_weight_ce(chk, k)
     if "prob_prune" in chk.state:
         chk.get("prob_prune")  # a constant the released loss never reads
-    extra = chk.unread()
-    if extra:
-        raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in all); "
-                              "the released DAZLE has V, W_1, W_2, W_3, att, weight_ce, bias, mask_bias, prob_prune")
+    chk.check_all_read("the released DAZLE has V, W_1, W_2, W_3, att, weight_ce, bias, mask_bias, prob_prune")
     return seen, bias
 
 
@@ -134,12 +131,8 @@ def reference_scores(model: DAZLE, features: Tensor, training: bool) -> tuple[Te
     the call (restored afterwards). Gradients follow the caller's grad mode.
     """
     _check_reference(model)
-    was_training = model.training
-    model.train(training)
-    try:
+    with training_mode(model, training):
         return (model(features).scores,)
-    finally:
-        model.train(was_training)
 
 
 def reference_loss(model: DAZLE, features: Tensor, labels: Tensor | np.ndarray, loss: Any = None,

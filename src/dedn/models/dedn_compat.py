@@ -50,6 +50,7 @@ from dedn.models.released import (
     read_margin,
     seen_mask_from,
     shape_of,
+    training_mode,
 )
 from dedn.models.settings import LossSettings, resolve_method
 
@@ -217,11 +218,8 @@ def _read_class_side(chk: StateReader, released: _Released, seen_classes: Any) -
     if bias is not None:
         check_mask_bias(chk, seen)
     check_weight_ce(chk, k)
-    extra = chk.unread()
-    if extra:
-        raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in all); "
-                              f"the released {released.dataset} model has GNet and "
-                              f"Snet0..Snet{len(released.clusters) - 1}")
+    chk.check_all_read(f"the released {released.dataset} model has GNet and "
+                       f"Snet0..Snet{len(released.clusters) - 1}")
     return seen, bias
 
 
@@ -279,12 +277,8 @@ def reference_scores(model: DEDN, features: Tensor, training: bool) -> tuple[Ten
         features: (B, C, h, w) feature maps.
     """
     _check_reference(model)
-    was_training = model.training
-    model.train(training)
-    try:
+    with training_mode(model, training):
         out = model(features)
-    finally:
-        model.train(was_training)
     assert out.cexp is not None and out.fexp is not None
     return out.cexp.scores, out.fexp.scores
 
@@ -314,12 +308,8 @@ def reference_loss(
             raise ValueError("give loss and dataset, or use a model from from_reference_state_dict")
         loss = settings.loss if loss is None else loss
         dataset = settings.dataset if dataset is None else dataset
-    was_training = model.training
-    model.train()
-    try:
+    with training_mode(model, True):
         out = model(features)
-    finally:
-        model.train(was_training)
     y = torch.as_tensor(labels, device=model.class_att.device).long()
     method = resolve_method("reference", dataset, loss)  # the released loss of this dataset, with these weights
     return dedn_loss(out, y, model.seen_mask, loss, method, model.calibration_bias()).total

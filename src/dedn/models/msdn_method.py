@@ -46,6 +46,7 @@ from dedn.models.released import (
     check_weight_ce,
     open_released,
     seen_mask_from,
+    training_mode,
 )
 
 #: ``from_reference``'s hyperparameters: w_AV (``l_e``), the loss weights, V's normalisation, and R (the
@@ -129,10 +130,7 @@ def _read_class_side(chk: StateReader, k: int, seen_classes: Any) -> np.ndarray:
     check_weight_ce(chk, k)
     if "prob_prune" in chk.state:
         chk.get("prob_prune")  # a constant the released loss never reads
-    extra = chk.unread()
-    if extra:
-        raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in all); "
-                              "the released MSDN has V, W_1.., att, bias, mask_bias, weight_ce, prob_prune")
+    chk.check_all_read("the released MSDN has V, W_1.., att, bias, mask_bias, weight_ce, prob_prune")
     return seen
 
 
@@ -150,12 +148,8 @@ def reference_scores(model: MSDN, features: Tensor, training: bool) -> tuple[Ten
     ``training`` only sets the mode the model runs in; its train/eval state is restored afterwards.
     """
     _check_reference(model)
-    was_training = model.training
-    model.train(training)
-    try:
+    with training_mode(model, training):
         out = model(features)
-    finally:
-        model.train(was_training)
     return out.av.scores, out.va.scores
 
 
@@ -168,12 +162,8 @@ def reference_loss(model: MSDN, features: Tensor, labels: Tensor | np.ndarray, l
     dataset's released script, or its ``lambda_cal`` / ``w_distill`` hyperparameters).
     """
     _check_reference(model)
-    was_training = model.training
-    model.train()
-    try:
+    with training_mode(model, True):
         out = model(features)
-    finally:
-        model.train(was_training)
     y = torch.as_tensor(labels, device=model.class_att.device).long()
     return msdn_loss(model, out, y, model.seen_mask).total
 

@@ -8,12 +8,13 @@ with a :class:`StateReader` and checks the class side with the functions here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import CheckpointError
@@ -58,6 +59,13 @@ class StateReader:
     def unread(self) -> list[str]:
         """The keys nothing has read, sorted: a released model of another layout, or a wrong method."""
         return sorted(set(self.state) - self.used)
+
+    def check_all_read(self, layout: str = "") -> None:
+        """Refuse a state dict with keys nothing read; ``layout`` says what the released model holds."""
+        extra = self.unread()
+        if extra:
+            raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in "
+                                  f"all){'; ' + layout if layout else ''}")
 
 
 def strip_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,3 +142,14 @@ def open_released(state_dict: Mapping[str, Any], dataset: str, hparams: Mapping[
     if skip_prefix is not None:
         state = {k: v for k, v in state.items() if not k.startswith(skip_prefix)}
     return ds, StateReader(state)
+
+
+@contextmanager
+def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Run the block with ``model`` in train (``training``) or eval mode, its own mode restored afterwards."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -35,6 +35,7 @@ from dedn.models.class_set import ClassSet
 from dedn.models.dedn import normalize_rows
 from dedn.models.losses import LossTerms, self_calibration_loss
 from dedn.models.precision import check_precision
+from dedn.models.released import training_mode
 
 #: TransZero's one expert, and the name of its one branch in :meth:`TransZeroOutput.branches`.
 EXPERT = "transzero"
@@ -408,13 +409,9 @@ class TransZero(ClassSet):
     def attention_maps(self, features: Tensor) -> dict[str, Tensor]:
         """``{"transzero_region": (B, D, R)}``: each attribute's decoder attention over the regions (sums to 1),
         computed in evaluation mode (no dropout); the model's train/eval state is restored afterwards."""
-        was_training = self.training
-        self.eval()
-        try:
+        with training_mode(self, False):
             feats = self.prepare_features(features)
             _, weights = self.decode(self.semantic_vectors(), self.memory(feats), need_weights=True)
-        finally:
-            self.train(was_training)
         assert weights is not None
         return {f"{EXPERT}_region": weights}
 

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from dedn.data.dataset import ZSLData
-from dedn.errors import CheckpointError
 from dedn.models.losses import LossTerms
 from dedn.models.registry import ModelEntry, RunSettings, register_model
 from dedn.models.released import (
@@ -37,6 +36,7 @@ from dedn.models.released import (
     check_weight_ce,
     open_released,
     seen_mask_from,
+    training_mode,
 )
 from dedn.models.transzero import (
     DATASET_SETTINGS,
@@ -169,9 +169,7 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(chk.get(released_name(name), tuple(param.shape)))
-    extra = chk.unread()
-    if extra:
-        raise CheckpointError(f"reference state dict: unexpected key {extra[0]!r} ({len(extra)} unexpected in all)")
+    chk.check_all_read()
     model.set_classes(att, seen)
     # The released att is what the released code scores against (clipped where it clips, rows normalised):
     # kept bit for bit rather than normalised a second time.
@@ -194,12 +192,8 @@ def _check_reference(model: TransZero) -> None:
 
 
 def _forward(model: TransZero, features: Tensor, training: bool) -> TransZeroOutput:
-    was_training = model.training
-    model.train(training)
-    try:
+    with training_mode(model, training):
         return model(features)
-    finally:
-        model.train(was_training)
 
 
 def reference_scores(model: TransZero, features: Tensor, training: bool) -> tuple[Tensor]:

@@ -204,7 +204,7 @@ def bench(
 @app.command()
 def extract(
     out: Annotated[Path, typer.Option("--out", help="feature store folder to write (resumed if it exists)")],
-    images: Annotated[Path, typer.Option(help="image root (xlsa17 dataset root, or a folder of class folders)")],
+    images: Annotated[Path, typer.Option(help="the images: an xlsa17 dataset root (with --xlsa17), a folder with one sub-folder per class, or (with --attributes) a CSV with the columns path,class[,split]")],  # noqa: E501
     xlsa17: Annotated[Optional[Path], typer.Option(help="xlsa17 folder of the dataset (att_splits.mat, res101.mat)")] = None,  # noqa: UP045,E501
     dataset: Annotated[Optional[str], typer.Option(help="CUB, SUN or AWA2 (with --xlsa17)")] = None,  # noqa: UP045
     backbone: Annotated[str, typer.Option(help="resnet101 or efficientnet-lite0")] = "resnet101",
@@ -215,18 +215,24 @@ def extract(
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option(help="float16 or float32")] = "float16",
     overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="replace an existing store")] = False,
-    classes: Annotated[Optional[Path], typer.Option("--classes", help="your own dataset: a class-by-attribute table (.csv: class, then one column per attribute; or .json), one row per class folder of --images")] = None,  # noqa: UP045,E501
-    unseen: Annotated[Optional[str], typer.Option(help="with --classes: the zero-shot classes (folder names, comma-separated): all their images are test images")] = None,  # noqa: UP045,E501
-    test_fraction: Annotated[float, typer.Option(help="with --classes: share of each seen class's images kept for testing")] = 0.2,  # noqa: E501
-    val_fraction: Annotated[float, typer.Option(help="with --classes: share of the seen classes the validated protocol holds out")] = 0.2,  # noqa: E501
-    word_vectors: Annotated[Optional[Path], typer.Option(help="with --classes: the attributes' semantic vectors (.npy, .npz, .txt or .pkl, one row per attribute); default one-hot")] = None,  # noqa: UP045,E501
+    attributes: Annotated[Optional[Path], typer.Option(help="your own dataset: a CSV with the class names in its first column and the attribute names in its header, one row per class")] = None,  # noqa: UP045,E501
+    splits: Annotated[Optional[Path], typer.Option(help="with --attributes: a CSV class,split, split train, val or test as xlsa17 names them (train and val: seen classes; val: the validation classes; test: unseen)")] = None,  # noqa: UP045,E501
+    groups: Annotated[Optional[Path], typer.Option(help="with --attributes: attribute groups for the clusters, a CSV attribute,group (or a YAML / JSON cluster file); without it train with model.clusters=kmeans or none")] = None,  # noqa: UP045,E501
+    test_fraction: Annotated[float, typer.Option(help="with --attributes: share of each seen class's images kept as test images, where the image CSV gives no split")] = 0.2,  # noqa: E501
+    seed: Annotated[int, typer.Option(help="with --attributes: the seed of that split")] = 0,
+    word_vectors: Annotated[Optional[Path], typer.Option(help="with --attributes: the attributes' semantic vectors (.npy, .npz, .txt or .pkl, one row per attribute); default one-hot")] = None,  # noqa: UP045,E501
 ) -> None:
     """Extract frozen-backbone region feature maps into a feature store (resumable; torchrun to shard).
 
-    Three kinds of input: an xlsa17 benchmark (--xlsa17), your own dataset (a folder of class folders with
-    --classes TABLE --unseen A,B), or plain class folders (no semantic side: for prediction features only).
+    Three kinds of input: an xlsa17 benchmark (--xlsa17); your own dataset (--images, --attributes, --splits),
+    whose store carries its classes, attributes, splits and validation classes, so `dedn train data.path=OUT`
+    trains on it; or plain class folders (no semantic side: prediction features only).
+
+    Your own dataset is checked whole before the backbone is built: the files name the same classes, every
+    class has images, attributes are numbers that vary across classes, names are unique, there is an unseen
+    (test) and a validation (val) class, and every image decodes (unreadable images are refused, all listed).
     """
-    from dedn.checks import COUNT, DEVICE, IMAGE_SIZE, NON_NEGATIVE_COUNT, check_option, choice
+    from dedn.checks import COUNT, DEVICE, IMAGE_SIZE, NON_NEGATIVE_COUNT, OPEN_FRACTION, check_option, choice
     from dedn.data.store import DTYPES, SemanticSide
 
     # Before the backbone is built (and its weights downloaded).
@@ -235,26 +241,35 @@ def extract(
     check_option("--workers", workers, NON_NEGATIVE_COUNT)
     check_option("--device", device, DEVICE)
     check_option("--dtype", dtype, choice(*DTYPES))
+    check_option("--test-fraction", test_fraction, OPEN_FRACTION)
+    check_option("--seed", seed, NON_NEGATIVE_COUNT)
+    custom = None
+    if attributes is not None or splits is not None:  # checked whole before the backbone is built
+        from dedn.apps.custom_dataset import CustomInputs, read_custom_dataset
+
+        if attributes is None or splits is None or xlsa17 is not None:
+            raise DednError("your own dataset needs both --attributes ATT.csv and --splits SPLITS.csv (and no "
+                            "--xlsa17)")
+        custom = read_custom_dataset(CustomInputs(images, attributes, splits, groups, word_vectors, test_fraction,
+                                                  seed), name=out.name, num_workers=workers)
+    elif groups is not None or word_vectors is not None:
+        raise DednError("--groups and --word-vectors describe your own dataset: give them with --attributes "
+                        "and --splits")
 
     from dedn.features.backbones import get_backbone
     from dedn.features.extract import ExtractOptions, extract_features, extract_folder
 
-    side = None
-    if classes is not None:  # checked before the backbone is built and any image is read
-        from dedn.apps.custom_dataset import CustomSplit, custom_semantic_side
-        from dedn.features.extract import list_image_folder
-
-        if xlsa17 is not None or not unseen:
-            raise DednError("--classes describes your own dataset: give --unseen (and no --xlsa17)")
-        _, labels, names = list_image_folder(images)
-        split = CustomSplit([u.strip() for u in unseen.split(",") if u.strip()], test_fraction, val_fraction)
-        side = custom_semantic_side(names, labels, classes, split, word_vectors, name=Path(images).name)
     bb = get_backbone(backbone, weights=weights)
     common = dict(batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, overwrite=overwrite)
-    if xlsa17 is None:
+    if custom is not None:
+        store = extract_features(custom.paths, custom.labels, out, bb, ExtractOptions(
+            image_size=image_size, check_images=False, provenance_extra={"dataset": out.name}, **common))
+        store.save_semantics(custom.side)
+        if custom.side.clusters is None:
+            typer.echo("no attribute groups (--groups): train with model.clusters=kmeans model.n_clusters=Q, "
+                       "or model.clusters=none")
+    elif xlsa17 is None:
         store = extract_folder(images, out, bb, ExtractOptions(image_size=image_size, **common))
-        if side is not None:
-            store.save_semantics(side)
     else:
         from dedn.data.benchmarks import BENCHMARKS, find_benchmark
         from dedn.data.xlsa17 import canonical_dataset, read_semantic_dir, resolve_image_paths
@@ -410,17 +425,22 @@ def samples(
     out: Annotated[Path, typer.Option("--out", help="folder for the PNGs and index.csv")],
     per_class: Annotated[int, typer.Option(help="images per class")] = 2,
     classes: Annotated[Optional[list[str]], typer.Option(help="only these classes (repeatable or comma-separated): names, numbers 1..K, or seen, unseen, validation")] = None,  # noqa: UP045,E501
+    split: Annotated[str, typer.Option(help="which images: test (the test split), train (the trainval images), validation (the validation classes' trainval images) or all (both splits, in turn)")] = "test",  # noqa: E501
     overrides: Overrides = None,
 ) -> None:
     """Write sample images of the built-in benchmark (the demo's), true class in each file name, with an
-    index.csv (file, class, kind: seen, unseen or validation; split: test images first). Renders only: no
-    backbone, seconds."""
-    from dedn.apps.samples import write_samples
-    from dedn.checks import COUNT, check_option, check_output_folder
+    index.csv (path, class, kind: seen, unseen or validation; split: trainval or test). Renders only: no
+    backbone, seconds.
+
+    It also writes attributes.csv, splits.csv and groups.csv for the classes shown, so the folder is a dataset of
+    your own for `dedn extract --images OUT/index.csv --attributes OUT/attributes.csv --splits OUT/splits.csv`."""
+    from dedn.apps.samples import SPLITS, write_samples
+    from dedn.checks import COUNT, check_option, check_output_folder, choice
 
     check_option("--per-class", per_class, COUNT)
+    check_option("--split", split, choice(*SPLITS))
     check_output_folder("--out", out)
-    result = write_samples(out, per_class, classes, overrides or [])
+    result = write_samples(out, per_class, classes, overrides or [], split=split)
     n_classes = len({r[1] for r in result.rows})
     typer.echo(f"wrote {len(result.rows)} images of {n_classes} classes to {result.folder}; index: {result.index}")
 

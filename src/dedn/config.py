@@ -44,6 +44,8 @@ from dedn.errors import ConfigError
 
 #: Where a run's features come from (each has a loader in :data:`dedn.factory.DATA_LOADERS`).
 DATA_SOURCES = ("synthetic", "store", "hdf5", "imagebench")
+#: The sources that read no data.path (a path given with one of them names a store or HDF5 file instead).
+PATHLESS_SOURCES = ("synthetic", "imagebench")
 #: The optimisers a run may use (``train.optimizer``).
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 MODES = ("paper", "reference")
@@ -53,7 +55,10 @@ MODES = ("paper", "reference")
 class DataConfig:
     """Where features and semantics come from."""
 
-    source: str = "synthetic"  # one of DATA_SOURCES
+    # One of DATA_SOURCES. With data.path given, a source that reads no path (synthetic, imagebench) becomes the
+    # path's kind, "hdf5" for a .h5 / .hdf5 file, else "store", unless an override names data.source: so
+    # `dedn train data.path=STORE` and `dedn train --config demo data.path=STORE` train on the store.
+    source: str = "synthetic"
     path: str | None = None  # feature store folder or DAZLE-layout HDF5 file
     dataset: str | None = None  # CUB | SUN | AWA2: picks the built-in clusters and checks counts
     semantic_dir: str | None = None  # xlsa17 folder with att_splits.mat and the word-vector pickle
@@ -309,6 +314,9 @@ def _merged(base: RunConfig | type[RunConfig], origin: str, values: Any, overrid
     except Exception as exc:  # values OmegaConf cannot take at all
         raise ConfigError(f"{where}: cannot read config: {exc}") from None
     assert isinstance(cfg, RunConfig)
+    if cfg.data.path and cfg.data.source in PATHLESS_SOURCES and not any(
+            o.split("=", 1)[0].strip() == "data.source" for o in overrides):
+        cfg.data.source = "hdf5" if Path(cfg.data.path).suffix.lower() in (".h5", ".hdf5") else "store"
     return _check(cfg, where)
 
 

@@ -1,9 +1,11 @@
-"""Sample images of the built-in benchmark (``dedn samples``): rendered only, no backbone, in seconds."""
+"""Sample images of the built-in benchmark (``dedn samples``): rendered only, no backbone, in seconds; with the
+class attribute, class split and attribute group files that make them a dataset of one's own for ``dedn extract``."""
 
 from __future__ import annotations
 
 import csv
 import difflib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +17,17 @@ from dedn.data.imagebench import ImageBenchmark, make_image_benchmark
 from dedn.errors import ConfigError
 
 INDEX_FILE = "index.csv"
+ATTRIBUTES_FILE = "attributes.csv"
+SPLITS_FILE = "splits.csv"
+GROUPS_FILE = "groups.csv"
 KINDS = ("seen", "unseen", "validation")
+#: What ``dedn samples --split`` takes (see :func:`split_images`).
+SPLITS = ("train", "test", "validation", "all")
 
 
 @dataclass
 class Samples:
-    """What :func:`write_samples` wrote: the folder, the index CSV and one ``(file, class, kind, split)`` per
+    """What :func:`write_samples` wrote: the folder, the index CSV and one ``(path, class, kind, split)`` per
     image."""
 
     folder: Path
@@ -71,35 +78,74 @@ def select_classes(bench: ImageBenchmark, wanted: Sequence[str] | None) -> list[
     return out
 
 
-def write_samples(out: str | Path, per_class: int = 2, classes: Sequence[str] | None = None,
-                  overrides: Sequence[str] = ()) -> Samples:
-    """Render ``per_class`` images of each chosen class of the demo's benchmark as PNGs under ``out``.
+def split_images(bench: ImageBenchmark, split: str) -> dict[str, np.ndarray]:
+    """The images of ``split`` by benchmark split (``trainval``, ``test``): sorted image indices.
 
-    Files are named ``<class name>__<image index>.png`` and listed in ``out/index.csv`` (file, class, kind:
-    seen, unseen or validation; split: test, or trainval where a class has too few test images). Test images
-    come first, so predictions on them are honest. The benchmark is the demo config's ``data.imagebench`` with
-    ``overrides``.
+    ``train``: the trainval images (every seen class's training images); ``test``: the test split (test-seen and
+    test-unseen images); ``validation``: the trainval images of the validation classes (the seen classes the
+    validated protocol holds out); ``all``: both splits.
+
+    Raises:
+        ConfigError: an unknown split.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    trainval = np.sort(bench.trainval_loc)
+    test = np.sort(np.concatenate([bench.test_seen_loc, bench.test_unseen_loc]))
+    if split == "validation":
+        return {"trainval": trainval[np.isin(bench.labels[trainval], bench.val_classes)]}
+    return {"train": {"trainval": trainval}, "test": {"test": test},
+            "all": {"trainval": trainval, "test": test}}[split]
+
+
+def _chosen(bench: ImageBenchmark, pools: dict[str, np.ndarray], c: int, per_class: int) -> list[tuple[int, str]]:
+    """Up to ``per_class`` images of class ``c``, taken in turn from each split's pool (both splits show)."""
+    mine = [[(int(i), name) for i in pool[bench.labels[pool] == c]] for name, pool in pools.items()]
+    taken = [item for row in itertools.zip_longest(*mine) for item in row if item is not None]
+    return taken[:per_class]
+
+
+def write_samples(out: str | Path, per_class: int = 2, classes: Sequence[str] | None = None,
+                  overrides: Sequence[str] = (), split: str = "test") -> Samples:
+    """Render ``per_class`` images of each chosen class of the demo's benchmark, from ``split``, as PNGs under
+    ``out``, with the files a dataset of one's own needs (``dedn extract --images out/index.csv --attributes
+    out/attributes.csv --splits out/splits.csv --groups out/groups.csv``).
+
+    Files are named ``<class name>__<image index>.png`` and listed in ``out/index.csv`` (path, class, kind: seen,
+    unseen or validation; split: trainval or test, the benchmark's). ``attributes.csv`` holds the chosen classes'
+    attribute values, ``splits.csv`` their class split (train, val, test) and ``groups.csv`` the attribute groups.
+    The benchmark is the demo config's ``data.imagebench`` with ``overrides``.
     """
     if per_class < 1:
         raise ConfigError(f"--per-class must be at least 1, got {per_class}")
     cfg = load_config(find_config("demo"), list(overrides))
     bench = make_image_benchmark(cfg.data.imagebench)
+    pools = split_images(bench, split)
     kinds = class_kinds(bench)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    split = np.full(bench.n_images, "trainval", dtype=object)
-    split[np.concatenate([bench.test_seen_loc, bench.test_unseen_loc])] = "test"
     rows: list[tuple[str, str, str, str]] = []
-    for c in select_classes(bench, classes):
-        images = np.flatnonzero(bench.labels == c)
-        # Test images first: a model trained on the benchmark has never seen them.
-        for i in sorted(images, key=lambda i: (split[i] != "test", i))[:per_class]:
-            name = f"{bench.class_names[c]}__{int(i):05d}.png"
-            bench.image(int(i)).save(folder / name)
-            rows.append((name, bench.class_names[c], kinds[c], str(split[i])))
+    chosen = select_classes(bench, classes)
+    for c in chosen:
+        for i, image_split in _chosen(bench, pools, c, per_class):
+            name = f"{bench.class_names[c]}__{i:05d}.png"
+            bench.image(i).save(folder / name)
+            rows.append((name, bench.class_names[c], kinds[c], image_split))
+    shown = sorted({bench.class_names.index(r[1]) for r in rows})
+    class_split = {"seen": "train", "validation": "val", "unseen": "test"}
+    group = {int(a): g for g, members in bench.clusters.items() for a in members}
     index = folder / INDEX_FILE
-    with index.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["file", "class", "kind", "split"])
-        writer.writerows(rows)
+    _write_csv(index, ["path", "class", "kind", "split"], rows)
+    _write_csv(folder / ATTRIBUTES_FILE, ["class", *bench.attribute_names],
+               [[bench.class_names[c], *(f"{v:.4g}" for v in bench.class_att[c])] for c in shown])
+    _write_csv(folder / SPLITS_FILE, ["class", "split"], [[bench.class_names[c], class_split[kinds[c]]] for c in shown])
+    _write_csv(folder / GROUPS_FILE, ["attribute", "group"],
+               [[a, group[j]] for j, a in enumerate(bench.attribute_names)])
     return Samples(folder, index, rows)
+
+
+def _write_csv(path: Path, header: list[str], rows: Sequence[Sequence[str]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)

@@ -181,10 +181,12 @@ def _normalised(clusters: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def load_cluster_file(path: str | Path, attribute_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Read a YAML or JSON mapping ``cluster name -> list of attributes`` and validate it.
+    """Read a cluster file and validate it: a YAML or JSON mapping ``cluster name -> list of attributes``, or a
+    CSV with the header ``attribute,group`` and one row per attribute (the group names its cluster).
 
-    Each item is an attribute index (int, 0-based), an attribute name (string, exact) or a half-open
-    range ``"a:b"``; kinds may be mixed. The file order gives the cluster order.
+    In a mapping each item is an attribute index (int, 0-based), an attribute name (string, exact) or a
+    half-open range ``"a:b"``; kinds may be mixed. The file order gives the cluster order (in a CSV, the order
+    in which the groups first appear).
 
     Raises:
         DataError: the file is missing or malformed, names an unknown attribute, or the clusters are not
@@ -195,12 +197,16 @@ def load_cluster_file(path: str | Path, attribute_names: Sequence[str]) -> dict[
         raise DataError(f"{p}: cluster file not found")
     try:
         text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() == ".json":
+        if p.suffix.lower() == ".csv":
+            data = _groups_csv(p, text)
+        elif p.suffix.lower() == ".json":
             data = json.loads(text)
         else:
             import yaml
 
             data = yaml.safe_load(text)
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"{p}: cannot read the cluster file: {exc}") from None
     if not isinstance(data, Mapping) or not data:
@@ -234,6 +240,22 @@ def load_cluster_file(path: str | Path, attribute_names: Sequence[str]) -> dict[
         clusters[str(name)] = np.asarray(out, dtype=np.int64)
     validate_clusters(clusters, len(attribute_names), str(p), attribute_names)
     return _normalised(clusters)
+
+
+def _groups_csv(path: Path, text: str) -> dict[str, list[str]]:
+    """``group -> attribute names`` of a CSV ``attribute,group`` (one row per attribute), groups in first-seen order."""
+    import csv
+
+    rows = [[c.strip() for c in r] for r in csv.reader(text.lstrip("\ufeff").splitlines()) if any(c.strip() for c in r)]
+    if not rows or [c.lower() for c in rows[0][:2]] != ["attribute", "group"]:
+        raise DataError(f"{path}: a groups CSV starts with the header 'attribute,group', then one row per "
+                        "attribute: its name and its group")
+    groups: dict[str, list[str]] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) < 2 or not row[0] or not row[1]:
+            raise DataError(f"{path}: row {n} needs an attribute name and a group, got {row}")
+        groups.setdefault(row[1], []).append(row[0])
+    return groups
 
 
 def resolve_clusters(

@@ -51,11 +51,51 @@ def test_samples_writes_named_images_and_an_index(tmp_path, monkeypatch, capsys)
     assert kinds[first] in ("seen", "validation") or first in unseen
     test = set(np.concatenate([bench.test_seen_loc, bench.test_unseen_loc]).tolist())
     for r in rows:
-        assert r["file"].startswith(r["class"] + "__") and (out / r["file"]).is_file()
-        index = int(r["file"].rsplit("__", 1)[1].removesuffix(".png"))
+        assert r["path"].startswith(r["class"] + "__") and (out / r["path"]).is_file()
+        index = int(r["path"].rsplit("__", 1)[1].removesuffix(".png"))
         assert r["split"] == ("test" if index in test else "trainval")
-    assert all(r["split"] == "test" for r in rows)  # every class has test images: those come first
+    assert all(r["split"] == "test" for r in rows)  # --split test, the default
     assert f"wrote {len(rows)} images" in text
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "all"])
+def test_samples_of_a_split_and_the_files_of_a_dataset(split, tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "samples"
+    _ok(["samples", "--out", out, "--per-class", "2", "--split", split], monkeypatch, capsys)
+    bench = make_image_benchmark(load_config("demo").data.imagebench)
+    with (out / "index.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    test = set(np.concatenate([bench.test_seen_loc, bench.test_unseen_loc]).tolist())
+    for r in rows:
+        index = int(r["path"].rsplit("__", 1)[1].removesuffix(".png"))
+        assert r["split"] == ("test" if index in test else "trainval")
+    classes = {r["class"] for r in rows}
+    if split == "train":  # the trainval images: every seen class's, validation classes included
+        assert {r["split"] for r in rows} == {"trainval"} and len(classes) == len(bench.seen_classes)
+    elif split == "validation":  # the validation classes' trainval images
+        assert {(r["kind"], r["split"]) for r in rows} == {("validation", "trainval")}
+        assert len(classes) == len(bench.val_classes)
+    else:  # both splits in turn: one trainval and one test image of each seen class
+        assert len(rows) == 2 * bench.n_classes
+        seen = [r["split"] for r in rows if r["kind"] != "unseen"]
+        assert seen.count("trainval") == seen.count("test") == len(bench.seen_classes)
+    # The class attributes, class splits and attribute groups of the classes shown, as `dedn extract` reads them.
+    with (out / "attributes.csv").open() as fh:
+        header, *att = list(csv.reader(fh))
+    assert header == ["class", *bench.attribute_names] and [a[0] for a in att] == sorted(classes)
+    with (out / "splits.csv").open() as fh:
+        splits = {r["class"]: r["split"] for r in csv.DictReader(fh)}
+    kinds = {r["class"]: r["kind"] for r in rows}
+    assert splits == {c: {"seen": "train", "validation": "val", "unseen": "test"}[kinds[c]] for c in classes}
+    with (out / "groups.csv").open() as fh:
+        groups = list(csv.DictReader(fh))
+    assert [g["attribute"] for g in groups] == bench.attribute_names
+    assert {g["group"] for g in groups} == set(bench.clusters)
+
+
+def test_samples_refuse_an_unknown_split(tmp_path, monkeypatch, capsys) -> None:
+    code, _, err = run_cli(["samples", "--out", tmp_path / "x", "--split", "val"], monkeypatch, capsys)
+    assert code == 2 and "--split must be one of {train, test, validation, all}, got 'val'" in err
 
 
 def test_samples_validation_classes_and_an_unknown_class(tmp_path, monkeypatch, capsys) -> None:

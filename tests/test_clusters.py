@@ -172,6 +172,23 @@ def test_cluster_file_names_indices_ranges(tmp_path):
     assert list(got) == ["b", "a"] and got["b"].tolist() == [3, 4, 5] and got["a"].dtype == np.int64
 
 
+def test_cluster_file_as_a_csv_of_attribute_and_group(tmp_path):
+    f = tmp_path / "groups.csv"
+    f.write_text("\ufeffattribute,group\nbig,size\nred,colour\n\ngreen,colour\nblue,colour\nsmall,size\nfast,motion\n")
+    got = load_cluster_file(f, NAMES)  # groups in the order they first appear; a spreadsheet's BOM is no problem
+    assert {k: v.tolist() for k, v in got.items()} == {"size": [3, 4], "colour": [0, 1, 2], "motion": [5]}
+    assert list(got) == ["size", "colour", "motion"]
+    f.write_text("name,cluster\nred,a\n")
+    with pytest.raises(DataError, match="groups.csv: a groups CSV starts with the header 'attribute,group'"):
+        load_cluster_file(f, NAMES)
+    f.write_text("attribute,group\nred,\n")
+    with pytest.raises(DataError, match=r"groups.csv: row 2 needs an attribute name and a group"):
+        load_cluster_file(f, NAMES)
+    f.write_text("attribute,group\nred,a\ngreen,a\nblue,a\nbig,b\nsmall,b\nfast,b\nred,b\n")
+    with pytest.raises(DataError, match=r"clusters 'a' and 'b' overlap in attributes 0 \(red\)"):
+        load_cluster_file(f, NAMES)
+
+
 def test_cluster_file_real_cub_names(tmp_path):
     names = names_of("CUB")
     f = tmp_path / "cub.yaml"

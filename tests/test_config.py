@@ -97,6 +97,17 @@ def test_every_data_source_has_one_loader() -> None:
     assert tuple(DATA_LOADERS) == DATA_SOURCES
 
 
+def test_a_data_path_names_the_source_unless_an_override_does() -> None:
+    # `dedn train data.path=STORE` trains on the store, not on the default synthetic data, and so does a config
+    # whose source reads no path (the demo's imagebench); a source given beside the path is kept.
+    assert load_config(None, ["data.path=stores/mine"]).data.source == "store"
+    assert load_config("demo", ["data.path=stores/mine"]).data.source == "store"
+    assert load_config(None, ["data.path=features.hdf5"]).data.source == "hdf5"
+    assert load_config(None, ["data.path=x", "data.source=synthetic"]).data.source == "synthetic"
+    assert load_config("demo", []).data.source == "imagebench" and load_config(None, []).data.source == "synthetic"
+    assert load_config("cub-gzsl", ["data.path=features.h5"]).data.source == "store"  # the preset's own source
+
+
 def test_every_optimizer_has_a_builder_and_trains(tiny_cfg) -> None:
     import torch
 

@@ -156,6 +156,8 @@ BAD_OPTIONS = [
     (["extract", "--batch-size", "0"], "--batch-size", "an integer >= 1, got 0"),
     (["extract", "--device", "tpu"], "--device", "one of {auto, cpu, cuda, cuda:N}"),
     (["extract", "--dtype", "float64"], "--dtype", "one of {float16, float32}"),
+    (["extract", "--test-fraction", "1"], "--test-fraction", "a finite number in (0, 1), got 1.0"),
+    (["extract", "--seed", "-1"], "--seed", "an integer >= 0, got -1"),
 ]
 
 

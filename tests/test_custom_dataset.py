@@ -68,8 +68,10 @@ def test_class_folders_give_the_xlsa17_kind_of_split(tmp_path: Path) -> None:
     assert ts.size == 4 * 1  # 20 % of each seen class's five images
     assert side.val_classes.tolist() == [2] and side.clusters is None
     assert side.image_files == dataset.paths and len(dataset.paths) == 25
-    again = _read(_inputs(tmp_path / "again", test_fraction=0.2, seed=3)).side
+    again = read_custom_dataset(_inputs(tmp_path / "again", test_fraction=0.2, seed=3), name="cub", num_workers=0,
+                                progress=False).side
     assert np.array_equal(again.test_seen_loc, ts)  # seeded
+    assert again.name == "cub (own data)"  # not CUB: its built-in clusters and quirks do not apply
 
 
 def test_an_image_csv_with_splits_and_a_groups_file(tmp_path: Path) -> None:

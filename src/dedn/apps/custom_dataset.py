@@ -36,6 +36,7 @@ from dedn.checks import ATTRIBUTE_VALUE, OPEN_FRACTION, check
 from dedn.data.clusters import load_cluster_file
 from dedn.data.semantics import load_word_vectors, normalize_rows
 from dedn.data.store import SemanticSide
+from dedn.data.xlsa17 import canonical_dataset
 from dedn.errors import DataError
 from dedn.features.extract import find_bad_images, list_image_folder
 
@@ -79,7 +80,8 @@ class CustomDataset:
 
 def read_custom_dataset(inputs: CustomInputs, name: str | None = None, num_workers: int = 2,
                         progress: bool = True) -> CustomDataset:
-    """Read and check every input of a dataset of one's own, decoding every image once (no backbone).
+    """Read and check every input of a dataset of one's own, decoding every image once (no backbone). ``name``
+    is the dataset's name in the store (a built-in benchmark's name gets " (own data)" added).
 
     Raises:
         DataError: naming the file and the problem: a class in one file and not another, a class without
@@ -103,6 +105,8 @@ def read_custom_dataset(inputs: CustomInputs, name: str | None = None, num_worke
         raise DataError(f"{inputs.images}: {len(bad)} of {len(paths)} images cannot be read (truncated, corrupt or "
                         "not an image); fix them or remove them from the images, then run again:\n  "
                         + "\n  ".join(bad))
+    if canonical_dataset(name):  # a name like "cub" would select CUB's built-in clusters and reference quirks
+        name = f"{name} (own data)"
     val = np.asarray([k for k, c in enumerate(classes) if class_split[c] == "val"], dtype=np.int64)
     side = SemanticSide(att=normalize_rows(values), original_att=values, w2v=w2v, trainval_loc=trainval,
                         test_seen_loc=test_seen, test_unseen_loc=test_unseen, class_names=classes,

@@ -23,6 +23,16 @@ GROUPS_FILE = "groups.csv"
 KINDS = ("seen", "unseen", "validation")
 #: What ``dedn samples --split`` takes (see :func:`split_images`).
 SPLITS = ("train", "test", "validation", "all")
+#: The columns of ``index.csv``: ``path`` and ``class`` as ``dedn extract --images index.csv`` reads them.
+INDEX_COLUMNS = ("path", "class", "kind", "split")
+#: Between the class name and the image number in a sample's file name: ``<class name>__<image index>.png``.
+NAME_SEPARATOR = "__"
+
+
+def class_in_file_name(path: str | Path) -> str | None:
+    """The class a sample's file name starts with (``<class name>__<image index>.png``), or None."""
+    stem = Path(path).stem
+    return stem.rsplit(NAME_SEPARATOR, 1)[0] if NAME_SEPARATOR in stem else None
 
 
 @dataclass
@@ -128,14 +138,14 @@ def write_samples(out: str | Path, per_class: int = 2, classes: Sequence[str] | 
     chosen = select_classes(bench, classes)
     for c in chosen:
         for i, image_split in _chosen(bench, pools, c, per_class):
-            name = f"{bench.class_names[c]}__{i:05d}.png"
+            name = f"{bench.class_names[c]}{NAME_SEPARATOR}{i:05d}.png"
             bench.image(i).save(folder / name)
             rows.append((name, bench.class_names[c], kinds[c], image_split))
     shown = sorted({bench.class_names.index(r[1]) for r in rows})
     class_split = {"seen": "train", "validation": "val", "unseen": "test"}
     group = {int(a): g for g, members in bench.clusters.items() for a in members}
     index = folder / INDEX_FILE
-    _write_csv(index, ["path", "class", "kind", "split"], rows)
+    _write_csv(index, list(INDEX_COLUMNS), rows)
     _write_csv(folder / ATTRIBUTES_FILE, ["class", *bench.attribute_names],
                [[bench.class_names[c], *(f"{v:.4g}" for v in bench.class_att[c])] for c in shown])
     _write_csv(folder / SPLITS_FILE, ["class", "split"], [[bench.class_names[c], class_split[kinds[c]]] for c in shown])

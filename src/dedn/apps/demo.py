@@ -265,11 +265,11 @@ def _seed_spread_lines(spread: dict[str, Any] | None) -> list[str]:
     """The measured seed spread of H, and what it means for rows of one seed each."""
     if not spread:
         return []
-    return [f"seed noise: every row is one seed; {spread['method']}'s {spread['protocol']} H over {spread['n_seeds']} "
-            f"seeds was {spread['mean_H']:.1f} ± {spread['std_H']:.1f} (sample std)",
-            f"  (`{spread['command']}`, {spread['measured']}), so rows that differ by less than "
-            f"about {spread['std_H']:.0f} points of H",
-            "  are within seed noise; the H interval covers the test images' sampling only."]
+    return [f"seed noise: each row is one seed. {spread['method']}'s {spread['protocol']} H over {spread['n_seeds']} "
+            f"seeds was {spread['mean_H']:.1f} ± {spread['std_H']:.1f} (sample std), measured with",
+            f"  `{spread['command']}` {spread['measured']}:",
+            f"  rows that differ by less than about {spread['std_H']:.0f} points of H are within seed noise "
+            "(the H interval covers the test images only)."]
 
 
 def _choice_lines(choices: dict[str, Any] | None) -> list[str]:
@@ -277,10 +277,10 @@ def _choice_lines(choices: dict[str, Any] | None) -> list[str]:
     if not choices or "model.l_e" not in (choices.get("tune") or {}):
         return []
     grid = ", ".join(f"{v:g}" for v in choices["tune"]["model.l_e"])
-    return [f"  chosen on validation: {choices['epochs']} epochs, gamma, and l_e = {choices['l_e']:g} (of {grid}); "
-            f"`dedn train --config demo` keeps",
-            f"  the config's l_e = {choices['config_l_e']:g}, so it selects and reports another model "
-            "(another H)."]
+    return [f"  chosen on validation: {choices['epochs']} epochs, gamma and l_e = {choices['l_e']:g} (of {grid}); "
+            "`dedn train --config demo`",
+            f"  keeps the config's l_e = {choices['config_l_e']:g}, so it selects and reports another model, "
+            "with another H."]
 
 
 def format_demo(result: dict[str, Any]) -> str:

@@ -471,7 +471,7 @@ def _table1_plot(exp: ExperimentResult, gap: list[dict[str, Any]],
         paper = {list(series)[-1]: [published[g["row"]]["H"] if g["row"] in published else None for g in gap]}
     drawn = _bars(ax, [g["label"] for g in gap], series, paper)
     n = max((g["n_seeds"] for g in gap), default=0)
-    ax.set_title(f"Table 1 on {exp.dataset}: validated against test-selected H\n"
+    ax.set_title(f"Table 1 on {exp.dataset}: {' against '.join(series)}\n"
                  f"{'mean ± sample std over ' if n > 1 else ''}{n} seed{'s' if n != 1 else ''}"
                  f"{'; black: the paper' if paper else ''}", fontsize=9)
     ax.set_ylim(0, min(100.0, max([*drawn, 1.0]) * 1.18))

@@ -5,9 +5,8 @@ claims the results folder, makes one :class:`~dedn.apps.protocols.Job` per (row,
 jobs to the launcher (:mod:`dedn.apps.launch`). Every command runs the config's ``eval.protocol`` unless
 ``protocol`` says otherwise (``validated``, ``published`` or ``both``); the config's default is ``validated``.
 The protocols themselves (``validated``, the honest one, and ``published``, what the released code reports)
-are :mod:`dedn.apps.protocols`'s; what the
-validated protocol chooses on its validation task is :mod:`dedn.apps.selection`'s (docs/modes.md, "Evaluation
-protocols"). Every output names its protocol.
+are :mod:`dedn.apps.protocols`'s; what the validated protocol chooses on its validation task is
+:mod:`dedn.apps.selection`'s (docs/modes.md, "Evaluation protocols"). Every output names its protocol.
 
 A results folder (``out_dir``) holds::
 

@@ -47,6 +47,8 @@ def test_train_then_eval(tiny_overrides: list[str], tmp_path: Path, monkeypatch,
     assert code == 0, err
     metrics = json.loads((run / "final" / "eval" / "metrics.json").read_text())
     assert metrics["gamma"] == 0.5 and metrics["gamma_source"] == "config"
+    # the fixed gamma's figure has the run's validated one beside it, labelled
+    assert f"(%, gamma = {chosen:.4g} (validated))  <- the same outputs at the run's validated gamma" in out
     assert {"T", "S", "U", "H", "AUSUC"} <= set(metrics)
     assert (run / "final" / "eval" / "per_class.csv").is_file()
     # auto: the run's own gamma, the one chosen on validation
@@ -56,6 +58,7 @@ def test_train_then_eval(tiny_overrides: list[str], tmp_path: Path, monkeypatch,
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["gamma"] == chosen and metrics["gamma_source"] == "validated"
     assert f"({metrics['gamma']:.4g}" not in out and "(validated)" in out
+    assert "validated gamma" not in out and "this gamma is fixed" not in out  # nothing to add beside it
     # eval never writes into the run folder itself
     code, _, err = run_cli(["eval", "--checkpoint", str(run), "--out", str(run / "final")], monkeypatch, capsys)
     assert code == 2 and "run folder itself" in err
@@ -92,3 +95,14 @@ def test_packaged_presets_resolve(monkeypatch, capsys, tmp_path: Path) -> None:
     code, _, err = run_cli(["train", "--config", "presets/cub-gzsl.yaml", f"data.path={tmp_path / 'x'}"],
                            monkeypatch, capsys)
     assert code == 2 and "no such feature store" in err
+
+
+def test_train_at_a_fixed_gamma_says_how_to_get_a_validated_one(tiny_overrides: list[str], tmp_path: Path,
+                                                                monkeypatch, capsys) -> None:
+    code, out, err = run_cli(["train", "--run-dir", str(tmp_path / "run"), *tiny_overrides, "train.epochs=1",
+                              "eval.protocol=fixed"], monkeypatch, capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "(mode default))" in line)
+    assert lines[at + 1].strip().startswith("this gamma is fixed (mode default), chosen on no data")
+    assert "eval.protocol=validated" in lines[at + 1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dedn.apps.demo import dedn_command, format_demo, run_demo
+from dedn.apps.demo import DEMO_SEED_SPREAD, DEMO_TUNE, dedn_command, format_demo, run_demo
 from dedn.models.registry import model_entry, model_names
 
 TINY_DEMO = [
@@ -44,6 +44,14 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert 0 <= loc["overall"] <= 100 and 0 < loc["chance"] < 100
     text = format_demo(result)
     assert "DEDN" in text and "(validated)" in text and result["model"] in text
+    # The measured seed spread beside the one-seed rows, and why DEDN's row differs from `dedn train`.
+    spread = DEMO_SEED_SPREAD
+    assert result["seed_spread"] == spread.to_dict()
+    assert f"H over {spread.n_seeds} seeds was {spread.mean_H:.1f} ± {spread.std_H:.1f}" in text
+    assert spread.command in text and "within seed noise" in text
+    chosen = result["model_choices"]
+    assert chosen["tune"] == DEMO_TUNE and chosen["l_e"] in DEMO_TUNE["model.l_e"]
+    assert f"l_e = {chosen['l_e']:g} (of 0.3, 0.5, 0.7, 0.9)" in text and "`dedn train --config demo`" in text
     # It ends with the exact next commands, on the final model.
     assert [c.split()[1] for c in result["next"]] == ["predict", "explain", "eval"]
     assert all(c.split()[0] == dedn_command() for c in result["next"])  # a command this shell can run

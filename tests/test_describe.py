@@ -128,6 +128,7 @@ def test_describe_a_fixed_run(fixed_run, monkeypatch, capsys) -> None:
     assert f"classes: {n} ({n_seen} seen, {n - n_seen} unseen)" in text
     assert f"gamma = {metrics['gamma']:.4g} ({metrics['gamma_source']})" in text
     assert f"H {metrics['H']:.2f}" in text and "AUSUC" in text
+    assert "this gamma is fixed (mode default)" in text and "eval.protocol=validated" in text  # how to get one
 
 
 def test_classes_template_loads_back(fixed_run, tmp_path, monkeypatch, capsys) -> None:

@@ -249,3 +249,13 @@ def test_evaluation_reads_a_tensor_of_all_maps_like_the_array(tiny_cfg) -> None:
     bad[data.test_seen_loc[3], 0, 0, 0] = float("nan")
     with pytest.raises(DataError, match=rf"images \[{data.test_seen_loc[3]}\]"):
         evaluate_model(model, replace(data, features=DeviceFeatures(bad)), 1.0, batch_size=50, stored_dtype=True)
+
+
+def test_a_fixed_gamma_note_only_where_gamma_was_not_chosen_on_validation():
+    from dedn.eval.calibration import GammaSource, fixed_gamma_note
+
+    for source in (GammaSource.CONFIG, "mode default"):
+        note = fixed_gamma_note(source)
+        assert note is not None and "eval.protocol=validated" in note and f"({GammaSource(source).value})" in note
+    assert fixed_gamma_note("validated") is None and fixed_gamma_note(GammaSource.ORACLE) is None
+    assert fixed_gamma_note(None) is None

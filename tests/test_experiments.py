@@ -320,3 +320,57 @@ def test_paper_numbers_beside_ours_for_real_datasets(tmp_path):
     assert record["published"]["values"] == {"dedn": {"T": 77.4, "U": 70.9, "S": 70.0, "H": 70.4}}
     assert record["summary"][0]["H"]["std"] is None  # one seed: no standard deviation
     assert (tmp_path / "table1.png").exists() and (tmp_path / "table3.png").exists()
+
+
+def test_every_experiment_runs_the_configs_protocol_validated_by_default():
+    import inspect
+
+    assert all(inspect.signature(fn).parameters["protocol"].default is None for fn in E.EXPERIMENTS.values())
+    assert E._protocols(None, load_config(None, [])) == ["validated"]
+    assert E._protocols(None, load_config("cub-released", [])) == ["published"]  # the config says so
+    assert E._protocols("both", load_config(None, [])) == ["validated", "published"]
+    with pytest.raises(ConfigError, match="eval.protocol: an experiment runs validated, published or both"):
+        E._protocols(None, load_config(None, ["eval.protocol=fixed"]))
+
+
+def _fake_runs(tmp_path: Path, protocols: list[str], rows: list[Row]) -> list[RunResult]:
+    choices = {"validated": {"epochs": 3, "gamma": 6.5, "gamma_source": "validated", "l_rc": 0.8, "l_e": 0.9,
+                             "validation": {"H": 60.0}},
+               "published": {"calibration": 2.0, "gamma": 2.0, "gamma_source": "mode default", "l_rc": 0.8,
+                             "l_e": 0.9, "epoch_best_H": 3, "epoch_best_T": 4, "epochs_trained": 10}}
+    return [RunResult(row.key, row.label, proto, seed, {"T": 70.0, "U": 60.0, "S": 65.0 + seed,
+                                                        "H": 62.0 if proto == "validated" else 20.0, "AUSUC": 40.0},
+                      choices[proto], "synthetic", str(tmp_path / "runs" / row.key / proto), {})
+            for row in rows for proto in protocols for seed in (0, 1)]
+
+
+def test_a_fixed_gamma_figure_never_stands_alone_in_a_report(tmp_path):
+    from dedn.apps import reports
+    from dedn.config import config_to_dict
+
+    base = config_to_dict(load_config(None, []))
+    rows = [Row("dedn", "DEDN")]
+    # Validated only (the default): the gap section says how to add the test-selected figure.
+    val = ExperimentResult("table1", tmp_path / "v", ["validated"], [0, 1], base, rows,
+                           _fake_runs(tmp_path, ["validated"], rows))
+    val.out_dir.mkdir()
+    reports.report_table1(val)
+    md = (val.out_dir / "table1.md").read_text()
+    assert "--protocol both" in md and reports.FIXED_ONLY_NOTE not in md
+    gap = json.loads((val.out_dir / "table1.json").read_text())["gap"][0]
+    assert gap["validated_H"]["mean"] == 62.0 and gap["n_seeds"] == 2 and gap["test_selected_H"]["mean"] is None
+    assert (val.out_dir / "table1.png").is_file()
+    # Published only: every report says its figures are at a fixed gamma and how to get the validated ones.
+    pub = ExperimentResult("table3", tmp_path / "p", ["published"], [0, 1], base, rows,
+                           _fake_runs(tmp_path, ["published"], rows))
+    pub.out_dir.mkdir()
+    reports.report_table3(pub)
+    assert reports.FIXED_ONLY_NOTE in (pub.out_dir / "table3.md").read_text()
+    # Both: the fixed gamma's test-selected H with the validated H and both gammas beside it.
+    both = ExperimentResult("table1", tmp_path / "b", ["validated", "published"], [0, 1], base, rows,
+                            _fake_runs(tmp_path, ["validated", "published"], rows))
+    both.out_dir.mkdir()
+    reports.report_table1(both)
+    md = (both.out_dir / "table1.md").read_text()
+    assert "| DEDN | 62.0 ± 0.0 | 20.0 ± 0.0 | -42.0 ± 0.0 |  | 2 | 6.5 / 2 |" in md
+    assert reports.FIXED_ONLY_NOTE not in md

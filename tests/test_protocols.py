@@ -252,3 +252,31 @@ def test_the_published_figures_keep_the_released_strict_best_h() -> None:
     assert published_figures(never, at_t) == {"T": 31.0, "U": 0.0, "S": 0.0, "H": 0.0, "AUSUC": 4.0}
     once = {**never, "S": 2.0, "H": 3.7}
     assert published_figures(once, at_t) == {"T": 31.0, "U": 12.5, "S": 2.0, "H": 3.7, "AUSUC": 4.0}
+
+
+def test_the_best_over_training_record_keeps_the_released_strict_best_h() -> None:
+    from types import SimpleNamespace
+
+    from dedn.training.callbacks import BestOverTraining
+
+    history = [{"epoch": 0, "T": 30.0, "U": 12.5, "S": 0.0, "H": 0.0},
+               {"epoch": 1, "T": 33.0, "U": 9.0, "S": 0.0, "H": 0.0}]
+    record: dict = {}
+    BestOverTraining().on_fit_end(SimpleNamespace(history=history), record)
+    assert record["best_over_training"]["H"] == {"epoch": 0, "T": 30.0, "U": 0.0, "S": 0.0, "H": 0.0}
+    assert record["best_over_training"]["T"] == {"epoch": 1, "T": 33.0}
+
+
+def test_the_published_sweep_points_keep_the_released_strict_best_h() -> None:
+    """Figure 3's published points follow the same rule: a point whose H is 0 at every epoch reports S = U = 0."""
+    from dedn.apps.selection import published_sweep
+    from dedn.eval.calibration import Calibration, GammaSource
+
+    def row(epoch: int, l_e: float, u: float, s: float, h: float) -> dict:
+        return {"epoch": epoch, "l_rc": 0.8, "l_e": l_e, "T": 20.0 + epoch, "U": u, "S": s, "H": h, "AUSUC": 3.0}
+
+    grid = [row(0, 0.1, 12.5, 0.0, 0.0), row(1, 0.1, 9.0, 0.0, 0.0),  # never a positive H at l_e 0.1
+            row(0, 0.9, 10.0, 30.0, 15.0), row(1, 0.9, 12.0, 40.0, 18.5)]
+    points = published_sweep(grid, {"model.l_e": [0.1, 0.9]}, 0.8, 0.9, Calibration(2.0, GammaSource.MODE_DEFAULT))
+    assert [(p["value"], p["U"], p["S"], p["H"], p["T"]) for p in points] == [(0.1, 0.0, 0.0, 0.0, 21.0),
+                                                                           (0.9, 12.0, 40.0, 18.5, 21.0)]

@@ -1,4 +1,5 @@
-"""The README's Python example runs as written on a fresh machine (no download, seconds)."""
+"""The README's Python example runs as written on a fresh machine (no download, seconds); the README, the
+real-data guide and CITATION.cff agree with the package on the facts they repeat."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 BUDGET_S = 180  # about 15 s on two CPU cores; generous for a loaded CI machine
 
 
@@ -33,3 +35,30 @@ def test_readme_python_example_runs(tmp_path: Path) -> None:
     assert 0.0 <= float(fields[1]) <= 100.0 and fields[2] == "gamma" and fields[4] == "validated"
     assert "DEDN" in proc.stdout
     assert (tmp_path / "runs").is_dir()  # it wrote its run under the temporary working directory
+
+
+def _bibtex_title(text: str) -> str:
+    match = re.search(r"^```bibtex\n.*?title\s*=\s*\{(.*?)\},", text, flags=re.S | re.M)
+    assert match, "no BibTeX entry with a title"
+    return match.group(1)
+
+
+def test_the_citation_files_agree() -> None:
+    import yaml
+
+    from dedn import __version__
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["version"] == __version__
+    paper = cff["preferred-citation"]
+    readme, guide = README.read_text(), (ROOT / "docs" / "real-data.md").read_text()
+    assert _bibtex_title(readme) == _bibtex_title(guide) == paper["title"]
+    assert paper["year"] == 2024 and len(paper["authors"]) == 8
+    assert "](docs/real-data.md)" in readme and "## Citing" in readme
+
+
+def test_the_readme_states_the_demos_measured_seed_spread() -> None:
+    from dedn.apps.demo import DEMO_SEED_SPREAD as spread
+
+    text = README.read_text()
+    assert f"| DEDN | {spread.mean_H:.1f} ± {spread.std_H:.1f} |" in text and spread.command in text

@@ -65,16 +65,28 @@ def _main(
     """DEDN for generalized zero-shot learning: train, evaluate, reproduce the paper, predict, explain."""
 
 
-def _print_metrics(metrics: dict, title: str) -> None:
-    """T U S H and AUSUC in percent, with the calibration gamma and where it came from."""
+def _print_metrics(metrics: dict, title: str, validated: dict | None = None) -> None:
+    """T U S H and AUSUC in percent, with the calibration gamma and where it came from. A figure at a fixed gamma
+    gets the one at the run's validated gamma (``validated``) on the next row, or a line on how to get one."""
+    from dedn.eval.calibration import fixed_gamma_note
     from dedn.eval.metrics import METRIC_ORDER
 
     keys = [k for k in METRIC_ORDER if metrics.get(k) is not None]
     typer.echo(title)
     typer.echo("  " + "  ".join(f"{k:>6}" for k in keys))
-    gamma = metrics.get("gamma")
-    where = f"gamma = {gamma:.4g} ({metrics.get('gamma_source', 'source unknown')})" if gamma is not None else ""
-    typer.echo("  " + "  ".join(f"{metrics[k]:6.2f}" for k in keys) + f"   (%, {where})")
+
+    def row(m: dict) -> str:
+        gamma = m.get("gamma")
+        where = f"gamma = {gamma:.4g} ({m.get('gamma_source', 'source unknown')})" if gamma is not None else ""
+        cells = (f"{m[k]:6.2f}" if m.get(k) is not None else f"{'':6}" for k in keys)
+        return "  " + "  ".join(cells) + f"   (%, {where})"
+
+    typer.echo(row(metrics))
+    note = fixed_gamma_note(metrics.get("gamma_source"))
+    if validated is not None:
+        typer.echo(row(validated) + "  <- the same outputs at the run's validated gamma")
+    elif note:
+        typer.echo(f"  {note}")
     if metrics.get("oracle_H") is not None:
         typer.echo(f"  diagnosis only: H = {metrics['oracle_H']:.2f} at the oracle gamma = "
                    f"{metrics['oracle_gamma']:.4g} chosen on these test scores (not a result)")
@@ -131,7 +143,7 @@ def evaluate(
     from dedn.config import apply_overrides
     from dedn.devices import PRECISIONS, resolve_device
     from dedn.eval.calibration import Calibration, GammaSource
-    from dedn.eval.evaluate import evaluate_model, write_evaluation
+    from dedn.eval.evaluate import evaluate_model, evaluate_outputs, write_evaluation
     from dedn.factory import load_data
     from dedn.models.precision import run_precision
     from dedn.models.registry import entry_for
@@ -157,7 +169,8 @@ def evaluate(
     device = resolve_device(cfg.train.device)
     model = load_weights(weights, device=device)
     data = load_data(cfg)
-    gamma = fixed if fixed is not None else recorded_calibration(folder_in, cfg, data)
+    recorded = recorded_calibration(folder_in, cfg, data)
+    gamma = fixed if fixed is not None else recorded
     precision = run_precision(precision or cfg.train.precision, cfg.train.dtype,
                               "--precision" if precision else "train.precision")
     ev = evaluate_model(model, data, gamma, cfg.eval.batch_size, device, progress=True, l_rc=l_rc, l_e=l_e,
@@ -167,8 +180,11 @@ def evaluate(
         "l_e": l_e if l_e is not None else model.config.l_e, "gamma_source": ev.gamma_source,
         "checkpoint": str(weights), "precision": precision, "version": __version__}, label=entry_for(model).label)
     metrics.update({k: v for k, v in ev.summary().items() if k.startswith("oracle_")})
+    beside = None  # a fixed gamma's figure, with the run's validated one beside it (no second model pass)
+    if fixed is not None and recorded.source == GammaSource.VALIDATED:
+        beside = evaluate_outputs(ev.seen, ev.unseen, ev.seen_mask, recorded, metrics["l_rc"], metrics["l_e"]).summary()
     _print_metrics(metrics, f"{entry_for(model).label} ({cfg.mode} mode), {cfg.data.split} split, run {folder_in}; "
-                            f"written to {folder}")
+                            f"written to {folder}", beside)
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -383,7 +399,7 @@ def experiment(
     overrides: Overrides = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="config file or preset")] = None,  # noqa: UP045
     seeds: Annotated[int, typer.Option(help="seeds (base seed + i)")] = 1,
-    protocol: Annotated[Optional[str], typer.Option(help="validated, published or both")] = None,  # noqa: UP045
+    protocol: Annotated[Optional[str], typer.Option(help="validated, published (the released code's: best test H at a fixed gamma) or both (default: the config's eval.protocol, validated unless it says otherwise)")] = None,  # noqa: UP045,E501
     out: Annotated[Optional[Path], typer.Option(help="results folder (resumable)")] = None,  # noqa: UP045
     devices: Annotated[Optional[str], typer.Option(help="pool launcher: run independent jobs on these devices, one worker each, e.g. cuda:0,cuda:1")] = None,  # noqa: UP045,E501
     tune: Annotated[Optional[list[str]], typer.Option(help="validated protocol: key=v1,v2 to choose on validation")] = None,  # noqa: UP045,E501

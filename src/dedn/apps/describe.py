@@ -13,6 +13,7 @@ from typing import Any
 
 from dedn.data.imagebench_spec import group_definitions
 from dedn.errors import CheckpointError, ConfigError
+from dedn.eval.calibration import fixed_gamma_note
 from dedn.eval.metrics import METRIC_ORDER
 from dedn.runfolder import RunFolder
 from dedn.training.rundir import load_run_config, read_class_file, read_run_metrics
@@ -95,6 +96,9 @@ def format_description(desc: dict[str, Any]) -> str:
         lines.append(_wrap(short, "    ", f"  {group} ({len(members)}): "))
     if desc["gamma"] is not None:
         lines.append(f"calibration: gamma = {desc['gamma']:.4g} ({desc['gamma_source'] or 'source unknown'})")
+        note = fixed_gamma_note(desc["gamma_source"])
+        if note:
+            lines.append(f"  {note}")
     else:
         lines.append("calibration: no metrics.json (the run has not been evaluated)")
     keys = [k for k in METRIC_ORDER if desc["metrics"].get(k) is not None]

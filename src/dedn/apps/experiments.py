@@ -2,10 +2,11 @@
 
 The driver (:func:`table1` and the other commands) resolves the config, checks everything before any work,
 claims the results folder, makes one :class:`~dedn.apps.protocols.Job` per (row, protocol, seed) and hands the
-jobs to the launcher (:mod:`dedn.apps.launch`). The protocols themselves (``validated``, the default and
-honest one, and ``published``, what the released code reports) are :mod:`dedn.apps.protocols`'s; what the
-validated protocol chooses on its validation task is :mod:`dedn.apps.selection`'s (docs/modes.md, "Evaluation
-protocols"). Every output names its protocol.
+jobs to the launcher (:mod:`dedn.apps.launch`). Every command runs the config's ``eval.protocol`` unless
+``protocol`` says otherwise (``validated``, ``published`` or ``both``); the config's default is ``validated``.
+The protocols themselves (``validated``, the honest one, and ``published``, what the released code reports)
+are :mod:`dedn.apps.protocols`'s; what the validated protocol chooses on its validation task is
+:mod:`dedn.apps.selection`'s (docs/modes.md, "Evaluation protocols"). Every output names its protocol.
 
 A results folder (``out_dir``) holds::
 
@@ -128,11 +129,14 @@ def _resolve_config(cfg: RunConfig | str | Path | None, overrides: Sequence[str]
 
 
 def _protocols(protocol: str | None, cfg: RunConfig) -> list[str]:
+    """An experiment's protocols: ``protocol`` (validated, published or both), else the config's
+    ``eval.protocol``, which is validated unless the config says otherwise (every experiment alike)."""
+    where = "--protocol" if protocol is not None else "eval.protocol"
     protocol = cfg.eval.protocol if protocol is None else protocol
     if protocol == "both":
         return list(JOB_PROTOCOLS)
     if protocol not in JOB_PROTOCOLS:
-        raise ConfigError(f"protocol must be validated, published or both, got {protocol!r}")
+        raise ConfigError(f"{where}: an experiment runs validated, published or both, got {protocol!r}")
     return [protocol]
 
 
@@ -347,15 +351,15 @@ def _method_preset(base_name: str, method: str) -> str | None:
     return f"{method}-{base_name}"
 
 
-def table1(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int] = 1, protocol: str | None = "both",
+def table1(cfg: RunConfig | str | Path | None = None, seeds: int | Sequence[int] = 1, protocol: str | None = None,
            out_dir: str | Path | None = None, overrides: Sequence[str] = (), *,
            devices: str | Sequence[str] | None = None,
            tune: Grid | None = None, methods: Sequence[str] | None = None,
            report: Callable[[str], None] | None = None, launch: Launch | None = None) -> ExperimentResult:
     """Paper Table 1: T, U, S, H (and AUSUC) of each of ``methods`` (registered names; default all) on the
-    config's dataset, under both protocols by default (validated, and the test-selected figure the released
-    code reports), mean +- std over ``seeds``; reports ``table1.*`` in ``out_dir`` (:func:`method_rows` says
-    which settings each method gets)."""
+    config's dataset, mean +- std over ``seeds``; reports ``table1.*`` in ``out_dir`` (:func:`method_rows` says
+    which settings each method gets). ``protocol="both"`` adds the test-selected figure the released code
+    reports (published protocol) and its gap to the validated one."""
     settings = ExperimentSettings(seeds, protocol, out_dir, overrides, devices, tune, report, launch)
     keep = [item.split("=", 1)[0].strip() for item in overrides]
     names = list(model_names() if methods is None else methods)

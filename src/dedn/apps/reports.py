@@ -79,6 +79,10 @@ PROTOCOL_NOTES = {
                   "only for comparison with published numbers"),
 }
 
+#: Beside a report with published-protocol figures only: what they are, and how to get the validated ones.
+FIXED_ONLY_NOTE = ("every figure here is read at a fixed gamma chosen on no data, which may not suit these scores; "
+                   "the validated protocol's figures (gamma chosen on validation) stand beside them when the same "
+                   "command runs with --protocol both (finished jobs are reused)")
 
 
 # ============================================================================================ basics
@@ -192,6 +196,8 @@ def _header(exp: ExperimentResult, title: str) -> list[str]:
              f"- seeds: {', '.join(map(str, exp.seeds))} (mean ± sample std over {len(exp.seeds)} seed(s))",
              "- protocol(s):"]
     lines += [f"  - **{p}**: {PROTOCOL_NOTES[p]}" for p in exp.protocols]
+    if "validated" not in exp.protocols:  # a fixed-gamma figure never stands alone
+        lines.append(f"- {FIXED_ONLY_NOTE}")
     if exp.tune:
         lines.append(f"- tuned on validation: {', '.join(f'{k} in {v}' for k, v in exp.tune.items())}")
     launch = exp.extra.get("launch") or {}
@@ -384,7 +390,7 @@ def report_table1(exp: ExperimentResult) -> list[Path]:
     files, summary = _metric_report(
         exp, f"Table 1: {', '.join(r.label for r in exp.rows)} on {exp.dataset}", published,
         f"Paper columns (selected on the test split by each method's released code): {sources}.",
-        extra_md=_gap_md(gap, published), extra_json={"gap": gap})
+        extra_md=_gap_md(exp, gap, published), extra_json={"gap": gap})
     files.append(_table1_plot(exp, gap, published, exp.out_dir / "table1.png"))
     return files
 
@@ -403,17 +409,18 @@ def _published_table1(exp: ExperimentResult, ds: str | None) -> dict[str, dict[s
 
 def table1_gap(exp: ExperimentResult) -> list[dict[str, Any]]:
     """Per method: validated H, test-selected H (published protocol) and their gap, mean ± std over the seeds
-    that ran both (the gap is taken seed by seed: the same seed trains the same trajectory in both jobs)."""
+    (the gap is taken seed by seed: the same seed trains the same trajectory in both jobs). With one protocol
+    only, the other H and the gap are NaN and ``n_seeds`` counts the seeds of the one that ran."""
     out = []
     for row in exp.rows:
         val = {r.seed: r.metrics.get("H", math.nan) for r in exp.runs_for(row.key, "validated")}
         sel = {r.seed: r.metrics.get("H", math.nan) for r in exp.runs_for(row.key, "published")}
         both = sorted(set(val) & set(sel))
-        entry: dict[str, Any] = {"row": row.key, "label": row.label, "n_seeds": len(both)}
+        entry: dict[str, Any] = {"row": row.key, "label": row.label, "n_seeds": len(set(val) | set(sel))}
         gammas = {p: mean_std(r.choices.get("gamma", math.nan) for r in exp.runs_for(row.key, p))[0]
                   for p in ("validated", "published")}
         entry["gamma"] = gammas
-        for name, values in (("validated_H", [val[s] for s in both]), ("test_selected_H", [sel[s] for s in both]),
+        for name, values in (("validated_H", list(val.values())), ("test_selected_H", list(sel.values())),
                              ("gap_H", [sel[s] - val[s] for s in both])):
             mean, std = mean_std(values)
             entry[name] = {"mean": mean, "std": std}
@@ -421,9 +428,16 @@ def table1_gap(exp: ExperimentResult) -> list[dict[str, Any]]:
     return out
 
 
-def _gap_md(gap: list[dict[str, Any]], published: Mapping[str, Mapping[str, float]] | None) -> list[str]:
-    if not any(g["n_seeds"] for g in gap):
-        return []
+def _gap_md(exp: ExperimentResult, gap: list[dict[str, Any]],
+            published: Mapping[str, Mapping[str, float]] | None) -> list[str]:
+    """The gap section: with both protocols, the table of validated against test-selected H (the fixed gamma's
+    figure with the validated one beside it); with one, what the other would add and how to get it."""
+    if "published" not in exp.protocols:
+        return ["The test-selected H (what each method's released code reports: the best test-split H over "
+                "the epochs, at a fixed gamma) and its gap to the validated H are added by the same command with "
+                "--protocol both (finished jobs are reused).", ""]
+    if "validated" not in exp.protocols:
+        return []  # the header says how to get the validated figures
     lines = ["## Test-selected against validated H", "",
              "The test-selected H is what the released code of each method reports: the best test-split H over "
              "the epochs of one training run (published protocol). The validated H chooses the epoch and gamma "
@@ -450,13 +464,14 @@ def _table1_plot(exp: ExperimentResult, gap: list[dict[str, Any]],
     fig, axes = _figure(1, width=max(5.0, 1.6 * len(gap) + 2.5), height=4.2)
     ax = axes[0]
     series = {name: ([g[key]["mean"] for g in gap], [g[key]["std"] for g in gap])
-              for name, key in (("validated H", "validated_H"), ("test-selected H", "test_selected_H"))}
+              for name, key in (("validated H", "validated_H"), ("test-selected H", "test_selected_H"))
+              if any(math.isfinite(g[key]["mean"]) for g in gap)}  # a protocol that did not run draws no bars
     paper = None
     if published:
-        paper = {"test-selected H": [published[g["row"]]["H"] if g["row"] in published else None for g in gap]}
+        paper = {list(series)[-1]: [published[g["row"]]["H"] if g["row"] in published else None for g in gap]}
     drawn = _bars(ax, [g["label"] for g in gap], series, paper)
     n = max((g["n_seeds"] for g in gap), default=0)
-    ax.set_title(f"Table 1 on {exp.dataset}: validated against test-selected H\n"
+    ax.set_title(f"Table 1 on {exp.dataset}: {' against '.join(series)}\n"
                  f"{'mean ± sample std over ' if n > 1 else ''}{n} seed{'s' if n != 1 else ''}"
                  f"{'; black: the paper' if paper else ''}", fontsize=9)
     ax.set_ylim(0, min(100.0, max([*drawn, 1.0]) * 1.18))

@@ -29,7 +29,7 @@ from dedn.eval.evaluate import Evaluation, evaluate_outputs
 from dedn.eval.inference import ModelOutputs
 from dedn.eval.metrics import METRIC_ORDER
 from dedn.runfolder import RunFolder
-from dedn.training.callbacks import Callback
+from dedn.training.callbacks import Callback, released_best_h
 
 #: The reported metrics of a job (percent).
 #: Settings that act only at evaluation: chosen or swept from saved outputs, never by retraining.
@@ -118,14 +118,11 @@ def best_over_epochs(grid: Sequence[Mapping[str, Any]], l_rc: float, l_e: float,
 
 
 def published_figures(at_h: Mapping[str, Any], at_t: Mapping[str, Any]) -> dict[str, float]:
-    """What the released code reports from its best-H and best-T evaluations: T, U, S, H, AUSUC (percent).
-
-    Its record of the best S, U, H starts at 0 and is replaced only by an evaluation with a higher H (a strict
-    comparison), so a run whose H is 0 at every evaluation reports S = U = H = 0, whatever U it reached.
-    """
-    if at_h["H"] > 0:
-        return {"T": at_t["T"], "U": at_h["U"], "S": at_h["S"], "H": at_h["H"], "AUSUC": at_h["AUSUC"]}
-    return {"T": at_t["T"], "U": 0.0, "S": 0.0, "H": 0.0, "AUSUC": at_h["AUSUC"]}
+    """What the released code reports from its best-H and best-T evaluations: T, U, S, H, AUSUC (percent); S, U
+    and H as its strict best-H record keeps them (:func:`~dedn.training.callbacks.released_best_h`: all 0 when H
+    is 0 at every evaluation)."""
+    h = released_best_h(dict(at_h))
+    return {"T": at_t["T"], "U": h["U"], "S": h["S"], "H": h["H"], "AUSUC": at_h["AUSUC"]}
 
 
 def choose_on_validation(rows: Sequence[Mapping[str, Any]], points: Sequence[Point]) -> dict[str, Any]:
@@ -166,12 +163,14 @@ def sweep_points(sweep: Mapping[str, Sequence[float]], l_rc: float,
 
 def published_sweep(grid: Sequence[Mapping[str, Any]], sweep: Mapping[str, Sequence[float]], l_rc: float,
                     l_e: float, fixed: Calibration) -> list[dict[str, Any]]:
-    """Sweep points of a published run: the best H (and, separately, T) over training at each point."""
+    """Sweep points of a published run: the best H (and, separately, T) over training at each point, as the
+    released code reports them (:func:`published_figures`)."""
     out = []
     for axis, value, prc, pe in sweep_points(sweep, l_rc, l_e):
         h, t = best_over_epochs(grid, prc, pe, "H"), best_over_epochs(grid, prc, pe, "T")
-        out.append({"axis": axis, "value": value, "l_rc": prc, "l_e": pe, "H": h["H"], "S": h["S"],
-                    "U": h["U"], "T": t["T"], "gamma": float(fixed.value), "gamma_source": fixed.source,
+        figures = published_figures(h, t)
+        out.append({"axis": axis, "value": value, "l_rc": prc, "l_e": pe, "H": figures["H"], "S": figures["S"],
+                    "U": figures["U"], "T": figures["T"], "gamma": float(fixed.value), "gamma_source": fixed.source,
                     "epoch_H": h["epoch"], "epoch_T": t["epoch"]})
     return out
 

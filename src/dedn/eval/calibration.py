@@ -30,6 +30,16 @@ class GammaSource(Choice):
     ORACLE = "oracle-on-test"
 
 
+def fixed_gamma_note(source: str | GammaSource | None) -> str | None:
+    """For a figure at a gamma that was not chosen on validation (a ``config`` or ``mode default`` gamma): one
+    line that says so and how to get the figure at a validated gamma; None for any other source (a validated
+    gamma needs no note, an oracle one is labelled as a diagnosis where it is printed)."""
+    if source not in (GammaSource.CONFIG, GammaSource.MODE_DEFAULT):
+        return None
+    return (f"this gamma is fixed ({GammaSource(source).value}), chosen on no data, and may not suit these scores; "
+            "a gamma chosen on validation comes from training under eval.protocol=validated (the default) "
+            "with eval.calibration=auto (the default)")
+
 
 def default_gamma(run: RunSettings, dataset: str | None) -> float:
     """The fixed calibration of the run's method and mode when nothing chose one (the registry entry's

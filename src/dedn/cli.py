@@ -207,8 +207,9 @@ def extract(
     images: Annotated[Path, typer.Option(help="image root (xlsa17 dataset root, or a folder of class folders)")],
     xlsa17: Annotated[Optional[Path], typer.Option(help="xlsa17 folder of the dataset (att_splits.mat, res101.mat)")] = None,  # noqa: UP045,E501
     dataset: Annotated[Optional[str], typer.Option(help="CUB, SUN or AWA2 (with --xlsa17)")] = None,  # noqa: UP045
-    backbone: Annotated[str, typer.Option(help="resnet101 or efficientnet-lite0")] = "resnet101",
-    weights: Annotated[str, typer.Option(help="'imagenet' (download) or a local weights file")] = "imagenet",
+    backbone: Annotated[str, typer.Option(help="resnet101, efficientnet-lite0, or timm:<model name> (e.g. timm:vit_base_patch16_224; docs/backbones.md)")] = "resnet101",  # noqa: E501
+    weights: Annotated[str, typer.Option(help="'imagenet' (download; not for timm:) or a local weights file (.safetensors or a torch state dict)")] = "imagenet",  # noqa: E501
+    layer: Annotated[Optional[int], typer.Option(help="timm: only: the block whose output to take (timm's feature points: a ViT's blocks, a CNN's stages; -1 the last, raw); default: the final features, after the final norm")] = None,  # noqa: UP045,E501
     image_size: Annotated[Optional[int], typer.Option(help="input size (CUB/SUN 448, AWA2 224)")] = None,  # noqa: UP045
     batch_size: Annotated[int, typer.Option()] = 32,
     workers: Annotated[int, typer.Option(help="DataLoader workers")] = 2,
@@ -249,7 +250,7 @@ def extract(
         _, labels, names = list_image_folder(images)
         split = CustomSplit([u.strip() for u in unseen.split(",") if u.strip()], test_fraction, val_fraction)
         side = custom_semantic_side(names, labels, classes, split, word_vectors, name=Path(images).name)
-    bb = get_backbone(backbone, weights=weights)
+    bb = get_backbone(backbone, weights=weights, layer=layer)
     common = dict(batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, overwrite=overwrite)
     if xlsa17 is None:
         store = extract_folder(images, out, bb, ExtractOptions(image_size=image_size, **common))
@@ -263,7 +264,9 @@ def extract(
         if sem.image_files is None or sem.labels is None:
             raise DednError(f"{xlsa17}: no image list (res101.mat) found; it is part of the xlsa17 download")
         name = canonical_dataset(dataset or sem.name) or sem.name
-        size = image_size or (find_benchmark(name) or BENCHMARKS["CUB"]).image_size  # other datasets: CUB's
+        # ResNet-101: the benchmark's size (other datasets: CUB's); timm models: their data config's size.
+        size = image_size or (bb.default_image_size if backbone.startswith("timm:")
+                              else (find_benchmark(name) or BENCHMARKS["CUB"]).image_size)
         paths = resolve_image_paths(sem.image_files, images, name)
         store = extract_features(paths, sem.labels, out, bb,
                                  ExtractOptions(image_size=size, provenance_extra={"dataset": name}, **common))

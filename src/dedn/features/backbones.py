@@ -73,6 +73,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
+def _crop_box(steps: list[tuple[str, Any]], height: int, width: int) -> tuple[float, float, float, float]:
+    """(top, left, height, width), in pixels of an ``height`` x ``width`` image, of what resize / centre-crop
+    ``steps`` keep of it (torchvision's rounding): where a backbone's feature grid lies on the original image."""
+    top, left, scale_h, scale_w = 0.0, 0.0, 1.0, 1.0  # original = offset + current / scale
+    h, w = height, width
+    for kind, size in steps:
+        if kind == "resize":
+            if isinstance(size, int) or len(size) == 1:  # shorter side to size, the other in proportion
+                short = int(size if isinstance(size, int) else size[0])
+                new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+            else:
+                new_h, new_w = int(size[0]), int(size[1])
+            scale_h, scale_w, h, w = scale_h * new_h / h, scale_w * new_w / w, new_h, new_w
+        else:  # centre crop
+            ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+            top += int(round((h - ch) / 2.0)) / scale_h
+            left += int(round((w - cw) / 2.0)) / scale_w
+            h, w = ch, cw
+    return top, left, h / scale_h, w / scale_w
+
+
 class ImageTransform:
     """PIL image -> normalised float tensor (3, size, size). Picklable, so DataLoader workers can use it.
 
@@ -88,10 +109,16 @@ class ImageTransform:
         self.std = list(std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = to_rgb(image)
-        image = TF.resize(image, self.size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        image = TF.center_crop(image, [self.size, self.size])
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return TF.normalize(TF.to_tensor(self.crop(image)), self.mean, self.std)
+
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The RGB pixels the backbone sees, before ``ToTensor`` and ``Normalize`` (what heatmaps are drawn on)."""
+        image = TF.resize(to_rgb(image), self.size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        return TF.center_crop(image, [self.size, self.size])
+
+    def crop_box(self, height: int, width: int) -> tuple[float, float, float, float]:
+        """(top, left, height, width) of the part of a ``height`` x ``width`` image the crop keeps."""
+        return _crop_box([("resize", self.size), ("crop", self.size)], height, width)
 
     def describe(self) -> str:
         """One line naming every step and constant; stored in the feature store's provenance."""
@@ -328,6 +355,32 @@ class TimmTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.steps(to_rgb(image))
+
+    def _geometry(self) -> tuple[list[Any], list[tuple[str, Any]]]:
+        """The steps before the conversion to a tensor, and each as ("resize" | "crop", size)."""
+        from torchvision import transforms as T
+
+        before, kinds = [], []
+        for t in getattr(self.steps, "transforms", [self.steps]):
+            if "ToTensor" in type(t).__name__:
+                break
+            if not isinstance(t, (T.Resize, T.CenterCrop)):
+                raise DataError(f"cannot place feature grids on images transformed by {t!r}: only resize and "
+                                "centre-crop steps are understood")
+            before.append(t)
+            kinds.append(("resize" if isinstance(t, T.Resize) else "crop", t.size))
+        return before, kinds
+
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The RGB pixels the backbone sees, before the conversion to a tensor (what heatmaps are drawn on)."""
+        image = to_rgb(image)
+        for t in self._geometry()[0]:
+            image = t(image)
+        return image
+
+    def crop_box(self, height: int, width: int) -> tuple[float, float, float, float]:
+        """(top, left, height, width) of the part of a ``height`` x ``width`` image the crop keeps."""
+        return _crop_box(self._geometry()[1], height, width)
 
     def describe(self) -> str:
         """One line naming every step and constant; stored in the feature store's provenance."""

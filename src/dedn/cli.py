@@ -231,7 +231,8 @@ def extract(
     from dedn.data.store import DTYPES, SemanticSide
 
     # Before the backbone is built (and its weights downloaded).
-    check_option("--image-size", image_size, IMAGE_SIZE)
+    # timm models check their own patch size (14, 16, ...) when built; the registered ones have stride 32.
+    check_option("--image-size", image_size, COUNT if backbone.startswith("timm:") else IMAGE_SIZE)
     check_option("--batch-size", batch_size, COUNT)
     check_option("--workers", workers, NON_NEGATIVE_COUNT)
     check_option("--device", device, DEVICE)

@@ -318,3 +318,24 @@ def test_timm_weights_files(tmp_path):
         TimmBackbone("vit_tiny_patch16_224", weights=tmp_path / "junk.safetensors", model_kwargs=TINY_VIT)
     with pytest.raises(DataError, match="only timm:<model name> backbones take a layer"):
         get_backbone("resnet101", weights=None, layer=3)
+
+
+def test_transforms_know_the_crop_their_grid_covers():
+    """crop_box is where the backbone's input (and so its feature grid) lies on the original image."""
+    from dedn.eval.localisation import area_downsample
+    from dedn.features.backbones import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+
+    vit = _tiny("vit_tiny_patch16_224", TINY_VIT)  # crop_pct 0.9, bicubic
+    square = np.zeros((90, 120), dtype=np.uint8)
+    square[20:60, 50:100] = 255  # a white rectangle
+    image = Image.fromarray(square).convert("RGB")
+    for t in (vit.transform(64), ImageTransform(64, IMAGENET_MEAN, IMAGENET_STD)):
+        seen = np.asarray(t.crop(image), dtype=np.float64)[..., 0] / 255
+        assert seen.shape == (64, 64)
+        expected = area_downsample(square[None] / 255, 64, 64, box=t.crop_box(90, 120))[0]
+        assert np.abs(seen - expected).mean() < 0.02  # the same pixels, up to the interpolation
+    # 90 x 120 -> 64 x 85 (torchvision truncates), crop 64 from column round(10.5) = 10: 10 * 120 / 85 in the image
+    box = ImageTransform(64, IMAGENET_MEAN, IMAGENET_STD).crop_box(90, 120)
+    assert box == pytest.approx((0.0, 10 * 120 / 85, 90.0, 64 * 120 / 85))
+    top, left, height, width = vit.transform(64).crop_box(90, 120)  # resize to 71, crop 64: 90% of the middle
+    assert height == pytest.approx(90 * 64 / 71) and left == pytest.approx(60 - width / 2, abs=1)

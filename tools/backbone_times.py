@@ -4,12 +4,14 @@ A repository tool, not part of the installed package. From the repository root, 
 or ``src`` on ``PYTHONPATH``)::
 
     python tools/backbone_times.py [--batch 4] [--threads N] [--only NAME ...] [--json]
+    python tools/backbone_times.py --table-from rows.json   # the table of a saved --json output
 
 Each backbone is measured in a fresh subprocess (so its peak memory is its own): built with random weights
 (nothing is downloaded; the timing does not depend on the weights' values), one warm-up image, then one timed
 batch of ``--batch`` images at the backbone's size. Columns: the feature map (C x h x w) and regions, parameters,
 CPU seconds per image (wall time of the batch's forward pass over its images), the process's peak resident memory
-(the network, its weights and one batch's activations) and the float16 store's bytes per image (C * h * w * 2).
+(Python, torch, the network, its weights and one batch's activations), the float16 store's bytes per image
+(C * h * w * 2) and what that makes for CUB's 11,788 images.
 """
 
 from __future__ import annotations
@@ -76,17 +78,20 @@ def run_all(entries: list[tuple[str, int]], batch: int, threads: int | None) -> 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table."""
+    """The rows as a Markdown table (the CUB column: the store of CUB's 11,788 images, computed from the size)."""
+    from dedn.data.benchmarks import BENCHMARKS
+
+    n_cub = BENCHMARKS["CUB"].n_images
     lines = ["| backbone | image | features C x h x w | regions | params | CPU s / image | peak memory | "
-             "store / image (float16) |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "store / image (float16) | CUB store |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| `{r['backbone']}` | {r['image_size']} | failed: {' '.join(r['error'])} |||||")
+            lines.append(f"| `{r['backbone']}` | {r['image_size']} | failed: {' '.join(r['error'])} ||||||")
             continue
         c, h, w = r["shape"]
         lines.append(f"| `{r['backbone']}` | {r['image_size']} | {c} x {h} x {w} | {r['regions']} | "
                      f"{r['params_m']:.1f} M | {r['seconds_per_image']:.2f} | {r['peak_rss_mb'] / 1024:.2f} GB | "
-                     f"{r['store_kb_per_image']:.0f} KB |")
+                     f"{r['store_kb_per_image']:.0f} KB | {r['store_kb_per_image'] * 1024 * n_cub / 1e9:.1f} GB |")
     return "\n".join(lines)
 
 
@@ -96,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--only", nargs="+", default=None, help="backbone names to measure (default: all listed)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--table-from", default=None, help="print the table of saved --json rows")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "SIZE"), help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")
+    if args.table_from:
+        with open(args.table_from, encoding="utf-8") as f:
+            print(table(json.load(f)))
+        return 0
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.batch, args.threads)))
         return 0

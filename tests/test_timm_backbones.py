@@ -126,3 +126,18 @@ def test_every_method_takes_any_region_grid_and_channel_count(name, channels, he
     assert model.config.n_channels == channels
     regions = getattr(model.config, "n_regions", None) or np.prod(getattr(model.config, "grid", (0, 0)))
     assert regions == height * width
+
+
+def test_extract_names_the_weights_file_a_timm_backbone_needs(tmp_path, monkeypatch, capsys) -> None:
+    base = ["extract", "--images", tmp_path, "--out", tmp_path / "store", "--device", "cpu"]
+    code, out, err = run_cli([*base, "--backbone", "timm:vit_base_patch14_dinov2"], monkeypatch, capsys)
+    assert code == 2 and "no --weights; expected a local weights file for vit_base_patch14_dinov2" in err
+    assert "timm/vit_base_patch14_dinov2.lvd142m" in err and "never downloads" in err
+    code, out, err = run_cli([*base, "--backbone", "timm:vit_base_patch14_dinov2", "--weights",
+                              tmp_path / "dino.safetensors"], monkeypatch, capsys)
+    assert code == 2 and f"{tmp_path / 'dino.safetensors'} does not exist" in err
+    code, out, err = run_cli([*base, "--backbone", "efficientnet-lite0", "--layer", "2"], monkeypatch, capsys)
+    assert code == 2 and "only timm:<model name> backbones take a layer" in err
+    code, out, err = run_cli([*base, "--backbone", "timm:no_such_model", "--weights", "w"], monkeypatch, capsys)
+    assert code == 2 and "has no model 'no_such_model'" in err
+    assert not (tmp_path / "store").exists()

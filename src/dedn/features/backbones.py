@@ -316,13 +316,19 @@ TIMM_PREFIX = "timm:"
 FINAL_LAYER = "final"
 
 
-def _create_timm_model(model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
-    """A randomly initialised timm model without classifier (``pretrained=False``: timm never downloads here)."""
+def _check_timm_name(model_name: str) -> None:
+    """Refuse a name timm does not know, before any file is read."""
     import timm
 
     if not timm.is_model(model_name):
         raise DataError(f"--backbone {TIMM_PREFIX}{model_name}: timm {timm.__version__} has no model "
                         f"{model_name!r}; timm.list_models('vit_*') lists the names (e.g. vit_base_patch16_224)")
+
+
+def _create_timm_model(model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
+    """A randomly initialised timm model without classifier (``pretrained=False``: timm never downloads here)."""
+    import timm
+
     kwargs = {"num_classes": 0, **model_kwargs}  # the classifier is never used; its weights are skipped
     try:
         # Transformers: any image size that is a multiple of the patch size (position embeddings interpolated).
@@ -417,6 +423,7 @@ class TimmBackbone(Backbone):
         super().__init__()
         self.name = self.model_id = TIMM_PREFIX + model_name
         self.model_kwargs = dict(model_kwargs or {})
+        _check_timm_name(model_name)
         state, path = self._read_weights(model_name, weights)  # a bad file fails before the network is built
         self.net = _create_timm_model(model_name, self.model_kwargs)
         self.layer = self._resolve_layer(layer)

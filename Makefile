@@ -38,4 +38,4 @@ lint: $(BIN)/.dev-installed
 # GPU check, tools/gpu-check.sh (which installs them first when .whl/ has any, then runs tools/gpu_check.py).
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-		omegaconf==2.4.0 submitit==1.5.4 efficientnet-lite-pytorch==0.1.0
+		omegaconf==2.4.0 submitit==1.5.4

@@ -284,6 +284,22 @@ def test_area_downsample_keeps_areas():
     np.testing.assert_allclose(even, blocks, atol=1e-6)
 
 
+def test_area_downsample_inside_a_crop_box():
+    rng = np.random.default_rng(2)
+    masks = rng.random((2, 3, 12, 16)) < 0.5
+    # A whole-pixel box is the plain downsampling of the cropped masks.
+    np.testing.assert_allclose(area_downsample(masks, 4, 4, box=(2, 4, 8, 8)),
+                               area_downsample(masks[..., 2:10, 4:12], 4, 4), atol=1e-6)
+    # A fractional box (a 16 x 16 grid over the central 90% of the image): areas are those inside the box.
+    frac = area_downsample(np.ones((1, 1, 12, 16)), 16, 16, box=(0.6, 2.6, 10.8, 10.8))
+    np.testing.assert_allclose(frac, 1.0, atol=1e-6)
+    half = np.zeros((1, 1, 12, 16))
+    half[..., :, 8:] = 1
+    np.testing.assert_allclose(area_downsample(half, 2, 2, box=(0, 4, 12, 8)).mean(), 0.5, atol=1e-6)
+    with pytest.raises(DataError, match=r"crop box \(0, 4, 12, 13\) does not lie inside the 12 x 16 masks"):
+        area_downsample(half, 2, 2, box=(0, 4, 12, 13))
+
+
 def test_attention_shape_mismatch_is_refused():
     with pytest.raises(DataError):
         attention_in_mask_share(_uniform(2, 3, 2, 2), np.zeros((3, 2, 4, 4), bool), np.array([0, 1, -1]))

@@ -30,7 +30,7 @@ class FakeBench:
 
 def test_localisation_record_gives_each_part_its_own_chance() -> None:
     assert len(ATTRS) == FakeBench.attribute_part.size
-    data = SimpleNamespace(features=np.random.default_rng(0).random((5, C, H, W)).astype(np.float32))
+    data = SimpleNamespace(features=np.random.default_rng(0).random((5, C, H, W)).astype(np.float32), provenance={})
     out = localisation(make_model(), data, FakeBench(), np.arange(5), batch=2)
     assert out["n_images"] == 5
     for expert in ("cexp", "fexp"):

@@ -24,11 +24,24 @@ TABLE = {
 
 
 REPLAYS = {"cub-released": "cub-gzsl", "sun-released": "sun-gzsl", "awa2-released": "awa2-gzsl"}
+# presets for stores of other backbones: (the preset they extend, the backbone, the image size)
+BACKBONE_PRESETS = {"cub-vit-b16-gzsl": ("cub-gzsl", "timm:vit_base_patch16_224", 224),
+                    "cub-dinov2-b14-gzsl": ("cub-gzsl", "timm:vit_base_patch14_dinov2", 224)}
 
 
 def test_exactly_the_six_presets_and_their_replays():
     dedn_presets = [p.stem for p in PRESETS.glob("*.yaml") if load_config(p).model.name == "dedn"]
-    assert sorted(dedn_presets) == sorted([*TABLE, *REPLAYS])  # other methods' presets are tested with them
+    # other methods' presets are tested with them
+    assert sorted(dedn_presets) == sorted([*TABLE, *REPLAYS, *BACKBONE_PRESETS])
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONE_PRESETS))
+def test_backbone_presets_are_their_base_preset_guarding_the_store(name):
+    base_name, backbone, size = BACKBONE_PRESETS[name]
+    cfg, base = load_config(name), load_config(base_name)
+    assert (cfg.name, cfg.data.expect_backbone, cfg.data.expect_image_size) == (name, backbone, size)
+    assert (cfg.seed, cfg.model, cfg.loss, cfg.train, cfg.eval) == (base.seed, base.model, base.loss, base.train,
+                                                                    base.eval)
 
 
 @pytest.mark.parametrize("name", sorted(REPLAYS))

@@ -143,8 +143,9 @@ POSITIVE = number(0.0, low_open=True)
 FINITE = number()
 DEVICE = Rule(_is_device, "one of {auto, cpu, cuda, cuda:N}")
 CALIBRATION = Rule(_is_calibration, "auto, validated or a finite number")
-# Both backbones have stride 32: other sizes crop (ResNet) or pad (EfficientNet) the image borders, and
-# the region grid no longer matches the 32-pixel tiles that explanations draw.
+# The registered backbones (ResNet-101, EfficientNet-Lite0) have stride 32: other sizes crop (ResNet) or pad
+# (EfficientNet) the image borders, and the region grid no longer tiles the image evenly. timm models check their
+# own patch size or stride when built (dedn.features.backbones.TimmBackbone).
 IMAGE_SIZE = Rule(_is_image_size, "a positive multiple of 32 (the backbones' stride)")
 # Class attribute values are percentages (CUB: 0-100) or in [0, 1] in practice. They are stored as float32
 # (1e300 became inf there and made every probability NaN) and L2-normalised, and squares overflow float32

@@ -223,8 +223,9 @@ def extract(
     images: Annotated[Path, typer.Option(help="the images: an xlsa17 dataset root (with --xlsa17), a folder with one sub-folder per class, or (with --attributes) a CSV with the columns path,class[,split]")],  # noqa: E501
     xlsa17: Annotated[Optional[Path], typer.Option(help="xlsa17 folder of the dataset (att_splits.mat, res101.mat)")] = None,  # noqa: UP045,E501
     dataset: Annotated[Optional[str], typer.Option(help="CUB, SUN or AWA2 (with --xlsa17)")] = None,  # noqa: UP045
-    backbone: Annotated[str, typer.Option(help="resnet101 or efficientnet-lite0")] = "resnet101",
-    weights: Annotated[str, typer.Option(help="'imagenet' (download) or a local weights file")] = "imagenet",
+    backbone: Annotated[str, typer.Option(help="resnet101, efficientnet-lite0, or timm:<model name> (e.g. timm:vit_base_patch16_224; docs/backbones.md)")] = "resnet101",  # noqa: E501
+    weights: Annotated[str, typer.Option(help="'imagenet' (download; not for timm:) or a local weights file (.safetensors or a torch state dict)")] = "imagenet",  # noqa: E501
+    layer: Annotated[Optional[int], typer.Option(help="timm: only: the block whose output to take (timm's feature points: a ViT's blocks, a CNN's stages; -1 the last, raw); default: the final features, after the final norm")] = None,  # noqa: UP045,E501
     image_size: Annotated[Optional[int], typer.Option(help="input size (CUB/SUN 448, AWA2 224)")] = None,  # noqa: UP045
     batch_size: Annotated[int, typer.Option()] = 32,
     workers: Annotated[int, typer.Option(help="DataLoader workers")] = 2,
@@ -252,7 +253,8 @@ def extract(
     from dedn.data.store import DTYPES, SemanticSide
 
     # Before the backbone is built (and its weights downloaded).
-    check_option("--image-size", image_size, IMAGE_SIZE)
+    # timm models check their own patch size (14, 16, ...) when built; the registered ones have stride 32.
+    check_option("--image-size", image_size, COUNT if backbone.startswith("timm:") else IMAGE_SIZE)
     check_option("--batch-size", batch_size, COUNT)
     check_option("--workers", workers, NON_NEGATIVE_COUNT)
     check_option("--device", device, DEVICE)
@@ -275,7 +277,7 @@ def extract(
     from dedn.features.backbones import get_backbone
     from dedn.features.extract import ExtractOptions, extract_features, extract_folder
 
-    bb = get_backbone(backbone, weights=weights)
+    bb = get_backbone(backbone, weights=weights, layer=layer)
     common = dict(batch_size=batch_size, num_workers=workers, device=device, dtype=dtype, overwrite=overwrite)
     if custom is not None:
         store = extract_features(custom.paths, custom.labels, out, bb, ExtractOptions(
@@ -294,7 +296,9 @@ def extract(
         if sem.image_files is None or sem.labels is None:
             raise DednError(f"{xlsa17}: no image list (res101.mat) found; it is part of the xlsa17 download")
         name = canonical_dataset(dataset or sem.name) or sem.name
-        size = image_size or (find_benchmark(name) or BENCHMARKS["CUB"]).image_size  # other datasets: CUB's
+        # ResNet-101: the benchmark's size (other datasets: CUB's); timm models: their data config's size.
+        size = image_size or (bb.default_image_size if backbone.startswith("timm:")
+                              else (find_benchmark(name) or BENCHMARKS["CUB"]).image_size)
         paths = resolve_image_paths(sem.image_files, images, name)
         store = extract_features(paths, sem.labels, out, bb,
                                  ExtractOptions(image_size=size, provenance_extra={"dataset": name}, **common))

@@ -97,7 +97,8 @@ def localisation(model, data: ZSLData, bench: ImageBenchmark, index: np.ndarray,
     all_masks = np.concatenate(masks)
     out: dict[str, Any] = {"n_images": int(index.size)}
     for expert, parts in maps.items():
-        share = attention_in_mask_share(np.concatenate(parts), all_masks, bench.attribute_part, bench.part_names)
+        share = attention_in_mask_share(np.concatenate(parts), all_masks, bench.attribute_part, bench.part_names,
+                                        box=data.provenance.get("crop_box"))
         share["per_part_percent"] = {name: {"share": v["share"] * 100, "chance": v["chance"] * 100}
                                      for name, v in share["parts"].items()}
         out[expert] = share

@@ -145,7 +145,7 @@ def _shared_max(records: list[dict[str, Any]], experts: dict[str, str]) -> float
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _display_image(image: Any, size: int) -> np.ndarray:
-    """The image as the backbone sees it, before normalisation: Resize(shorter = size), CenterCrop(size)."""
+    """A background image for feature maps given without their image: Resize(shorter = size), CenterCrop(size)."""
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     elif isinstance(image, np.ndarray):
@@ -244,8 +244,9 @@ def _view(predictor: Predictor, image: Any, options: ExplainOptions) -> _View:
     model = predictor.model
     if isinstance(image, (str, os.PathLike)):
         feats = predictor.image_features([image])
-        size = predictor.image_size
-        shown = _display_image(image, size)
+        # The pixels the backbone saw (its resize and crop, e.g. a timm model's crop_pct), so the h x w grid of
+        # any backbone, a ViT's 14 x 14 patches as a CNN's 7 x 7 map, lies on the image at the right scale.
+        shown = np.asarray(predictor.backbone.transform(predictor.image_size).crop(load_image(image)))
         label = str(image)
         stem = options.stem or Path(image).stem
     else:
@@ -256,7 +257,9 @@ def _view(predictor: Predictor, image: Any, options: ExplainOptions) -> _View:
         stem = options.stem or "features"
         shown = None
         if options.background is not None:
-            shown = _display_image(options.background, 32 * max(h, w))  # backbones' stride 32
+            # The recorded input size of the run's features; without one, a stride of 32 (ResNet, EfficientNet).
+            size = (predictor.feature_provenance or {}).get("image_size") or 32 * max(h, w)
+            shown = _display_image(options.background, int(size))
     x, hw = _features_tensor(model, feats)
     return _View(x, hw, shown, label, stem)
 

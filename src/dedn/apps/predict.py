@@ -44,7 +44,7 @@ import torch
 from dedn.apps.class_files import _suggest, unknown_attribute_message
 from dedn.checks import COUNT, check
 from dedn.errors import CheckpointError, ConfigError, DataError
-from dedn.features.backbones import Backbone, get_backbone
+from dedn.features.backbones import TIMM_PREFIX, Backbone, get_backbone
 from dedn.features.extract import IMAGE_EXTENSIONS, load_image
 from dedn.models.dedn import DEDN
 from dedn.models.precision import run_precision
@@ -488,7 +488,10 @@ class Predictor:
             if weights == "auto":
                 same = prov.get("backbone") == name
                 weights = _weights_argument(prov.get("weights", "imagenet")) if same else "imagenet"
-            bb = get_backbone(name, weights=weights, device=self.device)
+            # A timm backbone's block is part of what made the features; registered backbones fix their own.
+            recorded_layer = prov.get("layer") if prov.get("backbone") == name else None
+            layer = recorded_layer if name.startswith(TIMM_PREFIX) and isinstance(recorded_layer, int) else None
+            bb = get_backbone(name, weights=weights, device=self.device, layer=layer)
             want = prov.get("weights_sha256") if prov.get("backbone") == name else None
             if want and bb.weights_sha256 and want != bb.weights_sha256:
                 raise DataError(f"backbone {name}: weights {bb.weights_source} (sha256 {bb.weights_sha256[:12]}...) "

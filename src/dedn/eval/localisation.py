@@ -10,26 +10,35 @@ import numpy as np
 from dedn.errors import DataError
 
 
-def area_downsample(masks: np.ndarray, h: int, w: int) -> np.ndarray:
+def area_downsample(masks: np.ndarray, h: int, w: int,
+                    box: Sequence[float] | None = None) -> np.ndarray:
     """Area-average boolean/float maps (..., H, W) to (..., h, w): each cell's covered fraction.
 
-    Exact for any sizes (cells may straddle pixels), so a part's fractions always sum to its area.
+    ``box``: (top, left, height, width) in mask pixels, fractional allowed, of the region the h x w grid covers
+    (the part of the image a backbone saw after its resize and centre crop); default the whole map. Exact for
+    any sizes (cells may straddle pixels), so a part's fractions always sum to its area inside the box.
     """
     masks = np.asarray(masks, dtype=np.float32)
     big_h, big_w = masks.shape[-2:]
-    return np.einsum("ah,...hw,bw->...ab", _overlap(h, big_h), masks, _overlap(w, big_w), optimize=True)
+    top, left, height, width = (0.0, 0.0, float(big_h), float(big_w)) if box is None else map(float, box)
+    if height <= 0 or width <= 0 or top < 0 or left < 0 or top + height > big_h + 1e-6 or left + width > big_w + 1e-6:
+        raise DataError(f"crop box {tuple(box or ())} does not lie inside the {big_h} x {big_w} masks")
+    rows, cols = _overlap(h, big_h, top, top + height), _overlap(w, big_w, left, left + width)
+    return np.einsum("ah,...hw,bw->...ab", rows, masks, cols, optimize=True)
 
 
-def _overlap(n: int, big: int) -> np.ndarray:
-    """(n, big) matrix: share of each of ``big`` pixels in each of ``n`` equal cells, rows averaging."""
-    edges = np.linspace(0, big, n + 1)
+def _overlap(n: int, big: int, start: float, stop: float) -> np.ndarray:
+    """(n, big) matrix: share of each of ``big`` pixels in each of ``n`` equal cells of [start, stop), rows
+    averaging."""
+    edges = np.linspace(start, stop, n + 1)
     lo = np.maximum(edges[:-1, None], np.arange(big)[None, :])
     hi = np.minimum(edges[1:, None], np.arange(big)[None, :] + 1)
-    return (np.clip(hi - lo, 0, None) / (big / n)).astype(np.float32)
+    return (np.clip(hi - lo, 0, None) / ((stop - start) / n)).astype(np.float32)
 
 
 def attention_in_mask_share(attention: Any, masks: Any, attribute_part: Any,
-                            part_names: Sequence[str] | None = None) -> dict[str, Any]:
+                            part_names: Sequence[str] | None = None,
+                            box: Sequence[float] | None = None) -> dict[str, Any]:
     """How much of each part attribute's region attention falls on that part (localisation).
 
     Args:
@@ -37,6 +46,9 @@ def attention_in_mask_share(attention: Any, masks: Any, attribute_part: Any,
         masks: (N, P, H, W) part masks (bool or fractions), e.g. from :meth:`ImageBenchmark.render`.
         attribute_part: (D,) part index of each attribute, -1 for global attributes (skipped).
         part_names: P names for the per-part results (default ``part0``, ``part1``, ...).
+        box: (top, left, height, width) in mask pixels of the image region the attention grid covers: what the
+            backbone's transform kept of the image (its centre crop); default the whole image. A transformer's
+            patch grid (14 x 14, 16 x 16, ...) and a CNN's map are handled alike.
 
     Masks are area-averaged to h x w, so the share of attribute d in image n is
     ``sum(attention[n, d] * mask_frac[n, part(d)])``. Images where the part is not visible are left
@@ -60,7 +72,7 @@ def attention_in_mask_share(attention: Any, masks: Any, attribute_part: Any,
         raise DataError(f"attribute_part refers to part {int(parts.max())} but masks have {m.shape[1]} parts")
     n_parts = m.shape[1]
     names = list(part_names) if part_names is not None else [f"part{p}" for p in range(n_parts)]
-    frac = area_downsample(m, att.shape[2], att.shape[3])  # (N, P, h, w)
+    frac = area_downsample(m, att.shape[2], att.shape[3], box)  # (N, P, h, w)
     area = frac.mean(axis=(2, 3))  # (N, P) area fraction
     visible = area > 0
 

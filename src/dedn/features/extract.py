@@ -7,8 +7,8 @@ writes the feature maps chunk by chunk into a :class:`dedn.data.store.FeatureSto
   files are reported together, by path, in one :class:`DataError`. None is ever skipped silently.
 - Batches never straddle a chunk, so a chunk is always computed from the same batches. Resuming an
   interrupted run (``resume=True``) recomputes only the chunks not marked complete and gives the same
-  store as an uninterrupted run. Resuming with another backbone, weights, image size, transform or image
-  list is an error, never a silent mix.
+  store as an uninterrupted run. Resuming with another backbone, weights (by their sha256), layer, image size,
+  transform or image list is an error, never a silent mix.
 - Under ``torchrun`` (env ``RANK`` / ``WORLD_SIZE``), rank r takes the chunks i with i % world_size == r
   and writes them into the same preallocated file (disjoint regions). Ranks record finished chunks in
   their own ``complete.rank<r>.json``; rank 0 creates the store before, and merges those files into
@@ -40,7 +40,7 @@ from dedn.features.backbones import Backbone, get_backbone, to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Provenance entries that must match for a resumed extraction to continue an existing store.
-RESUME_KEYS = ("backbone", "weights", "weights_sha256", "image_size", "transform", "image_list_hash")
+RESUME_KEYS = ("backbone", "model", "weights", "weights_sha256", "layer", "image_size", "transform", "image_list_hash")
 # Errors PIL raises for unreadable, truncated or malformed files.
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 

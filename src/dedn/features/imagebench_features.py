@@ -54,7 +54,10 @@ def imagebench_store(
 
     net = get_backbone(backbone, weights="imagenet")
     size = int(image_size or bench.image_size)
-    provenance = {**net.provenance(size), "dataset": "imagebench", "imagebench": asdict(bench.config)}
+    # crop_box: where the feature grid lies on the rendered images (and their part masks), for localisation.
+    crop_box = [float(v) for v in net.transform(size).crop_box(bench.image_size, bench.image_size)]
+    provenance = {**net.provenance(size), "dataset": "imagebench", "imagebench": asdict(bench.config),
+                  "crop_box": crop_box}
     folder = Path(cache_dir) / f"imagebench-{_cache_key(bench, net.provenance(size))}"
     if (folder / "store.json").exists():
         store = FeatureStore.open(folder)

@@ -6,12 +6,14 @@ Every report of an experiment ``NAME`` is written into its results folder:
 - ``NAME.csv``: the mean / std table; ``NAME_seeds.csv``: the per-seed rows;
 - ``NAME.json``: everything, including the resolved config, the protocol, the seeds, the code version
   (``dedn.__version__`` and the git commit when the package sits in a git checkout) and each run's choices;
-- PNG plots: a bar chart for the tables, Figure 3's two panels, Figure 5's bar charts, the seen-unseen curves.
-  Bars are in the table's order (T, U, S, H) with their values written on them, error bars (sample std) only
-  with several seeds, and y axes that start near the data; the panels of one figure share a y range. Baseline
-  rows an experiment carries in ``extra["baselines"]`` (label -> T, U, S, H, or label -> protocol -> those),
-  e.g. ESZSL, are drawn hatched after the table's rows. The seen-unseen curves mark each seed's operating
-  point (the gamma its protocol used) on top of every curve.
+- PNG plots, drawn at their printed size in a two-column paper (one column or the page wide, 9 pt text):
+  the tables as grouped bars (a group per metric, T, U, S, H; a bar per row; one panel per protocol), Figure
+  3's two panels, Figure 5's bar charts, the seen-unseen curves. Bar charts have zero-based value axes, error
+  bars (sample std) only with several seeds, the paper's figures as black lines across the bars where the
+  dataset has them, and one legend below the axes. Baseline rows an experiment carries in
+  ``extra["baselines"]`` (label -> T, U, S, H, or label -> protocol -> those), e.g. ESZSL, are drawn hatched
+  after the table's rows. The seen-unseen curves mark each seed's operating point (the gamma its protocol
+  used) on top of every curve.
 
 Accuracies are in percent. Standard deviations are sample standard deviations (n - 1); with one seed
 there is none. The paper's numbers (paper Tables 1 and 3, kept in :mod:`dedn.data.benchmarks`) are shown
@@ -310,7 +312,8 @@ def _bars(ax: Any, groups: Sequence[str], series: Mapping[str, tuple[Sequence[fl
     order) with its (means, stds) over the groups; error bars (sample std) only where there is one (several
     seeds); the paper's values of a series (``paper[name]``, None where it has none) as a black line across
     its bars; the series named in ``hatched`` (baselines) hatched. The values are written on the bars while
-    there are at most :data:`MAX_LABELLED_BARS` and no paper lines. Returns every drawn value (means + stds, paper) for the y range."""
+    there are at most :data:`MAX_LABELLED_BARS` and no paper lines. Returns every drawn value (means + stds,
+    paper) for the y range."""
     n = max(len(series), 1)
     width = 0.84 / n
     x = np.arange(len(groups))

@@ -31,7 +31,7 @@ import math
 import os
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from dedn.apps.predict import ClassScore, Prediction, Predictor, load_image
+from dedn.apps.predict import ClassScore, Prediction, Predictor, load_image, true_classes
 from dedn.checks import check_output_folder
 from dedn.errors import DataError
 from dedn.features.backbones import to_rgb
@@ -197,7 +197,8 @@ class ExplainOptions:
         top: how many attributes when ``attributes`` is None.
         class_name: explain this candidate class instead of the predicted one.
         true_class: the image's true class, when known: named in the figure titles, and each attribute's
-            value for it is reported (``true_class_value``) beside the explained class's.
+            value for it is reported (``true_class_value``) beside the explained class's. None for an image
+            file: where :func:`~dedn.apps.predict.true_classes` finds one of the run's classes.
         background: an image (path, PIL image or HxWx3 uint8 array) to draw under the heat maps when
             the image is a feature map; without one the maps are drawn alone.
         l_e, gamma: expert mix and calibration for the prediction (defaults: the model's and the run's).
@@ -388,6 +389,10 @@ def explain_image(
     check_output_folder("out_dir", out_dir)  # before any work: mkdir fails on a file, after all the drawing
     options = options or ExplainOptions()
     predictor = _as_predictor(source, attribute_names, class_names, device)
+    if options.true_class is None and isinstance(image, (str, os.PathLike)):
+        found = true_classes([image], predictor.class_names)[0]  # an index.csv, the file name, the folder
+        if found in predictor.class_names:
+            options = replace(options, true_class=found)
     view = _view(predictor, image, options)
     choice = _choose(predictor, view, options)
     records, has_channels = _records(predictor, view, choice, options.n_channels)

@@ -16,6 +16,14 @@ from dedn.errors import ConfigError
 
 INDEX_FILE = "index.csv"
 KINDS = ("seen", "unseen", "validation")
+#: Between the class name and the image number in a sample's file name: ``<class name>__<image index>.png``.
+NAME_SEPARATOR = "__"
+
+
+def class_in_file_name(path: str | Path) -> str | None:
+    """The class a sample's file name starts with (``<class name>__<image index>.png``), or None."""
+    stem = Path(path).stem
+    return stem.rsplit(NAME_SEPARATOR, 1)[0] if NAME_SEPARATOR in stem else None
 
 
 @dataclass
@@ -94,7 +102,7 @@ def write_samples(out: str | Path, per_class: int = 2, classes: Sequence[str] | 
         images = np.flatnonzero(bench.labels == c)
         # Test images first: a model trained on the benchmark has never seen them.
         for i in sorted(images, key=lambda i: (split[i] != "test", i))[:per_class]:
-            name = f"{bench.class_names[c]}__{int(i):05d}.png"
+            name = f"{bench.class_names[c]}{NAME_SEPARATOR}{int(i):05d}.png"
             bench.image(int(i)).save(folder / name)
             rows.append((name, bench.class_names[c], kinds[c], str(split[i])))
     index = folder / INDEX_FILE

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from dedn.apps.class_files import _suggest, unknown_attribute_message
-from dedn.apps.samples import INDEX_FILE, NAME_SEPARATOR, class_in_file_name
+from dedn.apps.samples import INDEX_FILE, class_in_file_name
 from dedn.checks import COUNT, check
 from dedn.errors import CheckpointError, ConfigError, DataError
 from dedn.features.backbones import Backbone, get_backbone
@@ -170,12 +170,6 @@ def expand_image_paths(inputs: str | os.PathLike[str] | Iterable[str | os.PathLi
         else:
             raise DataError(f"{p}: no such file or folder")
     return out
-
-
-#: Where ``dedn predict`` and ``dedn explain`` find an image's true class (the CLI help repeats it).
-TRUE_CLASS_SOURCES = (f"an {INDEX_FILE} beside the image (columns file and class, as `dedn samples` writes it), "
-                      f"else a file name <class>{NAME_SEPARATOR}<n>.png (the samples' names) or the image's folder, "
-                      "where either names a class of the run")
 
 
 def _index_classes(folder: Path) -> dict[str, str]:
@@ -335,7 +329,8 @@ class Predictor:
         """
         run = Path(run_dir)
         if not run.is_dir():
-            raise CheckpointError(f"{run}: no such run directory")
+            raise CheckpointError(f"{run}: no such run directory; give the folder `dedn train` printed after "
+                                  "'model:' (or the run folder above it)")
         run = RunFolder(run).model_folder().path  # a protocol's run folder holds its model in final/ or train/
         weights = run / RunFolder.MODEL
         if not weights.is_file():
@@ -431,7 +426,8 @@ class Predictor:
         try:
             return self.attribute_names.index(name)
         except ValueError:
-            raise DataError(f"unknown attribute name {unknown_attribute_message([name], self.attribute_names)}") \
+            raise DataError(f"unknown attribute name {unknown_attribute_message([name], self.attribute_names)}; "
+                            "`dedn describe --run RUN` lists the run's attributes") \
                 from None
 
     def class_index(self, name: str) -> int:
@@ -439,7 +435,8 @@ class Predictor:
         try:
             return self.class_names.index(name)
         except ValueError:
-            raise DataError(f"unknown class {name!r}{_suggest(name, self.class_names)}") from None
+            raise DataError(f"unknown class {name!r}{_suggest(name, self.class_names)}; `dedn describe --run RUN` "
+                            "lists the run's classes") from None
 
     def _as_tensor(self, features: Any) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(features)) if not torch.is_tensor(features) else features

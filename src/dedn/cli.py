@@ -32,25 +32,23 @@ def _help_requested() -> bool:
     return "--help" in sys.argv[1:]
 
 
-# The option help below names the registered choices. Typer reads the annotations when the command line is
-# parsed; the registries are read only for --help (the backbones' module loads torch, seconds on every call).
-def _backbones() -> str:
-    """The registered backbones (dedn.features.backbones.BACKBONES), for --help."""
+# The help of some options names the registered choices. Typer reads the annotations when the command line is
+# parsed; the registries are imported only for --help (the backbones' and methods' modules load torch: seconds).
+def _listed(registry: str) -> str:
+    """The names in a registry (``module.NAME``: a mapping, a sequence or a function returning one), for --help."""
     if not _help_requested():
         return "see --help"
-    from dedn.features.backbones import BACKBONES
+    import importlib
 
-    return ", ".join(BACKBONES)
+    module, name = registry.rsplit(".", 1)
+    names = getattr(importlib.import_module(module), name)
+    return ", ".join(names() if callable(names) else names)
 
 
-def _configs() -> str:
-    """The packaged configs and presets (dedn.config.packaged_configs), for --help."""
-    if not _help_requested():
-        return "see --help"
-    from dedn.config import packaged_configs
-
-    return ", ".join(packaged_configs())
-
+BACKBONE_REGISTRY = "dedn.features.backbones.BACKBONES"
+CONFIG_REGISTRY = "dedn.config.packaged_configs"
+METHOD_REGISTRY = "dedn.models.registry.model_names"
+EXPERIMENT_REGISTRY = "dedn.apps.experiments.EXPERIMENTS"
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted.key=value config overrides")]  # noqa: UP045
 
@@ -112,7 +110,7 @@ def _print_metrics(metrics: dict, title: str) -> None:
 # ---------------------------------------------------------------------------------------------- train / eval
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help=f"a YAML config file, or a packaged config by name: {_configs()}")] = None,  # noqa: UP045,E501
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help=f"a YAML config file, or a packaged config by name: {_listed(CONFIG_REGISTRY)}")] = None,  # noqa: UP045,E501
     overrides: Overrides = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="run directory (default: OUTPUT_DIR/NAME-TIME)")] = None,  # noqa: UP045
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory")] = None,  # noqa: UP045
@@ -236,7 +234,7 @@ def extract(
     images: Annotated[Path, typer.Option(help="image root (xlsa17 dataset root, or a folder of class folders)")],
     xlsa17: Annotated[Optional[Path], typer.Option(help="xlsa17 folder of the dataset (att_splits.mat, res101.mat)")] = None,  # noqa: UP045,E501
     dataset: Annotated[Optional[str], typer.Option(help="CUB, SUN or AWA2 (with --xlsa17)")] = None,  # noqa: UP045
-    backbone: Annotated[str, typer.Option(help=f"one of: {_backbones()}")] = "resnet101",
+    backbone: Annotated[str, typer.Option(help=f"one of: {_listed(BACKBONE_REGISTRY)}")] = "resnet101",
     weights: Annotated[str, typer.Option(help="'imagenet' (download) or a local weights file")] = "imagenet",
     image_size: Annotated[Optional[int], typer.Option(help="input size (CUB/SUN 448, AWA2 224)")] = None,  # noqa: UP045
     batch_size: Annotated[int, typer.Option()] = 32,
@@ -381,7 +379,7 @@ def store_verify(store: Annotated[Path, typer.Argument(help="feature store folde
 @app.command()
 def demo(
     overrides: Overrides = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help=f"a YAML config file, or a packaged config by name: {_configs()} (default: demo)")] = None,  # noqa: UP045,E501
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help=f"a YAML config file, or a packaged config by name: {_listed(CONFIG_REGISTRY)} (default: demo)")] = None,  # noqa: UP045,E501
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress: print only the final table")] = False,
 ) -> None:
@@ -393,15 +391,15 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="table1, table3, figure3, figure5 or calibration")],
+    name: Annotated[str, typer.Argument(help=f"one of: {_listed(EXPERIMENT_REGISTRY)}")],
     overrides: Overrides = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help=f"a YAML config file, or a packaged config by name: {_configs()}")] = None,  # noqa: UP045,E501
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help=f"a YAML config file, or a packaged config by name: {_listed(CONFIG_REGISTRY)}")] = None,  # noqa: UP045,E501
     seeds: Annotated[int, typer.Option(help="seeds (base seed + i)")] = 1,
     protocol: Annotated[Optional[str], typer.Option(help="validated, published or both")] = None,  # noqa: UP045
     out: Annotated[Optional[Path], typer.Option(help="results folder (resumable)")] = None,  # noqa: UP045
     devices: Annotated[Optional[str], typer.Option(help="pool launcher: run independent jobs on these devices, one worker each, e.g. cuda:0,cuda:1")] = None,  # noqa: UP045,E501
     tune: Annotated[Optional[list[str]], typer.Option(help="validated protocol: key=v1,v2 to choose on validation")] = None,  # noqa: UP045,E501
-    methods: Annotated[Optional[str], typer.Option(help="table1: the methods compared, comma-separated (default: all registered: dedn, dazle, msdn, transzero)")] = None,  # noqa: UP045,E501
+    methods: Annotated[Optional[str], typer.Option(help=f"table1: the methods compared, comma-separated (default: all registered: {_listed(METHOD_REGISTRY)})")] = None,  # noqa: UP045,E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines, only the report")] = False,
     launcher: Annotated[str, typer.Option(help="pool: in this process, or one worker per --devices entry; local: each job a submitit subprocess; slurm: each job a SLURM job (logs in OUT/submitit)")] = "pool",  # noqa: E501
     partition: Annotated[Optional[str], typer.Option(help="slurm: partition (default: the cluster's)")] = None,  # noqa: UP045
@@ -493,7 +491,7 @@ def predict(
     only_new: Annotated[bool, typer.Option("--only-new/--no-only-new",
                                            help="with --new-classes: drop the trained classes")] = False,
     fill: Annotated[Optional[float], typer.Option(help="with --new-classes: value of attributes a class omits")] = None,  # noqa: UP045,E501
-    backbone: Annotated[Optional[str], typer.Option(help=f"for runs trained on precomputed features, the backbone to compute image features with: {_backbones()}")] = None,  # noqa: UP045,E501
+    backbone: Annotated[Optional[str], typer.Option(help=f"for runs trained on precomputed features, the backbone to compute image features with: {_listed(BACKBONE_REGISTRY)}")] = None,  # noqa: UP045,E501
     l_e: Annotated[Optional[float], typer.Option(help="cExp/fExp mix (default: the run's)")] = None,  # noqa: UP045
     gamma: Annotated[Optional[float], typer.Option(help="calibration (default: the run's)")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -530,7 +528,7 @@ def explain(
     top_attributes: Annotated[int, typer.Option(help="without --attribute: how many attributes to show, those contributing most to the explained class (predict's --top-k counts classes)")] = 4,  # noqa: E501
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
     class_name: Annotated[Optional[str], typer.Option("--class", help="explain this class instead of the prediction")] = None,  # noqa: UP045,E501
-    backbone: Annotated[Optional[str], typer.Option(help=f"for runs trained on precomputed features, the backbone to compute image features with: {_backbones()}")] = None,  # noqa: UP045,E501
+    backbone: Annotated[Optional[str], typer.Option(help=f"for runs trained on precomputed features, the backbone to compute image features with: {_listed(BACKBONE_REGISTRY)}")] = None,  # noqa: UP045,E501
     true_class: Annotated[Optional[str], typer.Option(help=f"the image's true class, named in the figure (default: {TRUE_CLASS_HELP})")] = None,  # noqa: UP045,E501
 ) -> None:
     """Per-attribute region attention of both experts over an image (PNG), channel attention summarised."""

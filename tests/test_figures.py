@@ -54,7 +54,7 @@ def test_seen_unseen_curve_marks_the_operating_point(tmp_path: Path, saved) -> N
     assert len(dots) == 1 and dots[0].get_xdata()[0] == pytest.approx(60) and dots[0].get_ydata()[0] == 80
     curve = next(line for line in ax.get_lines() if line.get_label().startswith("DEDN (AUSUC"))
     assert dots[0].get_zorder() > curve.get_zorder() and dots[0].get_color() == curve.get_color()
-    assert "gamma 1.5: S 80.0, U 60.0, H 68.6" in dots[0].get_label()
+    assert "γ 1.5: S 80.0, U 60.0, H 68.6" in dots[0].get_label()
     assert ax.get_ylim()[0] == 0 and ax.get_xlim()[0] == 0
     _check_print_ready(fig)
 

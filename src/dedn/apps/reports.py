@@ -608,7 +608,7 @@ def _figure3_plot(exp: ExperimentResult, sweep: list[dict[str, Any]], proto: str
                 std = np.nan_to_num(np.array([r[m]["std"] for r in rows]))
                 ax.plot(x, mean, style, markersize=3.5, label=m)
                 if np.any(std > 0):  # a band only with several seeds
-                    ax.fill_between(x, mean - std, mean + std, alpha=0.2, label=f"{m} -+ std")
+                    ax.fill_between(x, mean - std, mean + std, alpha=0.2, label=f"{m} ± std")
                 drawn += list(mean - std) + list(mean + std)
             ax.axvline(centre.get(axis, np.nan), color="grey", linestyle=":", linewidth=1, label="configured")
             name = axis.split(".")[-1]
@@ -679,7 +679,7 @@ def _calibration_plot(exp: ExperimentResult, c: list[dict[str, Any]], grid_u: np
         for x, line in zip(c, lines, strict=True):  # on top of every curve, the mean one included
             ax.plot([x["chosen_U"]], [x["chosen_S"]], "o", markersize=6, color=line.get_color(), zorder=5,
                     markeredgecolor="black", markeredgewidth=1.0,
-                    label=f"seed {x['seed']} at gamma {x['chosen_gamma']:.3g}: S {x['chosen_S']:.1f}, "
+                    label=f"seed {x['seed']} at γ {x['chosen_gamma']:.3g}: S {x['chosen_S']:.1f}, "
                           f"U {x['chosen_U']:.1f}")
         ax.set_xlabel("U: unseen accuracy (%)")
         ax.set_ylabel("S: seen accuracy (%)")
@@ -689,6 +689,6 @@ def _calibration_plot(exp: ExperimentResult, c: list[dict[str, Any]], grid_u: np
         ax.grid(True, alpha=0.3)
         chosen = "from validation" if proto == "validated" else "fixed"
         ax.set_title(f"Seen-unseen curves on {exp.dataset}\n{proto} protocol; dots: each seed's\n"
-                     f"operating point (gamma {chosen})", wrap=True)
+                     f"operating point (γ {chosen})", wrap=True)
         _legend_below(fig, [ax], 1)
         return _save(fig, exp.out_dir / f"calibration_{proto}.png")

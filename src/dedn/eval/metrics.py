@@ -411,7 +411,7 @@ def plot_seen_unseen_curve(
             if label in points:
                 ps, pu, *g = points[label]
                 h = 2 * ps * pu / (ps + pu) if ps + pu > 0 else 0.0
-                text = f"{label} at {'gamma ' + format(g[0], '.3g') + ': ' if g else ''}" \
+                text = f"{label} at {'γ ' + format(g[0], '.3g') + ': ' if g else ''}" \
                        f"S {ps * 100:.1f}, U {pu * 100:.1f}, H {h * 100:.1f}"
                 ax.plot([pu * 100], [ps * 100], "o", markersize=7, color=line.get_color(), markeredgecolor="black",
                         markeredgewidth=1.0, zorder=5, label=text)
@@ -423,7 +423,7 @@ def plot_seen_unseen_curve(
         ax.grid(True, alpha=0.3)
         full_title = "\n".join(t for t in (title, f"{protocol} protocol" if protocol else None) if t)
         if points:
-            full_title += ("\n" if full_title else "") + "dots: the operating point used"
+            full_title += ("\n" if full_title else "") + "dots: the operating point used (its γ)"
         if full_title:
             ax.set_title(full_title)
         if curves:

@@ -526,7 +526,7 @@ def report_figure5(exp: ExperimentResult) -> list[Path]:
     by = {(s["row"], s["protocol"]): s for s in summary}
     for proto in exp.protocols:
         with _style():
-            fig, axes = _figure(1, 2, PAGE_WIDTH, 2.9)
+            fig, axes = _figure(1, 2, PAGE_WIDTH, 3.1)
             drawn = []
             for ax, other, title in ((axes[0], "kmeans", "(a) manual vs K-means"),
                                      (axes[1], "half", "(b) number of clusters")):
@@ -537,8 +537,8 @@ def report_figure5(exp: ExperimentResult) -> list[Path]:
                 ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
             for ax in axes:
                 ax.set_ylim(*_zero_based(drawn))
-            fig.suptitle(f"Figure 5: attribute clusters on {exp.dataset}, {PROTOCOL_TITLES.get(proto, proto)} "
-                         f"({_seeds_text(len(exp.seeds))})")
+            fig.suptitle(f"Figure 5: attribute clusters on {exp.dataset}\n{PROTOCOL_TITLES.get(proto, proto)}, "
+                         f"{_seeds_text(len(exp.seeds))}")
             files.append(_save(fig, exp.out_dir / f"figure5_{proto}.png"))
     return files
 
@@ -598,7 +598,7 @@ def _figure3_plot(exp: ExperimentResult, sweep: list[dict[str, Any]], proto: str
     the configured value marked; one y range for the panels, which starts near the data (curves, not bars)."""
     axes_names = list(exp.extra.get("sweep", {}))
     with _style():
-        fig, axes = _figure(1, max(len(axes_names), 1), PAGE_WIDTH, 2.9)
+        fig, axes = _figure(1, max(len(axes_names), 1), PAGE_WIDTH, 3.1)
         drawn = []
         for i, (ax, axis) in enumerate(zip(axes, axes_names, strict=False)):
             rows = sorted((r for r in sweep if r["protocol"] == proto and r["axis"] == axis), key=lambda r: r["value"])
@@ -618,8 +618,8 @@ def _figure3_plot(exp: ExperimentResult, sweep: list[dict[str, Any]], proto: str
             ax.grid(True, alpha=0.3)
         for ax in axes:  # one y range for both panels: their curves compare directly
             ax.set_ylim(*_near_data(drawn))
-        fig.suptitle(f"Figure 3: sensitivity on {exp.dataset}, {PROTOCOL_TITLES.get(proto, proto)} "
-                     f"({_seeds_text(len(exp.seeds))})")
+        fig.suptitle(f"Figure 3: sensitivity on {exp.dataset}\n{PROTOCOL_TITLES.get(proto, proto)}, "
+                     f"{_seeds_text(len(exp.seeds))}")
         _legend_below(fig, axes, 5)
         return _save(fig, exp.out_dir / f"figure3_{proto}.png")
 

@@ -39,6 +39,7 @@ def _check_print_ready(fig) -> None:
     for legend in legends:
         assert all(t.get_fontsize() >= 9 for t in legend.get_texts())
         box = legend.get_window_extent()
+        assert fig.bbox.x0 - 1 <= box.x0 and box.x1 <= fig.bbox.x1 + 1, "the legend is cut at the figure's sides"
         for ax in fig.axes:
             assert not box.overlaps(ax.get_window_extent()), "the legend covers an axes"
 
@@ -126,7 +127,7 @@ def test_table_plot_is_print_ready_with_error_bars_over_seeds(tmp_path: Path, sa
         assert len(_errorbars(ax)) == 2  # one per row with a std; the baseline has none
         assert any(c.get_label() == R.PAPER_LABEL for c in ax.collections)
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels == ["DEDN", "DEDN w/o MAL", "ESZSL (pooled features) (baseline)", R.PAPER_LABEL]
+    assert labels == ["DEDN", "DEDN w/o MAL", "ESZSL (pooled features), baseline", R.PAPER_LABEL]
     _check_print_ready(fig)
 
 
@@ -140,4 +141,16 @@ def test_table_plot_with_one_seed_draws_no_error_bars(tmp_path: Path, saved) -> 
     assert fig.get_figwidth() == R.COLUMN_WIDTH and "1 seed" in fig.get_suptitle()
     assert not _errorbars(ax) and ax.get_ylim()[0] == 0
     assert {"76.9", "75.9"} <= {t.get_text() for t in ax.texts}  # few bars, no paper lines: values written
+    _check_print_ready(fig)
+
+
+def test_table_plot_legend_of_many_long_rows_fits_the_page(tmp_path: Path, saved) -> None:
+    exp, summary = _table_exp(1, ("validated",))
+    labels = ["DEDN", "cExp alone (no distillation)", "fExp alone (no distillation)", "DEDN w/o channel attention",
+              "DEDN w/o MAL", "DAZLE", "MSDN", "TransZero"]
+    exp.rows = [SimpleNamespace(label=label) for label in labels]
+    summary = [{**summary[0], "label": label, "paper": None} for label in labels]
+    R._table_plot(exp, summary, ("T", "U", "S", "H"), tmp_path / "t.png")
+    fig = saved[0]
+    assert fig.get_figwidth() == R.PAGE_WIDTH and not fig.axes[0].texts  # 36 bars: no values written on them
     _check_print_ready(fig)

@@ -357,16 +357,24 @@ def _zero_based(drawn: Sequence[float], room: float = 0.12) -> tuple[float, floa
     return 0.0, min(math.ceil(top / step) * step, 110.0)
 
 
-def _legend_below(fig: Any, axes: Sequence[Any], n_cols: int = 4) -> Any:
-    """One legend for the figure, below the axes (it covers nothing), with the entries of every panel once."""
+def _legend_columns(labels: Sequence[str], width: float, most: int) -> int:
+    """How many legend columns of ``labels`` fit side by side in ``width`` inches at :data:`FONT` (at most
+    ``most``): an entry takes its label (about 0.6 em a character) plus the marker and the gaps."""
+    chars = width * 72 / (0.6 * FONT)
+    return max(1, min(most, len(labels), int(chars // (max(map(len, labels), default=1) + 6))))
+
+
+def _legend_below(fig: Any, axes: Sequence[Any], most: int = 4) -> Any:
+    """One legend for the figure, below the axes (it covers nothing), with the entries of every panel once,
+    in as many columns (up to ``most``) as fit the figure's width."""
     handles: dict[str, Any] = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, h)
     if PAPER_LABEL in handles:  # after the bars it marks
         handles[PAPER_LABEL] = handles.pop(PAPER_LABEL)
-    return fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-                      ncol=min(n_cols, len(handles)) or 1, frameon=False)
+    return fig.legend(list(handles.values()), list(handles), loc="outside lower center", frameon=False,
+                      ncol=_legend_columns(list(handles), fig.get_figwidth(), most))
 
 
 def _near_data(values: Sequence[float], top_room: float = 0.08) -> tuple[float, float]:
@@ -400,33 +408,36 @@ EXPERIMENT_TITLES = {"table1": "Table 1", "table3": "Table 3: ablations",
                      "calibration": "Calibrated stacking"}
 
 
+def _baseline_label(label: str) -> str:
+    return f"{label}, baseline"
+
+
 def _table_plot(exp: ExperimentResult, summary: list[dict[str, Any]], metrics: Sequence[str],
                 path: Path) -> Path:
     """One panel per protocol, side by side with one zero-based value axis: a group of bars per metric (in the
-    table's order), one bar per row (then any baseline rows, hatched), the paper's figures as black diamonds
-    where the dataset has them (a black line across the bar); one legend below the panels."""
-    n_series = len(exp.rows) + len(exp.extra.get("baselines") or {})
-    wide = len(exp.protocols) > 1 or n_series > 4
-    legend_cols = 3 if wide else 2
-    legend_rows = math.ceil((n_series + 1) / legend_cols)
+    table's order), one bar per row (then any baseline rows, hatched), the paper's figures as a black line
+    across the bar where the dataset has them; one legend below the panels."""
+    labels = [r.label for r in exp.rows] + [_baseline_label(b) for b in exp.extra.get("baselines") or {}]
+    labels += [PAPER_LABEL] if any(s["paper"] for s in summary) else []
+    width = PAGE_WIDTH if len(exp.protocols) > 1 or len(labels) > 4 else COLUMN_WIDTH
+    legend_rows = math.ceil(len(labels) / _legend_columns(labels, width, 3))
     with _style():
-        fig, axes = _figure(1, len(exp.protocols), PAGE_WIDTH if wide else COLUMN_WIDTH,
-                            2.6 + 0.2 * legend_rows)
+        fig, axes = _figure(1, len(exp.protocols), width, 2.6 + 0.22 * legend_rows)
         drawn = []
         for ax, proto in zip(axes, exp.protocols, strict=True):
             rows = [s for s in summary if s["protocol"] == proto]
             base = _baselines(exp, proto)
             series = {s["label"]: ([s[m]["mean"] for m in metrics], [s[m]["std"] for m in metrics]) for s in rows}
-            series |= {f"{label} (baseline)": ([b.get(m, math.nan) for m in metrics], [math.nan] * len(metrics))
+            series |= {_baseline_label(label): ([b.get(m, math.nan) for m in metrics], [math.nan] * len(metrics))
                        for label, b in base.items()}
             paper = {s["label"]: [s["paper"].get(m) for m in metrics] for s in rows if s["paper"]}
-            drawn += _bars(ax, list(metrics), series, paper or None, hatched=[f"{b} (baseline)" for b in base])
+            drawn += _bars(ax, list(metrics), series, paper or None, hatched=[_baseline_label(b) for b in base])
             ax.set_title(PROTOCOL_TITLES.get(proto, f"{proto} protocol"))
         for ax in axes:
             ax.set_ylim(*_zero_based(drawn))
         fig.suptitle(f"{EXPERIMENT_TITLES.get(exp.name, exp.name)} on {exp.dataset} "
                      f"({_seeds_text(len(exp.seeds))})")
-        _legend_below(fig, axes, legend_cols)
+        _legend_below(fig, axes, 3)
         return _save(fig, path)
 
 

@@ -247,3 +247,21 @@ def test_explain_errors(run: Path, tmp_path: Path) -> None:
         explain_image(run, img, out_dir=tmp_path)
     with pytest.raises(DataError, match=r"(?s)missing\.png: cannot read the image"):
         explain_image(Predictor.from_run(run, backbone=TinyBackbone()), tmp_path / "missing.png", out_dir=tmp_path)
+
+
+def test_heatmap_text_is_at_least_9_pt(run: Path, tmp_path: Path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    figures: list = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: figures.append(self))
+    img = tmp_path / "bird.png"
+    Image.fromarray(np.random.default_rng(6).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
+    explain_image(Predictor.from_run(run, backbone=TinyBackbone()), img, out_dir=tmp_path / "out",
+                  options=ExplainOptions(top=2, true_class="bunting"))
+    assert len(figures) == 2  # region maps and channel weights
+    for fig in figures:
+        fig.draw_without_rendering()
+        texts = [t for t in fig.findobj(Text) if t.get_text().strip() and t.get_visible()]
+        assert texts and min(t.get_fontsize() for t in texts) >= 9, [
+            (t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 9]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,15 +15,24 @@ import torch
 from dedn.cli import main
 from dedn.config import RunConfig, load_config
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsl-semantic"
+#: The real semantic files of CUB, SUN and AWA2, one folder per dataset: xlsa17's att_splits.mat and class lists
+#: (trainvalclasses.txt, testclasses.txt, trainclasses1.txt, valclasses1.txt), the attribute names
+#: (attributes.txt, attributes.mat, predicates.txt) and word vectors ({DS}_attribute.pkl) of DAZLE's repository,
+#: and semantic_{DS}.npz, all of them consolidated. They are test data kept beside the checkout, never in it;
+#: the environment variable DEDN_SEMANTIC_DIR names another folder that holds CUB/, SUN/ and AWA2/.
+SHARED = Path(os.environ.get("DEDN_SEMANTIC_DIR") or Path(__file__).resolve().parents[2] / "shared/data/zsl-semantic")
 
 
-def shared_dir(ds: str) -> Path:
-    """The real semantic files of one benchmark, or a skip with the reason when they are absent."""
+def shared_dir(ds: str, file: str | None = None) -> Path:
+    """The folder of one benchmark's real semantic files (or one ``file`` in it), or a skip that says how to
+    run the test."""
     folder = SHARED / ds
-    if not folder.is_dir():
-        pytest.skip(f"real xlsa17 semantic files not found at {folder} (shared data folder absent)")
-    return folder
+    path = folder / file if file else folder
+    if not path.exists():
+        pytest.skip(f"needs the real {ds} semantic files ({path} is absent): to run it, put them (listed in "
+                    f"tests/conftest.py at SHARED) in a folder {ds}/ and run "
+                    "`DEDN_SEMANTIC_DIR=<its parent> make test`")
+    return path
 
 TINY = [
     "data.synthetic.n_images=240",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,49 @@ def test_train_at_a_fixed_gamma_says_how_to_get_a_validated_one(tiny_overrides: 
     at = next(i for i, line in enumerate(lines) if "(mode default))" in line)
     assert lines[at + 1].strip().startswith("this gamma is fixed (mode default), chosen on no data")
     assert "eval.protocol=validated" in lines[at + 1]
+
+
+def _help(args: list[str], columns: int, monkeypatch, capsys) -> str:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, out, err = run_cli([*args, "--help"], monkeypatch, capsys)
+    assert code == 0, err
+    return out
+
+
+def test_help_lists_the_registered_choices(monkeypatch, capsys) -> None:
+    from dedn.config import packaged_configs
+    from dedn.features.backbones import BACKBONES
+    from dedn.models.registry import model_names
+
+    flat = {c: " ".join(_help([c], 250, monkeypatch, capsys).replace("│", " ").split())  # panel borders out
+            for c in ("train", "extract", "predict", "explain", "experiment")}
+    for command in ("extract", "predict", "explain"):
+        assert ", ".join(BACKBONES) in flat[command], command  # from the registry: new backbones appear by themselves
+    for command in ("train", "experiment"):
+        assert ", ".join(packaged_configs()) in flat[command] and "cub-gzsl" in flat[command], command
+    assert ", ".join(model_names()) in flat["experiment"] and "table1, table3, figure3" in flat["experiment"]
+
+
+def test_one_name_for_one_thing(monkeypatch, capsys) -> None:
+    predict = _help(["predict"], 250, monkeypatch, capsys)
+    explain = _help(["explain"], 250, monkeypatch, capsys)
+    describe = _help(["describe"], 250, monkeypatch, capsys)
+    assert "--top-k" in predict and "--new-classes" in predict and "--classes " not in predict
+    assert "--top-attributes" in explain and "--top " not in explain and "--top-k" not in explain.replace(
+        "predict's --top-k", "")
+    assert "--new-classes-template" in describe
+    assert "index.csv" in predict and "index.csv" in explain  # where the true class comes from
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("command", [["experiment"], ["extract"], ["samples"], ["predict"], ["bench"]])
+def test_help_paragraphs_wrap_as_paragraphs(command: list[str], columns: int, monkeypatch, capsys) -> None:
+    # The description between the usage line and the first panel: each line of a paragraph but its last fills
+    # the width (a docstring's own line breaks would end lines mid-sentence).
+    text = _help(command, columns, monkeypatch, capsys).split("Usage:", 1)[1].split("╭", 1)[0]
+    paragraphs = [[line.rstrip() for line in p.splitlines() if line.strip()]
+                  for p in re.split(r"\n\s*\n", "\n".join(line.rstrip() for line in text.splitlines()))]
+    for lines in (p for p in paragraphs if len(p) > 1):
+        if lines[0].lstrip().startswith("dedn") or "[OPTIONS]" in lines[0]:
+            continue  # the usage line
+        assert all(len(line) > columns - 25 for line in lines[:-1]), lines

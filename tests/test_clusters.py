@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,23 +20,18 @@ from dedn.data.clusters import (
 from dedn.data.xlsa17 import load_attribute_names
 from dedn.errors import ConfigError, DataError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/zsl-semantic"
+from .conftest import shared_dir
+
 N_ATT = {"CUB": 312, "SUN": 102, "AWA2": 85}
 NAME_FILE = {"CUB": "attributes.txt", "SUN": "attributes.mat", "AWA2": "predicates.txt"}
 
 
 def names_of(ds: str) -> list[str]:
-    f = SHARED / ds / NAME_FILE[ds]
-    if not f.is_file():
-        pytest.skip(f"real attribute names not found at {f} (shared data folder absent)")
-    return load_attribute_names(f)
+    return load_attribute_names(shared_dir(ds, NAME_FILE[ds]))
 
 
 def w2v_of(ds: str) -> np.ndarray:
-    f = SHARED / ds / f"semantic_{ds}.npz"
-    if not f.is_file():
-        pytest.skip(f"real word vectors not found at {f} (shared data folder absent)")
-    with np.load(f) as z:
+    with np.load(shared_dir(ds, f"semantic_{ds}.npz")) as z:
         return z["w2v_att"]
 
 

@@ -329,7 +329,7 @@ def test_every_experiment_runs_the_configs_protocol_validated_by_default():
     assert E._protocols(None, load_config(None, [])) == ["validated"]
     assert E._protocols(None, load_config("cub-released", [])) == ["published"]  # the config says so
     assert E._protocols("both", load_config(None, [])) == ["validated", "published"]
-    with pytest.raises(ConfigError, match="eval.protocol: an experiment runs validated, published or both"):
+    with pytest.raises(ConfigError, match="eval.protocol fixed: give validated, published or both"):
         E._protocols(None, load_config(None, ["eval.protocol=fixed"]))
 
 

@@ -188,6 +188,16 @@ def test_explain_image_named_attributes(run: Path, tmp_path: Path) -> None:
     assert all(len(a["experts"]["fexp"]["channel_attention"]["top_channels"]) == 4 for a in report["attributes"])
 
 
+def test_explain_finds_the_true_class_of_an_image_when_not_given(run: Path, tmp_path: Path) -> None:
+    img = tmp_path / "cardinal__00007.png"  # a sample's file name: <class>__<n>.png
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
+    pred = Predictor.from_run(run, backbone=TinyBackbone())
+    paths = explain_image(pred, img, out_dir=tmp_path / "out", options=ExplainOptions(top=2))
+    assert json.loads(paths[-1].read_text())["true_class"]["name"] == "cardinal"
+    given = explain_image(pred, img, out_dir=tmp_path / "given", options=ExplainOptions(top=2, true_class="dipper"))
+    assert json.loads(given[-1].read_text())["true_class"]["name"] == "dipper"  # what the user says wins
+
+
 def test_explain_bare_model_single_expert_without_channels(tmp_path: Path) -> None:
     model = make_model(experts="fexp", channel_attention=False)
     bg = np.random.default_rng(0).integers(0, 255, (50, 60, 3), dtype=np.uint8)
@@ -237,3 +247,21 @@ def test_explain_errors(run: Path, tmp_path: Path) -> None:
         explain_image(run, img, out_dir=tmp_path)
     with pytest.raises(DataError, match=r"(?s)missing\.png: cannot read the image"):
         explain_image(Predictor.from_run(run, backbone=TinyBackbone()), tmp_path / "missing.png", out_dir=tmp_path)
+
+
+def test_heatmap_text_is_at_least_9_pt(run: Path, tmp_path: Path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    figures: list = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: figures.append(self))
+    img = tmp_path / "bird.png"
+    Image.fromarray(np.random.default_rng(6).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
+    explain_image(Predictor.from_run(run, backbone=TinyBackbone()), img, out_dir=tmp_path / "out",
+                  options=ExplainOptions(top=2, true_class="bunting"))
+    assert len(figures) == 2  # region maps and channel weights
+    for fig in figures:
+        fig.draw_without_rendering()
+        texts = [t for t in fig.findobj(Text) if t.get_text().strip() and t.get_visible()]
+        assert texts and min(t.get_fontsize() for t in texts) >= 9, [
+            (t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < 9]

@@ -149,7 +149,7 @@ BAD_OPTIONS = [
     (["predict", "--gamma", "nan"], "--gamma", "a finite number, got nan"),
     (["predict", "--gamma", "inf"], "--gamma", "a finite number, got inf"),
     (["predict", "--fill", "1e300"], "--fill", "|value| <= 1e6"),
-    (["explain", "--top", "0"], "--top", "an integer >= 1, got 0"),
+    (["explain", "--top-attributes", "0"], "--top-attributes", "an integer >= 1, got 0"),
     (["extract", "--image-size", "0"], "--image-size", "a positive multiple of 32"),
     (["extract", "--image-size", "100"], "--image-size", "a positive multiple of 32"),
     (["extract", "--workers", "-1"], "--workers", "an integer >= 0, got -1"),
@@ -173,6 +173,35 @@ def test_bad_options_fail_before_any_work(args: list[str], option: str, says: st
     code, _, err = run_cli([command, *where, *rest], monkeypatch, capsys)
     assert_one_error_line(code, err, f"error: {option} must", says)
     assert not out.exists()
+
+
+# (arguments, what the one error line must say: the key or option, and how to fix it); nothing runs before it
+BAD_INPUTS = [
+    (["train", "train.epochs=abc"], ["train.epochs=abc: not an integer; give an integer, e.g. train.epochs="]),
+    (["train", "train.lr=fast"], ["train.lr=fast: not a number; give a number"]),
+    (["train", "train.balanced=maybe"], ["train.balanced=maybe: not true or false; give true or false"]),
+    (["train", "--config", "no-such-preset"], ["no-such-preset: no such config file", "one of: demo, ", "cub-gzsl"]),
+    (["train", "data.source=store"], ["data.path", "`dedn extract`", "`dedn store import`"]),
+    (["train", "data.source=store", "data.path=NOWHERE"], ["NOWHERE: no such feature store folder", "`dedn extract`",
+                                                          "`dedn store import`"]),
+    (["train", "--resume", "NOWHERE"], ["NOWHERE: not a dedn run directory", "give a folder that `dedn train` wrote"]),
+    (["store", "info", "NOWHERE"], ["NOWHERE is not a feature store", "`dedn extract`", "`dedn store import`"]),
+    (["experiment", "table1", "--devices", "gpu7"], ["--devices 'gpu7'", "give cpu, cuda or cuda:N"]),
+    (["experiment", "table1", "--protocol", "maybe"], ["--protocol maybe: give validated, published or both"]),
+    (["experiment", "table1", "--seeds", "0"], ["--seeds 0: give how many seeds to run, at least 1"]),
+    (["experiment", "table1", "--tune", "l_e"], ["--tune 'l_e': give dotted.key=v1,v2"]),
+    (["predict", "--run", "NOWHERE", "a.png"], ["NOWHERE: no such run directory; give the folder `dedn train`"]),
+]
+
+
+@pytest.mark.parametrize(("args", "says"), BAD_INPUTS, ids=[" ".join(c[0]) for c in BAD_INPUTS])
+def test_errors_name_the_key_and_say_how_to_fix_it(args: list[str], says: list[str], tmp_path: Path,
+                                                   monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # NOWHERE and any output folder are relative: nothing outside tmp_path
+    args = [*args, f"output_dir={tmp_path / 'runs'}"] if args[0] == "train" and "--resume" not in args else args
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert_one_error_line(code, err, *says)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_options_and_config_share_their_rules(monkeypatch, capsys, tmp_path: Path) -> None:
@@ -235,7 +264,7 @@ def test_predict_class_file_error_names_file_class_and_attribute(tmp_path: Path,
     run = make_run(tmp_path / "run")
     bad = tmp_path / "new.csv"
     bad.write_text(f"class,{','.join(ATTRS)}\nheron,0.5,1e300,1\n")
-    code, _, err = run_cli(["predict", "--run", str(run), "--classes", str(bad), str(tmp_path / "a.png")],
+    code, _, err = run_cli(["predict", "--run", str(run), "--new-classes", str(bad), str(tmp_path / "a.png")],
                            monkeypatch, capsys)
     line = assert_one_error_line(code, err, str(bad), "class 'heron'", "attribute 'bill_shape::hooked'")
     assert line.endswith("must be a finite number with |value| <= 1e6, got 1e+300")

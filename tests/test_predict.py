@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from dedn.apps.class_files import load_class_definitions
-from dedn.apps.predict import Predictor, format_table, predictions_to_json
+from dedn.apps.predict import Predictor, format_table, predictions_to_json, true_classes
 from dedn.config import LossConfig
 from dedn.errors import CheckpointError, DataError
 from dedn.features import backbones
@@ -292,6 +292,36 @@ def test_predict_images_through_recorded_backbone(run: Path, tmp_path: Path, mon
     assert set(back[0]["top"][0]) == {"name", "index", "score", "probability", "kind"}
     table = format_table(out)
     assert str(paths[0]) in table and out[0].top[0].name in table and "because:" in table
+    assert all(p.true_class is None for p in out) and "true class" not in table  # img0.png says no class
+
+
+def test_true_class_from_index_file_name_or_class_folder(tmp_path: Path) -> None:
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "index.csv").write_text("file,class,kind,split\nx1.png,cardinal,seen,test\n")
+    folder = tmp_path / "egret"
+    folder.mkdir()
+    paths = [samples / "x1.png", samples / "dipper__00012.png", samples / "heron__00003.png", folder / "a.png",
+             tmp_path / "other" / "b.png"]
+    # the index first (as given); then a sample's file name or the folder, only where it names a class of the run
+    assert true_classes(paths, CLASSES) == ["cardinal", "dipper", None, "egret", None]
+    (samples / "index.csv").write_text("path;label\nx1.png;cardinal\n")  # some other tool's index: no hint
+    assert true_classes(paths[:1], CLASSES) == [None]
+
+
+def test_predicted_images_carry_their_true_class(run: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(backbones.BACKBONES, "tiny", TinyBackbone)
+    folder = tmp_path / "bunting"
+    paths = _write_images(folder, n=2)
+    pred = Predictor.from_run(run)
+    out = pred.predict_images(folder, top_k=len(CLASSES))
+    assert [p.true_class for p in out] == ["bunting", "bunting"]
+    assert json.loads(predictions_to_json(out))[0]["true_class"] == "bunting"
+    table = format_table(out).splitlines()
+    rank = [c.name for c in out[0].top].index("bunting") + 1
+    assert table[0] == str(paths[0]) and table[1] == f"  true class: bunting (rank {rank}, marked *)"
+    marked = [line for line in table[: 3 + len(CLASSES)] if line.startswith("  *")]
+    assert len(marked) == 1 and f"*{rank:>2}  bunting " in marked[0]
 
 
 def test_image_errors(run: Path, tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def test_extract_train_explain_with_a_vit_base_store(name, size, grid, bench_fol
 
     image = next((root / f"{int(bench.labels[bench.test_unseen_loc[0]]):02d}-"
                   f"{bench.class_names[int(bench.labels[bench.test_unseen_loc[0]])]}").iterdir())
-    code, out, err = run_cli(["explain", "--run", run, image, "--top", 2, "--out", tmp_path / "explain"],
+    code, out, err = run_cli(["explain", "--run", run, image, "--top-attributes", 2, "--out", tmp_path / "explain"],
                              monkeypatch, capsys)
     assert code == 0, err
     record = json.loads(next((tmp_path / "explain").glob("*-explain.json")).read_text())

@@ -18,11 +18,38 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Markdown: a docstring's paragraphs stay paragraphs and rewrap to the terminal's width as a whole.
+    rich_markup_mode="markdown",
 )
-store_app = typer.Typer(help="Feature stores: import and export DAZLE/DEDN HDF5 files, inspect.", no_args_is_help=True)
+store_app = typer.Typer(help="Feature stores: import and export DAZLE/DEDN HDF5 files, inspect.", no_args_is_help=True,
+                        rich_markup_mode="markdown")
 app.add_typer(store_app, name="store")
 
 PRECISION_HELP = "fp32 or bf16: precision of the feature products (default: the run's train.precision)"
+
+
+def _help_requested() -> bool:
+    return "--help" in sys.argv[1:]
+
+
+# The help of some options names the registered choices. Typer reads the annotations when the command line is
+# parsed; the registries are imported only for --help (the backbones' and methods' modules load torch: seconds).
+def _listed(registry: str) -> str:
+    """The names in a registry (``module.NAME``: a mapping, a sequence or a function returning one), for --help."""
+    if not _help_requested():
+        return "see --help"
+    import importlib
+
+    module, name = registry.rsplit(".", 1)
+    names = getattr(importlib.import_module(module), name)
+    return ", ".join(names() if callable(names) else names)
+
+
+BACKBONE_REGISTRY = "dedn.features.backbones.BACKBONES"
+CONFIG_REGISTRY = "dedn.config.packaged_configs"
+METHOD_REGISTRY = "dedn.models.registry.model_names"
+EXPERIMENT_REGISTRY = "dedn.apps.experiments.EXPERIMENTS"
+
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted.key=value config overrides")]  # noqa: UP045
 
 
@@ -95,7 +122,7 @@ def _print_metrics(metrics: dict, title: str, validated: dict | None = None) -> 
 # ---------------------------------------------------------------------------------------------- train / eval
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file or preset name")] = None,  # noqa: UP045
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help=f"a YAML config file, or a packaged config by name: {_listed(CONFIG_REGISTRY)}")] = None,  # noqa: UP045,E501
     overrides: Overrides = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="run directory (default: OUTPUT_DIR/NAME-TIME)")] = None,  # noqa: UP045
     resume: Annotated[Optional[Path], typer.Option(help="continue the run in this directory")] = None,  # noqa: UP045
@@ -223,7 +250,7 @@ def extract(
     images: Annotated[Path, typer.Option(help="the images: an xlsa17 dataset root (with --xlsa17), a folder with one sub-folder per class, or (with --attributes) a CSV with the columns path,class[,split]")],  # noqa: E501
     xlsa17: Annotated[Optional[Path], typer.Option(help="xlsa17 folder of the dataset (att_splits.mat, res101.mat)")] = None,  # noqa: UP045,E501
     dataset: Annotated[Optional[str], typer.Option(help="CUB, SUN or AWA2 (with --xlsa17)")] = None,  # noqa: UP045
-    backbone: Annotated[str, typer.Option(help="resnet101, efficientnet-lite0, or timm:<model name> (e.g. timm:vit_base_patch16_224; docs/backbones.md)")] = "resnet101",  # noqa: E501
+    backbone: Annotated[str, typer.Option(help=f"one of: {_listed(BACKBONE_REGISTRY)}, or timm:<model name> (e.g. timm:vit_base_patch16_224; docs/backbones.md)")] = "resnet101",  # noqa: E501
     weights: Annotated[str, typer.Option(help="'imagenet' (download; not for timm:) or a local weights file (.safetensors or a torch state dict)")] = "imagenet",  # noqa: E501
     layer: Annotated[Optional[int], typer.Option(help="timm: only: the block whose output to take (timm's feature points: a ViT's blocks, a CNN's stages; -1 the last, raw); default: the final features, after the final norm")] = None,  # noqa: UP045,E501
     image_size: Annotated[Optional[int], typer.Option(help="input size (CUB/SUN 448, AWA2 224)")] = None,  # noqa: UP045
@@ -387,7 +414,7 @@ def store_verify(store: Annotated[Path, typer.Argument(help="feature store folde
 @app.command()
 def demo(
     overrides: Overrides = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="demo config (default: the packaged one)")] = None,  # noqa: UP045,E501
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help=f"a YAML config file, or a packaged config by name: {_listed(CONFIG_REGISTRY)} (default: demo)")] = None,  # noqa: UP045,E501
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/demo"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress: print only the final table")] = False,
 ) -> None:
@@ -399,15 +426,15 @@ def demo(
 
 @app.command()
 def experiment(
-    name: Annotated[str, typer.Argument(help="table1, table3, figure3, figure5 or calibration")],
+    name: Annotated[str, typer.Argument(help=f"one of: {_listed(EXPERIMENT_REGISTRY)}")],
     overrides: Overrides = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="config file or preset")] = None,  # noqa: UP045
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help=f"a YAML config file, or a packaged config by name: {_listed(CONFIG_REGISTRY)}")] = None,  # noqa: UP045,E501
     seeds: Annotated[int, typer.Option(help="seeds (base seed + i)")] = 1,
     protocol: Annotated[Optional[str], typer.Option(help="validated, published (the released code's: best test H at a fixed gamma) or both (default: the config's eval.protocol, validated unless it says otherwise)")] = None,  # noqa: UP045,E501
     out: Annotated[Optional[Path], typer.Option(help="results folder (resumable)")] = None,  # noqa: UP045
     devices: Annotated[Optional[str], typer.Option(help="pool launcher: run independent jobs on these devices, one worker each, e.g. cuda:0,cuda:1")] = None,  # noqa: UP045,E501
     tune: Annotated[Optional[list[str]], typer.Option(help="validated protocol: key=v1,v2 to choose on validation")] = None,  # noqa: UP045,E501
-    methods: Annotated[Optional[str], typer.Option(help="table1: the methods compared, comma-separated (default: all registered: dedn, dazle, msdn, transzero)")] = None,  # noqa: UP045,E501
+    methods: Annotated[Optional[str], typer.Option(help=f"table1: the methods compared, comma-separated (default: all registered: {_listed(METHOD_REGISTRY)})")] = None,  # noqa: UP045,E501
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress lines, only the report")] = False,
     launcher: Annotated[str, typer.Option(help="pool: in this process, or one worker per --devices entry; local: each job a submitit subprocess; slurm: each job a SLURM job (logs in OUT/submitit)")] = "pool",  # noqa: E501
     partition: Annotated[Optional[str], typer.Option(help="slurm: partition (default: the cluster's)")] = None,  # noqa: UP045
@@ -469,7 +496,7 @@ def samples(
 def describe(
     run: Annotated[Path, typer.Option("--run", help="run directory of a trained model (any protocol)")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    classes_template: Annotated[Optional[Path], typer.Option(help="also write an example CSV for `dedn predict --classes` (every attribute column, one example class)")] = None,  # noqa: UP045,E501
+    new_classes_template: Annotated[Optional[Path], typer.Option(help="also write an example CSV for `dedn predict --new-classes` (every attribute column, one example class)")] = None,  # noqa: UP045,E501
 ) -> None:
     """What a trained run is: its seen and unseen classes, attribute groups, the gamma it chose (and where
     from), and its T, U, S, H, AUSUC."""
@@ -477,35 +504,40 @@ def describe(
 
     desc = describe_run(run)
     typer.echo(json.dumps(public(desc), indent=2) if as_json else format_description(desc))
-    if classes_template is not None:
-        path = write_classes_template(desc, classes_template)
-        typer.echo(f"wrote {path}: edit it, then `dedn predict --run {run} --classes {path} IMAGES`",
+    if new_classes_template is not None:
+        path = write_classes_template(desc, new_classes_template)
+        typer.echo(f"wrote {path}: edit it, then `dedn predict --run {run} --new-classes {path} IMAGES`",
                    err=as_json)
 
 
 # ---------------------------------------------------------------------------------------------- predict / explain
-CLASSES_HELP = ("classes given by attribute vectors: a CSV with a header row (class, then attribute names, any "
-                "order) and one row per class (name, then values), or JSON {class: {attribute: value}} or "
-                "{class: [D values]}; `dedn describe --run RUN --classes-template new.csv` writes an example")
+NEW_CLASSES_HELP = ("classes given by attribute vectors: a CSV with a header row (class, then attribute names, any "
+                    "order) and one row per class (name, then values), or JSON {class: {attribute: value}} or "
+                    "{class: [D values]}; `dedn describe --run RUN --new-classes-template new.csv` writes an example")
+#: Where predict and explain find an image's true class (dedn.apps.predict.true_classes).
+TRUE_CLASS_HELP = ("the class in an index.csv beside the image (as `dedn samples` writes it), else in a file name "
+                   "`<class>__<n>.png` or the image's folder name, where it names a class of the run")
+PREDICT_HELP = ("Top-k classes for images, each with the attributes that contributed most.\n\n"
+                "The image's true class, where known, is printed and marked * in the table (`true_class` with "
+                f"--json): {TRUE_CLASS_HELP}.")
 
 
-@app.command()
+@app.command(help=PREDICT_HELP)
 def predict(
     run: Annotated[Path, typer.Option("--run", help="run directory of a trained model")],
     inputs: Annotated[list[Path], typer.Argument(help="image files or folders")],
     top_k: Annotated[int, typer.Option(help="classes to list per image")] = 5,
-    classes: Annotated[Optional[Path], typer.Option(help=CLASSES_HELP)] = None,  # noqa: UP045
+    new_classes: Annotated[Optional[Path], typer.Option(help=NEW_CLASSES_HELP)] = None,  # noqa: UP045
     only_new: Annotated[bool, typer.Option("--only-new/--no-only-new",
-                                           help="with --classes: drop the trained classes")] = False,
-    fill: Annotated[Optional[float], typer.Option(help="with --classes: value of attributes a class omits")] = None,  # noqa: UP045,E501
-    backbone: Annotated[Optional[str], typer.Option(help="backbone for runs trained on precomputed features")] = None,  # noqa: UP045,E501
+                                           help="with --new-classes: drop the trained classes")] = False,
+    fill: Annotated[Optional[float], typer.Option(help="with --new-classes: value of attributes a class omits")] = None,  # noqa: UP045,E501
+    backbone: Annotated[Optional[str], typer.Option(help=f"for runs trained on precomputed features, the backbone to compute image features with: {_listed(BACKBONE_REGISTRY)}, or timm:<model name>")] = None,  # noqa: UP045,E501
     l_e: Annotated[Optional[float], typer.Option(help="cExp/fExp mix (default: the run's)")] = None,  # noqa: UP045
     gamma: Annotated[Optional[float], typer.Option(help="calibration (default: the run's)")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="search folders recursively")] = False,
     precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,  # noqa: UP045
 ) -> None:
-    """Top-k classes for images, each with the attributes that contributed most."""
     from dedn.checks import ATTRIBUTE_VALUE, COUNT, FINITE, FRACTION, check_option, choice
     from dedn.devices import PRECISIONS
 
@@ -520,8 +552,8 @@ def predict(
     from dedn.apps.predict import Predictor, format_table, predictions_to_json
 
     predictor = Predictor.from_run(run, backbone=backbone, precision=precision)
-    if classes is not None:
-        names, att = load_class_definitions(classes, predictor.attribute_names, fill=fill)
+    if new_classes is not None:
+        names, att = load_class_definitions(new_classes, predictor.attribute_names, fill=fill)
         predictor = predictor.with_classes(names, att, include_trained=not only_new)
     preds = predictor.predict_images([str(p) for p in inputs], top_k=top_k, l_e=l_e, gamma=gamma,
                                      recursive=recursive)
@@ -533,16 +565,16 @@ def explain(
     run: Annotated[Path, typer.Option("--run", help="run directory of a trained model")],
     image: Annotated[Path, typer.Argument(help="an image file")],
     attribute: Annotated[Optional[list[str]], typer.Option("--attribute", "-a", help="attribute names (repeatable)")] = None,  # noqa: UP045,E501
-    top: Annotated[int, typer.Option(help="without --attribute: the top attributes of the predicted class")] = 4,
+    top_attributes: Annotated[int, typer.Option(help="without --attribute: how many attributes to show, those contributing most to the explained class (predict's --top-k counts classes)")] = 4,  # noqa: E501
     out: Annotated[Path, typer.Option(help="output folder")] = Path("explanations"),
     class_name: Annotated[Optional[str], typer.Option("--class", help="explain this class instead of the prediction")] = None,  # noqa: UP045,E501
-    backbone: Annotated[Optional[str], typer.Option(help="backbone for runs trained on precomputed features")] = None,  # noqa: UP045,E501
-    true_class: Annotated[Optional[str], typer.Option(help="the image's true class, named in the figure")] = None,  # noqa: UP045,E501
+    backbone: Annotated[Optional[str], typer.Option(help=f"for runs trained on precomputed features, the backbone to compute image features with: {_listed(BACKBONE_REGISTRY)}, or timm:<model name>")] = None,  # noqa: UP045,E501
+    true_class: Annotated[Optional[str], typer.Option(help=f"the image's true class, named in the figure (default: {TRUE_CLASS_HELP})")] = None,  # noqa: UP045,E501
 ) -> None:
     """Per-attribute region attention of both experts over an image (PNG), channel attention summarised."""
     from dedn.checks import COUNT, check_option, check_output_folder
 
-    check_option("--top", top, COUNT)
+    check_option("--top-attributes", top_attributes, COUNT)
     check_output_folder("--out", out)
 
     from dedn.apps.explain import ExplainOptions, explain_image
@@ -550,7 +582,7 @@ def explain(
 
     predictor = Predictor.from_run(run, backbone=backbone)
     paths = explain_image(predictor, image, out_dir=out, options=ExplainOptions(
-        attributes=attribute, top=top, class_name=class_name, true_class=true_class))
+        attributes=attribute, top=top_attributes, class_name=class_name, true_class=true_class))
     for p in paths:
         typer.echo(str(p))
 

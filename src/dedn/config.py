@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -322,10 +324,32 @@ def _merged(base: RunConfig | type[RunConfig], origin: str, values: Any, overrid
 
 def _first_line(exc: Exception) -> str:
     # OmegaConf's first line says what is wrong; the rest is its own context (full_key, object_type), of which
-    # the key is what a user needs: "train.epochs: Value 'abc' ... could not be converted to Integer".
+    # the key is what a user needs. A value of the wrong type ("Value 'abc' of type 'str' could not be converted
+    # to Integer") is said in the user's terms: the key, its value, the type wanted and an example.
     line = str(exc).splitlines()[0]
     key = getattr(exc, "full_key", None)
+    wrong = re.match(r"Value '(.*)' (?:of type '\w+' could not be converted to|is not a valid) (\w+)", line)
+    if key and wrong:
+        wanted = _WANTED.get(wrong.group(2).lower(), f"a {wrong.group(2).lower()}")
+        default = _default_value(key)
+        example = f", e.g. {key}={default}" if default not in (None, "") else ""
+        return f"{key}={wrong.group(1)}: not {wanted}; give {wanted}{example}"
     return f"{key}: {line}" if key and key not in line else line
+
+
+#: OmegaConf's type names as a user reads them.
+_WANTED = {"integer": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _default_value(key: str) -> Any:
+    """The built-in default of a dotted key, or None."""
+    try:
+        value = OmegaConf.select(OmegaConf.structured(RunConfig), key)
+    except OmegaConfBaseException:
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value.value if isinstance(value, Enum) else value
 
 
 def _read_yaml(path: str | Path, chain: tuple[Path, ...] = ()) -> Any:
@@ -358,15 +382,23 @@ def find_config(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    packaged = Path(__file__).resolve().parent / "configs"
+    packaged = _PACKAGED_CONFIGS
     candidates = [packaged / p, packaged / "presets" / p.name, packaged / "presets" / f"{p.name}.yaml",
                   packaged / f"{p.name}.yaml"]
     for c in candidates:
         if c.is_file():
             return c
-    names = [*sorted(f.stem for f in packaged.glob("*.yaml")),  # demo
-             *sorted(f.stem for f in (packaged / "presets").glob("*.yaml"))]
-    raise ConfigError(f"{path}: config file not found (packaged configs: {', '.join(names)})")
+    raise ConfigError(f"{path}: no such config file, and no packaged config of that name; give a YAML "
+                      f"file's path or one of: {', '.join(packaged_configs())}")
+
+
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """The names of the packaged configs :func:`find_config` takes: the demo's, then the presets."""
+    return [*sorted(f.stem for f in _PACKAGED_CONFIGS.glob("*.yaml")),  # demo
+            *sorted(f.stem for f in (_PACKAGED_CONFIGS / "presets").glob("*.yaml"))]
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "<dict>") -> RunConfig:

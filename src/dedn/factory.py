@@ -28,7 +28,8 @@ def _synthetic(cfg: RunConfig) -> ZSLData:
 def _feature_file(cfg: RunConfig, what: str) -> Path:
     """``data.path``, which must name an existing ``what``; refused before anything is read."""
     if not cfg.data.path:
-        raise ConfigError(f"data.source={cfg.data.source} needs data.path (the {what})")
+        raise ConfigError(f"data.source={cfg.data.source} needs data.path (the {what}): give data.path=PATH"
+                          + ("; make a store with `dedn extract` or `dedn store import`" if "store" in what else ""))
     if not Path(cfg.data.path).exists():
         raise DataError(f"{cfg.data.path}: no such {what}; make a feature store from images with `dedn extract`, "
                         "or from a DAZLE/DEDN HDF5 file with `dedn store import`")

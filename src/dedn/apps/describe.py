@@ -1,7 +1,7 @@
 """What a trained run is (``dedn describe``): its classes, attribute groups, calibration and results.
 
-Also writes a template for ``dedn predict --classes``: a CSV that :func:`dedn.apps.class_files.load_class_definitions`
-reads back, with every attribute of the run as a column.
+Also writes a template for ``dedn predict --new-classes``: a CSV that
+:func:`dedn.apps.class_files.load_class_definitions` reads back, with every attribute of the run as a column.
 """
 
 from __future__ import annotations
@@ -113,14 +113,14 @@ def public(desc: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_classes_template(desc: dict[str, Any], path: str | Path) -> Path:
-    """Write an example ``--classes`` CSV: header ``class`` + every attribute, one example class row.
+    """Write an example ``--new-classes`` CSV: header ``class`` + every attribute, one example class row.
 
     The example row copies the attribute vector of the run's first unseen class (else its first class), so it
     is a plausible class; edit the name and values to define your own classes.
     """
     path = Path(path)
     if path.suffix.lower() != ".csv":
-        raise ConfigError(f"--classes-template {path}: the template is a CSV file; name it *.csv")
+        raise ConfigError(f"--new-classes-template {path}: the template is a CSV file; name it *.csv")
     kinds = [c["kind"] for c in desc["classes"]]
     row_index = kinds.index("unseen") if "unseen" in kinds else 0
     values = desc["_class_att"][row_index]

@@ -136,14 +136,14 @@ def _protocols(protocol: str | None, cfg: RunConfig) -> list[str]:
     if protocol == "both":
         return list(JOB_PROTOCOLS)
     if protocol not in JOB_PROTOCOLS:
-        raise ConfigError(f"{where}: an experiment runs validated, published or both, got {protocol!r}")
+        raise ConfigError(f"{where} {protocol}: give validated, published or both")
     return [protocol]
 
 
 def _seed_list(seeds: int | Sequence[int], base: int) -> list[int]:
     if isinstance(seeds, int):
         if seeds < 1:
-            raise ConfigError(f"seeds must be at least 1, got {seeds}")
+            raise ConfigError(f"--seeds {seeds}: give how many seeds to run, at least 1")
         return [base + i for i in range(seeds)]
     out = [int(s) for s in seeds]
     if not out or len(set(out)) != len(out):
@@ -159,7 +159,7 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
     grid: dict[str, list[str]] = {}
     for spec in specs:
         if "=" not in spec:
-            raise ConfigError(f"tune grid entry {spec!r} must look like dotted.key=v1,v2,...")
+            raise ConfigError(f"--tune {spec!r}: give dotted.key=v1,v2,... (e.g. --tune model.l_e=0.5,0.9)")
         key, values = spec.split("=", 1)
         grid[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
     return grid

@@ -31,7 +31,7 @@ import math
 import os
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from dedn.apps.predict import ClassScore, Prediction, Predictor, load_image
+from dedn.apps.predict import ClassScore, Prediction, Predictor, load_image, true_classes
 from dedn.checks import check_output_folder
 from dedn.errors import DataError
 from dedn.features.backbones import to_rgb
@@ -52,6 +52,8 @@ from dedn.models.registry import entry_for
 
 #: Channel attention whose mean entropy exceeds this fraction of ln C is reported as near uniform, not drawn.
 NEAR_UNIFORM = 0.98
+#: Every text of the heatmap figures, in points at the figure's size (readable at 100 % zoom).
+TEXT_PT = 9.0
 
 
 # ---------------------------------------------------------------------------------------------- arrays
@@ -195,7 +197,8 @@ class ExplainOptions:
         top: how many attributes when ``attributes`` is None.
         class_name: explain this candidate class instead of the predicted one.
         true_class: the image's true class, when known: named in the figure titles, and each attribute's
-            value for it is reported (``true_class_value``) beside the explained class's.
+            value for it is reported (``true_class_value``) beside the explained class's. None for an image
+            file: where :func:`~dedn.apps.predict.true_classes` finds one of the run's classes.
         background: an image (path, PIL image or HxWx3 uint8 array) to draw under the heat maps when
             the image is a feature map; without one the maps are drawn alone.
         l_e, gamma: expert mix and calibration for the prediction (defaults: the model's and the run's).
@@ -389,6 +392,10 @@ def explain_image(
     check_output_folder("out_dir", out_dir)  # before any work: mkdir fails on a file, after all the drawing
     options = options or ExplainOptions()
     predictor = _as_predictor(source, attribute_names, class_names, device)
+    if options.true_class is None and isinstance(image, (str, os.PathLike)):
+        found = true_classes([image], predictor.class_names)[0]  # an index.csv, the file name, the folder
+        if found in predictor.class_names:
+            options = replace(options, true_class=found)
     view = _view(predictor, image, options)
     choice = _choose(predictor, view, options)
     records, has_channels = _records(predictor, view, choice, options.n_channels)
@@ -441,7 +448,7 @@ def _draw_regions(path: Path, records: list[dict[str, Any]], experts: dict[str, 
     from matplotlib import cm, colormaps, colors, patheffects, ticker
 
     n_first = 1 if shown is not None else 0
-    fig, axes = _grid(len(experts), len(records) + n_first, dpi, (2.2, 2.2), 0.35, 0.55, 0.55, 0.9)
+    fig, axes = _grid(len(experts), len(records) + n_first, dpi, (2.6, 2.6), 0.4, 0.8, 0.55, 1.15)
     size = (shown.shape[0], shown.shape[1]) if shown is not None else (32 * hw[0], 32 * hw[1])
     n_cells = hw[0] * hw[1]
     vmax = max(_shared_max(records, experts), 1.0 + 1e-6)
@@ -454,7 +461,7 @@ def _draw_regions(path: Path, records: list[dict[str, Any]], experts: dict[str, 
         ax.imshow(shown)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title("input (as the backbone sees it)", fontsize=7)
+        ax.set_title("input\n(as the backbone sees it)", fontsize=TEXT_PT)
         for r in range(1, len(experts)):
             axes[r, 0].axis("off")
         if len(experts) > 1:
@@ -462,7 +469,7 @@ def _draw_regions(path: Path, records: list[dict[str, Any]], experts: dict[str, 
                 "Brightness and contours: attention relative to uniform (1/(h*w), h*w = "
                 f"{n_cells} cells), one log scale for all panels. Image dimmed where attention is low; "
                 "'peak' = the largest cell / uniform. 'value in class': the attribute's normalised value "
-                "in the explained (and the true) class.", 34), fontsize=6.5, va="top", ha="left",
+                "in the explained (and the true) class.", 32), fontsize=TEXT_PT, va="top", ha="left",
                 transform=axes[1, 0].transAxes)
     for r, e in enumerate(experts):
         for c, rec in enumerate(records):
@@ -480,34 +487,34 @@ def _draw_regions(path: Path, records: list[dict[str, Any]], experts: dict[str, 
             ax.set_yticks([])
             values = f"value in class {rec['class_value']:.2f}"
             if "true_class_value" in rec and not np.isclose(rec["true_class_value"], rec["class_value"]):
-                values += f", in true class {rec['true_class_value']:.2f}"
+                values += f" (true {rec['true_class_value']:.2f})"
             ax.set_title(f"{_wrap(rec['name'])}\n{experts[e]} score {info['score']:.2f}, "
-                         f"peak {info['peak_vs_uniform']:.1f}x uniform\n{values}", fontsize=6.5)
+                         f"peak {info['peak_vs_uniform']:.1f}x\n{values}", fontsize=TEXT_PT)
             if c == 0 and n_first == 0:
-                ax.set_ylabel(experts[e], fontsize=10)
+                ax.set_ylabel(experts[e], fontsize=TEXT_PT + 1)
             elif c == 0:
-                ax.text(-0.06, 0.5, experts[e], rotation=90, fontsize=10, va="center", ha="right",
+                ax.text(-0.06, 0.5, experts[e], rotation=90, fontsize=TEXT_PT + 1, va="center", ha="right",
                         transform=ax.transAxes)
     top = axes[0, -1].get_position()
     bottom = axes[-1, -1].get_position()
     cax = fig.add_axes((top.x1 + 0.18 / fig.get_figwidth(), bottom.y0, 0.12 / fig.get_figwidth(), top.y1 - bottom.y0))
     bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax)
-    bar.set_label("attention / uniform level (log scale)", fontsize=8)
-    bar.ax.tick_params(labelsize=7)
+    bar.set_label("attention / uniform level (log scale)", fontsize=TEXT_PT)
+    bar.ax.tick_params(labelsize=TEXT_PT)
     for lv in levels:
         bar.ax.axhline(lv, color="white", linewidth=0.8)
     bar.ax.yaxis.set_minor_locator(ticker.NullLocator())
     ticks = [t for t in (0.5, 1, 2, 4, 8, 16, 32, 64, 128) if t <= vmax]
     bar.set_ticks(ticks, labels=[f"{t:g}x" for t in ticks])
     fig.suptitle(f"{title}\nregion attention of each expert per attribute, one shared log scale of attention / "
-                 "uniform level 1/(h*w); peak: the map's largest cell / uniform", fontsize=8)
+                 "uniform level 1/(h*w); peak: the map's largest cell / uniform", fontsize=TEXT_PT)
     fig.savefig(path)
 
 
 def _draw_channels(path: Path, records: list[dict[str, Any]], experts: dict[str, str], title: str, dpi: int,
                    spread: dict[str, Any]) -> None:
     """Top channel weights as bars; an expert whose attention is near uniform gets a statement, not bars."""
-    fig, axes = _grid(len(experts), len(records), dpi, (2.3, 1.6), 0.75, 0.7, 0.45)
+    fig, axes = _grid(len(experts), len(records), dpi, (3.0, 1.8), 0.8, 1.05, 0.6)
     for r, e in enumerate(experts):
         s = spread[e]
         if s["near_uniform"]:
@@ -518,7 +525,7 @@ def _draw_channels(path: Path, records: list[dict[str, Any]], experts: dict[str,
                 f"{s['mean_entropy']:.3f} nats of ln C = {s['ln_C']:.3f} ({100 * s['entropy_over_ln_C']:.1f} %), "
                 f"about {s['mean_effective_channels']:.0f} of {s['n_channels']} channels used equally; "
                 "bars of its weights would show only the uniform level, so none are drawn.",
-                max(40, 42 * len(records))), fontsize=8, va="center", ha="left", transform=axes[r, 0].transAxes)
+                max(40, 48 * len(records))), fontsize=TEXT_PT, va="center", ha="left", transform=axes[r, 0].transAxes)
             continue
         for c, rec in enumerate(records):
             ax = axes[r, c]
@@ -527,13 +534,15 @@ def _draw_channels(path: Path, records: list[dict[str, Any]], experts: dict[str,
             ax.bar(range(len(chans)), [wgt for _, wgt in chans], color="tab:blue" if e == "cexp" else "tab:orange")
             ax.axhline(1.0 / info["n_channels"], color="grey", linestyle="--", linewidth=0.8)
             ax.set_xticks(range(len(chans)))
-            ax.set_xticklabels([str(ch) for ch, _ in chans], rotation=90, fontsize=5)
-            ax.tick_params(axis="y", labelsize=6)
-            ax.set_title(f"{_wrap(rec['name'])}\n{experts[e]}: H={info['entropy']:.2f} of "
-                         f"ln C={info['max_entropy']:.2f} nats, eff. {info['effective_channels']:.3g} of "
-                         f"{info['n_channels']}", fontsize=6.5)
+            names = [str(ch) for ch, _ in chans]
+            # Channel numbers of up to 3 digits fit side by side; longer ones stand upright, still at full size.
+            ax.set_xticklabels(names, rotation=90 if max(map(len, names), default=0) > 3 else 0, fontsize=TEXT_PT)
+            ax.tick_params(axis="y", labelsize=TEXT_PT)
+            ax.set_title(f"{_wrap(rec['name'])}\n{experts[e]}: H={info['entropy']:.2f} of ln C="
+                         f"{info['max_entropy']:.2f} nats\neff. {info['effective_channels']:.3g} of "
+                         f"{info['n_channels']} channels", fontsize=TEXT_PT)
             if c == 0:
-                ax.set_ylabel(f"{experts[e]} weight", fontsize=9)
+                ax.set_ylabel(f"{experts[e]} weight", fontsize=TEXT_PT)
     fig.suptitle(f"{title}\ntop channel attention weights (dashed: uniform 1/C; H: entropy, "
-                 "eff.: exp(H) channels)", fontsize=8)
+                 "eff.: exp(H) channels)", fontsize=TEXT_PT)
     fig.savefig(path)

@@ -69,13 +69,15 @@ def parse_devices(devices: str | Sequence[str] | None) -> list[str] | None:
     for name in names:
         kind, _, index = name.partition(":")
         if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-            raise ConfigError(f"devices: {name!r} is not cpu, cuda or cuda:N")
+            raise ConfigError(f"--devices {name!r}: not a device; give cpu, cuda or cuda:N, comma-separated, one "
+                              "worker each (e.g. --devices cpu,cpu or --devices cuda:0,cuda:1)")
         if kind == "cuda":
             if not torch.cuda.is_available():
-                raise ConfigError(f"devices: {name} asked for but no CUDA device is available")
+                raise ConfigError(f"--devices {name}: no CUDA device is available here; give cpu (e.g. --devices "
+                                  "cpu,cpu)")
             if index and int(index) >= torch.cuda.device_count():
-                raise ConfigError(f"devices: {name} asked for but only {torch.cuda.device_count()} CUDA "
-                                  "device(s) exist")
+                raise ConfigError(f"--devices {name}: only {torch.cuda.device_count()} CUDA device(s) exist; "
+                                  f"give cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return names
 
 

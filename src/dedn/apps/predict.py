@@ -29,6 +29,7 @@ Run directory files read here (see :func:`write_class_file` and :func:`write_fea
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from dedn.apps.class_files import _suggest, unknown_attribute_message
+from dedn.apps.samples import INDEX_FILE, class_in_file_name
 from dedn.checks import COUNT, check
 from dedn.errors import CheckpointError, ConfigError, DataError
 from dedn.features.backbones import TIMM_PREFIX, Backbone, get_backbone
@@ -108,6 +110,7 @@ class Prediction:
         top: the top-k classes, best first.
         attributes: the attributes contributing most to the top class, largest contribution first.
         l_e: the expert mix used; gamma: the calibration used.
+        true_class: the image's true class where it is known (:func:`true_classes` says from where), else None.
     """
 
     source: str
@@ -115,6 +118,7 @@ class Prediction:
     attributes: list[AttributeContribution] = field(default_factory=list)
     l_e: float = 0.0
     gamma: float = 0.0
+    true_class: str | None = None
 
     @property
     def label(self) -> str:
@@ -165,6 +169,38 @@ def expand_image_paths(inputs: str | os.PathLike[str] | Iterable[str | os.PathLi
             out.append(p)
         else:
             raise DataError(f"{p}: no such file or folder")
+    return out
+
+
+def _index_classes(folder: Path) -> dict[str, str]:
+    """File name -> class from ``folder/index.csv``; empty without one, or when it has no file and class columns
+    (an index.csv of some other tool is no error: the true class is only a hint)."""
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    return {r["file"]: r["class"] for r in rows if r.get("file") and r.get("class")}
+
+
+def true_classes(paths: Sequence[str | os.PathLike[str]], class_names: Sequence[str]) -> list[str | None]:
+    """The true class of each image where it is known, else None: the entry of an ``index.csv`` beside the
+    image (columns ``file`` and ``class``, as ``dedn samples`` writes it) as given; else the class a sample's
+    file name starts with (``<class>__<n>.png``), else the image's folder name (a class-folder layout), each
+    only where it names one of ``class_names``."""
+    known = set(class_names)
+    indexes: dict[Path, dict[str, str]] = {}
+    out: list[str | None] = []
+    for item in paths:
+        path = Path(item)
+        if path.parent not in indexes:
+            indexes[path.parent] = _index_classes(path.parent)
+        named = [indexes[path.parent].get(path.name)]
+        named += [n for n in (class_in_file_name(path), path.parent.name) if n in known]
+        out.append(next((n for n in named if n), None))
     return out
 
 
@@ -293,7 +329,8 @@ class Predictor:
         """
         run = Path(run_dir)
         if not run.is_dir():
-            raise CheckpointError(f"{run}: no such run directory")
+            raise CheckpointError(f"{run}: no such run directory; give the folder `dedn train` printed after "
+                                  "'model:' (or the run folder above it)")
         run = RunFolder(run).model_folder().path  # a protocol's run folder holds its model in final/ or train/
         weights = run / RunFolder.MODEL
         if not weights.is_file():
@@ -389,7 +426,8 @@ class Predictor:
         try:
             return self.attribute_names.index(name)
         except ValueError:
-            raise DataError(f"unknown attribute name {unknown_attribute_message([name], self.attribute_names)}") \
+            raise DataError(f"unknown attribute name {unknown_attribute_message([name], self.attribute_names)}; "
+                            "`dedn describe --run RUN` lists the run's attributes") \
                 from None
 
     def class_index(self, name: str) -> int:
@@ -397,7 +435,8 @@ class Predictor:
         try:
             return self.class_names.index(name)
         except ValueError:
-            raise DataError(f"unknown class {name!r}{_suggest(name, self.class_names)}") from None
+            raise DataError(f"unknown class {name!r}{_suggest(name, self.class_names)}; `dedn describe --run RUN` "
+                            "lists the run's classes") from None
 
     def _as_tensor(self, features: Any) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(features)) if not torch.is_tensor(features) else features
@@ -542,7 +581,8 @@ class Predictor:
     def predict_images(self, inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], top_k: int = 5,
                        l_e: float | None = None, gamma: float | None = None, n_attributes: int = 5,
                        recursive: bool = False, batch_size: int = 8) -> list[Prediction]:
-        """Predict image files; folders in ``inputs`` are expanded to their image files (sorted by path).
+        """Predict image files; folders in ``inputs`` are expanded to their image files (sorted by path). Each
+        prediction's ``true_class`` is filled where :func:`true_classes` finds it.
 
         Other arguments as :meth:`predict_features`. Raises :class:`DataError` naming the path for a missing
         path, an empty folder, or a file that is not a readable image.
@@ -555,6 +595,8 @@ class Predictor:
             feats = self.image_features(part, batch_size=batch_size)
             preds += self.predict_features(feats, top_k=top_k, l_e=l_e, gamma=gamma, n_attributes=n_attributes,
                                            sources=[str(p) for p in part])
+        for pred, truth in zip(preds, true_classes(paths, self.class_names), strict=True):
+            pred.true_class = truth
         return preds
 
 
@@ -565,14 +607,20 @@ def predictions_to_json(preds: Sequence[Prediction], indent: int | None = 1) -> 
 
 
 def format_table(preds: Sequence[Prediction], n_attributes: int = 3) -> str:
-    """Human-readable text: per prediction a ranked class table and its top contributing attributes."""
+    """Human-readable text: per prediction its true class where known, a ranked class table (the true class
+    marked ``*``) and its top contributing attributes."""
     lines: list[str] = []
     for p in preds:
         lines.append(p.source)
+        if p.true_class is not None:
+            rank = next((i for i, c in enumerate(p.top, start=1) if c.name == p.true_class), None)
+            lines.append(f"  true class: {p.true_class} ("
+                         + (f"rank {rank}, marked *)" if rank else f"not in the top {len(p.top)})"))
         width = max([len(c.name) for c in p.top] + [5])
-        lines.append(f"  {'#':>2}  {'class':<{width}}  {'kind':<6}  {'score':>8}  {'prob':>6}")
+        lines.append(f"  {'#':>3}  {'class':<{width}}  {'kind':<6}  {'score':>8}  {'prob':>6}")
         for i, c in enumerate(p.top, start=1):
-            lines.append(f"  {i:>2}  {c.name:<{width}}  {c.kind:<6}  {c.score:>8.4f}  {c.probability:>6.1%}")
+            mark = "*" if c.name == p.true_class else " "
+            lines.append(f"  {mark}{i:>2}  {c.name:<{width}}  {c.kind:<6}  {c.score:>8.4f}  {c.probability:>6.1%}")
         if p.attributes and n_attributes > 0:
             parts = [f"{a.name} ({a.contribution:+.4f})" for a in p.attributes[:n_attributes]]
             lines.append(f"  because: {', '.join(parts)}")

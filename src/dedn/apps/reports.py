@@ -6,12 +6,14 @@ Every report of an experiment ``NAME`` is written into its results folder:
 - ``NAME.csv``: the mean / std table; ``NAME_seeds.csv``: the per-seed rows;
 - ``NAME.json``: everything, including the resolved config, the protocol, the seeds, the code version
   (``dedn.__version__`` and the git commit when the package sits in a git checkout) and each run's choices;
-- PNG plots: a bar chart for the tables, Figure 3's two panels, Figure 5's bar charts, the seen-unseen curves.
-  Bars are in the table's order (T, U, S, H) with their values written on them, error bars (sample std) only
-  with several seeds, and y axes that start near the data; the panels of one figure share a y range. Baseline
-  rows an experiment carries in ``extra["baselines"]`` (label -> T, U, S, H, or label -> protocol -> those),
-  e.g. ESZSL, are drawn hatched after the table's rows. The seen-unseen curves mark each seed's operating
-  point (the gamma its protocol used) on top of every curve.
+- PNG plots, drawn at their printed size in a two-column paper (one column or the page wide, 9 pt text):
+  the tables as grouped bars (a group per metric, T, U, S, H; a bar per row; one panel per protocol), Figure
+  3's two panels, Figure 5's bar charts, the seen-unseen curves. Bar charts have zero-based value axes, error
+  bars (sample std) only with several seeds, the paper's figures as black lines across the bars where the
+  dataset has them, and one legend below the axes. Baseline rows an experiment carries in
+  ``extra["baselines"]`` (label -> T, U, S, H, or label -> protocol -> those), e.g. ESZSL, are drawn hatched
+  after the table's rows. The seen-unseen curves mark each seed's operating point (the gamma its protocol
+  used) on top of every curve.
 
 Accuracies are in percent. Standard deviations are sample standard deviations (n - 1); with one seed
 there is none. The paper's numbers (paper Tables 1 and 3, kept in :mod:`dedn.data.benchmarks`) are shown
@@ -270,62 +272,120 @@ def _metric_report(exp: ExperimentResult, title: str, published: Mapping[str, Ma
 
 
 # ============================================================================================ plots
-def _figure(n_cols: int, width: float = 5.0, height: float = 4.0) -> tuple[Any, list[Any]]:
+#: Figures are drawn at their printed size in a two-column paper (inches: one column, the page width), so the
+#: font sizes below are the printed ones (8 to 9 pt), and the PNG reads at 100 % zoom as it would in print.
+COLUMN_WIDTH = 3.3
+PAGE_WIDTH = 7.0
+FONT = 9.0
+VALUE_FONT = 8.0  # the values written on bars
+DPI = 150
+#: Above this many bars in one panel the values are not written on them (they would collide; the tables hold them).
+MAX_LABELLED_BARS = 12
+PAPER_LABEL = "paper's figure"
+_STYLE = {"font.size": FONT, "axes.titlesize": FONT, "axes.labelsize": FONT, "xtick.labelsize": FONT,
+          "ytick.labelsize": FONT, "legend.fontsize": FONT, "figure.titlesize": FONT + 1, "hatch.linewidth": 0.8}
+
+
+def _figure(n_rows: int, n_cols: int, width: float, height: float) -> tuple[Any, list[Any]]:
+    """A figure with its axes (row-major) in the paper style; draw inside :func:`_style`. Constrained layout
+    keeps legends placed outside the axes inside the figure."""
     # Figure without pyplot: no global backend switch, safe in headless worker processes.
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * n_cols, height), dpi=110)
-    return fig, [fig.add_subplot(1, n_cols, i + 1) for i in range(n_cols)]
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    return fig, [fig.add_subplot(n_rows, n_cols, i + 1) for i in range(n_rows * n_cols)]
+
+
+def _style() -> Any:
+    """The paper style's font sizes for the artists made inside the ``with`` block."""
+    import matplotlib
+
+    return matplotlib.rc_context(_STYLE)
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
     fig.savefig(path, format="png")
     return path
 
 
+def _seeds_text(n: int) -> str:
+    return f"mean ± sample std over {n} seeds" if n > 1 else f"{n} seed, no error bars"
+
+
 def _bars(ax: Any, groups: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-          paper: Mapping[str, Sequence[float | None]] | None = None, hatched: Sequence[int] = ()) -> list[float]:
-    """Grouped bars: ``series`` name -> (means, stds) over ``groups``, in legend order; the mean written on each
-    bar; error bars (sample std) only where there is one (several seeds); paper values as black markers;
-    groups at the indices ``hatched`` (baselines) hatched. Returns every drawn value (means -+ stds, paper)
-    for :func:`_near_data`."""
+          paper: Mapping[str, Sequence[float | None]] | None = None, hatched: Sequence[str] = ()) -> list[float]:
+    """Grouped bars: one group per entry of ``groups`` (e.g. the metrics), one bar per ``series`` name (legend
+    order) with its (means, stds) over the groups; error bars (sample std) only where there is one (several
+    seeds); the paper's values of a series (``paper[name]``, None where it has none) as a black line across
+    its bars; the series named in ``hatched`` (baselines) hatched. The values are written on the bars while
+    there are at most :data:`MAX_LABELLED_BARS` and no paper lines. Returns every drawn value (means + stds,
+    paper) for the y range."""
     n = max(len(series), 1)
-    width = 0.8 / n
+    width = 0.84 / n
     x = np.arange(len(groups))
+    labelled = len(groups) * n <= MAX_LABELLED_BARS and not paper  # a value would collide with a paper line
     drawn: list[float] = []
+    paper_drawn = False
     for i, (name, (means, stds)) in enumerate(series.items()):
-        pos = x - 0.4 + width * (i + 0.5)
+        pos = x - 0.42 + width * (i + 0.5)
         vals = np.array([m if m is not None and math.isfinite(m) else np.nan for m in means], dtype=np.float64)
         err = np.array([s if s is not None and math.isfinite(s) else np.nan for s in stds], dtype=np.float64)
         has_err = bool(np.isfinite(err).any())
-        bars = ax.bar(pos, np.nan_to_num(vals), width, label=name, color=f"C{i}",
-                      yerr=np.nan_to_num(err) if has_err else None, capsize=3 if has_err else 0,
-                      error_kw={"elinewidth": 1})
-        for j in hatched:
-            bars[j].set_hatch("//")
-            bars[j].set_edgecolor("white")
-        ax.bar_label(bars, labels=[f"{v:.1f}" if math.isfinite(v) else "n/a" for v in vals],
-                     fontsize=6 if len(groups) * n > 12 else 7, padding=2,
-                     rotation=90 if len(groups) * n > 12 else 0)
+        bars = ax.bar(pos, np.nan_to_num(vals), width, label=name, color=f"C{i % 10}",
+                      hatch="///" if name in hatched else None, edgecolor="white" if name in hatched else None,
+                      yerr=np.nan_to_num(err) if has_err else None, capsize=2 if has_err else 0,
+                      error_kw={"elinewidth": 0.8, "capthick": 0.8})
+        if labelled:
+            ax.bar_label(bars, labels=[f"{v:.1f}" if math.isfinite(v) else "n/a" for v in vals],
+                         fontsize=VALUE_FONT, padding=1)
         finite = np.isfinite(vals)
-        drawn += list(vals[finite] - np.nan_to_num(err[finite])) + list(vals[finite] + np.nan_to_num(err[finite]))
+        drawn += list(vals[finite] + np.nan_to_num(err[finite]))
         if paper and paper.get(name) is not None:
-            pv = [v if v is not None else np.nan for v in paper[name]]
-            ax.plot(pos, pv, "k_", markersize=12, markeredgewidth=2, label="paper" if i == 0 else None)
+            pv = np.array([v if v is not None else np.nan for v in paper[name]], dtype=np.float64)
+            ax.hlines(pv, pos - width / 2, pos + width / 2, colors="black", linewidth=2.0, zorder=5,
+                      label=None if paper_drawn else PAPER_LABEL)
+            paper_drawn = paper_drawn or bool(np.isfinite(pv).any())
             drawn += [v for v in pv if math.isfinite(v)]
     ax.set_xticks(x)
-    ax.set_xticklabels(groups, rotation=30 if len(groups) > 3 else 0, ha="right" if len(groups) > 3 else "center",
-                       fontsize=8)
+    ax.set_xticklabels(groups)  # short group names (metrics): horizontal
     ax.set_ylabel("%")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=len(series) + (1 if paper else 0), loc="upper left")
+    ax.set_axisbelow(True)
     return drawn
 
 
-def _near_data(values: Sequence[float], top_room: float = 0.22) -> tuple[float, float]:
-    """A y range that starts near the data, not at 0 (never below 0 or above 100, with room for the labels
-    and the legend above the highest bar)."""
+def _zero_based(drawn: Sequence[float], room: float = 0.12) -> tuple[float, float]:
+    """A value range from 0 to a round top above the highest drawn value (room for the values on the bars),
+    at most 100 (percent), or a little above 100 when a bar or error bar reaches it."""
+    v = [x for x in drawn if math.isfinite(x)]
+    top = max([*v, 1.0]) * (1 + room)
+    step = 10.0 if top > 20 else (5.0 if top > 5 else 1.0)
+    return 0.0, min(math.ceil(top / step) * step, 110.0)
+
+
+def _legend_columns(labels: Sequence[str], width: float, most: int) -> int:
+    """How many legend columns of ``labels`` fit side by side in ``width`` inches at :data:`FONT` (at most
+    ``most``): an entry takes its label (about 0.6 em a character) plus the marker and the gaps."""
+    chars = width * 72 / (0.6 * FONT)
+    return max(1, min(most, len(labels), int(chars // (max(map(len, labels), default=1) + 6))))
+
+
+def _legend_below(fig: Any, axes: Sequence[Any], most: int = 4) -> Any:
+    """One legend for the figure, below the axes (it covers nothing), with the entries of every panel once,
+    in as many columns (up to ``most``) as fit the figure's width."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    if PAPER_LABEL in handles:  # after the bars it marks
+        handles[PAPER_LABEL] = handles.pop(PAPER_LABEL)
+    return fig.legend(list(handles.values()), list(handles), loc="outside lower center", frameon=False,
+                      ncol=_legend_columns(list(handles), fig.get_figwidth(), most))
+
+
+def _near_data(values: Sequence[float], top_room: float = 0.08) -> tuple[float, float]:
+    """A value range that starts near the data, for line plots (a curve's shape, not a bar's length, carries
+    its value): never below 0 or above 105, starting at 0 when the data come near it."""
     v = [x for x in values if math.isfinite(x)]
     if not v:
         return 0.0, 100.0
@@ -347,34 +407,44 @@ def _baselines(exp: ExperimentResult, proto: str) -> dict[str, dict[str, float]]
     return out
 
 
+#: A panel's title per protocol: the published protocol's figures are selected on the test split.
+PROTOCOL_TITLES = {"validated": "validated protocol", "published": "published protocol (selected on test)"}
 EXPERIMENT_TITLES = {"table1": "Table 1", "table3": "Table 3: ablations",
                      "figure5": "Figure 5: attribute clusters", "figure3": "Figure 3: sensitivity to l_e and l_rc",
                      "calibration": "Calibrated stacking"}
 
 
+def _baseline_label(label: str) -> str:
+    return f"{label}, baseline"
+
+
 def _table_plot(exp: ExperimentResult, summary: list[dict[str, Any]], metrics: Sequence[str],
                 path: Path) -> Path:
-    """One panel per protocol: grouped bars of ``metrics`` (legend in the table's order) for each row, then any
-    baseline rows (hatched); the panels share one y range that starts near the data."""
-    fig, axes = _figure(len(exp.protocols), width=max(4.0, 1.3 * len(exp.rows) + 2.5))
-    drawn = []
-    n_seeds = len(exp.seeds)
-    for ax, proto in zip(axes, exp.protocols, strict=True):
-        rows = [s for s in summary if s["protocol"] == proto]
-        base = _baselines(exp, proto)
-        labels = [s["label"] for s in rows] + list(base)
-        series = {m: ([s[m]["mean"] for s in rows] + [b.get(m, math.nan) for b in base.values()],
-                      [s[m]["std"] for s in rows] + [math.nan] * len(base)) for m in metrics}
-        paper = {m: [s["paper"][m] if s["paper"] else None for s in rows] + [None] * len(base) for m in metrics}
-        drawn += _bars(ax, labels, series, paper if any(s["paper"] for s in rows) else None,
-                       hatched=range(len(rows), len(labels)))
-        err = "mean ± sample std over " if n_seeds > 1 else ""
-        ax.set_title(f"{EXPERIMENT_TITLES.get(exp.name, exp.name)} on {exp.dataset}, {proto} protocol\n"
-                     f"{err}{n_seeds} seed{'s' if n_seeds > 1 else ''}"
-                     + (", hatched: baseline" if base else ""), fontsize=9)
-    for ax in axes:
-        ax.set_ylim(*_near_data(drawn))
-    return _save(fig, path)
+    """One panel per protocol, side by side with one zero-based value axis: a group of bars per metric (in the
+    table's order), one bar per row (then any baseline rows, hatched), the paper's figures as a black line
+    across the bar where the dataset has them; one legend below the panels."""
+    labels = [r.label for r in exp.rows] + [_baseline_label(b) for b in exp.extra.get("baselines") or {}]
+    labels += [PAPER_LABEL] if any(s["paper"] for s in summary) else []
+    width = PAGE_WIDTH if len(exp.protocols) > 1 or len(labels) > 4 else COLUMN_WIDTH
+    legend_rows = math.ceil(len(labels) / _legend_columns(labels, width, 3))
+    with _style():
+        fig, axes = _figure(1, len(exp.protocols), width, 2.6 + 0.22 * legend_rows)
+        drawn = []
+        for ax, proto in zip(axes, exp.protocols, strict=True):
+            rows = [s for s in summary if s["protocol"] == proto]
+            base = _baselines(exp, proto)
+            series = {s["label"]: ([s[m]["mean"] for m in metrics], [s[m]["std"] for m in metrics]) for s in rows}
+            series |= {_baseline_label(label): ([b.get(m, math.nan) for m in metrics], [math.nan] * len(metrics))
+                       for label, b in base.items()}
+            paper = {s["label"]: [s["paper"].get(m) for m in metrics] for s in rows if s["paper"]}
+            drawn += _bars(ax, list(metrics), series, paper or None, hatched=[_baseline_label(b) for b in base])
+            ax.set_title(PROTOCOL_TITLES.get(proto, f"{proto} protocol"))
+        for ax in axes:
+            ax.set_ylim(*_zero_based(drawn))
+        fig.suptitle(f"{EXPERIMENT_TITLES.get(exp.name, exp.name)} on {exp.dataset} "
+                     f"({_seeds_text(len(exp.seeds))})")
+        _legend_below(fig, axes, 3)
+        return _save(fig, path)
 
 
 # ============================================================================================ reports
@@ -391,7 +461,7 @@ def report_table1(exp: ExperimentResult) -> list[Path]:
         exp, f"Table 1: {', '.join(r.label for r in exp.rows)} on {exp.dataset}", published,
         f"Paper columns (selected on the test split by each method's released code): {sources}.",
         extra_md=_gap_md(exp, gap, published), extra_json={"gap": gap})
-    files.append(_table1_plot(exp, gap, published, exp.out_dir / "table1.png"))
+    files.append(_table_plot(exp, summary, METRIC_ORDER[:4], exp.out_dir / "table1.png"))
     return files
 
 
@@ -457,27 +527,6 @@ def _gap_md(exp: ExperimentResult, gap: list[dict[str, Any]],
     return [*lines, ""]
 
 
-def _table1_plot(exp: ExperimentResult, gap: list[dict[str, Any]],
-                 published: Mapping[str, Mapping[str, float]] | None, path: Path) -> Path:
-    """Validated and test-selected H per method side by side (sample std as error bars), the paper's H as
-    black markers beside the test-selected bar; the value axis starts at 0."""
-    fig, axes = _figure(1, width=max(5.0, 1.6 * len(gap) + 2.5), height=4.2)
-    ax = axes[0]
-    series = {name: ([g[key]["mean"] for g in gap], [g[key]["std"] for g in gap])
-              for name, key in (("validated H", "validated_H"), ("test-selected H", "test_selected_H"))
-              if any(math.isfinite(g[key]["mean"]) for g in gap)}  # a protocol that did not run draws no bars
-    paper = None
-    if published:
-        paper = {list(series)[-1]: [published[g["row"]]["H"] if g["row"] in published else None for g in gap]}
-    drawn = _bars(ax, [g["label"] for g in gap], series, paper)
-    n = max((g["n_seeds"] for g in gap), default=0)
-    ax.set_title(f"Table 1 on {exp.dataset}: {' against '.join(series)}\n"
-                 f"{'mean ± sample std over ' if n > 1 else ''}{n} seed{'s' if n != 1 else ''}"
-                 f"{'; black: the paper' if paper else ''}", fontsize=9)
-    ax.set_ylim(0, min(100.0, max([*drawn, 1.0]) * 1.18))
-    return _save(fig, path)
-
-
 def report_table3(exp: ExperimentResult) -> list[Path]:
     """Table 3: the ablation rows, T, U, S, H each; the paper's Table 3 beside ours when the dataset matches."""
     ds = published_numbers(exp)
@@ -501,20 +550,21 @@ def report_figure5(exp: ExperimentResult) -> list[Path]:
     files, summary = _metric_report(exp, f"Figure 5: attribute clusters on {exp.dataset}", None, "", notes)
     by = {(s["row"], s["protocol"]): s for s in summary}
     for proto in exp.protocols:
-        fig, axes = _figure(2, width=4.5)
-        drawn = []
-        for ax, other, title in ((axes[0], "kmeans", "(a) manual vs K-means"),
-                                 (axes[1], "half", "(b) number of clusters")):
-            rows = [by[(k, proto)] for k in ("manual", other) if (k, proto) in by]
-            drawn += _bars(ax, ["T", "H"], {s["label"]: ([s["T"]["mean"], s["H"]["mean"]],
-                                                         [s["T"]["std"], s["H"]["std"]]) for s in rows})
-            ax.set_title(f"{title}, {proto} protocol", fontsize=9)
-        for ax in axes:
-            ax.set_ylim(*_near_data(drawn))
-        n = len(exp.seeds)
-        fig.suptitle(f"Figure 5: attribute clusters on {exp.dataset} "
-                     f"({'mean ± sample std over ' if n > 1 else ''}{n} seed{'s' if n > 1 else ''})", fontsize=10)
-        files.append(_save(fig, exp.out_dir / f"figure5_{proto}.png"))
+        with _style():
+            fig, axes = _figure(1, 2, PAGE_WIDTH, 3.1)
+            drawn = []
+            for ax, other, title in ((axes[0], "kmeans", "(a) manual vs K-means"),
+                                     (axes[1], "half", "(b) number of clusters")):
+                rows = [by[(k, proto)] for k in ("manual", other) if (k, proto) in by]
+                drawn += _bars(ax, ["T", "H"], {s["label"]: ([s["T"]["mean"], s["H"]["mean"]],
+                                                             [s["T"]["std"], s["H"]["std"]]) for s in rows})
+                ax.set_title(title)
+                ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+            for ax in axes:
+                ax.set_ylim(*_zero_based(drawn))
+            fig.suptitle(f"Figure 5: attribute clusters on {exp.dataset}\n{PROTOCOL_TITLES.get(proto, proto)}, "
+                         f"{_seeds_text(len(exp.seeds))}")
+            files.append(_save(fig, exp.out_dir / f"figure5_{proto}.png"))
     return files
 
 
@@ -564,8 +614,16 @@ def report_figure3(exp: ExperimentResult) -> list[Path]:
                               p["S"], p["U"], p["gamma"]] for r in exp.runs for p in r.sweep]))
     centre = {"model.l_e": exp.config["model"]["l_e"], "model.l_rc": exp.config["model"]["l_rc"]}
     for proto in exp.protocols:
-        axes_names = list(exp.extra.get("sweep", {}))
-        fig, axes = _figure(max(len(axes_names), 1), width=4.5)
+        files.append(_figure3_plot(exp, sweep, proto, centre))
+    return files
+
+
+def _figure3_plot(exp: ExperimentResult, sweep: list[dict[str, Any]], proto: str, centre: Mapping[str, float]) -> Path:
+    """One panel per swept setting: H and T against its value (a band of -+ one sample std with several seeds),
+    the configured value marked; one y range for the panels, which starts near the data (curves, not bars)."""
+    axes_names = list(exp.extra.get("sweep", {}))
+    with _style():
+        fig, axes = _figure(1, max(len(axes_names), 1), PAGE_WIDTH, 3.1)
         drawn = []
         for i, (ax, axis) in enumerate(zip(axes, axes_names, strict=False)):
             rows = sorted((r for r in sweep if r["protocol"] == proto and r["axis"] == axis), key=lambda r: r["value"])
@@ -573,24 +631,22 @@ def report_figure3(exp: ExperimentResult) -> list[Path]:
             for m, style in (("H", "-o"), ("T", "--s")):
                 mean = np.array([r[m]["mean"] for r in rows])
                 std = np.nan_to_num(np.array([r[m]["std"] for r in rows]))
-                ax.plot(x, mean, style, markersize=4, label=m)
+                ax.plot(x, mean, style, markersize=3.5, label=m)
                 if np.any(std > 0):  # a band only with several seeds
-                    ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+                    ax.fill_between(x, mean - std, mean + std, alpha=0.2, label=f"{m} ± std")
                 drawn += list(mean - std) + list(mean + std)
             ax.axvline(centre.get(axis, np.nan), color="grey", linestyle=":", linewidth=1, label="configured")
-            ax.set_xlabel(axis.split(".")[-1])
+            name = axis.split(".")[-1]
+            ax.set_xlabel(name)
             ax.set_ylabel("%")
-            ax.set_title(f"({'ab'[i] if i < 2 else i}) sensitivity to {axis.split('.')[-1]}, {proto} protocol",
-                         fontsize=9)
+            ax.set_title(f"({'ab'[i] if i < 2 else i}) sensitivity to {name}")
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
         for ax in axes:  # one y range for both panels: their curves compare directly
-            ax.set_ylim(*_near_data(drawn, top_room=0.05))
-        n = len(exp.seeds)
-        fig.suptitle(f"Figure 3: sensitivity on {exp.dataset} "
-                     f"({'mean ± sample std over ' if n > 1 else ''}{n} seed{'s' if n > 1 else ''})", fontsize=10)
-        files.append(_save(fig, exp.out_dir / f"figure3_{proto}.png"))
-    return files
+            ax.set_ylim(*_near_data(drawn))
+        fig.suptitle(f"Figure 3: sensitivity on {exp.dataset}\n{PROTOCOL_TITLES.get(proto, proto)}, "
+                     f"{_seeds_text(len(exp.seeds))}")
+        _legend_below(fig, axes, 5)
+        return _save(fig, exp.out_dir / f"figure3_{proto}.png")
 
 
 def report_calibration(exp: ExperimentResult) -> list[Path]:
@@ -626,31 +682,38 @@ def report_calibration(exp: ExperimentResult) -> list[Path]:
                                                  np.std([x["S_on_grid"] for x in c], axis=0,
                                                         ddof=1 if len(c) > 1 else 0), strict=True)]))
     for proto in exp.protocols:
-        fig, (ax,) = _figure(1, width=5.5, height=5.0)
-        c = curves.get(proto, [])
+        files.append(_calibration_plot(exp, curves.get(proto, []), grid_u, proto))
+    return files
+
+
+def _calibration_plot(exp: ExperimentResult, c: list[dict[str, Any]], grid_u: np.ndarray, proto: str) -> Path:
+    """Each seed's seen-unseen curve, their mean, and each seed's operating point on top; a column wide, the
+    legend below the axes."""
+    with _style():
+        fig, (ax,) = _figure(1, 1, COLUMN_WIDTH, 3.6 + 0.19 * (2 * len(c) + 1))
         lines = []
         for x in c:
             order = np.lexsort((-x["S"], x["U"]))
-            lines += ax.plot(x["U"][order] * 100, x["S"][order] * 100, linewidth=0.8, alpha=0.6, zorder=2,
+            lines += ax.plot(x["U"][order] * 100, x["S"][order] * 100, linewidth=0.8, alpha=0.7, zorder=2,
                              label=f"seed {x['seed']} (AUSUC {x['AUSUC']:.1f})")
         if c:
             mean_curve = np.mean([x["S_on_grid"] for x in c], axis=0)
             shown = grid_u <= max(float(x["U"].max()) for x in c) + 1e-12  # not the zeros beyond every curve
-            ax.plot(grid_u[shown] * 100, mean_curve[shown] * 100, "k-", linewidth=2, zorder=3,
+            ax.plot(grid_u[shown] * 100, mean_curve[shown] * 100, "k-", linewidth=1.6, zorder=3,
                     label=f"mean over seeds (AUSUC {ausuc(mean_curve, grid_u) * 100:.1f})")
         for x, line in zip(c, lines, strict=True):  # on top of every curve, the mean one included
-            ax.plot([x["chosen_U"]], [x["chosen_S"]], "o", markersize=8, color=line.get_color(), zorder=5,
-                    markeredgecolor="black", markeredgewidth=1.2,
-                    label=f"seed {x['seed']} at gamma {x['chosen_gamma']:.3g}: S {x['chosen_S']:.1f}, "
+            ax.plot([x["chosen_U"]], [x["chosen_S"]], "o", markersize=6, color=line.get_color(), zorder=5,
+                    markeredgecolor="black", markeredgewidth=1.0,
+                    label=f"seed {x['seed']} at γ {x['chosen_gamma']:.3g}: S {x['chosen_S']:.1f}, "
                           f"U {x['chosen_U']:.1f}")
         ax.set_xlabel("U: unseen accuracy (%)")
         ax.set_ylabel("S: seen accuracy (%)")
         ax.set_xlim(0, 100)
         ax.set_ylim(0, 100)
+        ax.set_aspect("equal")
         ax.grid(True, alpha=0.3)
-        chosen = "chosen on validation" if proto == "validated" else "fixed"
-        ax.set_title(f"Seen-unseen curves on {exp.dataset}, {proto} protocol\n"
-                     f"dots: each seed's operating point (gamma {chosen})", fontsize=9)
-        ax.legend(fontsize=7, loc="lower left" if len(c) < 4 else "upper right")
-        files.append(_save(fig, exp.out_dir / f"calibration_{proto}.png"))
-    return files
+        chosen = "from validation" if proto == "validated" else "fixed"
+        ax.set_title(f"Seen-unseen curves on {exp.dataset}\n{proto} protocol; dots: each seed's\n"
+                     f"operating point (γ {chosen})", wrap=True)
+        _legend_below(fig, [ax], 1)
+        return _save(fig, exp.out_dir / f"calibration_{proto}.png")

@@ -329,7 +329,8 @@ class FeatureStore(FeatureSource):
         if not meta_file.is_file():
             if path.is_dir() and (path / FEATURES_BIN).exists():
                 raise DataError(f"{meta_file} is missing: the store's creation was interrupted; {fix}")
-            raise DataError(f"{path} is not a feature store: {meta_file} does not exist")
+            raise DataError(f"{path} is not a feature store: {meta_file} does not exist; make a store from images "
+                            "with `dedn extract`, or from a DAZLE/DEDN HDF5 file with `dedn store import`")
         try:
             info = json.loads(meta_file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

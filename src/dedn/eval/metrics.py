@@ -394,43 +394,45 @@ def plot_seen_unseen_curve(
             (and gamma) in the legend.
     """
     # Figure without pyplot: no global backend switch, no figure registry, safe in headless processes.
+    import matplotlib
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.0, 4.5), dpi=120)
-    ax = fig.add_subplot(1, 1, 1)
-    points = dict(points or {})
-    for label, (s, u) in curves.items():
-        s = np.asarray(s, dtype=np.float64)
-        u = np.asarray(u, dtype=np.float64)
-        order = np.lexsort((-s, u))
-        (line,) = ax.plot(u[order] * 100, s[order] * 100, label=f"{label} (AUSUC {ausuc(s, u) * 100:.1f})",
-                          zorder=2)
-        if label in points:
-            ps, pu, *g = points[label]
-            h = 2 * ps * pu / (ps + pu) if ps + pu > 0 else 0.0
-            text = f"{label} at {'gamma ' + format(g[0], '.3g') + ': ' if g else ''}" \
-                   f"S {ps * 100:.1f}, U {pu * 100:.1f}, H {h * 100:.1f}"
-            ax.plot([pu * 100], [ps * 100], "o", markersize=9, color=line.get_color(), markeredgecolor="black",
-                    markeredgewidth=1.2, zorder=5, label=text)
-    ax.set_xlabel("U: unseen accuracy (%)")
-    ax.set_ylabel("S: seen accuracy (%)")
-    ax.set_xlim(0, 100)
-    ax.set_ylim(0, 100)
-    ax.grid(True, alpha=0.3)
-    full_title = "; ".join(t for t in (title, f"{protocol} protocol" if protocol else None) if t)
-    if points:
-        full_title += ("\n" if full_title else "") + "dots: the operating point used (its gamma)"
-    if full_title:
-        ax.set_title(full_title, fontsize=9)
-    if curves:
-        ax.legend(loc="lower left", fontsize=7)  # the curves bend through the upper right
-    fig.tight_layout()
+    # A column of a two-column paper wide (3.3 in), drawn at that size with 9 pt text; the legend below the axes.
+    with matplotlib.rc_context({"font.size": 9.0, "legend.fontsize": 9.0, "axes.titlesize": 9.0}):
+        points = dict(points or {})
+        fig = Figure(figsize=(3.3, 3.9 + 0.19 * (len(curves) + len(points))), dpi=150, layout="constrained")
+        ax = fig.add_subplot(1, 1, 1)
+        for label, (s, u) in curves.items():
+            s = np.asarray(s, dtype=np.float64)
+            u = np.asarray(u, dtype=np.float64)
+            order = np.lexsort((-s, u))
+            (line,) = ax.plot(u[order] * 100, s[order] * 100, label=f"{label} (AUSUC {ausuc(s, u) * 100:.1f})",
+                              zorder=2)
+            if label in points:
+                ps, pu, *g = points[label]
+                h = 2 * ps * pu / (ps + pu) if ps + pu > 0 else 0.0
+                text = f"{label} at {'γ ' + format(g[0], '.3g') + ': ' if g else ''}" \
+                       f"S {ps * 100:.1f}, U {pu * 100:.1f}, H {h * 100:.1f}"
+                ax.plot([pu * 100], [ps * 100], "o", markersize=7, color=line.get_color(), markeredgecolor="black",
+                        markeredgewidth=1.0, zorder=5, label=text)
+        ax.set_xlabel("U: unseen accuracy (%)")
+        ax.set_ylabel("S: seen accuracy (%)")
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_aspect("equal")
+        ax.grid(True, alpha=0.3)
+        full_title = "\n".join(t for t in (title, f"{protocol} protocol" if protocol else None) if t)
+        if points:
+            full_title += ("\n" if full_title else "") + "dots: the operating point used (its γ)"
+        if full_title:
+            ax.set_title(full_title)
+        if curves:
+            fig.legend(loc="outside lower center", ncol=1, frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
 
 
-# ---------------------------------------------------------------------------------------------- internals
 def _class_counts(correct: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, ...]:
     """(correct, count) per entry of ``classes``; labels outside ``classes`` are ignored."""
     if classes.size == 0:

@@ -25,7 +25,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved config of a run directory."""
     path = RunFolder(run_dir).config
     if not path.is_file():
-        raise CheckpointError(f"{run_dir}: not a dedn run directory (no {RunFolder.CONFIG})")
+        raise CheckpointError(f"{run_dir}: not a dedn run directory (no {RunFolder.CONFIG}); give a folder that "
+                              "`dedn train` wrote")
     try:
         return config_from_dict(json.loads(path.read_text()), str(path))
     except json.JSONDecodeError as exc:

@@ -211,3 +211,38 @@ def test_channel_attention_batched_path_equals_the_loop_in_float32(monkeypatch: 
     for a, w in zip(run(feats), loop, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_step_converts_each_weight_and_the_batch_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conversion budget of one bf16 training step (trainer's batch conversion, forward, loss, backward,
+    optimizer) on a small CUB-like shape: about one conversion per weight tensor each way and one per feature
+    batch. The products' weights (M1, M2 stacked; M3; M4) are rounded once and their gradients converted back
+    once; the batch goes from float16 to bf16 once; the rest are (B, D) scores and (B, K) labels. Nothing the
+    size of the features times the attributes is converted (the channel attention used to convert its logits,
+    attention and scores per chunk), so no conversion is larger than the largest weight or the batch."""
+    from dedn.apps.bench import BenchShape, _make_step, _setup
+    from dedn.apps.stepprofile import profile_step
+
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device_type: True)  # the same path on any CPU
+    shape = BenchShape("small", 64, 4, 4, 312, 20, 5, semantic_dim=30, dataset="CUB")
+    s = _setup(shape, 8, torch.float32, torch.device("cpu"), "paper", 0)
+    half = s.features.half()
+    batch = half.to(torch.bfloat16)
+    step = _make_step(s, lambda m, x: m(x, precision="bf16"), batch)
+    step()  # the optimizer's state is made on its first step
+
+    def trainer_step() -> None:
+        batch.copy_(half)  # the batch reader's one conversion, float16 -> bf16
+        step()
+
+    prof = profile_step(trainer_step)
+    d_all, c, r = 2 * shape.n_attributes, shape.n_channels, shape.n_regions
+    weights = 2 * d_all * c + 2 * d_all * r  # M1 M2 stacked, M3, M4 of both experts
+    small = 8 * d_all + 8 * shape.n_classes + shape.n_classes  # scores, one-hot labels, seen mask
+    n_weight_tensors = len(list(s.model.parameters()))
+    assert prof.conversion_count <= 2 * n_weight_tensors + 1
+    # bf16 <-> float32 moves 6 bytes an element, float16 -> bf16 4, int64 -> float32 12
+    budget = 2 * 6 * weights + 4 * half.numel() + 12 * 4 * small
+    assert prof.bytes_converted <= budget, (prof.bytes_converted, budget)
+    assert prof.largest_conversion_bytes <= 6 * max(2 * d_all * c, half.numel())
+    assert prof.seconds["conversions"] <= prof.total_seconds

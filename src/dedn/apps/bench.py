@@ -42,6 +42,8 @@ from dedn.models.naive import naive_forward
 from dedn.models.precision import native_bf16
 from dedn.models.settings import resolve_method
 
+from dedn.apps.stepprofile import format_profile, profile_step
+
 __all__ = ["BENCH_PRECISIONS", "BENCH_PRESETS", "BenchSettings", "BenchShape", "bench_command", "format_bench",
            "gemm_gflops", "gradient_error", "run_bench", "step_flops"]
 
@@ -221,6 +223,8 @@ class BenchSettings:
         model_class: the fast implementation to time (a DEDN subclass), for comparing candidate versions.
         precision: ``fp32``, ``bf16`` (float32 weights, bf16 products; the float32 step is timed too) or
             ``tf32`` (CUDA products in TF32 for this run; on a CPU the same as fp32).
+        profile: also profile one step (and for bf16 one float32 step) by operator class
+            (:mod:`dedn.apps.stepprofile`): the result's ``profile`` (and ``fp32_profile``).
     """
 
     batch_size: int = 50
@@ -235,6 +239,7 @@ class BenchSettings:
     threads: int | None = None
     model_class: type[DEDN] = DEDN
     precision: str = "fp32"
+    profile: bool = False
 
 
 def run_bench(preset: str | BenchShape = "cub", settings: BenchSettings | None = None,
@@ -314,10 +319,15 @@ def _setup(shape: BenchShape, batch_size: int, dtype: torch.dtype, device: torch
     return _Setup(model, features, labels, torch.as_tensor(seen, device=device), loss_cfg)
 
 
+def _batch(s: _Setup, precision: str) -> torch.Tensor:
+    """The batch as training hands it to the model: bf16 runs get it converted once, by the batch reader."""
+    return s.features.to(torch.bfloat16) if precision == "bf16" else s.features
+
+
 def _grads(s: _Setup, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The combined scores and all parameter gradients (flattened, float64) of one step at ``precision``."""
     s.model.zero_grad(set_to_none=True)
-    out = s.model(s.features, precision=precision)
+    out = s.model(_batch(s, precision), precision=precision)
     dedn_loss(out, s.labels, s.seen, s.loss_cfg, s.model.config.method, s.model.calibration_bias()).total.backward()
     grads = torch.cat([p.grad.reshape(-1) for p in s.model.parameters() if p.grad is not None]).double()
     s.model.zero_grad(set_to_none=True)
@@ -342,13 +352,16 @@ def gradient_error(preset: str | BenchShape = "cub", precision: str = "bf16", ba
     return _gradient_error(_setup(shape, batch_size, torch.float32, torch.device(device), mode, seed), precision)
 
 
-def _make_step(s: _Setup, forward: Callable[[DEDN, torch.Tensor], DEDNOutput]) -> Callable[[], None]:
-    """One training step of ``forward`` on the bench's batch, with a fresh RMSprop of the reference settings."""
+def _make_step(s: _Setup, forward: Callable[[DEDN, torch.Tensor], DEDNOutput],
+               features: torch.Tensor | None = None) -> Callable[[], None]:
+    """One training step of ``forward`` on the bench's batch (or ``features``), with a fresh RMSprop of the reference
+    settings."""
     opt = torch.optim.RMSprop(s.model.parameters(), lr=1e-4, alpha=0.99, eps=1e-8, weight_decay=1e-4, momentum=0.9)
+    batch = s.features if features is None else features
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        out = forward(s.model, s.features)
+        out = forward(s.model, batch)
         loss = dedn_loss(out, s.labels, s.seen, s.loss_cfg, s.model.config.method, s.model.calibration_bias()).total
         loss.backward()
         opt.step()
@@ -411,8 +424,8 @@ def _time_steps(setup: _Setup, s: BenchSettings, device: torch.device, rate_dtyp
     # A short matrix-rate probe before each fast step: on a machine whose speed drifts (shared cores, clock
     # changes) each step is compared with the rate of its own moment (``efficiency_paired``).
     fast_precision = "bf16" if bf16 else "fp32"
-    fast, other_fast, rates = _time(_make_step(setup, lambda m, x: m(x, precision=fast_precision)), s.repeats,
-                                    s.warmup, device,
+    fast_step = _make_step(setup, lambda m, x: m(x, precision=fast_precision), _batch(setup, fast_precision))
+    fast, other_fast, rates = _time(fast_step, s.repeats, s.warmup, device,
                                     probe=lambda: gemm_gflops(s.gemm_size, repeats=2, dtype=rate_dtype, device=device))
     rss_fast = _peak_rss_gb()
     fp32, other_fp32, _ = (_time(_make_step(setup, lambda m, x: m(x)), s.repeats, s.warmup, device) if bf16
@@ -436,7 +449,25 @@ def _run(shape: BenchShape, s: BenchSettings, device: torch.device) -> dict[str,
         rates.bf16 = rates.best
     elif s.precision == "bf16":
         rates.fp32 = rates.best
-    return _report(shape, s, device, (rates, times), accuracy, load_before)
+    result = _report(shape, s, device, (rates, times), accuracy, load_before)
+    if s.profile:
+        result.update(_profiles(setup, s))
+    return result
+
+
+def _profiles(setup: _Setup, s: BenchSettings) -> dict[str, Any]:
+    """``profile``: one step of the run's precision by operator class; ``fp32_profile``: the float32 step's (bf16
+    runs; else None). Each after a warm-up step of its own optimizer."""
+    out: dict[str, Any] = {}
+    for key, precision in (("profile", "bf16" if s.precision == "bf16" else "fp32"),
+                           ("fp32_profile", "fp32" if s.precision == "bf16" else None)):
+        if precision is None:
+            out[key] = None
+            continue
+        step = _make_step(setup, lambda m, x, p=precision: m(x, precision=p), _batch(setup, precision))
+        step()
+        out[key] = profile_step(step).to_dict()
+    return out
 
 
 def _precision_note(precision: str, device: torch.device, native: bool | None) -> str:
@@ -550,7 +581,13 @@ def format_bench(result: dict[str, Any]) -> str:
         note = "  (timings disturbed: rerun on an idle machine)" if worst > 0.05 else ""
         rows.append(("other processes", f"up to {worst:.0%} of the CPUs during the timings{note}"))
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    table = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    if result.get("profile") is None:
+        return table
+    columns = {result["precision"]: result["profile"]}
+    if result.get("fp32_profile") is not None:
+        columns["fp32"] = result["fp32_profile"]
+    return f"{table}\n\nOne step by operator class (own time under torch.profiler):\n\n{format_profile(columns)}"
 
 
 def bench_command(preset: str | BenchShape = "cub", settings: BenchSettings | None = None,

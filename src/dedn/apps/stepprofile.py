@@ -53,12 +53,14 @@ _ITEM_BYTES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2, "lon
 class StepProfile:
     """One profiled step: per class its operators' own ``seconds`` and ``calls``; ``total_seconds`` their sum
     (the step's time under the profiler, a little above an unprofiled step); the number of dtype conversions
-    (``conversion_count``) and the ``bytes_converted`` (read plus written)."""
+    (``conversion_count``), the ``bytes_converted`` (read plus written) and the largest single one
+    (``largest_conversion_bytes``)."""
 
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PROFILE_CLASSES, 0.0))
     calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PROFILE_CLASSES, 0))
     conversion_count: int = 0
     bytes_converted: int = 0
+    largest_conversion_bytes: int = 0
 
     @property
     def total_seconds(self) -> float:
@@ -72,7 +74,7 @@ class StepProfile:
         out: dict[str, Any] = {name: {"seconds": self.seconds[name], "calls": self.calls[name],
                                       "share": self.seconds[name] / total} for name in PROFILE_CLASSES}
         out.update(total_seconds=self.total_seconds, conversion_count=self.conversion_count,
-                   bytes_converted=self.bytes_converted)
+                   bytes_converted=self.bytes_converted, largest_conversion_bytes=self.largest_conversion_bytes)
         return out
 
 
@@ -82,7 +84,9 @@ def _conversion_bytes(event: Any) -> int | None:
     shapes = event.input_shapes or []
     if len(dtypes) < 2 or not dtypes[0] or not dtypes[1] or dtypes[0] == dtypes[1]:
         return None
-    numel = math.prod(shapes[0]) if shapes and shapes[0] else 1
+    if not shapes or not shapes[0]:
+        return None  # a Python number wrapped as a 0-dim tensor: no data converted
+    numel = math.prod(shapes[0])
     return numel * (_ITEM_BYTES.get(dtypes[0], 4) + _ITEM_BYTES.get(dtypes[1], 4))
 
 
@@ -120,6 +124,7 @@ def profile_step(step: Callable[[], None]) -> StepProfile:
         if moved is not None:
             result.conversion_count += 1
             result.bytes_converted += moved
+            result.largest_conversion_bytes = max(result.largest_conversion_bytes, moved)
         result.seconds[kind] += event.self_cpu_time_total / 1e6
         result.calls[kind] += 1
     return result

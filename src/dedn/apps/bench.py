@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dedn.apps.stepprofile import format_profile, profile_step
 from dedn.config import LossConfig
 from dedn.data.benchmarks import BENCHMARKS
 from dedn.data.clusters import builtin_clusters
@@ -41,8 +42,6 @@ from dedn.models.losses import dedn_loss
 from dedn.models.naive import naive_forward
 from dedn.models.precision import native_bf16
 from dedn.models.settings import resolve_method
-
-from dedn.apps.stepprofile import format_profile, profile_step
 
 __all__ = ["BENCH_PRECISIONS", "BENCH_PRESETS", "BenchSettings", "BenchShape", "bench_command", "format_bench",
            "gemm_gflops", "gradient_error", "run_bench", "step_flops"]
@@ -264,7 +263,9 @@ def run_bench(preset: str | BenchShape = "cub", settings: BenchSettings | None =
         ``precision_note``, and for bf16 (else None) ``fp32_step_seconds`` (+ ``_all``), ``step_ratio_vs_fp32``
         (bf16 / fp32 step), ``fp32_gemm_gflops``, ``bf16_gemm_gflops``, ``bf16_native`` (whether the device
         multiplies bf16 natively; ``gemm_gflops`` is the rate the bf16 products actually run at),
-        ``relative_gradient_error`` and ``relative_score_error`` (:func:`gradient_error`).
+        ``relative_gradient_error`` and ``relative_score_error`` (:func:`gradient_error`). With ``profile``:
+        ``profile`` (the run's precision) and for bf16 ``fp32_profile``, each
+        :meth:`~dedn.apps.stepprofile.StepProfile.to_dict` (else None).
     """
     unknown = sorted(set(overrides) - {f.name for f in fields(BenchSettings)})
     if unknown:
@@ -450,8 +451,7 @@ def _run(shape: BenchShape, s: BenchSettings, device: torch.device) -> dict[str,
     elif s.precision == "bf16":
         rates.fp32 = rates.best
     result = _report(shape, s, device, (rates, times), accuracy, load_before)
-    if s.profile:
-        result.update(_profiles(setup, s))
+    result.update(_profiles(setup, s) if s.profile else {"profile": None, "fp32_profile": None})
     return result
 
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 __all__ = ["PROFILE_CLASSES", "StepProfile", "format_profile", "profile_step"]
@@ -139,9 +138,10 @@ def format_profile(profiles: dict[str, dict[str, Any]]) -> str:
     for key, label in PROFILE_CLASSES.items():
         cells = [f"{p[key]['seconds']:.3f} | {p[key]['calls']} | {p[key]['share']:.0%}" for p in profiles.values()]
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    rows.append("| step (profiled) | " + " | ".join(f"{p['total_seconds']:.3f} | | 100%"
-                                                     for p in profiles.values()) + " |")
-    rows.append("| dtype conversions | " + " | ".join(f"{p['conversion_count']} | | " for p in profiles.values()) + " |")
-    rows.append("| bytes converted | " + " | ".join(f"{p['bytes_converted'] / 1e6:.1f} MB | | "
-                                                   for p in profiles.values()) + " |")
+    footer = {
+        "step (profiled)": [f"{p['total_seconds']:.3f} | | 100%" for p in profiles.values()],
+        "dtype conversions": [f"{p['conversion_count']} | | " for p in profiles.values()],
+        "bytes converted": [f"{p['bytes_converted'] / 1e6:.1f} MB | | " for p in profiles.values()],
+    }
+    rows += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in footer.items()]
     return "\n".join(rows)

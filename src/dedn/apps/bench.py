@@ -14,7 +14,9 @@ clusters, G = 300, batch 50) with random non-negative features, and times, in on
   (:func:`gradient_error`). ``tf32`` lets CUDA products use TF32 (on a CPU it is fp32, and says so).
 
 It reports how close the fast step comes to the machine's matrix rate (``efficiency``, see
-:func:`step_flops` for the work counted) and how much faster it is than the naive one (``speedup``).
+:func:`step_flops` for the work counted) and how much faster it is than the naive one (``speedup``). With
+``profile`` it also breaks one step down by operator class (:mod:`dedn.apps.stepprofile`). A bf16 step gets
+its batch in bf16, converted once outside the step, as a training run's batch reader hands it over.
 :func:`bench_command` is what ``dedn bench`` calls.
 """
 
@@ -476,8 +478,8 @@ def _precision_note(precision: str, device: torch.device, native: bool | None) -
     if precision == "tf32":
         return ("CUDA products in TF32 (torch.backends.cuda.matmul.allow_tf32)" if device.type == "cuda" else
                 "TF32 is a CUDA setting: on the CPU this is the same as fp32")
-    return ("products on bf16 operands with float32 accumulation; weights, softmax, losses, optimizer float32"
-            if native else "this device has no bf16 matrix unit: the bf16 products run in float32 on "
+    return ("work over the features in bf16 with float32 accumulation; weights, their gradients, losses, "
+            "optimizer float32" if native else "this device has no bf16 matrix unit: the bf16 products run in float32 on "
             "bf16-rounded operands (no speed-up expected; bf16_gemm_gflops is the native bf16 kernel's rate)")
 
 

@@ -478,9 +478,11 @@ def _precision_note(precision: str, device: torch.device, native: bool | None) -
     if precision == "tf32":
         return ("CUDA products in TF32 (torch.backends.cuda.matmul.allow_tf32)" if device.type == "cuda" else
                 "TF32 is a CUDA setting: on the CPU this is the same as fp32")
-    return ("work over the features in bf16 with float32 accumulation; weights, their gradients, losses, "
-            "optimizer float32" if native else "this device has no bf16 matrix unit: the bf16 products run in float32 on "
-            "bf16-rounded operands (no speed-up expected; bf16_gemm_gflops is the native bf16 kernel's rate)")
+    if native:
+        return ("work over the features in bf16 with float32 accumulation; weights, their gradients, losses, "
+                "optimizer float32")
+    return ("this device has no bf16 matrix unit: the bf16 products run in float32 on bf16-rounded operands "
+            "(no speed-up expected; bf16_gemm_gflops is the native bf16 kernel's rate)")
 
 
 def _report(shape: BenchShape, s: BenchSettings, device: torch.device, measured: tuple[_MatrixRates, _StepTimes],

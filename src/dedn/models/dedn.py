@@ -246,14 +246,13 @@ class _ChannelAttention(torch.autograd.Function):
 
     @staticmethod
     def _forward_batched(ctx: Any, m3: Tensor, m4: Tensor, feats: Tensor) -> Tensor:
-        """The batched forward, transposed: A_b^T (C, D) of all images from one product (B C, R) x (R, D)."""
-        b, c, r = feats.shape
+        """The batched forward: the attention A (B, D, C) of all images, softmax over its last axis, and
+        U = A F (B, D, R), each one batched product."""
         keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        flat = feats.reshape(b * c, r)
         m3c, m4c = m3.detach().to(feats.dtype), m4.detach().to(feats.dtype)  # rounded once
-        att = torch.softmax(torch.mm(flat, m4c.t()).view(b, c, -1), dim=1)  # A^T: logits, softmax over C
-        u = torch.bmm(feats.transpose(1, 2), att)  # U_b^T = F_b^T A_b^T, (B, R, D)
-        out = torch.einsum("brd,dr->bd", u, m3c)
+        att = torch.softmax(torch.matmul(m4c, feats.transpose(1, 2)), dim=-1)  # logits M4 F_b^T of every image
+        u = torch.bmm(att, feats)
+        out = (u * m3c).sum(-1)
         ctx.batched = True
         if keep:
             ctx.save_for_backward(m3c, feats, att, u, out)
@@ -265,11 +264,12 @@ class _ChannelAttention(torch.autograd.Function):
         b, c, r = feats.shape
         flat = feats.reshape(b * c, r)
         g = grad_out.to(feats.dtype)
-        grad3 = torch.einsum("bd,brd->dr", g, u).to(grad_out.dtype)
-        s_t = torch.mm(flat, m3c.t()).view(b, c, -1)  # S^T recomputed, then dL^T = A (S - O) g in place
-        s_t.sub_(out[:, None]).mul_(att).mul_(g[:, None])
+        grad3 = torch.einsum("bd,bdr->dr", g, u).to(grad_out.dtype)
+        # S of all images in one product, laid out (D, B, C); then dL = A (S - O) g in place
+        s = torch.mm(m3c, flat.t()).view(-1, b, c)
+        s.sub_(out.t()[:, :, None]).mul_(att.transpose(0, 1)).mul_(g.t()[:, :, None])
         # dM4 = sum over images and channels at once: one product, float32 accumulation, one rounding
-        grad4 = torch.mm(s_t.view(b * c, -1).t(), flat).to(grad_out.dtype)
+        grad4 = torch.mm(s.view(-1, b * c), flat).to(grad_out.dtype)
         return grad3, grad4, None
 
 

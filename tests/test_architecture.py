@@ -154,7 +154,7 @@ APPS_LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model use", ("dedn.apps.predict", "dedn.apps.explain", "dedn.apps.describe")),
     ("launch", ("dedn.apps.launch",)),
     ("experiments", ("dedn.apps.experiments",)),
-    ("tools", ("dedn.apps.demo", "dedn.apps.bench", "dedn.apps.storebench")),
+    ("tools", ("dedn.apps.stepprofile", "dedn.apps.demo", "dedn.apps.bench", "dedn.apps.storebench")),
 ]
 #: What a trained model's users (predict, explain, describe) and the evaluation path must never load.
 BATCH_MODULES = ("dedn.apps.experiments", "dedn.apps.launch")

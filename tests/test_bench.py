@@ -30,7 +30,7 @@ KEYS = {
     "peak_rss_gb_fast", "peak_rss_gb", "peak_device_memory_gb", "loadavg_before", "loadavg_after", "other_cpu",
     "efficiency_paired", "gemm_gflops_paired", "precision", "precision_note", "fp32_step_seconds",
     "fp32_step_seconds_all", "step_ratio_vs_fp32", "fp32_gemm_gflops", "bf16_gemm_gflops", "bf16_native",
-    "relative_gradient_error", "relative_score_error",
+    "relative_gradient_error", "relative_score_error", "profile", "fp32_profile",
 }
 
 
@@ -150,11 +150,29 @@ def test_the_command_maps_its_options_onto_the_settings(monkeypatch: pytest.Monk
     calls = []
     monkeypatch.setattr(bench, "bench_command", lambda *a, **kw: calls.append(("bench", a, kw)))
     monkeypatch.setattr(storebench, "store_bench_command", lambda *a, **kw: calls.append(("store", a, kw)))
-    assert run_cli(["bench", "--preset", "sun", "--repeats", "2", "--no-naive", "--precision", "bf16", "--json"],
-                   monkeypatch, capsys)[0] == 0
+    assert run_cli(["bench", "--preset", "sun", "--repeats", "2", "--no-naive", "--precision", "bf16", "--json",
+                    "--profile"], monkeypatch, capsys)[0] == 0
     assert run_cli(["bench", "--store", "S", "--preset", "cub", "--iters", "7", "--no-in-memory"], monkeypatch,
                    capsys)[0] == 0
     assert calls == [
-        ("bench", ("sun", BenchSettings(repeats=2, naive=False, precision="bf16")), {"json_out": True}),
+        ("bench", ("sun", BenchSettings(repeats=2, naive=False, precision="bf16", profile=True)), {"json_out": True}),
         ("store", (Path("S"), StoreBenchSettings(preset="cub", iters=7, in_memory=False)), {"json_out": False}),
     ]
+
+
+def test_profile_breaks_the_step_down_by_class_in_both_precisions() -> None:
+    from dedn.apps.stepprofile import PROFILE_CLASSES
+
+    res = run_bench(TINY, repeats=1, naive=False, gemm_size=64, precision="bf16", profile=True)
+    for key in ("profile", "fp32_profile"):
+        prof = res[key]
+        assert set(PROFILE_CLASSES) <= set(prof)
+        assert abs(sum(prof[c]["share"] for c in PROFILE_CLASSES) - 1.0) < 1e-9
+        assert all(prof[c]["seconds"] >= 0 and prof[c]["calls"] >= 0 for c in PROFILE_CLASSES)
+        assert prof["matrix_products"]["calls"] > 0 and prof["optimizer"]["calls"] > 0
+    assert res["profile"]["bytes_converted"] > 0  # bf16: the weights are rounded for the products
+    assert res["fp32_profile"]["conversions"]["calls"] <= res["profile"]["conversions"]["calls"]
+    json.dumps(res)
+    table = format_bench(res)
+    assert "| conversions |" in table and "| class | bf16 s |" in table and "fp32 s" in table
+    assert run_bench(TINY, repeats=1, naive=False, gemm_size=64)["profile"] is None

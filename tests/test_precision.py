@@ -105,18 +105,15 @@ def _channel_case(seed: int, b: int, c: int, r: int, d: int):
     return feats, m3, m4, run
 
 
-def test_channel_attention_bf16_path_matches_float32_and_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    c, d = 32, 9
-    feats, m3, m4, run = _channel_case(0, 7, c, 5, d)
+def test_channel_attention_bf16_path_matches_float32() -> None:
+    feats, m3, m4, run = _channel_case(0, 7, 32, 5, 9)
     want = run(feats)
-    one_chunk = run(feats.bfloat16())
-    monkeypatch.setattr(_ChannelAttention, "CHUNK_ELEMENTS", 2 * c * d)  # two images per chunk
-    chunked = run(feats.bfloat16())
-    for w, g, h in zip(want, one_chunk, chunked, strict=True):
-        assert g.dtype == torch.float32 and torch.equal(g, h)
+    got = run(feats.bfloat16())
+    for w, g in zip(want, got, strict=True):
+        assert g.dtype == torch.float32
         assert _rel(g, w) < GRAD_RTOL
-    with torch.no_grad():  # no gradient: only a chunk's attention is kept
-        assert torch.equal(_ChannelAttention.apply(m3, m4, feats.bfloat16()), chunked[0])
+    with torch.no_grad():  # no gradient: the same output
+        assert torch.equal(_ChannelAttention.apply(m3, m4, feats.bfloat16()), got[0])
 
 
 def test_round_bf16_rounds_values_and_passes_gradients() -> None:
@@ -185,16 +182,17 @@ def test_cli_eval_takes_the_runs_precision_or_the_option(tiny_overrides: list[st
     assert abs(found["default"]["H"] - found["fp32"]["H"]) <= 10.0
 
 
-def test_bf16_runs_take_a_float16_store_batch_as_stored(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+def test_bf16_runs_read_a_float16_store_batch_straight_to_bf16(tiny_cfg: RunConfig, tmp_path: Path) -> None:
     from dedn.data.store import store_zsldata
     from dedn.factory import load_data
 
     store = store_zsldata(tmp_path / "store", load_data(tiny_cfg))
     cfg = apply_overrides(tiny_cfg, ["data.source=store", f"data.path={tmp_path / 'store'}"])
     index = np.array([7, 3, 3, 0])
-    half = Trainer(apply_overrides(cfg, ["train.precision=bf16"]))._host_batch(index)
-    assert half.dtype == torch.float16
-    np.testing.assert_array_equal(half.numpy().astype(np.float32), store[index])
+    batch = Trainer(apply_overrides(cfg, ["train.precision=bf16"]))._host_batch(index)
+    assert batch.dtype == torch.bfloat16  # converted once, in the batch reader
+    half = store.read(index, stored_dtype=True)
+    assert half.dtype == torch.float16 and torch.equal(batch, half.to(torch.bfloat16))
     assert Trainer(cfg)._host_batch(index).dtype == torch.float32
     with pytest.raises(IndexError):
         store.take(np.array([len(store)]))
@@ -210,7 +208,41 @@ def test_channel_attention_batched_path_equals_the_loop_in_float32(monkeypatch: 
     assert not _ChannelAttention.batched(feats)
     loop = run(feats)
     monkeypatch.setattr(_ChannelAttention, "batched", staticmethod(lambda f: True))
-    monkeypatch.setattr(_ChannelAttention, "CHUNK_ELEMENTS", 2 * c * d)
     for a, w in zip(run(feats), loop, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_step_converts_each_weight_and_the_batch_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conversion budget of one bf16 training step (trainer's batch conversion, forward, loss, backward,
+    optimizer) on a small CUB-like shape: about one conversion per weight tensor each way and one per feature
+    batch. The products' weights (M1, M2 stacked; M3; M4) are rounded once and their gradients converted back
+    once; the batch goes from float16 to bf16 once; the rest are (B, D) scores and (B, K) labels. Nothing the
+    size of the features times the attributes is converted (the channel attention used to convert its logits,
+    attention and scores per chunk), so no conversion is larger than the largest weight or the batch."""
+    from dedn.apps.bench import BenchShape, _make_step, _setup
+    from dedn.apps.stepprofile import profile_step
+
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device_type: True)  # the same path on any CPU
+    shape = BenchShape("small", 64, 4, 4, 312, 20, 5, semantic_dim=30, dataset="CUB")
+    s = _setup(shape, 8, torch.float32, torch.device("cpu"), "paper", 0)
+    half = s.features.half()
+    batch = half.to(torch.bfloat16)
+    step = _make_step(s, lambda m, x: m(x, precision="bf16"), batch)
+    step()  # the optimizer's state is made on its first step
+
+    def trainer_step() -> None:
+        batch.copy_(half)  # the batch reader's one conversion, float16 -> bf16
+        step()
+
+    prof = profile_step(trainer_step)
+    d_all, c, r = 2 * shape.n_attributes, shape.n_channels, shape.n_regions
+    weights = 2 * d_all * c + 2 * d_all * r  # M1 M2 stacked, M3, M4 of both experts
+    small = 8 * d_all + 8 * shape.n_classes + shape.n_classes  # scores, one-hot labels, seen mask
+    n_weight_tensors = len(list(s.model.parameters()))
+    assert prof.conversion_count <= 2 * n_weight_tensors + 1
+    # bf16 <-> float32 moves 6 bytes an element, float16 -> bf16 4, int64 -> float32 12
+    budget = 2 * 6 * weights + 4 * half.numel() + 12 * 4 * small
+    assert prof.bytes_converted <= budget, (prof.bytes_converted, budget)
+    assert prof.largest_conversion_bytes <= 6 * max(2 * d_all * c, half.numel())
+    assert prof.seconds["conversions"] <= prof.total_seconds

@@ -227,6 +227,9 @@ def bench(
     iters: Annotated[int, typer.Option(help="with --store: training iterations")] = 300,
     in_memory: Annotated[bool, typer.Option("--in-memory/--no-in-memory",
                                             help="with --store: also time the same run from RAM")] = True,
+    profile: Annotated[bool, typer.Option("--profile", help="also break one step down by operator class (matrix "
+                                                            "products, conversions, elementwise, reductions, "
+                                                            "optimizer, other), with the bytes converted")] = False,
 ) -> None:
     """Time a full training step of the fast model against the naive implementation (or, with --store,
     training from a feature store on disk in bounded memory)."""
@@ -240,7 +243,8 @@ def bench(
     from dedn.checks import check_option, choice
 
     check_option("--precision", precision, choice(*BENCH_PRECISIONS))
-    bench_command(preset, BenchSettings(repeats=repeats, naive=naive, precision=precision), json_out=as_json)
+    bench_command(preset, BenchSettings(repeats=repeats, naive=naive, precision=precision, profile=profile),
+                  json_out=as_json)
 
 
 # ---------------------------------------------------------------------------------------------- features

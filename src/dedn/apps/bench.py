@@ -14,7 +14,9 @@ clusters, G = 300, batch 50) with random non-negative features, and times, in on
   (:func:`gradient_error`). ``tf32`` lets CUDA products use TF32 (on a CPU it is fp32, and says so).
 
 It reports how close the fast step comes to the machine's matrix rate (``efficiency``, see
-:func:`step_flops` for the work counted) and how much faster it is than the naive one (``speedup``).
+:func:`step_flops` for the work counted) and how much faster it is than the naive one (``speedup``). With
+``profile`` it also breaks one step down by operator class (:mod:`dedn.apps.stepprofile`). A bf16 step gets
+its batch in bf16, converted once outside the step, as a training run's batch reader hands it over.
 :func:`bench_command` is what ``dedn bench`` calls.
 """
 
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dedn.apps.stepprofile import format_profile, profile_step
 from dedn.config import LossConfig
 from dedn.data.benchmarks import BENCHMARKS
 from dedn.data.clusters import builtin_clusters
@@ -221,6 +224,8 @@ class BenchSettings:
         model_class: the fast implementation to time (a DEDN subclass), for comparing candidate versions.
         precision: ``fp32``, ``bf16`` (float32 weights, bf16 products; the float32 step is timed too) or
             ``tf32`` (CUDA products in TF32 for this run; on a CPU the same as fp32).
+        profile: also profile one step (and for bf16 one float32 step) by operator class
+            (:mod:`dedn.apps.stepprofile`): the result's ``profile`` (and ``fp32_profile``).
     """
 
     batch_size: int = 50
@@ -235,6 +240,7 @@ class BenchSettings:
     threads: int | None = None
     model_class: type[DEDN] = DEDN
     precision: str = "fp32"
+    profile: bool = False
 
 
 def run_bench(preset: str | BenchShape = "cub", settings: BenchSettings | None = None,
@@ -259,7 +265,9 @@ def run_bench(preset: str | BenchShape = "cub", settings: BenchSettings | None =
         ``precision_note``, and for bf16 (else None) ``fp32_step_seconds`` (+ ``_all``), ``step_ratio_vs_fp32``
         (bf16 / fp32 step), ``fp32_gemm_gflops``, ``bf16_gemm_gflops``, ``bf16_native`` (whether the device
         multiplies bf16 natively; ``gemm_gflops`` is the rate the bf16 products actually run at),
-        ``relative_gradient_error`` and ``relative_score_error`` (:func:`gradient_error`).
+        ``relative_gradient_error`` and ``relative_score_error`` (:func:`gradient_error`). With ``profile``:
+        ``profile`` (the run's precision) and for bf16 ``fp32_profile``, each
+        :meth:`~dedn.apps.stepprofile.StepProfile.to_dict` (else None).
     """
     unknown = sorted(set(overrides) - {f.name for f in fields(BenchSettings)})
     if unknown:
@@ -314,10 +322,15 @@ def _setup(shape: BenchShape, batch_size: int, dtype: torch.dtype, device: torch
     return _Setup(model, features, labels, torch.as_tensor(seen, device=device), loss_cfg)
 
 
+def _batch(s: _Setup, precision: str) -> torch.Tensor:
+    """The batch as training hands it to the model: bf16 runs get it converted once, by the batch reader."""
+    return s.features.to(torch.bfloat16) if precision == "bf16" else s.features
+
+
 def _grads(s: _Setup, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The combined scores and all parameter gradients (flattened, float64) of one step at ``precision``."""
     s.model.zero_grad(set_to_none=True)
-    out = s.model(s.features, precision=precision)
+    out = s.model(_batch(s, precision), precision=precision)
     dedn_loss(out, s.labels, s.seen, s.loss_cfg, s.model.config.method, s.model.calibration_bias()).total.backward()
     grads = torch.cat([p.grad.reshape(-1) for p in s.model.parameters() if p.grad is not None]).double()
     s.model.zero_grad(set_to_none=True)
@@ -342,13 +355,16 @@ def gradient_error(preset: str | BenchShape = "cub", precision: str = "bf16", ba
     return _gradient_error(_setup(shape, batch_size, torch.float32, torch.device(device), mode, seed), precision)
 
 
-def _make_step(s: _Setup, forward: Callable[[DEDN, torch.Tensor], DEDNOutput]) -> Callable[[], None]:
-    """One training step of ``forward`` on the bench's batch, with a fresh RMSprop of the reference settings."""
+def _make_step(s: _Setup, forward: Callable[[DEDN, torch.Tensor], DEDNOutput],
+               features: torch.Tensor | None = None) -> Callable[[], None]:
+    """One training step of ``forward`` on the bench's batch (or ``features``), with a fresh RMSprop of the reference
+    settings."""
     opt = torch.optim.RMSprop(s.model.parameters(), lr=1e-4, alpha=0.99, eps=1e-8, weight_decay=1e-4, momentum=0.9)
+    batch = s.features if features is None else features
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        out = forward(s.model, s.features)
+        out = forward(s.model, batch)
         loss = dedn_loss(out, s.labels, s.seen, s.loss_cfg, s.model.config.method, s.model.calibration_bias()).total
         loss.backward()
         opt.step()
@@ -411,8 +427,8 @@ def _time_steps(setup: _Setup, s: BenchSettings, device: torch.device, rate_dtyp
     # A short matrix-rate probe before each fast step: on a machine whose speed drifts (shared cores, clock
     # changes) each step is compared with the rate of its own moment (``efficiency_paired``).
     fast_precision = "bf16" if bf16 else "fp32"
-    fast, other_fast, rates = _time(_make_step(setup, lambda m, x: m(x, precision=fast_precision)), s.repeats,
-                                    s.warmup, device,
+    fast_step = _make_step(setup, lambda m, x: m(x, precision=fast_precision), _batch(setup, fast_precision))
+    fast, other_fast, rates = _time(fast_step, s.repeats, s.warmup, device,
                                     probe=lambda: gemm_gflops(s.gemm_size, repeats=2, dtype=rate_dtype, device=device))
     rss_fast = _peak_rss_gb()
     fp32, other_fp32, _ = (_time(_make_step(setup, lambda m, x: m(x)), s.repeats, s.warmup, device) if bf16
@@ -436,7 +452,24 @@ def _run(shape: BenchShape, s: BenchSettings, device: torch.device) -> dict[str,
         rates.bf16 = rates.best
     elif s.precision == "bf16":
         rates.fp32 = rates.best
-    return _report(shape, s, device, (rates, times), accuracy, load_before)
+    result = _report(shape, s, device, (rates, times), accuracy, load_before)
+    result.update(_profiles(setup, s) if s.profile else {"profile": None, "fp32_profile": None})
+    return result
+
+
+def _profiles(setup: _Setup, s: BenchSettings) -> dict[str, Any]:
+    """``profile``: one step of the run's precision by operator class; ``fp32_profile``: the float32 step's (bf16
+    runs; else None). Each after a warm-up step of its own optimizer."""
+    out: dict[str, Any] = {}
+    for key, precision in (("profile", "bf16" if s.precision == "bf16" else "fp32"),
+                           ("fp32_profile", "fp32" if s.precision == "bf16" else None)):
+        if precision is None:
+            out[key] = None
+            continue
+        step = _make_step(setup, lambda m, x, p=precision: m(x, precision=p), _batch(setup, precision))
+        step()
+        out[key] = profile_step(step).to_dict()
+    return out
 
 
 def _precision_note(precision: str, device: torch.device, native: bool | None) -> str:
@@ -445,9 +478,11 @@ def _precision_note(precision: str, device: torch.device, native: bool | None) -
     if precision == "tf32":
         return ("CUDA products in TF32 (torch.backends.cuda.matmul.allow_tf32)" if device.type == "cuda" else
                 "TF32 is a CUDA setting: on the CPU this is the same as fp32")
-    return ("products on bf16 operands with float32 accumulation; weights, softmax, losses, optimizer float32"
-            if native else "this device has no bf16 matrix unit: the bf16 products run in float32 on "
-            "bf16-rounded operands (no speed-up expected; bf16_gemm_gflops is the native bf16 kernel's rate)")
+    if native:
+        return ("work over the features in bf16 with float32 accumulation; weights, their gradients, losses, "
+                "optimizer float32")
+    return ("this device has no bf16 matrix unit: the bf16 products run in float32 on bf16-rounded operands "
+            "(no speed-up expected; bf16_gemm_gflops is the native bf16 kernel's rate)")
 
 
 def _report(shape: BenchShape, s: BenchSettings, device: torch.device, measured: tuple[_MatrixRates, _StepTimes],
@@ -550,7 +585,13 @@ def format_bench(result: dict[str, Any]) -> str:
         note = "  (timings disturbed: rerun on an idle machine)" if worst > 0.05 else ""
         rows.append(("other processes", f"up to {worst:.0%} of the CPUs during the timings{note}"))
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    table = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    if result.get("profile") is None:
+        return table
+    columns = {result["precision"]: result["profile"]}
+    if result.get("fp32_profile") is not None:
+        columns["fp32"] = result["fp32_profile"]
+    return f"{table}\n\nOne step by operator class (own time under torch.profiler):\n\n{format_profile(columns)}"
 
 
 def bench_command(preset: str | BenchShape = "cub", settings: BenchSettings | None = None,

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dedn.models.class_set import ClassSet
@@ -192,18 +191,16 @@ class _ChannelAttention(torch.autograd.Function):
     O[b, d] = M3[d] . (softmax_C(M4[d] F_b^T) F_b): the queries are the rows of M4, the keys and values
     the C channel vectors of image b (each of length R). Per image that is two matrix products forward
     (logits, then the attention-weighted sum U) and two backward (S = M3 F_b^T recomputed, then
-    dM4 += dL F_b); dM3 = sum_b g_b U_b needs no large product. Only the attention A (B, D, C) is kept,
-    and the softmax and its backward run in place. Features are frozen: no gradient flows to them.
+    dM4 += dL F_b); dM3 = sum_b g_b U_b needs no large product. Only the attention A is kept. Features are
+    frozen: no gradient flows to them.
 
-    bfloat16 features (float32 m3, m4), and any features on a GPU, take the batched path
-    (:meth:`_forward_batched`): all images' channel vectors as one (B C, R) matrix, so that the logits, S and
-    dM4 are each one large product instead of B small ones; products in the features' dtype, softmax and its
-    backward in float32, gradients float32. On a CPU the per-image loop is faster in float32 (fewer bytes
-    moved), and on a GPU B small products would each be a kernel launch.
+    bfloat16 features, and any features on a GPU, take the batched path (:meth:`_forward_batched`): the
+    logits, S and dM4 are each one product over all images and channels, instead of B small ones. On bf16
+    features everything runs in bf16 (each product accumulates in float32 and rounds its result once; so do the
+    softmax and the sums over C and R), with m3 and m4 rounded once on entry and the gradients converted back
+    to float32 once on exit: nothing is converted per image or per chunk. On a CPU the per-image loop is
+    faster in float32 (fewer bytes moved), and on a GPU B small products would each be a kernel launch.
     """
-
-    #: Elements of the float32 softmax temporary per chunk of images on the bf16 path (64 MiB).
-    CHUNK_ELEMENTS = 1 << 24
 
     @staticmethod
     def forward(ctx, m3: Tensor, m4: Tensor, feats: Tensor) -> Tensor:  # type: ignore[override]
@@ -215,11 +212,11 @@ class _ChannelAttention(torch.autograd.Function):
         keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         att = feats.new_empty(b, d, c) if keep else feats.new_empty(1, d, c)
         u = feats.new_empty(b, d, r)
+        logits = feats.new_empty(d, c)
         for i in range(b):
             f, a = feats[i], att[i if keep else 0]
-            torch.mm(m4, f.t(), out=a)
-            a.sub_(a.amax(-1, keepdim=True)).exp_()
-            a.div_(a.sum(-1, keepdim=True))
+            torch.mm(m4, f.t(), out=logits)
+            torch._softmax(logits, -1, False, out=a)  # one fused pass (max, exp, sum, scale) per row
             torch.mm(a, f, out=u[i])
         out = torch.einsum("dr,bdr->bd", m3, u)
         if keep:
@@ -234,11 +231,12 @@ class _ChannelAttention(torch.autograd.Function):
         grad3 = torch.einsum("bd,bdr->dr", grad_out, u)
         grad4 = torch.zeros_like(m3)
         s = feats.new_empty(m3.shape[0], feats.shape[1])
+        t = torch.empty_like(m3)
         for i in range(feats.shape[0]):
             f = feats[i]
             torch.mm(m3, f.t(), out=s)  # S recomputed: cheaper than keeping a second (B, D, C) tensor
-            s.sub_(out[i, :, None]).mul_(att[i]).mul_(grad_out[i, :, None])  # dL = A (S - O) g
-            grad4.addmm_(s, f)
+            s.sub_(out[i, :, None]).mul_(att[i])  # dL = A (S - O) g, with g applied to the (D, R) product
+            grad4.addcmul_(torch.mm(s, f, out=t), grad_out[i, :, None])
         return grad3, grad4, None
 
     @staticmethod
@@ -248,44 +246,30 @@ class _ChannelAttention(torch.autograd.Function):
 
     @staticmethod
     def _forward_batched(ctx: Any, m3: Tensor, m4: Tensor, feats: Tensor) -> Tensor:
-        """The batched forward, transposed: A_b^T (C, D) of all images from one product (B C, R) x (R, D)."""
-        b, c, r = feats.shape
-        d = m3.shape[0]
+        """The batched forward: the attention A (B, D, C) of all images, softmax over its last axis, and
+        U = A F (B, D, R), each one batched product."""
         keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        flat = feats.reshape(b * c, r)
-        m4b = m4.detach().to(feats.dtype)
-        step = max(1, _ChannelAttention.CHUNK_ELEMENTS // (c * d))
-        att = feats.new_empty(b if keep else min(step, b), c, d)  # A^T, bf16: the second product's operand
-        u = feats.new_empty(b, r, d)  # U_b^T = F_b^T A_b^T
-        for s in range(0, b, step):
-            e = min(s + step, b)
-            a = att[s:e] if keep else att[: e - s]
-            z = torch.mm(flat[s * c : e * c], m4b.t()).view(e - s, c, d).float()  # logits, softmax over C
-            z.sub_(z.amax(1, keepdim=True)).exp_()
-            a.copy_(z.div_(z.sum(1, keepdim=True)))
-            torch.bmm(feats[s:e].transpose(1, 2), a, out=u[s:e])
-        out = torch.einsum("dr,brd->bd", m3.detach(), u.float())
+        m3c, m4c = m3.detach().to(feats.dtype), m4.detach().to(feats.dtype)  # rounded once
+        att = torch.softmax(torch.matmul(m4c, feats.transpose(1, 2)), dim=-1)  # logits M4 F_b^T of every image
+        u = torch.bmm(att, feats)
+        out = (u * m3c).sum(-1)
         ctx.batched = True
         if keep:
-            ctx.save_for_backward(m3, feats, att, u, out)
-        return out
+            ctx.save_for_backward(m3c, feats, att, u, out)
+        return out.to(m3.dtype)
 
     @staticmethod
     def _backward_batched(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
-        m3, feats, att, u, out = ctx.saved_tensors
+        m3c, feats, att, u, out = ctx.saved_tensors
         b, c, r = feats.shape
-        d = m3.shape[0]
         flat = feats.reshape(b * c, r)
-        grad3 = torch.einsum("bd,brd->dr", grad_out, u.float())
-        s_t = torch.mm(flat, m3.to(feats.dtype).t()).view(b, c, d)  # S^T recomputed, then dL^T in place
-        step = max(1, _ChannelAttention.CHUNK_ELEMENTS // (c * d))
-        for s in range(0, b, step):
-            e = min(s + step, b)
-            z = s_t[s:e].float()
-            z.sub_(out[s:e, None, :]).mul_(att[s:e]).mul_(grad_out[s:e, None, :])  # dL = A (S - O) g
-            s_t[s:e] = z
+        g = grad_out.to(feats.dtype)
+        grad3 = torch.einsum("bd,bdr->dr", g, u).to(grad_out.dtype)
+        # S of all images in one product, laid out (D, B, C); then dL = A (S - O) g in place
+        s = torch.mm(m3c, flat.t()).view(-1, b, c)
+        s.sub_(out.t()[:, :, None]).mul_(att.transpose(0, 1)).mul_(g.t()[:, :, None])
         # dM4 = sum over images and channels at once: one product, float32 accumulation, one rounding
-        grad4 = torch.mm(s_t.view(b * c, d).t(), flat).float()
+        grad4 = torch.mm(s.view(-1, b * c), flat).to(grad_out.dtype)
         return grad3, grad4, None
 
 
@@ -347,8 +331,10 @@ class Expert(nn.Module):
         """Row-stacked V_q W_q over the clusters: (D, X) from V (D, G) and W (Q, G, X)."""
         if len(self.cluster_sizes) == 1:  # cExp: one product, and a view (not a copy) of W in backward
             return v @ w.squeeze(0)
+        # unbind, not w[i]: its backward stacks the Q gradients once, where indexing would build a zero-filled
+        # (Q, G, X) gradient per cluster and add them all up (Q^2 passes over W)
         parts = torch.split(v, self.cluster_sizes)
-        return torch.cat([p @ w[i] for i, p in enumerate(parts)])
+        return torch.cat([p @ wq for p, wq in zip(parts, w.unbind(0), strict=True)])
 
     def projections(self) -> dict[str, Tensor]:
         """M1..M4: the row-stacked V_q W1_q .. V_q W4_q, (D, C), (D, C), (D, R), (D, R); m3, m4 only with
@@ -447,9 +433,11 @@ class DEDN(ClassSet):
     def prepare_features(self, features: Tensor, precision: str = "fp32") -> Tensor:
         """(B, C, h, w) or (B, C, R) -> (B, C, R), each region vector L2-normalised over C.
 
-        ``fp32``: in the model's dtype. ``bf16``: bfloat16, from maps of any float dtype (a float16 store's
-        go straight to bf16, with no float32 copy kept): the norm is accumulated in float32 and each value
-        divided in float32 and rounded once.
+        ``fp32``: in the model's dtype. ``bf16``: bfloat16. bf16 maps (what a bf16 training run's batch
+        reader hands over, converted once from the store) are normalised in bf16 arithmetic: the norm
+        accumulated in float32 and rounded, each value divided and rounded once, with no float32 copy of the
+        maps. Maps of another dtype (float32, a float16 store's) get their norm and division in float32 and are
+        rounded once.
         """
         if features.ndim == 4:
             features = features.flatten(2)
@@ -459,19 +447,44 @@ class DEDN(ClassSet):
                 f"features must be (B, {c}, h, w) with h*w = {r}, "
                 f"got {tuple(features.shape)}"
             )
-        if check_precision(precision) == "bf16":
-            norm = torch.linalg.vector_norm(features, dim=1, keepdim=True, dtype=torch.float32).clamp_min_(1e-12)
-            out = torch.empty(features.shape, dtype=torch.bfloat16, device=features.device)
-            return torch.div(features, norm, out=out)  # computed in float32, rounded to bf16 on the store
-        dtype = self.class_att.dtype
-        return F.normalize(features.to(dtype), dim=1, eps=1e-12)
+        bf16 = check_precision(precision) == "bf16"
+        if not bf16:
+            features = features.to(self.class_att.dtype)
+        out_dtype = torch.bfloat16 if bf16 else features.dtype
+        norm_dtype = features.dtype if features.dtype == out_dtype else torch.float32
+        norm = torch.linalg.vector_norm(features, dim=1, keepdim=True, dtype=norm_dtype).clamp_min_(1e-12)
+        out = torch.empty(features.shape, dtype=out_dtype, device=features.device)
+        return torch.div(features, norm, out=out)
+
+    def _region_scores(self, m12: Tensor, feats: Tensor, compute: torch.dtype) -> Tensor:
+        """(B, D_all) region-branch scores of all sub-networks from one product of the stacked M1, M2 (2 D_all, C)
+        with the features laid out (C, B R), the images side by side: a single large matrix product.
+
+        Native bf16 (``compute`` bfloat16, bf16 features): M1, M2 rounded once, and the product, the softmax over
+        R and the weighted sum run in bf16 (each accumulating in float32 and rounding its result once); only the
+        (B, D_all) scores are converted back. Otherwise everything in float32 (emulated bf16: on the
+        bf16-rounded operands).
+        """
+        b, c, r = feats.shape
+        d_all = m12.shape[0] // 2
+        flat = feats.transpose(0, 1).reshape(c, b * r)  # the one copy of the features a step makes
+        if compute == torch.bfloat16:
+            y = torch.mm(m12.to(torch.bfloat16), flat).view(2 * d_all, b, r)
+        elif feats.dtype == torch.bfloat16:  # emulated bf16
+            y = torch.mm(round_bf16(m12, compute), flat.to(compute)).view(2 * d_all, b, r)
+        else:
+            y = torch.mm(m12, flat).view(2 * d_all, b, r)
+        # chunk, not y[:d_all] and y[d_all:]: its backward joins the two gradients in one pass, where each slice
+        # would scatter its own into a zero-filled gradient of the whole of y
+        scores, logits = y.chunk(2)
+        return (scores * torch.softmax(logits, dim=-1)).sum(-1).t().to(m12.dtype)
 
     def forward(self, features: Tensor, precision: str = "fp32") -> DEDNOutput:
         """Both experts' attribute and class scores for a batch of feature maps.
 
-        ``precision="bf16"`` (float32 models only) runs the products over the features on bf16 operands with
-        float32 accumulation (:mod:`dedn.models.precision`); everything else, the outputs included, stays
-        float32.
+        ``precision="bf16"`` (float32 models only) runs the work over the features in bf16 with float32
+        accumulation (:mod:`dedn.models.precision`, docs/precision.md); the weights, their gradients and the
+        outputs stay float32.
         """
         bf16 = check_precision(precision) == "bf16"
         if bf16 and self.class_att.dtype != torch.float32:
@@ -482,17 +495,8 @@ class DEDN(ClassSet):
         experts = list(self.experts)
         proj = {e: self.experts[e].projections() for e in experts}
         sizes = [proj[e]["m1"].shape[0] for e in experts]
-        d_all = sum(sizes)
-        # Region branch: one product over F for M1 and M2 of every sub-network of both experts, with the
-        # images side by side (C, B R) so that it is a single large matrix product.
-        b, c, r = feats.shape
         m12 = torch.cat([proj[e]["m1"] for e in experts] + [proj[e]["m2"] for e in experts])
-        if bf16:  # bf16 operands, float32 accumulation; the softmax and the weighted sum in float32
-            y = torch.mm(round_bf16(m12, compute), feats.permute(1, 0, 2).reshape(c, b * r).to(compute))
-            y = y.float().view(2 * d_all, b, r)
-        else:
-            y = torch.mm(m12, feats.permute(1, 0, 2).reshape(c, b * r)).view(2 * d_all, b, r)
-        o_r_all = (y[:d_all] * torch.softmax(y[d_all:], dim=-1)).sum(-1).t()
+        o_r_all = self._region_scores(m12, feats, compute)
         o_c_all = None
         if self.config.channel_attention:
             m3 = torch.cat([proj[e]["m3"] for e in experts])

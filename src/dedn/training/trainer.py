@@ -295,8 +295,11 @@ class Trainer:
 
     def _host_batch(self, index: np.ndarray) -> torch.Tensor:
         """The batch's feature maps: read from the source (in a worker thread) or gathered on the device."""
-        # bf16 runs take a float16 store's batch as it is stored: the model rounds it to bf16 on the device.
-        return self.features.read(index, stored_dtype=self.cfg.train.precision == "bf16")
+        # bf16 runs convert the batch once, here in the reader's thread and off the step: a float16 store's maps
+        # straight to bf16 (no float32 copy), the model then normalises them in bf16
+        if self.cfg.train.precision != "bf16":
+            return self.features.read(index)
+        return self.features.read(index, stored_dtype=True).to(torch.bfloat16)
 
     def resume(self) -> bool:
         """Continue from the run directory's last checkpoint; False when the run has not trained yet.
@@ -381,8 +384,8 @@ class Trainer:
         DistributedDataParallel's gradient average is the gradient of the whole batch's mean loss, also
         when the shards are uneven (a batch of 50 on 4 ranks: 13/13/12/12).
 
-        With ``train.precision=bf16`` the maps keep their dtype here (a float16 store's go to bf16 in the
-        model's normalisation, without a float32 copy) and the model runs its bf16 products.
+        With ``train.precision=bf16`` the maps arrive in bf16 (converted once by :meth:`_host_batch`) and keep that
+        dtype here; the model runs its bf16 path.
         """
         self.model.train()
         precision = run_precision(self.cfg.train.precision, self.cfg.train.dtype)

@@ -15,7 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dedn"
 
 #: Layers, lowest first. A module may import modules of its own layer and of the layers below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("dedn", "dedn.errors", "dedn.atomic", "dedn.checks", "dedn.devices", "dedn.runfolder")),
+    ("foundation", ("dedn", "dedn.errors", "dedn.atomic", "dedn.checks", "dedn.devices", "dedn.hostmemory",
+                    "dedn.runfolder")),
     ("data", ("dedn.data",)),
     ("config", ("dedn.config",)),
     ("features", ("dedn.features",)),
@@ -106,8 +107,8 @@ def test_every_module_is_in_a_layer_and_subpackages_exist() -> None:
     for sub in ("data", "features", "models", "eval", "training", "apps"):
         assert (SRC / sub / "__init__.py").is_file()
     assert not [p.name for p in SRC.glob("*.py")
-                if p.stem not in ("__init__", "errors", "atomic", "checks", "devices", "runfolder", "config", "factory",
-                                  "cli")]
+                if p.stem not in ("__init__", "errors", "atomic", "checks", "devices", "hostmemory", "runfolder",
+                                  "config", "factory", "cli")]
 
 
 def _run_folder_names() -> set[str]:

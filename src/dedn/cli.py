@@ -611,6 +611,9 @@ def main() -> None:
     before. Both are raised while handling the KeyboardInterrupt, so the SystemExit's exception chain tells
     Ctrl-C apart from other exits; click keeps printing usage errors (2), --help and --version (0) itself.
     """
+    from dedn.hostmemory import keep_freed_host_memory
+
+    keep_freed_host_memory()  # every command: the steps and batches reuse freed memory (docs/performance.md)
     try:
         app()
     except DednError as exc:

@@ -67,6 +67,7 @@ from dedn.devices import use_threads
 from dedn.errors import CheckpointError, ConfigError
 from dedn.eval.calibration import Calibration, config_calibration, default_gamma
 from dedn.eval.metrics import METRIC_ORDER, Metrics
+from dedn.hostmemory import keep_freed_host_memory
 from dedn.models.registry import model_entry
 from dedn.runfolder import RunFolder
 from dedn.training.callbacks import BestOverTraining, Callback
@@ -318,6 +319,7 @@ def run_job(job: Job, device: str | None = None, cache: DataCache | None = None)
     _claim_job_folder(job)
     cfg = job.config if device is None else set_keys(job.config, {"train.device": device})
     use_threads(cfg.train.threads)
+    keep_freed_host_memory()
     runner = JOB_RUNNERS[ProtocolName(job.protocol)]
     started = time.perf_counter()
     with RunFolder(folder).lock():  # one writer per job folder
@@ -385,6 +387,7 @@ def _train_fixed(cfg: RunConfig, run_dir: Path, resume: bool) -> ProtocolResult:
     """A fixed run: one trainer run in ``run_dir``, evaluated once at the end."""
     with RunFolder(run_dir).lock():  # one writer per run folder
         use_threads(cfg.train.threads)
+        keep_freed_host_memory()
         trainer = Trainer(cfg, run_dir=run_dir, callbacks=[BestOverTraining()])
         try:
             if resume:

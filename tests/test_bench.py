@@ -30,7 +30,7 @@ KEYS = {
     "peak_rss_gb_fast", "peak_rss_gb", "peak_device_memory_gb", "loadavg_before", "loadavg_after", "other_cpu",
     "efficiency_paired", "gemm_gflops_paired", "precision", "precision_note", "fp32_step_seconds",
     "fp32_step_seconds_all", "step_ratio_vs_fp32", "fp32_gemm_gflops", "bf16_gemm_gflops", "bf16_native",
-    "relative_gradient_error", "relative_score_error", "profile", "fp32_profile",
+    "relative_gradient_error", "relative_score_error", "profile", "fp32_profile", "freed_host_memory_kept",
 }
 
 

@@ -260,7 +260,8 @@ def run_bench(preset: str | BenchShape = "cub", settings: BenchSettings | None =
         (median over the timed steps of flops_per_step / the rate probed just before the step / its time, with
         the probes in ``gemm_gflops_paired``: steadier where the machine's speed drifts), ``peak_rss_gb``
         (whole run) and ``peak_rss_gb_fast`` (before the naive step ran), ``peak_device_memory_gb`` (CUDA),
-        ``freed_host_memory_kept`` (see :mod:`dedn.hostmemory`), the shapes, ``torch_version``, ``threads``, ``loadavg_before`` / ``loadavg_after`` and ``other_cpu``:
+        ``freed_host_memory_kept`` (see :mod:`dedn.hostmemory`), the shapes, ``torch_version``, ``threads``,
+        ``loadavg_before`` / ``loadavg_after`` and ``other_cpu``:
         the share of the machine's CPU that other processes used during the gemm measurement and each timed
         step (Linux; above a few percent the timings are not trustworthy). The precision keys: ``precision``,
         ``precision_note``, and for bf16 (else None) ``fp32_step_seconds`` (+ ``_all``), ``step_ratio_vs_fp32``

@@ -191,6 +191,11 @@ BAD_INPUTS = [
     (["experiment", "table1", "--seeds", "0"], ["--seeds 0: give how many seeds to run, at least 1"]),
     (["experiment", "table1", "--tune", "l_e"], ["--tune 'l_e': give dotted.key=v1,v2"]),
     (["predict", "--run", "NOWHERE", "a.png"], ["NOWHERE: no such run directory; give the folder `dedn train`"]),
+    (["train", "model.name=dazle", "train.precision=bf16"], ["train.precision=bf16: DAZLE runs in fp32 only",
+                                                            "set train.precision=fp32"]),
+    # Before the backbone is built: no download attempted for a folder that is not there.
+    (["extract", "--images", "NOWHERE", "--out", "store"], ["--images NOWHERE: no such folder or file"]),
+    (["extract", "--images", ".", "--xlsa17", "NOWHERE", "--out", "store"], ["--xlsa17 NOWHERE: no such folder"]),
 ]
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from dedn import __version__
-from dedn.errors import DednError
+from dedn.errors import DataError, DednError
 
 app = typer.Typer(
     name="dedn",
@@ -195,11 +195,12 @@ def evaluate(
     weights = run.weights()
     device = resolve_device(cfg.train.device)
     model = load_weights(weights, device=device)
+    key = "--precision" if precision else "train.precision"
+    precision = entry_for(model).check_precision(run_precision(precision or cfg.train.precision, cfg.train.dtype,
+                                                               key), key)
     data = load_data(cfg)
     recorded = recorded_calibration(folder_in, cfg, data)
     gamma = fixed if fixed is not None else recorded
-    precision = run_precision(precision or cfg.train.precision, cfg.train.dtype,
-                              "--precision" if precision else "train.precision")
     ev = evaluate_model(model, data, gamma, cfg.eval.batch_size, device, progress=True, l_rc=l_rc, l_e=l_e,
                         precision=precision)
     metrics = write_evaluation(ev, folder, data.class_names, {
@@ -292,6 +293,9 @@ def extract(
     check_option("--dtype", dtype, choice(*DTYPES))
     check_option("--test-fraction", test_fraction, OPEN_FRACTION)
     check_option("--seed", seed, NON_NEGATIVE_COUNT)
+    for option, path in (("--images", images), ("--xlsa17", xlsa17)):
+        if path is not None and not path.exists():
+            raise DataError(f"{option} {path}: no such folder or file")
     custom = None
     if attributes is not None or splits is not None:  # checked whole before the backbone is built
         from dedn.apps.custom_dataset import CustomInputs, read_custom_dataset
@@ -304,6 +308,16 @@ def extract(
     elif groups is not None or word_vectors is not None:
         raise DednError("--groups and --word-vectors describe your own dataset: give them with --attributes "
                         "and --splits")
+
+    sem = name = paths = None
+    if xlsa17 is not None:  # read and the images found before the backbone is built (and its weights downloaded)
+        from dedn.data.xlsa17 import canonical_dataset, read_semantic_dir, resolve_image_paths
+
+        sem = read_semantic_dir(xlsa17, dataset=dataset)
+        if sem.image_files is None or sem.labels is None:
+            raise DednError(f"{xlsa17}: no image list (res101.mat) found; it is part of the xlsa17 download")
+        name = canonical_dataset(dataset or sem.name) or sem.name
+        paths = resolve_image_paths(sem.image_files, images, name)
 
     from dedn.features.backbones import get_backbone
     from dedn.features.extract import ExtractOptions, extract_features, extract_folder
@@ -321,16 +335,10 @@ def extract(
         store = extract_folder(images, out, bb, ExtractOptions(image_size=image_size, **common))
     else:
         from dedn.data.benchmarks import BENCHMARKS, find_benchmark
-        from dedn.data.xlsa17 import canonical_dataset, read_semantic_dir, resolve_image_paths
 
-        sem = read_semantic_dir(xlsa17, dataset=dataset)
-        if sem.image_files is None or sem.labels is None:
-            raise DednError(f"{xlsa17}: no image list (res101.mat) found; it is part of the xlsa17 download")
-        name = canonical_dataset(dataset or sem.name) or sem.name
         # ResNet-101: the benchmark's size (other datasets: CUB's); timm models: their data config's size.
         size = image_size or (bb.default_image_size if backbone.startswith("timm:")
                               else (find_benchmark(name) or BENCHMARKS["CUB"]).image_size)
-        paths = resolve_image_paths(sem.image_files, images, name)
         store = extract_features(paths, sem.labels, out, bb,
                                  ExtractOptions(image_size=size, provenance_extra={"dataset": name}, **common))
         store.save_semantics(SemanticSide(

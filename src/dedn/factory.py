@@ -72,7 +72,8 @@ def load_data(cfg: RunConfig) -> ZSLData:
         ConfigError: the source needs a path that is not given.
         DataError: the files are missing or inconsistent.
     """
-    model_entry(cfg.model.name)  # an unknown model.name is refused before any data is read
+    # An unknown model.name, or a precision the method has no path for, is refused before any data is read.
+    model_entry(cfg.model.name).check_precision(cfg.train.precision)
     from dedn.data.xlsa17 import canonical_dataset
 
     data = DATA_LOADERS[cfg.data.source](cfg)

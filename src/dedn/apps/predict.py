@@ -50,6 +50,7 @@ from dedn.features.backbones import TIMM_PREFIX, Backbone, get_backbone
 from dedn.features.extract import IMAGE_EXTENSIONS, load_image
 from dedn.models.dedn import DEDN
 from dedn.models.precision import run_precision
+from dedn.models.registry import entry_for
 from dedn.runfolder import RunFolder
 from dedn.training.checkpoint import load_weights
 from dedn.training.rundir import read_class_file, read_json
@@ -268,7 +269,8 @@ class Predictor:
         precision: str = "fp32",
     ) -> None:
         self.device = torch.device(device)
-        self.precision = run_precision(precision, _model_dtype(model), "precision")
+        self.precision = entry_for(model).check_precision(run_precision(precision, _model_dtype(model), "precision"),
+                                                          "precision")
         self.model = model.to(self.device).eval()
         d = model.config.n_attributes
         own_classes = class_att is None

@@ -156,6 +156,7 @@ DAZLE_ENTRY = register_model(ModelEntry(
     name="dazle",
     label="DAZLE",
     expert_labels={"dazle": "DAZLE"},
+    precisions=("fp32",),  # the released model has no bf16 path, and none was written for it
     model_type=DAZLE,
     config_type=DAZLEConfig,
     build=build,

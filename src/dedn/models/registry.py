@@ -64,6 +64,7 @@ class ModelEntry:
             one (a reference mode whose fixed margin is inside the scores: 0).
         replays_released: whether ``train.rng=released`` can replay the released code's runs draw for draw.
         expert_labels: how figures name each expert of its outputs (``cexp`` -> ``cExp``); default the name.
+        precisions: the ``train.precision`` values its forward supports (docs/precision.md).
     """
 
     name: str
@@ -79,6 +80,14 @@ class ModelEntry:
     default_gamma: Callable[[RunSettings, str | None], float] = lambda run, dataset: 0.0
     replays_released: bool = False
     expert_labels: Mapping[str, str] = field(default_factory=dict)
+    precisions: tuple[str, ...] = ("fp32", "bf16")
+
+    def check_precision(self, precision: str, key: str = "train.precision") -> str:
+        """``precision`` if this method runs in it; else ConfigError naming ``key`` and what it supports."""
+        if precision not in self.precisions:
+            raise ConfigError(f"{key}={precision}: {self.label} runs in {' or '.join(self.precisions)} only; "
+                              f"set {key}={self.precisions[0]}")
+        return precision
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

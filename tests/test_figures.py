@@ -104,7 +104,8 @@ def test_bars_mark_the_papers_figures_and_then_write_no_values() -> None:
 
 def _table_exp(n_seeds: int, protocols: tuple[str, ...], baselines: bool = True):
     exp = SimpleNamespace(name="table3", dataset="CUB", protocols=list(protocols), seeds=list(range(n_seeds)),
-                          rows=[SimpleNamespace(label="DEDN"), SimpleNamespace(label="DEDN w/o MAL")],
+                          rows=[SimpleNamespace(label="DEDN", overrides=()),
+                                SimpleNamespace(label="DEDN w/o MAL", overrides=("loss.l_mal=0",))],
                           extra={"baselines": {"ESZSL (pooled features)": {"T": 51.3, "U": 49.6, "S": 49.3,
                                                                            "H": 49.4}}} if baselines else {})
     std = 1.5 if n_seeds > 1 else math.nan
@@ -112,6 +113,14 @@ def _table_exp(n_seeds: int, protocols: tuple[str, ...], baselines: bool = True)
                 **{m: {"mean": v - i, "std": std} for m, v in zip("TUSH", (76.9, 72.9, 80.4, 76.4), strict=True)}}
                for p in protocols for i, label in enumerate(("DEDN", "DEDN w/o MAL"))]
     return exp, summary
+
+
+def test_titles_name_the_built_in_benchmark_and_the_compared_methods(tmp_path: Path, saved) -> None:
+    exp, summary = _table_exp(1, ("validated",))
+    exp.dataset = "imagebench"
+    exp.rows.append(SimpleNamespace(label="DAZLE", overrides=("model.name=dazle",)))
+    R._table_plot(exp, summary, ("T", "U", "S", "H"), tmp_path / "t.png")
+    assert "Table 3: ablations and compared methods on the built-in benchmark" in saved[0].get_suptitle()
 
 
 def test_table_plot_is_print_ready_with_error_bars_over_seeds(tmp_path: Path, saved) -> None:
@@ -148,7 +157,7 @@ def test_table_plot_legend_of_many_long_rows_fits_the_page(tmp_path: Path, saved
     exp, summary = _table_exp(1, ("validated",))
     labels = ["DEDN", "cExp alone (no distillation)", "fExp alone (no distillation)", "DEDN w/o channel attention",
               "DEDN w/o MAL", "DAZLE", "MSDN", "TransZero"]
-    exp.rows = [SimpleNamespace(label=label) for label in labels]
+    exp.rows = [SimpleNamespace(label=label, overrides=()) for label in labels]
     summary = [{**summary[0], "label": label, "paper": None} for label in labels]
     R._table_plot(exp, summary, ("T", "U", "S", "H"), tmp_path / "t.png")
     fig = saved[0]

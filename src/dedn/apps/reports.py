@@ -35,6 +35,8 @@ import numpy as np
 
 from dedn import __version__
 from dedn.data.benchmarks import BENCHMARKS, PEER_SOURCES
+from dedn.data.imagebench import DISPLAY_NAME as IMAGEBENCH_DISPLAY_NAME
+from dedn.data.imagebench import NAME as IMAGEBENCH_NAME
 from dedn.eval.metrics import METRIC_ORDER, ausuc
 
 if TYPE_CHECKING:
@@ -414,6 +416,17 @@ EXPERIMENT_TITLES = {"table1": "Table 1", "table3": "Table 3: ablations",
                      "calibration": "Calibrated stacking"}
 
 
+def _dataset(exp: ExperimentResult) -> str:
+    """The experiment's dataset as titles name it (the built-in benchmark by what it is, not its data name)."""
+    return f"the {IMAGEBENCH_DISPLAY_NAME}" if exp.dataset == IMAGEBENCH_NAME else str(exp.dataset)
+
+
+def _table3_title(exp: ExperimentResult) -> str:
+    """Table 3's title: rows that train another method (the demo adds the compared methods) are named too."""
+    others = any(o.startswith("model.name=") and o != "model.name=dedn" for r in exp.rows for o in r.overrides)
+    return "Table 3: ablations and compared methods" if others else "Table 3: ablations"
+
+
 def _baseline_label(label: str) -> str:
     return f"{label}, baseline"
 
@@ -441,7 +454,8 @@ def _table_plot(exp: ExperimentResult, summary: list[dict[str, Any]], metrics: S
             ax.set_title(PROTOCOL_TITLES.get(proto, f"{proto} protocol"))
         for ax in axes:
             ax.set_ylim(*_zero_based(drawn))
-        fig.suptitle(f"{EXPERIMENT_TITLES.get(exp.name, exp.name)} on {exp.dataset} "
+        title = _table3_title(exp) if exp.name == "table3" else EXPERIMENT_TITLES.get(exp.name, exp.name)
+        fig.suptitle(f"{title} on {_dataset(exp)} "
                      f"({_seeds_text(len(exp.seeds))})")
         _legend_below(fig, axes, 3)
         return _save(fig, path)
@@ -458,7 +472,7 @@ def report_table1(exp: ExperimentResult) -> list[Path]:
                         if published and r.key in published)
     gap = table1_gap(exp)
     files, summary = _metric_report(
-        exp, f"Table 1: {', '.join(r.label for r in exp.rows)} on {exp.dataset}", published,
+        exp, f"Table 1: {', '.join(r.label for r in exp.rows)} on {_dataset(exp)}", published,
         f"Paper columns (selected on the test split by each method's released code): {sources}.",
         extra_md=_gap_md(exp, gap, published), extra_json={"gap": gap})
     files.append(_table_plot(exp, summary, METRIC_ORDER[:4], exp.out_dir / "table1.png"))
@@ -532,7 +546,7 @@ def report_table3(exp: ExperimentResult) -> list[Path]:
     ds = published_numbers(exp)
     published = PUBLISHED_TABLE3[ds] if ds else None
     files, summary = _metric_report(
-        exp, f"Table 3: ablations on {exp.dataset}", published,
+        exp, f"{_table3_title(exp)} on {_dataset(exp)}", published,
         f"Paper columns: paper Table 3, {ds} (published protocol).")
     files.append(_table_plot(exp, summary, METRIC_ORDER[:4], exp.out_dir / "table3.png"))
     return files
@@ -547,7 +561,7 @@ def report_figure5(exp: ExperimentResult) -> list[Path]:
         drop = PUBLISHED_FIGURE5_HALF_DROP[ds]
         notes.append(f"paper (section 4.3, {ds}): halving the clusters lowers H by {drop['H']} and T by "
                      f"{drop['T']} points; the paper gives Figure 5a only as a plot")
-    files, summary = _metric_report(exp, f"Figure 5: attribute clusters on {exp.dataset}", None, "", notes)
+    files, summary = _metric_report(exp, f"Figure 5: attribute clusters on {_dataset(exp)}", None, "", notes)
     by = {(s["row"], s["protocol"]): s for s in summary}
     for proto in exp.protocols:
         with _style():
@@ -562,7 +576,7 @@ def report_figure5(exp: ExperimentResult) -> list[Path]:
                 ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
             for ax in axes:
                 ax.set_ylim(*_zero_based(drawn))
-            fig.suptitle(f"Figure 5: attribute clusters on {exp.dataset}\n{PROTOCOL_TITLES.get(proto, proto)}, "
+            fig.suptitle(f"Figure 5: attribute clusters on {_dataset(exp)}\n{PROTOCOL_TITLES.get(proto, proto)}, "
                          f"{_seeds_text(len(exp.seeds))}")
             files.append(_save(fig, exp.out_dir / f"figure5_{proto}.png"))
     return files
@@ -601,7 +615,7 @@ def report_figure3(exp: ExperimentResult) -> list[Path]:
             rows.append(cells)
         md += [f"### {axis}", "", _md_table([axis, *(f"{m} ({p})" for p in exp.protocols for m in ("H", "T"))], rows),
                ""]
-    files, _ = _metric_report(exp, f"Figure 3: sensitivity to l_e and l_rc on {exp.dataset}", None, "",
+    files, _ = _metric_report(exp, f"Figure 3: sensitivity to l_e and l_rc on {_dataset(exp)}", None, "",
                               extra_md=md, extra_json={"sweep": sweep})
     files.append(_write_csv(exp.out_dir / "figure3_sweep.csv",
                             ["protocol", "axis", "value", "n_seeds",
@@ -643,7 +657,7 @@ def _figure3_plot(exp: ExperimentResult, sweep: list[dict[str, Any]], proto: str
             ax.grid(True, alpha=0.3)
         for ax in axes:  # one y range for both panels: their curves compare directly
             ax.set_ylim(*_near_data(drawn))
-        fig.suptitle(f"Figure 3: sensitivity on {exp.dataset}\n{PROTOCOL_TITLES.get(proto, proto)}, "
+        fig.suptitle(f"Figure 3: sensitivity on {_dataset(exp)}\n{PROTOCOL_TITLES.get(proto, proto)}, "
                      f"{_seeds_text(len(exp.seeds))}")
         _legend_below(fig, axes, 5)
         return _save(fig, exp.out_dir / f"figure3_{proto}.png")
@@ -671,7 +685,7 @@ def report_calibration(exp: ExperimentResult) -> list[Path]:
           "The curve sweeps the calibration gamma over the test scores of each seed's reported model; the marked "
           "point is the gamma the protocol used (validated: chosen on validation; published: the fixed one). "
           "The mean curve averages S over seeds at common U values (for display).", ""]
-    files, _ = _metric_report(exp, f"Calibrated stacking on {exp.dataset}", None, "", extra_md=md,
+    files, _ = _metric_report(exp, f"Calibrated stacking on {_dataset(exp)}", None, "", extra_md=md,
                               extra_json={"calibration": summary})
     files.append(_write_csv(exp.out_dir / "calibration_curves.csv", ["protocol", "seed", "gamma", "S", "U"],
                             [[p, x["seed"], g, s * 100, u * 100] for p, c in curves.items() for x in c
@@ -713,7 +727,7 @@ def _calibration_plot(exp: ExperimentResult, c: list[dict[str, Any]], grid_u: np
         ax.set_aspect("equal")
         ax.grid(True, alpha=0.3)
         chosen = "from validation" if proto == "validated" else "fixed"
-        ax.set_title(f"Seen-unseen curves on {exp.dataset}\n{proto} protocol; dots: each seed's\n"
+        ax.set_title(f"Seen-unseen curves on {_dataset(exp)}\n{proto} protocol; dots: each seed's\n"
                      f"operating point (γ {chosen})", wrap=True)
         _legend_below(fig, [ax], 1)
         return _save(fig, exp.out_dir / f"calibration_{proto}.png")

@@ -374,6 +374,11 @@ def _class_names(dominant: np.ndarray, groups: list) -> list[str]:
 # ---------------------------------------------------------------------------------------------- export
 
 
+#: The dataset name a built-in benchmark's data carries, and how tables and figures name it.
+NAME = "imagebench"
+DISPLAY_NAME = "built-in benchmark"
+
+
 def to_zsldata(bench: ImageBenchmark, features: Any, source: str = "imagebench",
                semantic_dim: int = 64) -> ZSLData:
     """Wrap features extracted from ``bench.images`` (N, C, h, w) as a :class:`ZSLData`.
@@ -385,7 +390,7 @@ def to_zsldata(bench: ImageBenchmark, features: Any, source: str = "imagebench",
     att = bench.class_att.astype(np.float32)
     att = normalize_rows(att)
     data = ZSLData(
-        name="imagebench",
+        name=NAME,
         features=features,
         labels=bench.labels.copy(),
         att=att,

@@ -218,7 +218,7 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
 
     # The full model: seen-unseen curve against the baseline, heatmaps and localisation.
     full = exp.runs_for("full", "validated")[0]
-    final_dir = RunFolder(full.folder).model_folder().path
+    final_dir = _as_typed(RunFolder(full.folder).model_folder().path)
     command = dedn_command()
     model = load_weights(final_dir / RunFolder.MODEL)
     _plot_curves(full, model, data, rows, choice, out)
@@ -251,6 +251,15 @@ def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str,
     }
     (out / RunFolder.METRICS).write_text(json.dumps(result, indent=2, default=float))
     return result
+
+
+def _as_typed(path: Path) -> Path:
+    """``path`` relative to the working folder when it lies under it: the printed commands stay short and
+    run from where the demo ran, as its other paths do."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
 
 
 def _channel_summary(paths: list[Path]) -> dict[str, Any]:

@@ -141,3 +141,29 @@ def test_extract_names_the_weights_file_a_timm_backbone_needs(tmp_path, monkeypa
     code, out, err = run_cli([*base, "--backbone", "timm:no_such_model", "--weights", "w"], monkeypatch, capsys)
     assert code == 2 and "has no model 'no_such_model'" in err
     assert not (tmp_path / "store").exists()
+
+
+def test_the_built_in_benchmark_on_a_timm_backbone_from_the_config(tmp_path: Path) -> None:
+    """data.backbone=timm:<name> with data.backbone_weights and data.backbone_layer: the built-in benchmark's
+    features from a tiny ViT (random weights written here), cached per weights and layer."""
+    name = "vit_tiny_patch16_224"
+    weights = _random_weights(name, tmp_path / "vit-tiny.safetensors")
+    common = ["data.source=imagebench", f"data.cache_dir={tmp_path / 'cache'}", f"data.backbone=timm:{name}",
+              f"data.backbone_weights={weights}", "data.image_size=64", "train.progress=false",
+              *[f"data.imagebench.{k}={v}" for k, v in (("n_classes", 12), ("n_unseen", 4), ("n_val", 3),
+                                                        ("images_per_class", 5), ("image_size", 64))]]
+    final = dedn.load_data(load_config(None, common))
+    block = dedn.load_data(load_config(None, [*common, "data.backbone_layer=2"]))
+    assert final.feature_shape == block.feature_shape == (192, 4, 4)  # ViT-Ti: 192 channels, 64 px / 16
+    assert final.provenance["weights_sha256"] == block.provenance["weights_sha256"]
+    assert (final.provenance["layer"], block.provenance["layer"]) == ("final", 2)
+    assert not np.allclose(np.asarray(final.features[:2]), np.asarray(block.features[:2]))  # another cache entry
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_a_timm_backbone_for_the_built_in_benchmark_needs_a_weights_file(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.source=imagebench", f"data.cache_dir={tmp_path}",
+                             "data.backbone=timm:vit_tiny_patch16_224", "train.progress=false"])
+    with pytest.raises(DataError, match="weights"):
+        dedn.load_data(cfg)
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -72,6 +72,9 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     imagebench: ImageBenchConfig = field(default_factory=ImageBenchConfig)
     backbone: str = "efficientnet-lite0"  # imagebench: the backbone that turns its images into features
+    # imagebench: its weights, "imagenet" for a registered backbone's own, or a local file (timm:<name> needs one)
+    backbone_weights: str = "imagenet"
+    backbone_layer: int | None = None  # imagebench, timm:<name> only: the block to take (default: final features)
     image_size: int | None = None  # imagebench: backbone input size (default: the rendered image size)
     cache_dir: str = ".cache/dedn"  # imagebench: where rendered features are cached
 

@@ -40,6 +40,8 @@ def imagebench_store(
     cache_dir: str | Path,
     backbone: str = "efficientnet-lite0",
     image_size: int | None = None,
+    weights: str = "imagenet",
+    layer: int | None = None,
     batch_size: int = 32,
     num_workers: int = 1,
     progress: bool = True,
@@ -52,7 +54,7 @@ def imagebench_store(
     from dedn.data.store import FeatureStore
     from dedn.features.backbones import get_backbone
 
-    net = get_backbone(backbone, weights="imagenet")
+    net = get_backbone(backbone, weights=weights, layer=layer)
     size = int(image_size or bench.image_size)
     # crop_box: where the feature grid lies on the rendered images (and their part masks), for localisation.
     crop_box = [float(v) for v in net.transform(size).crop_box(bench.image_size, bench.image_size)]
@@ -83,6 +85,7 @@ def imagebench_data(cfg: RunConfig, progress: bool | None = None) -> ZSLData:
     """
     bench = make_image_benchmark(cfg.data.imagebench)
     store = imagebench_store(bench, cfg.data.cache_dir, cfg.data.backbone, cfg.data.image_size,
+                             weights=cfg.data.backbone_weights, layer=cfg.data.backbone_layer,
                              progress=cfg.train.progress if progress is None else progress)
     data = to_zsldata(bench, store, source=str(store.path))
     data.provenance = {**store.provenance, **data.provenance}

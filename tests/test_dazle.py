@@ -3,6 +3,7 @@ compatibility, and a run through the layers above the models (training, evaluati
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -211,7 +212,7 @@ def test_paper_loss_keeps_falling_as_unseen_scores_rise() -> None:
 
     shifts = [0.0, 2.0, 5.0, 10.0, 20.0]
     paper = [loss("seen", t) for t in shifts]
-    assert all(a > b for a, b in zip(paper, paper[1:]))  # strictly falling: no finite optimum
+    assert all(a > b for a, b in itertools.pairwise(paper))  # strictly falling: no finite optimum
     everything = [loss("all", t) for t in shifts]
     assert everything[-1] > everything[0]  # over all K, raising the unseen scores far costs
 

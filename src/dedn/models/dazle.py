@@ -19,7 +19,7 @@ V (D, G) are the trainable attribute word vectors (initialised as the normalised
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from dedn.models.class_set import ClassSet
 from dedn.models.dedn import Expert, normalize_rows
 from dedn.models.losses import LossTerms, self_calibration_loss
 from dedn.models.precision import check_precision
+from dedn.models.settings import make_plain
 
 #: The name of DAZLE's one expert in :meth:`DAZLEOutput.branches` and :meth:`DAZLE.attention_maps`.
 EXPERT = "dazle"
@@ -105,11 +106,7 @@ class DAZLEConfig:
     l_e: float = 1.0
 
     def __post_init__(self) -> None:
-        # Plain Python values (no numpy scalars, ints for floats): equal configs compare and serialise equal.
-        for f in fields(self):
-            kind = {"int": int, "float": float, "bool": bool}.get(str(f.type))
-            if kind is not None:
-                object.__setattr__(self, f.name, kind(getattr(self, f.name)))
+        make_plain(self)
         if self.ce_classes not in CE_CLASSES:
             raise ValueError(f"ce_classes must be one of {CE_CLASSES}, got {self.ce_classes!r}")
 

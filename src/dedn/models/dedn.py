@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from dedn.models.class_set import ClassSet
 from dedn.models.precision import check_precision, product_dtype, round_bf16
-from dedn.models.settings import MethodSettings
+from dedn.models.settings import MethodSettings, make_plain
 
 #: The experts a DEDN may hold, in the order they are built (their random init is drawn in this order).
 EXPERT_NAMES = ("cexp", "fexp")
@@ -122,10 +122,7 @@ class DEDNConfig:
     method: MethodSettings = field(default_factory=MethodSettings)
 
     def __post_init__(self) -> None:
-        # Plain Python values (no numpy scalars, ints for floats): equal configs compare and serialise equal.
-        for name, kind in (("n_attributes", int), ("semantic_dim", int), ("n_channels", int), ("n_regions", int),
-                           ("channel_attention", bool), ("l_rc", float), ("l_e", float)):
-            object.__setattr__(self, name, kind(getattr(self, name)))
+        make_plain(self)
         clusters = tuple(tuple(int(i) for i in np.asarray(c, dtype=np.int64).ravel()) for c in self.clusters)
         object.__setattr__(self, "clusters", clusters)
         d = self.n_attributes

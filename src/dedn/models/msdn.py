@@ -34,6 +34,7 @@ from dedn.models.class_set import ClassSet
 from dedn.models.dedn import Expert, normalize_rows
 from dedn.models.losses import LossTerms, jensen_shannon, released_jensen_shannon, self_calibration_loss
 from dedn.models.precision import check_precision, product_dtype, round_bf16
+from dedn.models.settings import make_plain
 
 #: The released scripts' per-dataset settings (MSDN_{cub,sun,awa2}.py and the test configs): the
 #: self-calibration weight, the distillation weight, whether V is renormalised on every forward, and the
@@ -157,10 +158,7 @@ class MSDNConfig:
     settings: MSDNSettings = field(default_factory=MSDNSettings)
 
     def __post_init__(self) -> None:
-        # Plain Python values: equal configs compare and serialise equal.
-        for name, kind in (("n_attributes", int), ("semantic_dim", int), ("n_channels", int), ("n_regions", int),
-                           ("l_rc", float), ("l_e", float)):
-            object.__setattr__(self, name, kind(getattr(self, name)))
+        make_plain(self)
 
     @property
     def n_clusters(self) -> int:

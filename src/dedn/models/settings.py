@@ -11,7 +11,7 @@ config (:mod:`dedn.config`), whose ``LossConfig`` is one such object.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 from dedn.data.xlsa17 import canonical_dataset
@@ -39,6 +39,21 @@ class LossSettings(Protocol):
     calibration_margin: float
     divergence: str
     squared_error: str
+
+
+#: The field annotations a model config's values are made plain of (annotations are strings here:
+#: ``from __future__ import annotations``).
+_PLAIN_KINDS = {"int": int, "float": float, "bool": bool}
+
+
+def make_plain(config: Any) -> None:
+    """Turn every ``int``, ``float`` and ``bool`` field of a frozen dataclass ``config`` into that plain Python
+    type (numpy scalars, ints given for floats), so that equal configs compare and serialise equal. For the
+    model configs' ``__post_init__``."""
+    for f in fields(config):
+        kind = _PLAIN_KINDS.get(str(f.type))
+        if kind is not None:
+            object.__setattr__(config, f.name, kind(getattr(config, f.name)))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from dedn.models.dedn import normalize_rows
 from dedn.models.losses import LossTerms, self_calibration_loss
 from dedn.models.precision import check_precision
 from dedn.models.released import training_mode
+from dedn.models.settings import make_plain
 
 #: TransZero's one expert, and the name of its one branch in :meth:`TransZeroOutput.branches`.
 EXPERT = "transzero"
@@ -160,12 +161,7 @@ class TransZeroConfig:
     l_e: float = 1.0
 
     def __post_init__(self) -> None:
-        # Plain Python values: equal configs compare and serialise equal.
-        for name, kind in (("n_attributes", int), ("semantic_dim", int), ("n_channels", int), ("common_dim", int),
-                           ("feedforward_dim", int), ("dropout", float), ("attention_dropout", float),
-                           ("lambda_sc", float), ("lambda_ar", float), ("calibration_margin", float),
-                           ("l_rc", float), ("l_e", float)):
-            object.__setattr__(self, name, kind(getattr(self, name)))
+        make_plain(self)
         grid = tuple(int(s) for s in self.grid)
         if len(grid) != 2 or min(grid) < 1:
             raise ValueError(f"grid must be two positive sizes (h, w), got {self.grid!r}")

@@ -42,7 +42,6 @@ from dedn.apps.selection import (
     published_figures,
     published_sweep,
     read_grid,
-    selected_outputs,
     selection_record,
     sweep_points,
     validated_sweep,
@@ -176,7 +175,7 @@ def _run_published(job: Job, cfg: RunConfig, folder: Path, cache: DataCache) -> 
                "epoch_best_T": at_t["epoch"], "T_at_best_H": at_h["T"], "epochs_trained": len(result.history)}
     points_out = published_sweep(grid, job.sweep, l_rc, l_e, fixed)
     return RunResult(job.row.key, job.row.label, job.protocol, job.seed, metrics, choices, trainer.dataset,
-                     str(folder), selected_outputs(stage), points_out, trainer.model.config.n_clusters)
+                     str(folder), RunFolder.selected_outputs(stage), points_out, trainer.model.config.n_clusters)
 
 
 def _run_validated(job: Job, cfg: RunConfig, folder: Path, cache: DataCache) -> RunResult:

@@ -102,6 +102,11 @@ def checked_overrides(cfg: RunConfig, overrides: Sequence[str], origin: str) -> 
 
 
 # ============================================================================================ one job
+def config_row(base: RunConfig) -> Row:
+    """The one row of an experiment on the config's own method, named after it."""
+    return Row(base.model.name, model_entry(base.model.name).label)
+
+
 @dataclass
 class Job:
     """One (row, protocol, seed) job of an experiment, picklable (sent to worker processes as it is).
@@ -259,8 +264,7 @@ def protocol_job(cfg: RunConfig, folder: str | Path, protocol: str | None = None
                           "data.split=test (or eval.protocol=fixed to train once on the validation task)")
     if protocol == ProtocolName.VALIDATED:
         check_validation_task(cfg, cfg.seed, cache or DataCache())
-    row = Row(cfg.model.name, model_entry(cfg.model.name).label)
-    return Job(row, protocol, cfg.seed, cfg, str(Path(folder).resolve()), {}, [()], {})
+    return Job(config_row(cfg), protocol, cfg.seed, cfg, str(Path(folder).resolve()), {}, [()], {})
 
 
 def finished_result(job: Job) -> RunResult | None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from dedn.apps.class_files import load_class_definitions
 from dedn.apps.predict import Predictor, format_table, predictions_to_json, true_classes
+from dedn.apps.samples import INDEX_COLUMNS
 from dedn.config import LossConfig
 from dedn.errors import CheckpointError, DataError
 from dedn.features import backbones
@@ -298,7 +299,7 @@ def test_predict_images_through_recorded_backbone(run: Path, tmp_path: Path, mon
 def test_true_class_from_index_file_name_or_class_folder(tmp_path: Path) -> None:
     samples = tmp_path / "samples"
     samples.mkdir()
-    (samples / "index.csv").write_text("file,class,kind,split\nx1.png,cardinal,seen,test\n")
+    (samples / "index.csv").write_text(",".join(INDEX_COLUMNS) + "\nx1.png,cardinal,seen,test\n")  # as `dedn samples`
     folder = tmp_path / "egret"
     folder.mkdir()
     paths = [samples / "x1.png", samples / "dipper__00012.png", samples / "heron__00003.png", folder / "a.png",

@@ -84,11 +84,11 @@ def _synthetic_overrides(scale: str) -> list[str]:
 def _make_store(folder: Path, scale: str) -> Path:
     """A float16 store of the generated benchmark at ``scale`` (features, labels and semantic side)."""
     from dedn.config import load_config
-    from dedn.data.store import store_zsldata
+    from dedn.data.store import STORE_JSON, store_zsldata
     from dedn.data.synthetic import make_synthetic
 
     path = folder / f"store-{scale}"
-    if not (path / "store.json").exists():
+    if not (path / STORE_JSON).exists():
         cfg = load_config(None, _synthetic_overrides(scale))
         store_zsldata(path, make_synthetic(cfg.data.synthetic))
     return path
@@ -170,6 +170,8 @@ def _extraction(folder: Path, scale: str, device: str) -> dict[str, Any]:
 
 
 def _ddp(store: Path, root: Path) -> dict[str, Any]:
+    from dedn.runfolder import RunFolder
+
     if torch.cuda.device_count() < 2:
         return {"status": "skipped", "reason": f"{torch.cuda.device_count()} GPU(s): a 2-process step needs two"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +181,7 @@ def _ddp(store: Path, root: Path) -> dict[str, Any]:
                "--run-dir", f"{tmp}/run"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-        ok = proc.returncode == 0 and (Path(tmp) / "run" / "metrics.json").is_file()
+        ok = proc.returncode == 0 and (Path(tmp) / "run" / RunFolder.METRICS).is_file()
         return {"status": "ok" if ok else "failed", "returncode": proc.returncode,
                 **({} if ok else {"error": proc.stderr.strip()[-500:]})}
 

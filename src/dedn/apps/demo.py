@@ -186,12 +186,7 @@ def dedn_command() -> str:
     if shutil.which("dedn"):
         return "dedn"
     script = Path(sys.executable).parent / "dedn"
-    if not script.is_file():
-        return "dedn"
-    try:
-        return str(script.relative_to(Path.cwd()))
-    except ValueError:
-        return str(script)
+    return str(_as_typed(script)) if script.is_file() else "dedn"
 
 
 def run_demo(config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

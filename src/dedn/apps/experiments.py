@@ -48,6 +48,7 @@ from dedn.apps.protocols import (
     Job,
     ProtocolName,
     checked_overrides,
+    config_row,
     utc_now,
 )
 from dedn.apps.results import ExperimentResult, Row
@@ -312,11 +313,6 @@ def _run(name: str, cfg: RunConfig | str | Path | None, settings: ExperimentSett
 
 
 # ============================================================================================ commands
-def config_row(base: RunConfig) -> Row:
-    """The one row of an experiment on the config's own method, named after it."""
-    return Row(base.model.name, model_entry(base.model.name).label)
-
-
 def method_rows(base: RunConfig, methods: Sequence[str], keep: Sequence[str] = ()) -> list[Row]:
     """One row per registered method (``model.name``), each with its own hyperparameters on the same data.
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from dedn.apps.class_files import _suggest, unknown_attribute_message
-from dedn.apps.samples import INDEX_FILE, class_in_file_name
+from dedn.apps.samples import INDEX_COLUMNS, INDEX_FILE, class_in_file_name
 from dedn.checks import COUNT, check
 from dedn.errors import CheckpointError, ConfigError, DataError
 from dedn.features.backbones import TIMM_PREFIX, Backbone, get_backbone
@@ -174,8 +174,9 @@ def expand_image_paths(inputs: str | os.PathLike[str] | Iterable[str | os.PathLi
 
 
 def _index_classes(folder: Path) -> dict[str, str]:
-    """File name -> class from ``folder/index.csv``; empty without one, or when it has no file and class columns
-    (an index.csv of some other tool is no error: the true class is only a hint)."""
+    """File name -> class from ``folder/index.csv`` (the columns :data:`~dedn.apps.samples.INDEX_COLUMNS` names);
+    empty without one, or when it has no path and class columns (an index.csv of some other tool is no error: the
+    true class is only a hint)."""
     path = folder / INDEX_FILE
     if not path.is_file():
         return {}
@@ -184,12 +185,13 @@ def _index_classes(folder: Path) -> dict[str, str]:
             rows = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error):
         return {}
-    return {r["file"]: r["class"] for r in rows if r.get("file") and r.get("class")}
+    path_col, class_col = INDEX_COLUMNS[:2]
+    return {r[path_col]: r[class_col] for r in rows if r.get(path_col) and r.get(class_col)}
 
 
 def true_classes(paths: Sequence[str | os.PathLike[str]], class_names: Sequence[str]) -> list[str | None]:
     """The true class of each image where it is known, else None: the entry of an ``index.csv`` beside the
-    image (columns ``file`` and ``class``, as ``dedn samples`` writes it) as given; else the class a sample's
+    image (columns ``path`` and ``class``, as ``dedn samples`` writes it) as given; else the class a sample's
     file name starts with (``<class>__<n>.png``), else the image's folder name (a class-folder layout), each
     only where it names one of ``class_names``."""
     known = set(class_names)

@@ -42,7 +42,6 @@ from dedn.apps.selection import (
     published_figures,
     published_sweep,
     read_grid,
-    selected_outputs,
     selection_record,
     sweep_points,
     validated_sweep,
@@ -103,6 +102,11 @@ def checked_overrides(cfg: RunConfig, overrides: Sequence[str], origin: str) -> 
 
 
 # ============================================================================================ one job
+def config_row(base: RunConfig) -> Row:
+    """The one row of an experiment on the config's own method, named after it."""
+    return Row(base.model.name, model_entry(base.model.name).label)
+
+
 @dataclass
 class Job:
     """One (row, protocol, seed) job of an experiment, picklable (sent to worker processes as it is).
@@ -176,7 +180,7 @@ def _run_published(job: Job, cfg: RunConfig, folder: Path, cache: DataCache) -> 
                "epoch_best_T": at_t["epoch"], "T_at_best_H": at_h["T"], "epochs_trained": len(result.history)}
     points_out = published_sweep(grid, job.sweep, l_rc, l_e, fixed)
     return RunResult(job.row.key, job.row.label, job.protocol, job.seed, metrics, choices, trainer.dataset,
-                     str(folder), selected_outputs(stage), points_out, trainer.model.config.n_clusters)
+                     str(folder), RunFolder.selected_outputs(stage), points_out, trainer.model.config.n_clusters)
 
 
 def _run_validated(job: Job, cfg: RunConfig, folder: Path, cache: DataCache) -> RunResult:
@@ -260,8 +264,7 @@ def protocol_job(cfg: RunConfig, folder: str | Path, protocol: str | None = None
                           "data.split=test (or eval.protocol=fixed to train once on the validation task)")
     if protocol == ProtocolName.VALIDATED:
         check_validation_task(cfg, cfg.seed, cache or DataCache())
-    row = Row(cfg.model.name, model_entry(cfg.model.name).label)
-    return Job(row, protocol, cfg.seed, cfg, str(Path(folder).resolve()), {}, [()], {})
+    return Job(config_row(cfg), protocol, cfg.seed, cfg, str(Path(folder).resolve()), {}, [()], {})
 
 
 def finished_result(job: Job) -> RunResult | None:

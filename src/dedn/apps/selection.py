@@ -31,7 +31,6 @@ from dedn.eval.metrics import METRIC_ORDER
 from dedn.runfolder import RunFolder
 from dedn.training.callbacks import Callback, released_best_h
 
-#: The reported metrics of a job (percent).
 #: Settings that act only at evaluation: chosen or swept from saved outputs, never by retraining.
 EVAL_TIME_KEYS = ("model.l_rc", "model.l_e")
 
@@ -96,11 +95,6 @@ def check_selected(run_dir: Path, epoch: int) -> None:
         raise CheckpointError(f"{run_dir}/selected holds the outputs of epoch {kept}, but epoch {epoch} was "
                               "selected (an interrupted resume re-evaluated differently); delete "
                               f"{run_dir} to retrain that stage")
-
-
-def selected_outputs(stage: str) -> dict[str, str]:
-    """The saved outputs of a stage's selected epoch, relative to the job folder (a result's ``outputs``)."""
-    return RunFolder.selected_outputs(stage)
 
 
 def validation_calibration(cfg: RunConfig) -> Calibration:

@@ -414,10 +414,6 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg)))
 
 
-def config_to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
 #: Settings that do not change a run's result (where and how visibly it runs); a resumed run may change them.
 VOLATILE_KEYS = ("train.device", "train.progress", "train.threads", "train.tensorboard")
 

@@ -62,6 +62,7 @@ from dedn.training.released import (
     released_generators,
     released_schedule,
 )
+from dedn.training.rundir import read_json, write_class_file, write_feature_provenance
 from dedn.training.schedule import Segment, epoch_schedule
 
 log = logging.getLogger("dedn")
@@ -255,7 +256,7 @@ class Trainer:
         cfg_file = self.run_dir / RunFolder.CONFIG
         resolved = config_to_dict(self.cfg)
         if cfg_file.exists():
-            old = json.loads(cfg_file.read_text())
+            old = read_json(cfg_file, "config")
             changed = diff_keys(without_keys(old), without_keys(resolved))
             if changed:
                 raise ConfigError(f"{cfg_file}: this run folder was made with another config (differs in "
@@ -557,8 +558,6 @@ class Trainer:
             out = ev.result.to_dict(percent=True)
             out.update(extra)
             return out
-        from dedn.training.rundir import write_class_file, write_feature_provenance
-
         save_weights(self.model, self.run_dir / RunFolder.MODEL, record_hash=True)
         write_class_file(self.run_dir, self.data, calibration=ev.gamma)
         write_feature_provenance(self.run_dir, self.data.provenance)

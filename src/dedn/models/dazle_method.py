@@ -140,7 +140,7 @@ def reference_loss(model: DAZLE, features: Tensor, labels: Tensor | np.ndarray, 
                       cfg.calibration_shift).total
 
 
-DAZLE_ENTRY = register_model(ModelEntry(
+register_model(ModelEntry(
     name="dazle",
     label="DAZLE",
     expert_labels={"dazle": "DAZLE"},

@@ -50,17 +50,14 @@ class FeatureSource(ABC):
         """The maps of the integer array ``index`` in that order, as a tensor on the source's own device.
 
         float32; with ``stored_dtype``, the maps as kept where the source hands them out without converting
-        (a feature store, a resident copy), float32 from the others. Rows are read in ascending index order
-        (fast on stores and HDF5 files) and put back in the asked order.
+        (a feature store, a resident copy), float32 from the others. Each row is read once, in ascending index
+        order (fast on stores and HDF5 files; an h5py dataset takes nothing else), and put back in the asked
+        order.
         """
         import torch
 
-        index = np.asarray(index)
-        order = np.argsort(index, kind="stable")
-        chunk = np.asarray(self[index[order]], dtype=np.float32)
-        out = np.empty_like(chunk)
-        out[order] = chunk
-        return torch.from_numpy(out)
+        rows, inverse = np.unique(np.asarray(index), return_inverse=True)
+        return torch.from_numpy(np.asarray(self[rows], dtype=np.float32)[inverse.reshape(-1)])
 
     def resident_copy(self, device: Any) -> FeatureSource | None:
         """All maps kept on ``device`` (gathered there batch by batch), or None where the source cannot
@@ -86,14 +83,6 @@ class ArrayFeatures(FeatureSource):
 
     def __getitem__(self, index: Any) -> np.ndarray:
         return self.array[index]
-
-    def read(self, index: np.ndarray, stored_dtype: bool = False) -> torch.Tensor:
-        """float32 maps of ``index`` in that order; each row is read once, in ascending order (an h5py dataset
-        takes nothing else)."""
-        import torch
-
-        rows, inverse = np.unique(np.asarray(index), return_inverse=True)
-        return torch.from_numpy(np.asarray(self.array[rows], dtype=np.float32)[inverse.reshape(-1)])
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         return np.asarray(self.array, dtype=dtype)

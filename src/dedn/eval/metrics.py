@@ -410,7 +410,7 @@ def plot_seen_unseen_curve(
                               zorder=2)
             if label in points:
                 ps, pu, *g = points[label]
-                h = 2 * ps * pu / (ps + pu) if ps + pu > 0 else 0.0
+                h = harmonic_mean(ps, pu)
                 text = f"{label} at {'γ ' + format(g[0], '.3g') + ': ' if g else ''}" \
                        f"S {ps * 100:.1f}, U {pu * 100:.1f}, H {h * 100:.1f}"
                 ax.plot([pu * 100], [ps * 100], "o", markersize=7, color=line.get_color(), markeredgecolor="black",

@@ -46,3 +46,23 @@ class ClassSet(nn.Module):
     def scored_class_att(self, class_att: Tensor) -> Tensor:
         """(K, D) class attributes in dataset order as the model scores against them (the method's own)."""
         raise NotImplementedError
+
+    def margin_bias(self, margin: float) -> Tensor:
+        """(K,) fixed shift of the class scores by a calibration ``margin``: +margin on unseen, -margin on seen
+        classes (each method's ``calibration_bias`` with its own margin)."""
+        sign = 1.0 - 2.0 * self.seen_mask.to(self.class_att.dtype)
+        return margin * sign
+
+    def region_maps(self, features: Tensor) -> Tensor:
+        """(B, C, h, w) or (B, C, R) feature maps as (B, C, R), checked against the config's ``n_channels`` and
+        ``n_regions`` (each method's ``prepare_features`` normalises them its own way).
+
+        Raises:
+            ValueError: the maps do not have the model's channels and regions.
+        """
+        if features.ndim == 4:
+            features = features.flatten(2)
+        c, r = self.config.n_channels, self.config.n_regions  # type: ignore[attr-defined]
+        if features.ndim != 3 or features.shape[1] != c or features.shape[2] != r:
+            raise ValueError(f"features must be (B, {c}, h, w) with h*w = {r}, got {tuple(features.shape)}")
+        return features

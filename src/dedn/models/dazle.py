@@ -227,8 +227,7 @@ class DAZLE(ClassSet):
 
     def calibration_bias(self) -> Tensor:
         """(K,) fixed shift inside the class scores: +margin on unseen, -margin on seen classes (zeros without)."""
-        sign = 1.0 - 2.0 * self.seen_mask.to(self.class_att.dtype)
-        return self.config.calibration_margin * sign
+        return self.margin_bias(self.config.calibration_margin)
 
     def semantic_rows(self) -> Tensor:
         """V as the forward uses it: re-normalised with ``normalize_v``, else as trained."""
@@ -237,11 +236,7 @@ class DAZLE(ClassSet):
 
     def prepare_features(self, features: Tensor) -> Tensor:
         """(B, C, h, w) or (B, C, R) -> (B, C, R) in the model's dtype, each region vector L2-normalised over C."""
-        if features.ndim == 4:
-            features = features.flatten(2)
-        c, r = self.config.n_channels, self.config.n_regions
-        if features.ndim != 3 or features.shape[1] != c or features.shape[2] != r:
-            raise ValueError(f"features must be (B, {c}, h, w) with h*w = {r}, got {tuple(features.shape)}")
+        features = self.region_maps(features)
         return F.normalize(features.to(self.class_att.dtype), dim=1, eps=1e-12)
 
     def forward(self, features: Tensor, precision: str = "fp32") -> DAZLEOutput:

@@ -28,15 +28,7 @@ from torch import Tensor
 from dedn.data.dataset import ZSLData
 from dedn.models.dazle import DAZLE, DAZLEConfig, dazle_loss, loss_terms, resolve_dazle
 from dedn.models.registry import ModelEntry, RunSettings, register_model
-from dedn.models.released import (
-    StateReader,
-    check_mask_bias,
-    check_weight_ce,
-    open_released,
-    read_margin,
-    seen_mask_from,
-    training_mode,
-)
+from dedn.models.released import StateReader, open_released, read_class_side, training_mode
 
 #: What :func:`from_reference` takes besides the state dict: DAZLE's own settings, and R (the state dict has
 #: no region count; the released features are 7 x 7).
@@ -106,11 +98,7 @@ def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: An
 def _class_side(chk: StateReader, k: int, seen_classes: Any) -> tuple[np.ndarray, float | None]:
     """The seen mask and the margin ``bias`` (None without), ``mask_bias`` and ``weight_ce`` checked; then no
     key may be left unread."""
-    seen = seen_mask_from(seen_classes, k)
-    bias = read_margin(chk)
-    if bias is not None:
-        check_mask_bias(chk, seen)
-    check_weight_ce(chk, k)
+    seen, bias = read_class_side(chk, k, seen_classes)
     if "prob_prune" in chk.state:
         chk.get("prob_prune")  # a constant the released loss never reads
     chk.check_all_read("the released DAZLE has V, W_1, W_2, W_3, att, weight_ce, bias, mask_bias, prob_prune")
@@ -152,7 +140,7 @@ def reference_loss(model: DAZLE, features: Tensor, labels: Tensor | np.ndarray, 
                       cfg.calibration_shift).total
 
 
-DAZLE_ENTRY = register_model(ModelEntry(
+register_model(ModelEntry(
     name="dazle",
     label="DAZLE",
     expert_labels={"dazle": "DAZLE"},

@@ -423,8 +423,7 @@ class DEDN(ClassSet):
         margin = self.config.method.calibration_margin
         if margin == 0:
             return torch.zeros(self.seen_mask.shape, dtype=self.class_att.dtype, device=self.class_att.device)
-        sign = 1.0 - 2.0 * self.seen_mask.to(self.class_att.dtype)
-        return margin * sign
+        return self.margin_bias(margin)
 
     # ------------------------------------------------------------------ forward
     def prepare_features(self, features: Tensor, precision: str = "fp32") -> Tensor:
@@ -436,14 +435,7 @@ class DEDN(ClassSet):
         maps. Maps of another dtype (float32, a float16 store's) get their norm and division in float32 and are
         rounded once.
         """
-        if features.ndim == 4:
-            features = features.flatten(2)
-        c, r = self.config.n_channels, self.config.n_regions
-        if features.ndim != 3 or features.shape[1] != c or features.shape[2] != r:
-            raise ValueError(
-                f"features must be (B, {c}, h, w) with h*w = {r}, "
-                f"got {tuple(features.shape)}"
-            )
+        features = self.region_maps(features)
         bf16 = check_precision(precision) == "bf16"
         if not bf16:
             features = features.to(self.class_att.dtype)

@@ -42,16 +42,7 @@ from dedn.data.clusters import builtin_clusters
 from dedn.errors import CheckpointError
 from dedn.models.dedn import DEDN, DEDNConfig
 from dedn.models.losses import dedn_loss
-from dedn.models.released import (
-    StateReader,
-    check_mask_bias,
-    check_weight_ce,
-    open_released,
-    read_margin,
-    seen_mask_from,
-    shape_of,
-    training_mode,
-)
+from dedn.models.released import StateReader, open_released, read_class_side, shape_of, training_mode
 from dedn.models.settings import LossSettings, resolve_method
 
 __all__ = [
@@ -212,12 +203,7 @@ def _subnet(chk: StateReader, prefix: str, n: int, dims: tuple[int, int, int, in
 def _read_class_side(chk: StateReader, released: _Released, seen_classes: Any) -> tuple[np.ndarray, float | None]:
     """The seen mask and the calibration margin ``bias`` (None: the model has none, the released ``is_bias``
     off), with ``mask_bias`` and ``weight_ce`` checked against them; then no key may be left unread."""
-    k = released.att.shape[0]
-    bias = read_margin(chk)
-    seen = seen_mask_from(seen_classes, k)
-    if bias is not None:
-        check_mask_bias(chk, seen)
-    check_weight_ce(chk, k)
+    seen, bias = read_class_side(chk, released.att.shape[0], seen_classes)
     chk.check_all_read(f"the released {released.dataset} model has GNet and "
                        f"Snet0..Snet{len(released.clusters) - 1}")
     return seen, bias

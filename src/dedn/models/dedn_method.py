@@ -64,7 +64,7 @@ def training_loss(model: DEDN, out: DEDNOutput, labels: Tensor, seen_mask: Tenso
     return dedn_loss(out, labels, seen_mask, loss, model.config.method, model.calibration_bias())
 
 
-DEDN_ENTRY = register_model(ModelEntry(
+register_model(ModelEntry(
     name="dedn",
     label="DEDN",
     expert_labels={"cexp": "cExp", "fexp": "fExp"},

@@ -168,7 +168,7 @@ def reference_loss(model: MSDN, features: Tensor, labels: Tensor | np.ndarray, l
     return msdn_loss(model, out, y, model.seen_mask).total
 
 
-MSDN_ENTRY = register_model(ModelEntry(
+register_model(ModelEntry(
     name="msdn",
     label="MSDN",
     expert_labels={"av": "AV subnet", "va": "VA subnet"},

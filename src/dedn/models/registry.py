@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 
 from dedn.data.dataset import ZSLData
+from dedn.devices import PRECISIONS
 from dedn.errors import ConfigError
 
 
@@ -80,7 +81,7 @@ class ModelEntry:
     default_gamma: Callable[[RunSettings, str | None], float] = lambda run, dataset: 0.0
     replays_released: bool = False
     expert_labels: Mapping[str, str] = field(default_factory=dict)
-    precisions: tuple[str, ...] = ("fp32", "bf16")
+    precisions: tuple[str, ...] = PRECISIONS
 
     def check_precision(self, precision: str, key: str = "train.precision") -> str:
         """``precision`` if this method runs in it; else ConfigError naming ``key`` and what it supports."""

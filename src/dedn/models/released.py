@@ -123,6 +123,23 @@ def check_weight_ce(reader: StateReader, n_classes: int) -> None:
                                   "one-hot targets")
 
 
+def read_class_side(reader: StateReader, n_classes: int, seen_classes: Any) -> tuple[np.ndarray, float | None]:
+    """The seen mask (from ``seen_classes``) and the margin ``bias`` (None without), with ``mask_bias`` (where
+    there is a margin) and ``weight_ce`` checked against them: the class side of a released model whose
+    margin is optional (the released ``is_bias``).
+
+    Raises:
+        CheckpointError: see :func:`seen_mask_from`, :func:`read_margin`, :func:`check_mask_bias` and
+            :func:`check_weight_ce`.
+    """
+    seen = seen_mask_from(seen_classes, n_classes)
+    bias = read_margin(reader)
+    if bias is not None:
+        check_mask_bias(reader, seen)
+    check_weight_ce(reader, n_classes)
+    return seen, bias
+
+
 def open_released(state_dict: Mapping[str, Any], dataset: str, hparams: Mapping[str, Any],
                   known: Sequence[str], skip_prefix: str | None = None) -> tuple[str, StateReader]:
     """The canonical benchmark name and a reader of a released ``state_dict`` (a shared ``module.`` prefix

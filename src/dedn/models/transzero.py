@@ -347,8 +347,7 @@ class TransZero(ClassSet):
 
     def calibration_bias(self) -> Tensor:
         """(K,) fixed shift inside the class scores: +margin unseen, -margin seen (zeros without a margin)."""
-        sign = 1.0 - 2.0 * self.seen_mask.to(self.class_att.dtype)
-        return self.config.calibration_margin * sign
+        return self.margin_bias(self.config.calibration_margin)
 
     # ------------------------------------------------------------------ forward
     def prepare_features(self, features: Tensor, precision: str = "fp32") -> Tensor:
@@ -357,11 +356,7 @@ class TransZero(ClassSet):
         ``bf16``: the maps are rounded to bfloat16 first (their storage precision); everything after runs in the
         model's dtype.
         """
-        if features.ndim == 4:
-            features = features.flatten(2)
-        c, r = self.config.n_channels, self.config.n_regions
-        if features.ndim != 3 or features.shape[1] != c or features.shape[2] != r:
-            raise ValueError(f"features must be (B, {c}, h, w) with h*w = {r}, got {tuple(features.shape)}")
+        features = self.region_maps(features)
         if check_precision(precision) == "bf16":
             features = features.to(torch.bfloat16)
         return F.normalize(features.to(self.class_att.dtype), dim=1, eps=1e-12)

@@ -216,7 +216,7 @@ def reference_loss(model: TransZero, features: Tensor, labels: Tensor | np.ndarr
     return transzero_loss(model, out, y, model.seen_mask).total
 
 
-TRANSZERO_ENTRY = register_model(ModelEntry(
+register_model(ModelEntry(
     name="transzero",
     label="TransZero",
     expert_labels={"transzero": "TransZero"},

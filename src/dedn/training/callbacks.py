@@ -60,9 +60,10 @@ class BestOverTraining(Callback):
         history = trainer.history
         best_h = max((h for h in history if "H" in h), key=lambda h: h["H"], default=None)
         best_t = max((h for h in history if "T" in h), key=lambda h: h["T"], default=None)
+        released = None if best_h is None else released_best_h(best_h)
         record["best_over_training"] = {
             "note": "best test-split values over evaluations (published protocol; not a tuned result)",
-            "H": best_h and {k: released_best_h(best_h)[k] for k in ("epoch", *METRIC_ORDER[:4])},
+            "H": released and {k: released[k] for k in ("epoch", *METRIC_ORDER[:4])},
             "T": best_t and {"epoch": best_t["epoch"], "T": best_t["T"]},
         }
 

@@ -23,6 +23,7 @@ from torch import nn
 from dedn.atomic import atomic_write, atomic_write_text
 from dedn.errors import CheckpointError
 from dedn.models.registry import entry_for, model_entry, model_names
+from dedn.training.rundir import read_json
 
 FORMAT = "dedn-checkpoint-1"
 
@@ -188,10 +189,7 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint here (expected {name}.json, {name}.safetensors and "
                               f"{name}-optim.safetensors)")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint record ({exc})") from None
+    record = read_json(path, "checkpoint record")
     if record.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a dedn checkpoint record")
     for fname, digest in record.get("files", {}).items():

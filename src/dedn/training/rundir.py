@@ -27,10 +27,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a dedn run directory (no {RunFolder.CONFIG}); give a folder that "
                               "`dedn train` wrote")
-    try:
-        return config_from_dict(json.loads(path.read_text()), str(path))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    return config_from_dict(read_json(path, "config"), str(path))
 
 
 CLASS_FORMAT = "dedn-classes-1"

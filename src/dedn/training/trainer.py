@@ -62,6 +62,7 @@ from dedn.training.released import (
     released_generators,
     released_schedule,
 )
+from dedn.training.rundir import read_json, write_class_file, write_feature_provenance
 from dedn.training.schedule import Segment, epoch_schedule
 
 log = logging.getLogger("dedn")
@@ -171,6 +172,7 @@ class Trainer:
         self.cfg = cfg
         if cfg.train.tensorboard:
             _summary_writer_class()  # refused before any work when tensorboard is missing
+        self.precision = run_precision(cfg.train.precision, cfg.train.dtype)  # checked once, before any work
         self.data = data if data is not None else load_data(cfg)
         self.calibration = calibration if calibration is not None else calibration_value(cfg, self.data)
         self.callbacks = list(callbacks)
@@ -186,6 +188,7 @@ class Trainer:
                                   "replay draw for draw; use train.rng=dedn")
             check_replay_data(self.data, cfg.data.path)
         self.model = self._initial_model(model, replay).to(self.device, self.dtype)
+        self.entry = entry_for(self.model)
         join_process_group(self.device)
         self.rank, self.world = process_rank()
         self.forward = self.model
@@ -253,7 +256,7 @@ class Trainer:
         cfg_file = self.run_dir / RunFolder.CONFIG
         resolved = config_to_dict(self.cfg)
         if cfg_file.exists():
-            old = json.loads(cfg_file.read_text())
+            old = read_json(cfg_file, "config")
             changed = diff_keys(without_keys(old), without_keys(resolved))
             if changed:
                 raise ConfigError(f"{cfg_file}: this run folder was made with another config (differs in "
@@ -297,7 +300,7 @@ class Trainer:
         """The batch's feature maps: read from the source (in a worker thread) or gathered on the device."""
         # bf16 runs convert the batch once, here in the reader's thread and off the step: a float16 store's maps
         # straight to bf16 (no float32 copy), the model then normalises them in bf16
-        if self.cfg.train.precision != "bf16":
+        if self.precision != "bf16":
             return self.features.read(index)
         return self.features.read(index, stored_dtype=True).to(torch.bfloat16)
 
@@ -388,15 +391,14 @@ class Trainer:
         dtype here; the model runs its bf16 path.
         """
         self.model.train()
-        precision = run_precision(self.cfg.train.precision, self.cfg.train.dtype)
         x = self._host_batch(index) if batch is None else batch
-        x = x.to(self.device) if precision == "bf16" else x.to(self.device, self.dtype)
+        x = x.to(self.device) if self.precision == "bf16" else x.to(self.device, self.dtype)
         if not torch.isfinite(x).all():
             self.data.check_features_finite(index)  # names the images
         y = torch.as_tensor(self.data.labels[index], device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.forward(x, precision=precision)
-        terms = entry_for(self.model).loss(self.model, out, y, self.seen_mask_t, self.cfg.loss)
+        out = self.forward(x, precision=self.precision)
+        terms = self.entry.loss(self.model, out, y, self.seen_mask_t, self.cfg.loss)
         finite = torch.isfinite(terms.total.detach()).to(torch.float32)
         if self.world > 1:  # every rank must stop together, or the others hang in the gradient all-reduce
             import torch.distributed as dist
@@ -426,7 +428,7 @@ class Trainer:
         resident = self.features is not self.data.features
         data = replace(self.data, features=self.features) if resident else self.data
         return evaluate_model(self.model, data, self.calibration, self.cfg.eval.batch_size, self.device,
-                              progress, precision=run_precision(self.cfg.train.precision, self.cfg.train.dtype),
+                              progress, precision=self.precision,
                               stored_dtype=resident)
 
     def fit(self, final_evaluation: bool = True) -> TrainResult:
@@ -556,13 +558,11 @@ class Trainer:
             out = ev.result.to_dict(percent=True)
             out.update(extra)
             return out
-        from dedn.training.rundir import write_class_file, write_feature_provenance
-
         save_weights(self.model, self.run_dir / RunFolder.MODEL, record_hash=True)
         write_class_file(self.run_dir, self.data, calibration=ev.gamma)
         write_feature_provenance(self.run_dir, self.data.provenance)
         return write_evaluation(ev, self.run_dir, self.data.class_names, extra, plots=self.cfg.eval.plots,
-                                label=entry_for(self.model).label)
+                                label=self.entry.label)
 
     def _final_record(self, last_gamma: float | None) -> dict[str, Any]:
         """What the final metrics record says about the run, with the callbacks' entries."""

@@ -41,7 +41,6 @@ class LauncherName(Choice):
     SLURM = "slurm"
 
 
-
 #: The launchers that submit each job through submitit.
 SUBMITIT_LAUNCHERS = (LauncherName.LOCAL, LauncherName.SLURM)
 #: Time limit of a submitit job when none is given. A job that reaches it is requeued and resumes from its

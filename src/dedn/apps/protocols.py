@@ -82,7 +82,6 @@ class ProtocolName(Choice):
     FIXED = "fixed"
 
 
-
 #: Keys left out of config hashes: they change neither a result nor where it is stored.
 UNHASHED_KEYS = (*VOLATILE_KEYS, "name", "output_dir")
 

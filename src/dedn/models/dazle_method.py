@@ -50,8 +50,6 @@ def build(run: RunSettings, data: ZSLData, dataset: str | None, seed: int) -> DA
     return DAZLE.from_config(config, data.w2v, data.att, data.seen_mask)
 
 
-
-
 def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: Any, **hparams: Any) -> DAZLE:
     """A reference-mode :class:`DAZLE` holding the weights of a released-code state dict.
 

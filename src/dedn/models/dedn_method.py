@@ -56,8 +56,6 @@ def build(run: RunSettings, data: ZSLData, dataset: str | None, seed: int) -> DE
     return DEDN.from_config(config, data.w2v, data.att, data.seen_mask)
 
 
-
-
 def training_loss(model: DEDN, out: DEDNOutput, labels: Tensor, seen_mask: Tensor,
                   loss: LossSettings) -> LossTerms:
     """DEDN's loss of a batch (:func:`~dedn.models.losses.dedn_loss`) with the model's method settings."""

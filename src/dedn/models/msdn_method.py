@@ -72,8 +72,6 @@ def build(run: RunSettings, data: ZSLData, dataset: str | None, seed: int) -> MS
     return MSDN(config, data.w2v, data.att, data.seen_mask)
 
 
-
-
 # ---------------------------------------------------------------------------------------------- released code
 def from_reference(state_dict: Mapping[str, Any], dataset: str, seen_classes: Any, **hparams: Any) -> MSDN:
     """A reference-mode MSDN holding the weights of a released-code state dict (names in the module docstring).

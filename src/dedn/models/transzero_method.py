@@ -101,8 +101,6 @@ def build(run: RunSettings, data: ZSLData, dataset: str | None, seed: int) -> Tr
     return TransZero.from_config(config, data.w2v, data.att, data.seen_mask)
 
 
-
-
 def training_loss(model: TransZero, out: TransZeroOutput, labels: Tensor, seen_mask: Tensor,
                   loss: Any = None) -> LossTerms:
     """TransZero's loss of a batch (:func:`~dedn.models.transzero.transzero_loss`); its weights are the model's
